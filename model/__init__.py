@@ -1,0 +1,29 @@
+"""Mistral 7B inference engine: transformer, rolling cache, attention backends, batched engine."""
+
+from model.args import ModelArgs
+from model.cache import RollingCache
+from model.engine import Engine, GenerationRequest, Prefix, ScoreRequest, TokenEvent
+from model.errors import CheckpointError, EngineError, RequestError, TokenizerError
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+from model.weights import load_checkpoint, load_model
+
+__all__ = [
+    "CheckpointError",
+    "Engine",
+    "EngineError",
+    "GenerationRequest",
+    "ModelArgs",
+    "Prefix",
+    "RequestError",
+    "RollingCache",
+    "SamplingParams",
+    "ScoreRequest",
+    "TokenEvent",
+    "TokenizerError",
+    "Tokenizer",
+    "Transformer",
+    "load_checkpoint",
+    "load_model",
+]

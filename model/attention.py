@@ -1,0 +1,195 @@
+"""Attention backends: flash-attn on CUDA, torch scaled_dot_product_attention elsewhere.
+
+Both see the same inputs (packed queries, keys, values and the pass's ForwardMetadata) and the
+same window semantics: a query at position i attends to keys i-W+1 .. i, itself included.
+
+Two paths, chosen by the plan:
+- decode (every sequence adds one token): write the new key first, then attend to the slot's
+  buffer as it is. After the write the buffer holds exactly the window, and attention does not
+  care about key order, so the rolling buffer needs no unrolling.
+- pre-fill / mixed: gather each sequence's cached window in position order, append the new
+  keys, attend with a bottom-right-aligned causal band, then write the new keys.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from model.cache import ForwardMetadata, RollingCache
+from model.errors import EngineError
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: ForwardMetadata,
+        cache: RollingCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """Attention output [T, n_heads, head_dim] for packed q [T, n_heads, head_dim]."""
+        ...
+
+
+def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Bool [len(q_pos), len(k_pos)]: a query at position i sees key positions i-W+1 .. i."""
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def sequence_mask(meta: ForwardMetadata, b: int, q_pos: torch.Tensor) -> torch.Tensor | None:
+    """Mask of sequence b over [its cached window, its new tokens]; None when plain causal."""
+    n_cached, n_new, start = meta.cached_lens[b], meta.seqlens[b], meta.start_positions[b]
+    tree = meta.trees[b]
+    if tree is None and n_cached == 0 and n_new <= meta.window:
+        return None
+    cached_pos = torch.arange(start - n_cached, start, device=q_pos.device)
+    mask = band_mask(q_pos, torch.cat([cached_pos, q_pos]), meta.window)
+    if tree is not None:
+        mask[:, n_cached:] &= tree
+    return mask
+
+
+class SdpaBackend:
+    """torch scaled_dot_product_attention, one call per sequence (no padding computed)."""
+
+    name = "sdpa"
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: ForwardMetadata,
+        cache: RollingCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        if cache is not None and meta.decode:
+            cache.write(layer, k, v, meta)
+            return self._decode(q, cache, layer, meta)
+        keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
+        out = torch.empty_like(q)
+        q_off = k_off = 0
+        for b, (n_new, n_cached) in enumerate(zip(meta.seqlens, meta.cached_lens, strict=True)):
+            qs = q[q_off : q_off + n_new].transpose(0, 1)[None]
+            ks = keys[k_off : k_off + n_cached + n_new].transpose(0, 1)[None]
+            vs = values[k_off : k_off + n_cached + n_new].transpose(0, 1)[None]
+            mask = sequence_mask(meta, b, meta.positions[q_off : q_off + n_new])
+            # Without a mask the band is plain causal: is_causal lets SDPA skip building one.
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+            out[q_off : q_off + n_new] = o[0].transpose(0, 1)
+            q_off += n_new
+            k_off += n_cached + n_new
+        if cache is not None:
+            cache.write(layer, k, v, meta)
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, cache: RollingCache, layer: int, meta: ForwardMetadata
+    ) -> torch.Tensor:
+        kc, vc = cache.slot_view(layer)
+        slots = meta.slots.long()
+        ks = kc.index_select(0, slots).transpose(1, 2)  # [B, kv_heads, W, D]
+        vs = vc.index_select(0, slots).transpose(1, 2)
+        qs = q[:, :, None, :]  # [B, heads, 1, D]
+        mask = None
+        if int(meta.decode_lengths.min()) < cache.window:
+            # Rows past a young sequence's length hold stale data from an earlier occupant.
+            rows = torch.arange(cache.window, device=q.device)
+            mask = (rows[None, :] < meta.decode_lengths[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        return o[:, :, 0, :]
+
+
+class FlashBackend:
+    """flash-attn 2: varlen kernel with window_size for pre-fill, kvcache kernel for decode."""
+
+    name = "flash"
+
+    def __init__(self) -> None:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        self._varlen = flash_attn_varlen_func
+        self._kvcache = flash_attn_with_kvcache
+        # Token trees (label scoring) need arbitrary masks, which flash-attn has no form for;
+        # those passes are a few dozen tokens, so SDPA serves them.
+        self._trees = SdpaBackend()
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: ForwardMetadata,
+        cache: RollingCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        if cache is not None and meta.decode:
+            cache.write(layer, k, v, meta)
+            kc, vc = cache.slot_view(layer)
+            # The buffer already holds exactly the window (see module docstring), so no
+            # window_size is needed; cache_batch_idx maps each query to its slot.
+            out = self._kvcache(
+                q[:, None],
+                kc,
+                vc,
+                cache_seqlens=meta.decode_lengths,
+                cache_batch_idx=meta.slots,
+                causal=True,
+            )
+            return out[:, 0]
+        if any(t is not None for t in meta.trees):
+            return self._trees.attend(q, k, v, meta, cache, layer)
+        keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
+        # causal=True aligns the band bottom-right when keys outnumber queries (flash-attn >= 2.1),
+        # which is what a chunk attending to its cached window needs.
+        out = self._varlen(
+            q,
+            keys,
+            values,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            causal=True,
+            window_size=(meta.window - 1, 0),
+        )
+        if cache is not None:
+            cache.write(layer, k, v, meta)
+        return out
+
+
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn") is not None
+    )
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
+    """"auto" picks flash-attn when CUDA, a half dtype and flash-attn are all present, else SDPA."""
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "flash":
+        if not flash_available(device, dtype):
+            raise EngineError(
+                "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
+                f"package (device={device}, dtype={dtype})"
+            )
+        return FlashBackend()
+    if name == "auto":
+        return FlashBackend() if flash_available(device, dtype) else SdpaBackend()
+    raise EngineError(f"unknown attention backend {name!r}; choose auto, flash or sdpa")

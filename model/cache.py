@@ -1,0 +1,291 @@
+"""Rolling buffer KV cache and the per-forward indexing computed from it.
+
+Each cache slot holds one sequence's keys and values for the last W positions, per layer;
+position i lives at row i mod W and overwrites the oldest (paper, section 2). Memory is fixed by
+W and the number of slots, never by sequence length.
+
+Every forward pass is planned once here (`RollingCache.plan`): positions, which cached rows each
+sequence reads in position order, where new keys go. Attention layers only read the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.args import ModelArgs
+from model.errors import RequestError
+
+
+@dataclass
+class ForwardMetadata:
+    """Indexing for one forward pass over packed sequences; built once, read by every layer."""
+
+    window: int
+    positions: torch.Tensor  # [T] absolute position of each packed token
+    seqlens: list[int]  # new tokens per sequence, packed in this order
+    cached_lens: list[int]  # cached keys each sequence reads (its window before this pass)
+    start_positions: list[int]  # position of each sequence's first new token
+    cu_seqlens_q: torch.Tensor  # [B+1] int32 offsets of new tokens
+    cu_seqlens_k: torch.Tensor  # [B+1] int32 offsets of keys (cached + new)
+    gather_rows: torch.Tensor  # [sum cached_lens] cache rows to read, in position order
+    key_order: torch.Tensor | None  # index into cat([gathered, new]) giving per-sequence keys
+    write_rows: torch.Tensor  # cache rows written by this pass
+    write_src: torch.Tensor  # packed token index of each written row
+    decode: bool  # every sequence adds one token and writes it: attend straight on the buffer
+    trees: list[torch.Tensor | None]  # per sequence: ancestor mask [L, L] of a token tree
+    slots: torch.Tensor  # [B] int32 cache slot of each sequence (decode path)
+    decode_lengths: torch.Tensor  # [B] int32 valid rows per slot after the write (decode path)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.seqlens)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(c + s for c, s in zip(self.cached_lens, self.seqlens, strict=True))
+
+    @classmethod
+    def fresh(cls, seqlens: list[int], window: int, device: torch.device) -> ForwardMetadata:
+        """Plan for sequences starting at position 0 with no cache (a plain full forward)."""
+        positions = torch.cat([torch.arange(n) for n in seqlens]).to(device)
+        cu = _offsets(seqlens, device)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        zeros = [0] * len(seqlens)
+        return cls(
+            window=window,
+            positions=positions,
+            seqlens=list(seqlens),
+            cached_lens=zeros,
+            start_positions=zeros,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            gather_rows=empty,
+            key_order=None,
+            write_rows=empty,
+            write_src=empty,
+            decode=False,
+            trees=[None] * len(seqlens),
+            slots=torch.empty(0, dtype=torch.int32, device=device),
+            decode_lengths=torch.empty(0, dtype=torch.int32, device=device),
+        )
+
+
+def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+class RollingCache:
+    """Keys and values of `n_slots` sequences, `window` positions each, for every layer."""
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        n_slots: int,
+        window: int,
+        n_kv_heads: int,
+        head_dim: int,
+        sliding: bool,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.n_slots = n_slots
+        self.window = window
+        # Without a sliding window the buffer is the whole context: wrapping would silently
+        # drop positions the model should still see, so planning past it is an error.
+        self.sliding = sliding
+        self.device = torch.device(device)
+        # Rows are slot * window + position % window: flat so that one index_select or
+        # index_copy_ serves every sequence of a pass.
+        shape = (n_layers, n_slots * window, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=dtype)
+        self.lengths = [0] * n_slots
+
+    @classmethod
+    def for_model(
+        cls,
+        args: ModelArgs,
+        n_slots: int,
+        *,
+        max_seq_len: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> RollingCache:
+        """A cache whose window is the model's sliding window, or the context length without one."""
+        if args.sliding_window:
+            window, sliding = args.sliding_window, True
+        else:
+            window, sliding = min(args.max_seq_len, max_seq_len or args.max_seq_len), False
+        return cls(
+            n_layers=args.n_layers,
+            n_slots=n_slots,
+            window=window,
+            n_kv_heads=args.n_kv_heads,
+            head_dim=args.head_dim,
+            sliding=sliding,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's sequence; its rows are overwritten as the next one fills them."""
+        self.lengths[slot] = 0
+
+    def snapshot(self, slot: int) -> CacheSnapshot:
+        """Copy out the rows of a slot's window, in position order (for prefix reuse)."""
+        n = self.lengths[slot]
+        first = max(0, n - self.window)
+        rows = self._rows(slot, first, n)
+        return CacheSnapshot(length=n, k=self.k[:, rows].clone(), v=self.v[:, rows].clone())
+
+    def restore(self, slot: int, snap: CacheSnapshot) -> None:
+        """Put a snapshot into a slot, as if its tokens had just been pre-filled there."""
+        first = max(0, snap.length - self.window)
+        rows = self._rows(slot, first, snap.length)
+        self.k[:, rows] = snap.k
+        self.v[:, rows] = snap.v
+        self.lengths[slot] = snap.length
+
+    def _rows(self, slot: int, first: int, end: int) -> torch.Tensor:
+        pos = torch.arange(first, end, device=self.device)
+        return slot * self.window + pos % self.window
+
+    def plan(
+        self,
+        slots: list[int],
+        seqlens: list[int],
+        *,
+        write: list[bool] | None = None,
+        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
+    ) -> ForwardMetadata:
+        """Plan a pass adding `seqlens[b]` tokens to the sequence in `slots[b]`.
+
+        A sequence with write=False reads its slot but leaves it unchanged. A tree sequence
+        (`trees[b] = (depths, ancestor_mask)`) is a token tree hanging off the cached prompt:
+        token j sits at position length + depths[j] and sees only its ancestors and itself,
+        which scores many continuations of one prompt in one pass. Trees never write.
+        Written slots advance their length.
+        """
+        trees = trees if trees is not None else [None] * len(slots)
+        W = self.window
+        write = write if write is not None else [True] * len(slots)
+        written = [s for s, w in zip(slots, write, strict=True) if w]
+        if len(set(written)) != len(written):
+            raise ValueError("a slot can be written by only one sequence per pass")
+        positions: list[torch.Tensor] = []
+        gather: list[torch.Tensor] = []
+        cached_lens: list[int] = []
+        starts: list[int] = []
+        write_rows: list[torch.Tensor] = []
+        write_src: list[torch.Tensor] = []
+        token_offset = 0
+        for slot, n_new, w in zip(slots, seqlens, write, strict=True):
+            n = self.lengths[slot]
+            if not self.sliding and n + n_new > W:
+                raise RequestError(f"sequence of {n + n_new} tokens exceeds the context of {W}")
+            # The first new token (position n) sees keys n-W+1 .. n: W-1 of them are cached.
+            n_cached = min(n, W - 1)
+            gather.append(self._rows(slot, n - n_cached, n))
+            cached_lens.append(n_cached)
+            starts.append(n)
+            tree = trees[len(positions)]
+            if tree is None:
+                positions.append(torch.arange(n, n + n_new, device=self.device))
+            else:
+                if w or len(tree[0]) != n_new:
+                    raise ValueError("a token tree is read-only and needs one depth per token")
+                positions.append(n + torch.tensor(tree[0], dtype=torch.long, device=self.device))
+            if w:
+                # Only the last W new tokens survive; writing more would need duplicate rows.
+                kept = min(n_new, W)
+                write_rows.append(self._rows(slot, n + n_new - kept, n + n_new))
+                write_src.append(
+                    torch.arange(token_offset + n_new - kept, token_offset + n_new, device=self.device)
+                )
+            token_offset += n_new
+        key_order = self._key_order(cached_lens, seqlens)
+        decode = all(write) and all(n == 1 for n in seqlens)
+        for slot, n_new, w in zip(slots, seqlens, write, strict=True):
+            if w:
+                self.lengths[slot] += n_new
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        return ForwardMetadata(
+            window=W,
+            positions=torch.cat(positions),
+            seqlens=list(seqlens),
+            cached_lens=cached_lens,
+            start_positions=starts,
+            cu_seqlens_q=_offsets(seqlens, self.device),
+            cu_seqlens_k=_offsets([c + s for c, s in zip(cached_lens, seqlens, strict=True)], self.device),
+            gather_rows=torch.cat(gather) if gather else empty,
+            key_order=key_order,
+            write_rows=torch.cat(write_rows) if write_rows else empty,
+            write_src=torch.cat(write_src) if write_src else empty,
+            decode=decode,
+            trees=[t[1].to(self.device) if t is not None else None for t in trees],
+            slots=torch.tensor(slots, dtype=torch.int32, device=self.device),
+            decode_lengths=torch.tensor(
+                [min(self.lengths[s], W) for s in slots], dtype=torch.int32, device=self.device
+            ),
+        )
+
+    def _key_order(self, cached_lens: list[int], seqlens: list[int]) -> torch.Tensor | None:
+        """Index into cat([gathered cached keys, new keys]) that yields [cached_b, new_b] per b."""
+        if not any(cached_lens):
+            return None
+        total_cached = sum(cached_lens)
+        parts: list[torch.Tensor] = []
+        c_off, n_off = 0, total_cached
+        for c, n in zip(cached_lens, seqlens, strict=True):
+            parts.append(torch.arange(c_off, c_off + c))
+            parts.append(torch.arange(n_off, n_off + n))
+            c_off += c
+            n_off += n
+        return torch.cat(parts).to(self.device)
+
+    def gather(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: ForwardMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence keys/values [cached window, new tokens], packed like cu_seqlens_k."""
+        if meta.key_order is None:
+            return k, v
+        ck = self.k[layer].index_select(0, meta.gather_rows)
+        cv = self.v[layer].index_select(0, meta.gather_rows)
+        return (
+            torch.cat([ck, k]).index_select(0, meta.key_order),
+            torch.cat([cv, v]).index_select(0, meta.key_order),
+        )
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: ForwardMetadata) -> None:
+        if meta.write_rows.numel() == 0:
+            return
+        self.k[layer].index_copy_(0, meta.write_rows, k.index_select(0, meta.write_src))
+        self.v[layer].index_copy_(0, meta.write_rows, v.index_select(0, meta.write_src))
+
+    def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer buffers as [n_slots, window, n_kv_heads, head_dim]."""
+        shape = (self.n_slots, self.window, *self.k.shape[2:])
+        return self.k[layer].view(shape), self.v[layer].view(shape)
+
+
+@dataclass
+class CacheSnapshot:
+    """A sequence's cached window, copied out of the buffer (for a reusable prompt prefix)."""
+
+    length: int  # tokens the sequence had seen
+    k: torch.Tensor  # [n_layers, min(length, W), n_kv_heads, head_dim], position order
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

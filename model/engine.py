@@ -1,0 +1,392 @@
+"""The batched engine: owns the cache slots and the step loop.
+
+Generation is continuous batching: requests join and leave between steps, and each step packs
+the running sequences' new tokens (one per decoding sequence, a chunk per pre-filling one) into
+a single forward pass. Scoring pre-fills prompts in chunks, then scores every continuation of a
+prompt in one pass over a token tree (shared label prefixes computed once). A prompt prefix used
+by many requests (a policy's instructions) can be pre-filled once and restored into a slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attention import select_backend
+from model.cache import CacheSnapshot, RollingCache
+from model.errors import RequestError
+from model.sampling import SamplingParams, make_generator, sample
+from model.transformer import Transformer, pack_for_cpu
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A pre-filled prompt prefix: its tokens and the cache window they leave behind."""
+
+    tokens: tuple[int, ...]
+    snapshot: CacheSnapshot
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score each continuation after prefix.tokens + prompt."""
+
+    prompt: Sequence[int]
+    continuations: Sequence[Sequence[int]]
+    prefix: Prefix | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_tokens: frozenset[int] | None = None  # None = the tokenizer's EOS
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step's outcome for one request: a new token, and whether the request is done."""
+
+    request_id: int
+    token: int
+    finished: bool
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (the token budget)
+
+
+@dataclass
+class _Sequence:
+    id: int
+    request: GenerationRequest
+    slot: int
+    stop: frozenset[int]
+    gen: torch.Generator | None
+    fed: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.prompt)
+
+
+@dataclass
+class EngineStats:
+    """Counters the service exports as metrics."""
+
+    forward_passes: int = 0
+    tokens_computed: int = 0
+    prefix_tokens_reused: int = 0
+
+
+class Engine:
+    """Batched generation and scoring over a rolling-buffer cache.
+
+    `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
+    of classifications never waits for long generations to finish.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch_size: int = 8,
+        score_batch_size: int = 16,
+        chunk_size: int | None = None,
+        max_seq_len: int | None = None,
+        backend: str = "auto",
+        eos_id: int = 2,
+    ):
+        self.model = model
+        self.args = model.args
+        self.eos_id = eos_id
+        self.backend = select_backend(backend, model.device, model.dtype)
+        if model.device.type == "cpu":
+            pack_for_cpu(model)
+        self.cache = RollingCache.for_model(
+            model.args,
+            max_batch_size + score_batch_size,
+            max_seq_len=max_seq_len,
+            device=model.device,
+            dtype=model.dtype,
+        )
+        self.window = self.cache.window
+        self.chunk_size = chunk_size or self.window
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        # Sequences longer than this are refused; with a sliding window there is no limit.
+        self.max_context = None if self.cache.sliding else self.window
+        self.max_batch_size = max_batch_size
+        self.score_batch_size = score_batch_size
+        self._free_slots = list(range(max_batch_size))
+        self._score_slots = list(range(max_batch_size, max_batch_size + score_batch_size))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+
+    # ----------------------------------------------------------------- forward
+
+    def _forward(
+        self,
+        slots: list[int],
+        chunks: list[Sequence[int]],
+        *,
+        logits_rows: list[int],
+        write: list[bool] | None = None,
+        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
+    ) -> torch.Tensor:
+        device = self.model.device
+        tokens = torch.tensor(list(itertools.chain.from_iterable(chunks)), device=device)
+        meta = self.cache.plan(slots, [len(c) for c in chunks], write=write, trees=trees)
+        index = torch.tensor(logits_rows, dtype=torch.long, device=device)
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += int(tokens.numel())
+        return self.model(tokens, meta, self.cache, logits_index=index, backend=self.backend)
+
+    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
+        """Feed whole prompts into their slots, chunk by chunk, all slots in each pass."""
+        offsets = [0] * len(prompts)
+        while True:
+            batch = [
+                (slot, prompt[off : off + self.chunk_size], i)
+                for i, (slot, prompt, off) in enumerate(zip(slots, prompts, offsets, strict=True))
+                if off < len(prompt)
+            ]
+            if not batch:
+                return
+            self._forward([b[0] for b in batch], [b[1] for b in batch], logits_rows=[])
+            for _, chunk, i in batch:
+                offsets[i] += len(chunk)
+
+    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
+        for t in tokens:
+            if not 0 <= t < self.args.vocab_size:
+                raise RequestError(f"{what}: token id {t} outside the vocabulary (0..{self.args.vocab_size - 1})")
+
+    # ----------------------------------------------------------------- scoring
+
+    def prefill_prefix(self, tokens: Sequence[int]) -> Prefix:
+        """Pre-fill a prompt prefix once; ScoreRequests carrying it skip those tokens."""
+        if not tokens:
+            raise RequestError("prefix is empty")
+        self._check_tokens(tokens, "prefix")
+        self._check_length(len(tokens), "prefix")
+        slot = self._score_slots[0]
+        self.cache.reset(slot)
+        self._prefill([slot], [tokens])
+        snap = self.cache.snapshot(slot)
+        self.cache.reset(slot)
+        return Prefix(tuple(tokens), snap)
+
+    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-probability of each continuation given the prompt."""
+        return self.score_batch([ScoreRequest(prompt, continuations)])[0]
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """score() for many prompts; prompts are pre-filled together, `score_batch_size` at a time."""
+        for i, r in enumerate(requests):
+            self._validate_score(r, f"request {i}")
+        results: list[list[float]] = []
+        for start in range(0, len(requests), self.score_batch_size):
+            results.extend(self._score_group(requests[start : start + self.score_batch_size]))
+        return results
+
+    def _validate_score(self, r: ScoreRequest, what: str) -> None:
+        if not r.prompt:
+            # The last prompt token is the root of the scoring tree, so it cannot be cached.
+            raise RequestError(f"{what}: prompt is empty")
+        if not r.continuations or any(len(c) == 0 for c in r.continuations):
+            raise RequestError(f"{what}: continuations must be non-empty token lists")
+        self._check_tokens(r.prompt, f"{what} prompt")
+        for c in r.continuations:
+            self._check_tokens(c, f"{what} continuation")
+        prefix_len = len(r.prefix.tokens) if r.prefix else 0
+        longest = max(len(c) for c in r.continuations)
+        self._check_length(prefix_len + len(r.prompt) + longest - 1, what)
+
+    def _check_length(self, n: int, what: str) -> None:
+        if self.max_context is not None and n > self.max_context:
+            raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
+
+    def _score_group(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        slots = self._score_slots[: len(requests)]
+        for slot, r in zip(slots, requests, strict=True):
+            self.cache.reset(slot)
+            if r.prefix is not None:
+                self.cache.restore(slot, r.prefix.snapshot)
+                self.stats.prefix_tokens_reused += len(r.prefix.tokens)
+        self._prefill(slots, [r.prompt[:-1] for r in requests])
+        trees = [ContinuationTree(r.prompt[-1], r.continuations) for r in requests]
+        rows = list(range(sum(len(t.tokens) for t in trees)))
+        logits = self._forward(
+            slots,
+            [t.tokens for t in trees],
+            logits_rows=rows,
+            write=[False] * len(trees),
+            trees=[(t.depths, t.ancestors()) for t in trees],
+        )
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[list[float]] = []
+        offset = 0
+        for t in trees:
+            out.append(t.scores(logprobs[offset : offset + len(t.tokens)]))
+            offset += len(t.tokens)
+        for slot in slots:
+            self.cache.reset(slot)
+        return out
+
+    # -------------------------------------------------------------- generation
+
+    def add_request(self, request: GenerationRequest) -> int:
+        """Queue a generation; it joins the running batch at the next step with a free slot."""
+        if not request.prompt:
+            raise RequestError("prompt is empty")
+        if request.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        self._check_tokens(request.prompt, "prompt")
+        self._check_length(len(request.prompt) + request.max_new_tokens, "prompt + max_new_tokens")
+        seq = _Sequence(
+            id=next(self._ids),
+            request=request,
+            slot=-1,
+            stop=request.stop_tokens if request.stop_tokens is not None else frozenset({self.eos_id}),
+            gen=make_generator(request.sampling, self.model.device),
+        )
+        self._waiting.append(seq)
+        return seq.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request wherever it is; its slot is free for the next step. False if unknown."""
+        for seq in self._waiting:
+            if seq.id == request_id:
+                self._waiting.remove(seq)
+                return True
+        seq_or_none = self._running.pop(request_id, None)
+        if seq_or_none is None:
+            return False
+        self._release(seq_or_none)
+        return True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def _release(self, seq: _Sequence) -> None:
+        self.cache.reset(seq.slot)
+        self._free_slots.append(seq.slot)
+
+    def step(self) -> list[TokenEvent]:
+        """Run one forward pass over the running batch and return one event per sampled token."""
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self.cache.reset(seq.slot)
+            self._running[seq.id] = seq
+        if not self._running:
+            return []
+        slots: list[int] = []
+        chunks: list[Sequence[int]] = []
+        sampled: list[_Sequence] = []
+        rows: list[int] = []
+        n_tokens = 0
+        for seq in self._running.values():
+            if seq.prefilling:
+                chunk = seq.request.prompt[seq.fed : seq.fed + self.chunk_size]
+                seq.fed += len(chunk)
+            else:
+                chunk = [seq.generated[-1]]
+            slots.append(seq.slot)
+            chunks.append(chunk)
+            n_tokens += len(chunk)
+            if not seq.prefilling:
+                # The last prompt chunk and every decode token yield the next token.
+                sampled.append(seq)
+                rows.append(n_tokens - 1)
+        logits = self._forward(slots, chunks, logits_rows=rows)
+        events: list[TokenEvent] = []
+        for seq, row in zip(sampled, logits, strict=True):
+            token = sample(row, seq.request.sampling, seq.gen)
+            seq.generated.append(token)
+            reason = None
+            if token in seq.stop:
+                reason = "stop"
+            elif len(seq.generated) >= seq.request.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                del self._running[seq.id]
+                self._release(seq)
+            events.append(TokenEvent(seq.id, token, reason is not None, reason))
+        return events
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_tokens: frozenset[int] | None = None,
+    ) -> list[list[int]]:
+        """New tokens for each prompt (stop token included when one ended it)."""
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        ids = [
+            self.add_request(GenerationRequest(p, max_new_tokens, params, stop_tokens)) for p in prompts
+        ]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for ev in self.step():
+                out[ev.request_id].append(ev.token)
+        return [out[i] for i in ids]
+
+
+class ContinuationTree:
+    """The continuations of one prompt as a token trie rooted at the prompt's last token.
+
+    Each node's logits give the next-token log-probabilities for its children, so a label's
+    score is the sum along its path; shared label prefixes are computed once. Leaves' own
+    tokens need no logits and are not part of the pass.
+    """
+
+    def __init__(self, root: int, continuations: Sequence[Sequence[int]]):
+        self.tokens: list[int] = [root]
+        self.depths: list[int] = [0]
+        self.parents: list[int] = [-1]
+        children: dict[tuple[int, int], int] = {}
+        self.paths: list[list[tuple[int, int]]] = []  # (node, token scored at that node)
+        for cont in continuations:
+            node, path = 0, []
+            for j, tok in enumerate(cont):
+                path.append((node, tok))
+                if j == len(cont) - 1:
+                    break
+                key = (node, tok)
+                if key not in children:
+                    children[key] = len(self.tokens)
+                    self.tokens.append(tok)
+                    self.depths.append(self.depths[node] + 1)
+                    self.parents.append(node)
+                node = children[key]
+            self.paths.append(path)
+
+    def ancestors(self) -> torch.Tensor:
+        """Bool [N, N]: node i sees node j when j is i or one of its ancestors."""
+        n = len(self.tokens)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            mask[i] |= mask[self.parents[i]]
+        return mask
+
+    def scores(self, logprobs: torch.Tensor) -> list[float]:
+        return [float(sum(logprobs[node, tok] for node, tok in path)) for path in self.paths]

@@ -1,0 +1,1 @@
+"""Content moderation on Mistral 7B Instruct: policies, classifier, guarded generation, gRPC."""

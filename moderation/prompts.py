@@ -1,0 +1,348 @@
+r"""Moderation prompts as token ids: a fixed prefix per policy and role, then the untrusted body.
+
+Layout of the one user turn the model sees (v1 shown; in v3 [INST] and [/INST] are control
+tokens); "|" marks where the shared prefix ends and the body begins:
+
+    input:   <s>[INST] {instruction}\n\nText:| {text} [/INST]
+    output:  <s>[INST] {instruction}\n\n{OUTPUT_NOTE}\n\nUser prompt:| {user prompt, or
+             "(not given)"}\n\nAnswer: {answer} [/INST]
+
+The prefix (BOS, the turn opener, the instruction up to the last marker) depends only on the
+policy and role, so its KV is computed once and reused. The body holds the untrusted text (for
+the output role also the fixed "Answer:" marker between its two segments) and the turn closer.
+The split sits at a space, so prefix + body are exactly the tokens of the joined text
+(`prompt_text`) in the chat template. The answer is scored as the continuation `{label}</s>`,
+as the template ends an assistant turn.
+
+Untrusted text is data: `neutralize` removes control characters and breaks `[INST]`/`[/INST]`
+in any case or spacing (their v1 tokens are the template's own), and every prompt is checked
+on its token ids: the turn opener and closer occur once, at their places, and the body holds no
+BOS, EOS or control id.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from moderation.policy import (
+    CHAT_MARKER_RE,
+    CONTROL_CHAR_RE,
+    GUARDRAIL_SYSTEM_PROMPT,
+    Policy,
+    Role,
+)
+
+
+class PromptError(ValueError):
+    """A prompt or conversation cannot be built safely from the given input."""
+
+
+class PromptTokenizer(Protocol):
+    """What prompts need from a tokenizer (`model.Tokenizer` implements it)."""
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def version(self) -> str: ...
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def inst_open(self) -> list[int]: ...
+
+    def inst_close(self) -> list[int]: ...
+
+    def __hash__(self) -> int: ...  # prefixes are cached per (policy, role, tokenizer)
+
+
+# Fixed wording around the untrusted segments. Each marker that ends the prefix is followed by a
+# space in the joined text, so the body's first token starts a word on both sides of the split.
+TEXT_MARKER = "Text:"
+USER_PROMPT_MARKER = "User prompt:"
+ANSWER_MARKER = "Answer:"
+NO_USER_PROMPT = "(not given)"
+OUTPUT_NOTE = (
+    'The text to classify is the answer of an AI assistant, shown after "Answer:". '
+    'The user prompt it answers is shown before it, after "User prompt:", as context only.'
+)
+
+_LONE_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class ModerationPrompt:
+    """A classification prompt: `prefix` (shared by a policy and role) then `body`."""
+
+    prefix: tuple[int, ...]
+    body: tuple[int, ...]
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The full prompt, prefix + body."""
+        return self.prefix + self.body
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.body)
+
+
+def neutralize(text: str) -> str:
+    """Untrusted text made safe to place in a prompt; ordinary text is returned unchanged.
+
+    - CR and CRLF become LF; other C0 controls (but tab and LF), DEL and C1 controls are removed
+      (removed, not replaced: a control character inside a word must not hide the word);
+    - lone surrogates (invalid Unicode, unencodable) become U+FFFD;
+    - `[INST]` and `[/INST]` in any case, spacing or with invisible characters inside get
+      parentheses instead of brackets, e.g. "[/INST]" -> "(/INST)": in the v1 template their
+      tokens are the real turn markers, and in v3 they would still read like them.
+    Runs after control removal so that "[IN\\x00ST]" cannot reassemble afterwards.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = CONTROL_CHAR_RE.sub("", text)
+    text = _LONE_SURROGATE_RE.sub("\ufffd", text)
+    # A replacement has no brackets, so one pass cannot create a new marker; looping to a fixed
+    # point makes that hold without relying on the argument.
+    while True:
+        replaced = CHAT_MARKER_RE.sub(lambda m: f"({m.group(0)[1:-1]})", text)
+        if replaced == text:
+            return text
+        text = replaced
+
+
+def _clean(text: str) -> str:
+    # Outer whitespace carries no meaning for moderation and would tokenize differently at the
+    # segment boundaries; without it prefix + body equal the joined text's tokens.
+    return neutralize(text).strip()
+
+
+def encode_text(tokenizer: PromptTokenizer, text: str) -> list[int]:
+    """Tokens of untrusted text as it appears in a prompt body (neutralized, no BOS/EOS)."""
+    return tokenizer.encode(_clean(text), bos=False)
+
+
+def text_token_count(tokenizer: PromptTokenizer, text: str) -> int:
+    """How many tokens `text` takes in a prompt body (to check it against a length limit)."""
+    return len(encode_text(tokenizer, text))
+
+
+def instruction_text(policy: Policy, role: Role | str) -> str:
+    """The trusted text of the prefix for this policy and role (after the turn opener)."""
+    if _check_role(role, None) is Role.INPUT:
+        return f"{policy.instruction}\n\n{TEXT_MARKER}"
+    return f"{policy.instruction}\n\n{OUTPUT_NOTE}\n\n{USER_PROMPT_MARKER}"
+
+
+def prompt_text(
+    policy: Policy, role: Role | str, text: str, *, user_prompt: str | None = None
+) -> str:
+    """The user-turn content as plain text: what `build_prompt` tokenizes, for logs or other
+    engines. `chat template([user: prompt_text(...)])` gives the same tokens as `build_prompt`."""
+    role = _check_role(role, user_prompt)
+    parts = [instruction_text(policy, role)]
+    if role is Role.OUTPUT:
+        parts.append(f"{_clean(user_prompt or '') or NO_USER_PROMPT}\n\n{ANSWER_MARKER}")
+    # Joined with a space only when the text is not empty, as the body tokens are.
+    cleaned = _clean(text)
+    if cleaned:
+        parts.append(cleaned)
+    return " ".join(parts)
+
+
+def build_prefix(policy: Policy, role: Role | str, tokenizer: PromptTokenizer) -> tuple[int, ...]:
+    """BOS + turn opener + instruction: identical for every request of this policy and role."""
+    role = _check_role(role, None)
+    try:
+        return _cached_prefix(policy, role, tokenizer)
+    except TypeError:  # an unhashable tokenizer: build it uncached
+        return _make_prefix(policy, role, tokenizer)
+
+
+def _make_prefix(policy: Policy, role: Role, tokenizer: PromptTokenizer) -> tuple[int, ...]:
+    prefix = (
+        tokenizer.bos_id,
+        *tokenizer.inst_open(),
+        *tokenizer.encode(instruction_text(policy, role), bos=False),
+    )
+    _check_structure(tokenizer, prefix, structural=1 + len(tokenizer.inst_open()), closed=False)
+    return prefix
+
+
+# Every prompt starts with its prefix; encoding and checking ~700 tokens each time would cost
+# about a millisecond per request. Policies are frozen (hashable); tokenizers hash by identity.
+_cached_prefix = functools.lru_cache(maxsize=64)(_make_prefix)
+
+
+def build_prompt(
+    policy: Policy,
+    role: Role | str,
+    tokenizer: PromptTokenizer,
+    text: str,
+    *,
+    user_prompt: str | None = None,
+) -> ModerationPrompt:
+    """The prompt that classifies `text`: a user prompt (input role) or an assistant answer
+    (output role, with the `user_prompt` it answers as optional context)."""
+    role = _check_role(role, user_prompt)
+    context = None if user_prompt is None else encode_text(tokenizer, user_prompt)
+    return build_prompt_from_tokens(
+        policy, role, tokenizer, encode_text(tokenizer, text), user_prompt_tokens=context
+    )
+
+
+def build_prompt_from_tokens(
+    policy: Policy,
+    role: Role | str,
+    tokenizer: PromptTokenizer,
+    text_tokens: Sequence[int],
+    *,
+    user_prompt_tokens: Sequence[int] | None = None,
+) -> ModerationPrompt:
+    """`build_prompt` from tokens made by `encode_text` (or windows of them, see split_tokens).
+
+    The tokens are checked like any body: no BOS, EOS, control id or turn marker.
+    """
+    role = _check_role(role, user_prompt_tokens)
+    prefix = build_prefix(policy, role, tokenizer)
+    body: list[int] = []
+    if role is Role.OUTPUT:
+        context = list(user_prompt_tokens or ()) or tokenizer.encode(NO_USER_PROMPT, bos=False)
+        body += context + _encode_after_text(tokenizer, f"\n\n{ANSWER_MARKER}")
+    body += [*text_tokens, *tokenizer.inst_close()]
+    _check_structure(tokenizer, tuple(body), structural=0, closed=True)
+    return ModerationPrompt(prefix=prefix, body=tuple(body))
+
+
+def label_continuations(policy: Policy, tokenizer: PromptTokenizer) -> list[tuple[int, ...]]:
+    """Token ids of each answer to score, `label</s>`: the category labels in policy order,
+    then the acceptable label last. EOS makes "unqualified law" and "unqualified" distinct."""
+    answers = [(*tokenizer.encode(label, bos=False), tokenizer.eos_id) for label in policy.labels]
+    if len(set(answers)) != len(answers):
+        raise PromptError(f"policy {policy.name!r}: two labels encode to the same tokens")
+    return answers
+
+
+def split_tokens(tokens: Sequence[int], window: int, overlap: int) -> list[list[int]]:
+    """Overlapping windows covering all tokens, in order.
+
+    Every window has `window` tokens (one shorter window when all tokens fit); consecutive
+    windows share at least `overlap` tokens (the last window is aligned to the end, so it may
+    share more). No tokens give one empty window, so every text is classified once.
+    """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, window), got {overlap} for window {window}")
+    n = len(tokens)
+    if n <= window:
+        return [list(tokens)]
+    step = window - overlap
+    starts = list(range(0, n - window, step))
+    starts.append(n - window)
+    return [list(tokens[s : s + window]) for s in starts]
+
+
+def guarded_messages(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    system_prompt: str | None = GUARDRAIL_SYSTEM_PROMPT,
+    neutralize_content: bool = True,
+) -> list[dict[str, Any]]:
+    """A conversation with the guardrail system prompt added in front, for guarded generation.
+
+    `system_prompt`: the paper's guardrail by default, another string to replace it, None or ""
+    for none. The caller's own system messages stay after it; the chat template merges all
+    system prompts with a blank line, so the guardrail comes first (as Mistral's `safe_prompt`
+    prepends it). `neutralize_content`: user and assistant texts go through `neutralize`, since
+    in the v1 template a user typing "[/INST]" would otherwise close their turn and write the
+    assistant's. Roles must be system, user or assistant, contents strings, with a user message.
+    """
+    if not messages:
+        raise PromptError("conversation is empty: it needs at least one user message")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise PromptError(f"message {i}: expected a mapping with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise PromptError(f"message {i}: role must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str):
+            raise PromptError(f"message {i} ({role}): content must be a string")
+        copy = dict(message)
+        if neutralize_content and role != "system":
+            copy["content"] = neutralize(content)
+        out.append(copy)
+    if not any(m["role"] == "user" for m in out):
+        raise PromptError("conversation has no user message")
+    if system_prompt:
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+def _check_role(role: Role | str, user_prompt: object) -> Role:
+    try:
+        role = Role(role)
+    except ValueError:
+        raise PromptError(f"role must be 'input' or 'output', got {role!r}") from None
+    if role is Role.INPUT and user_prompt is not None:
+        raise PromptError("a user prompt is context for the output role only")
+    return role
+
+
+def _encode_after_text(tokenizer: PromptTokenizer, text: str) -> list[int]:
+    """Tokens of `text` (starting with a newline) as it tokenizes right after other text.
+
+    Sentencepiece adds a word-start piece ("dummy prefix") at the start of every encode call;
+    mid-text, a newline has none. Its tokens are learned from "\\n", whose encoding is the
+    dummy prefix then the newline.
+    """
+    ids = tokenizer.encode(text, bos=False)
+    newline = tokenizer.encode("\n", bos=False)
+    dummy = newline[:-1]
+    if dummy and ids[: len(dummy)] == dummy:
+        return ids[len(dummy) :]
+    return ids
+
+
+def _find(seq: Sequence[int], sub: Sequence[int]) -> list[int]:
+    """Start positions of `sub` in `seq`."""
+    if not sub:
+        return []
+    first, k = sub[0], len(sub)
+    sub = list(sub)
+    return [i for i in range(len(seq) - k + 1) if seq[i] == first and list(seq[i : i + k]) == sub]
+
+
+def _check_structure(
+    tokenizer: PromptTokenizer, ids: tuple[int, ...], *, structural: int, closed: bool
+) -> None:
+    """Raise PromptError unless turn markers and special ids sit only at their places.
+
+    `structural`: how many leading ids are structure (BOS + opener in a prefix); `closed`: the
+    ids end with the turn closer (a body). Everything else must be plain text tokens.
+    """
+    opener, closer = tokenizer.inst_open(), tokenizer.inst_close()
+    if structural and ids[:1] != (tokenizer.bos_id,):
+        raise PromptError("prompt prefix does not start with BOS")
+    end = len(ids) - len(closer) if closed else len(ids)
+    if closed and list(ids[end:]) != closer:
+        raise PromptError("prompt body does not end with the turn closer")
+    opens = _find(ids, opener)
+    expected_opens = [structural - len(opener)] if structural else []
+    if opens != expected_opens:
+        raise PromptError("the turn opener ([INST]) occurs where it must not")
+    closes = _find(ids, closer)
+    if closes != ([end] if closed else []):
+        raise PromptError("the turn closer ([/INST]) occurs where it must not")
+    special = {tokenizer.bos_id, tokenizer.eos_id}
+    # model.Tokenizer exposes every control id (v3: [INST], [TOOL_CALLS], ...); use them if known.
+    special |= set(getattr(tokenizer, "control_ids", ()))
+    if any(t in special for t in ids[structural:end]):
+        raise PromptError("a BOS, EOS or control token occurs inside the prompt text")

@@ -1,0 +1,224 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_INPUT: _ClassVar[Role]
+    ROLE_OUTPUT: _ClassVar[Role]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_INPUT_FLAGGED: _ClassVar[FinishReason]
+    FINISH_REASON_OUTPUT_FLAGGED: _ClassVar[FinishReason]
+ROLE_UNSPECIFIED: Role
+ROLE_INPUT: Role
+ROLE_OUTPUT: Role
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_INPUT_FLAGGED: FinishReason
+FINISH_REASON_OUTPUT_FLAGGED: FinishReason
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("text", "role", "prompt", "policy", "threshold", "category_thresholds")
+    class CategoryThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    role: Role
+    prompt: str
+    policy: str
+    threshold: float
+    category_thresholds: _containers.ScalarMap[str, float]
+    def __init__(self, text: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("category", "flagged", "scores", "categories", "paper_scores", "paper_category", "model", "policy", "prompt_tokens", "windows")
+    class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bool
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bool] = ...) -> None: ...
+    class PaperScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    PAPER_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PAPER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    flagged: bool
+    scores: _containers.ScalarMap[str, float]
+    categories: _containers.ScalarMap[str, bool]
+    paper_scores: _containers.ScalarMap[str, float]
+    paper_category: str
+    model: str
+    policy: str
+    prompt_tokens: int
+    windows: int
+    def __init__(self, category: _Optional[str] = ..., flagged: _Optional[bool] = ..., scores: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, bool]] = ..., paper_scores: _Optional[_Mapping[str, float]] = ..., paper_category: _Optional[str] = ..., model: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., windows: _Optional[int] = ...) -> None: ...
+
+class ClassifyBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ClassifyRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ClassifyRequest, _Mapping]]] = ...) -> None: ...
+
+class ClassifyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("messages", "max_new_tokens", "temperature", "top_p", "seed", "disable_guardrail", "system_prompt", "moderate_input", "moderate_output", "policy", "threshold")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MODERATE_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MODERATE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    disable_guardrail: bool
+    system_prompt: str
+    moderate_input: bool
+    moderate_output: bool
+    policy: str
+    threshold: float
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., disable_guardrail: _Optional[bool] = ..., system_prompt: _Optional[str] = ..., moderate_input: _Optional[bool] = ..., moderate_output: _Optional[bool] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "refused", "refusal", "finish_reason", "input_moderation", "output_moderation", "prompt_tokens", "completion_tokens", "model")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MODERATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MODERATION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    refused: bool
+    refusal: str
+    finish_reason: FinishReason
+    input_moderation: ClassifyResponse
+    output_moderation: ClassifyResponse
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    def __init__(self, text: _Optional[str] = ..., refused: _Optional[bool] = ..., refusal: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., input_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., output_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class GenerateStreamResponse(_message.Message):
+    __slots__ = ("delta", "final")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    final: GenerateResponse
+    def __init__(self, delta: _Optional[str] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    demo: bool
+    dtype: str
+    device: str
+    attention_backend: str
+    sliding_window: int
+    max_context_tokens: int
+    default_policy: str
+    policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ...) -> None: ...
+
+class PolicyInfo(_message.Message):
+    __slots__ = ("name", "description", "acceptable_label", "categories")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTABLE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    acceptable_label: str
+    categories: _containers.RepeatedCompositeFieldContainer[CategoryInfo]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., acceptable_label: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[CategoryInfo, _Mapping]]] = ...) -> None: ...
+
+class CategoryInfo(_message.Message):
+    __slots__ = ("id", "label", "description", "paper_category")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PAPER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    label: str
+    description: str
+    paper_category: str
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., description: _Optional[str] = ..., paper_category: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,181 @@
+"""moderation.settings: precedence, parsing, validation and the option table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from moderation.settings import (
+    DEFAULTS,
+    ENV_PREFIX,
+    OPTIONS,
+    ServeSettings,
+    SettingsError,
+    add_serve_arguments,
+    settings_from_args,
+    settings_from_env,
+)
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeSettings:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return settings_from_args(parser.parse_args(argv), env or {})
+
+
+def test_defaults() -> None:
+    s = parse([])
+    assert s == ServeSettings()
+    assert s.model is None
+    assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9090)
+    assert (s.device, s.dtype, s.attention_backend) == ("auto", "auto", "auto")
+    assert (s.policy, s.policy_files, s.threshold) == ("paper", (), 0.5)
+    assert (s.max_batch_size, s.max_queue, s.max_batch_items) == (32, 1024, 256)
+    assert (s.max_text_chars, s.long_text, s.max_new_tokens) == (32768, "reject", 512)
+    assert s.max_message_bytes == 4 * 1024 * 1024
+    assert s.grace_period == 30.0
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (None, None, None)
+    assert (s.auth_token_file, s.auth_token) == (None, None)
+    assert (s.log_text, s.log_level) == (False, "info")
+    assert not s.tls and not s.mutual_tls and s.resolve_auth_token() is None
+
+
+def test_option_table_covers_every_field() -> None:
+    names = [f.name for f in dataclasses.fields(ServeSettings)]
+    assert list(OPTIONS) == names
+    assert set(DEFAULTS) == set(names)
+    for name, (flag, env) in OPTIONS.items():
+        assert flag == "--" + name.replace("_", "-")
+        assert env == ENV_PREFIX + name.upper()
+
+
+def test_help_names_env_var_and_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    text = " ".join(parser.format_help().split())  # undo line wrapping
+    for name, (flag, env) in OPTIONS.items():
+        assert flag in text
+        assert env in text, name
+    assert "default 50051" in text
+    assert "--no-log-text" in text
+
+
+def test_environment_is_read() -> None:
+    env = {
+        "MODERATION_MODEL": "/models/mistral-7b-instruct",
+        "MODERATION_PORT": "6000",
+        "MODERATION_METRICS_PORT": "0",
+        "MODERATION_DEVICE": "cuda:1",
+        "MODERATION_DTYPE": "BFloat16",
+        "MODERATION_ATTENTION_BACKEND": "sdpa",
+        "MODERATION_POLICY": "mistral-13",
+        "MODERATION_POLICY_FILES": "/etc/a.json, /etc/b.json,",
+        "MODERATION_THRESHOLD": "0.8",
+        "MODERATION_MAX_BATCH_SIZE": "64",
+        "MODERATION_LONG_TEXT": "split",
+        "MODERATION_GRACE_PERIOD": "12.5",
+        "MODERATION_LOG_TEXT": "yes",
+        "MODERATION_LOG_LEVEL": "DEBUG",
+    }
+    s = settings_from_env(env)
+    assert s.model == "/models/mistral-7b-instruct"
+    assert (s.port, s.metrics_port, s.device, s.dtype) == (6000, 0, "cuda:1", "bfloat16")
+    assert s.attention_backend == "sdpa"
+    assert s.policy == "mistral-13"
+    assert s.policy_files == ("/etc/a.json", "/etc/b.json")
+    assert (s.threshold, s.max_batch_size, s.long_text) == (0.8, 64, "split")
+    assert (s.grace_period, s.log_text, s.log_level) == (12.5, True, "debug")
+
+
+def test_command_line_beats_environment() -> None:
+    env = {"MODERATION_PORT": "6000", "MODERATION_LOG_TEXT": "true", "MODERATION_POLICY": "x"}
+    s = parse(["--port", "7000", "--no-log-text"], env)
+    assert s.port == 7000
+    assert s.log_text is False
+    assert s.policy == "x"  # not given on the command line: the environment applies
+    assert parse(["--log-text"]).log_text is True
+
+
+def test_empty_env_var_means_unset() -> None:
+    s = settings_from_env({"MODERATION_MODEL": "", "MODERATION_PORT": "  "})
+    assert s.model is None
+    assert s.port == 50051
+    assert parse(["--model", ""]).model is None
+
+
+def test_uses_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODERATION_MAX_QUEUE", "17")
+    assert settings_from_env().max_queue == 17
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "name"),
+    [
+        (["--port", "http"], {}, "port"),
+        ([], {"MODERATION_PORT": "50051.5"}, "port"),
+        (["--port", "0"], {}, "port"),
+        ([], {"MODERATION_PORT": "70000"}, "port"),
+        (["--metrics-port", "-1"], {}, "metrics_port"),
+        (["--metrics-port", "50051"], {}, "metrics_port"),
+        (["--dtype", "int4"], {}, "dtype"),
+        ([], {"MODERATION_ATTENTION_BACKEND": "xformers"}, "attention_backend"),
+        ([], {"MODERATION_LONG_TEXT": "truncate"}, "long_text"),
+        (["--log-level", "trace"], {}, "log_level"),
+        (["--device", "tpu"], {}, "device"),
+        (["--threshold", "1.5"], {}, "threshold"),
+        ([], {"MODERATION_THRESHOLD": "-0.1"}, "threshold"),
+        ([], {"MODERATION_THRESHOLD": "nan"}, "threshold"),
+        (["--max-batch-size", "0"], {}, "max_batch_size"),
+        ([], {"MODERATION_MAX_QUEUE": "many"}, "max_queue"),
+        (["--grace-period", "-1"], {}, "grace_period"),
+        ([], {"MODERATION_LOG_TEXT": "maybe"}, "log_text"),
+        (["--tls-cert", "/tls/tls.crt"], {}, "tls_key"),
+        ([], {"MODERATION_TLS_KEY": "/tls/tls.key"}, "tls_cert"),
+        (["--tls-client-ca", "/tls/ca.crt"], {}, "tls_client_ca"),
+        (["--auth-token", "a", "--auth-token-file", "/t"], {}, "auth_token"),
+    ],
+)
+def test_invalid_values_name_option_and_env_var(
+    argv: list[str], env: dict[str, str], name: str
+) -> None:
+    flag, env_name = OPTIONS[name]
+    with pytest.raises(SettingsError) as info:
+        parse(argv, env)
+    assert flag in str(info.value)
+    assert env_name in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(SettingsError, match="MODERATION_THRESHOLD"):
+        ServeSettings(threshold=2.0)
+
+
+def test_tls_and_mutual_tls() -> None:
+    s = parse(["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"])
+    assert s.tls and s.mutual_tls
+    s = parse(["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+    assert s.tls and not s.mutual_tls
+
+
+def test_auth_token_sources(tmp_path) -> None:
+    s = settings_from_env({"MODERATION_AUTH_TOKEN": "s3cret"})
+    assert s.resolve_auth_token() == "s3cret"
+    assert "s3cret" not in repr(s)  # secrets stay out of logs
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    s = parse(["--auth-token-file", str(token_file)])
+    assert s.resolve_auth_token() == "from-file"
+    with pytest.raises(SettingsError, match="MODERATION_AUTH_TOKEN_FILE"):
+        parse(["--auth-token-file", str(tmp_path / "missing")]).resolve_auth_token()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        parse(["--auth-token-file", str(tmp_path / "empty")]).resolve_auth_token()
+
+
+def test_settings_are_frozen() -> None:
+    s = ServeSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.port = 1  # type: ignore[misc]
