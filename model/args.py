@@ -32,7 +32,9 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -65,7 +67,9 @@ class ModelArgs:
             vocab_size=int(params["vocab_size"]),
             rope_theta=float(params.get("rope_theta") or DEFAULT_ROPE_THETA),
             sliding_window=int(window) if window else None,
-            max_seq_len=int(params.get("max_seq_len") or params.get("max_position_embeddings") or 32768),
+            max_seq_len=int(
+                params.get("max_seq_len") or params.get("max_position_embeddings") or 32768
+            ),
         )
 
     @classmethod

@@ -37,6 +37,9 @@ class ForwardMetadata:
     trees: list[torch.Tensor | None]  # per sequence: ancestor mask [L, L] of a token tree
     slots: torch.Tensor  # [B] int32 cache slot of each sequence (decode path)
     decode_lengths: torch.Tensor  # [B] int32 valid rows per slot after the write (decode path)
+    # (first, count) when the decoding sequences sit in consecutive slots, in order: the
+    # decode path can then read the buffers as a view instead of copying them.
+    slot_range: tuple[int, int] | None = None
 
     @property
     def max_seqlen_q(self) -> int:
@@ -179,6 +182,8 @@ class RollingCache:
         trees = trees if trees is not None else [None] * len(slots)
         W = self.window
         write = write if write is not None else [True] * len(slots)
+        if all(t is None for t in trees) and all(write) and all(n == 1 for n in seqlens):
+            return self._plan_decode(slots)
         written = [s for s, w in zip(slots, write, strict=True) if w]
         if len(set(written)) != len(written):
             raise ValueError("a slot can be written by only one sequence per pass")
@@ -210,7 +215,9 @@ class RollingCache:
                 kept = min(n_new, W)
                 write_rows.append(self._rows(slot, n + n_new - kept, n + n_new))
                 write_src.append(
-                    torch.arange(token_offset + n_new - kept, token_offset + n_new, device=self.device)
+                    torch.arange(
+                        token_offset + n_new - kept, token_offset + n_new, device=self.device
+                    )
                 )
             token_offset += n_new
         key_order = self._key_order(cached_lens, seqlens)
@@ -226,7 +233,9 @@ class RollingCache:
             cached_lens=cached_lens,
             start_positions=starts,
             cu_seqlens_q=_offsets(seqlens, self.device),
-            cu_seqlens_k=_offsets([c + s for c, s in zip(cached_lens, seqlens, strict=True)], self.device),
+            cu_seqlens_k=_offsets(
+                [c + s for c, s in zip(cached_lens, seqlens, strict=True)], self.device
+            ),
             gather_rows=torch.cat(gather) if gather else empty,
             key_order=key_order,
             write_rows=torch.cat(write_rows) if write_rows else empty,
@@ -237,6 +246,43 @@ class RollingCache:
             decode_lengths=torch.tensor(
                 [min(self.lengths[s], W) for s in slots], dtype=torch.int32, device=self.device
             ),
+        )
+
+    def _plan_decode(self, slots: list[int]) -> ForwardMetadata:
+        """The common step: one new token per sequence. Built from plain lists, because this
+        runs once per generated token and the general plan's per-sequence tensors add up."""
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot can be written by only one sequence per pass")
+        W = self.window
+        starts = [self.lengths[s] for s in slots]
+        if not self.sliding and max(starts) + 1 > W:
+            raise RequestError(f"sequence of {max(starts) + 1} tokens exceeds the context of {W}")
+        for s in slots:
+            self.lengths[s] += 1
+        dev = self.device
+        n = len(slots)
+        empty = torch.empty(0, dtype=torch.long, device=dev)
+        return ForwardMetadata(
+            window=W,
+            positions=torch.tensor(starts, dtype=torch.long, device=dev),
+            seqlens=[1] * n,
+            cached_lens=[min(p, W - 1) for p in starts],
+            start_positions=starts,
+            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            cu_seqlens_k=_offsets([min(p, W - 1) + 1 for p in starts], dev),
+            gather_rows=empty,  # the decode path reads the buffer in place
+            key_order=None,
+            write_rows=torch.tensor(
+                [s * W + p % W for s, p in zip(slots, starts, strict=True)], device=dev
+            ),
+            write_src=torch.arange(n, device=dev),
+            decode=True,
+            trees=[None] * n,
+            slots=torch.tensor(slots, dtype=torch.int32, device=dev),
+            decode_lengths=torch.tensor(
+                [min(p + 1, W) for p in starts], dtype=torch.int32, device=dev
+            ),
+            slot_range=(slots[0], n) if slots == list(range(slots[0], slots[0] + n)) else None,
         )
 
     def _key_order(self, cached_lens: list[int], seqlens: list[int]) -> torch.Tensor | None:
@@ -269,8 +315,10 @@ class RollingCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: ForwardMetadata) -> None:
         if meta.write_rows.numel() == 0:
             return
-        self.k[layer].index_copy_(0, meta.write_rows, k.index_select(0, meta.write_src))
-        self.v[layer].index_copy_(0, meta.write_rows, v.index_select(0, meta.write_src))
+        if not meta.decode:  # decode writes every token, in order: no selection needed
+            k, v = k.index_select(0, meta.write_src), v.index_select(0, meta.write_src)
+        self.k[layer].index_copy_(0, meta.write_rows, k)
+        self.v[layer].index_copy_(0, meta.write_rows, v)
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer buffers as [n_slots, window, n_kv_heads, head_dim]."""

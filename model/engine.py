@@ -9,6 +9,7 @@ by many requests (a policy's instructions) can be pre-filled once and restored i
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ class ScoreRequest:
 class GenerationRequest:
     prompt: Sequence[int]
     max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_tokens: frozenset[int] | None = None  # None = the tokenizer's EOS
 
 
@@ -121,6 +122,8 @@ class Engine:
         self.max_context = None if self.cache.sliding else self.window
         self.max_batch_size = max_batch_size
         self.score_batch_size = score_batch_size
+        # Kept sorted and taken lowest first, so running sequences tend to sit in consecutive
+        # slots and the decode path reads the cache as a view.
         self._free_slots = list(range(max_batch_size))
         self._score_slots = list(range(max_batch_size, max_batch_size + score_batch_size))
         self._waiting: deque[_Sequence] = deque()
@@ -165,7 +168,9 @@ class Engine:
     def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
         for t in tokens:
             if not 0 <= t < self.args.vocab_size:
-                raise RequestError(f"{what}: token id {t} outside the vocabulary (0..{self.args.vocab_size - 1})")
+                raise RequestError(
+                    f"{what}: token id {t} outside the vocabulary (0..{self.args.vocab_size - 1})"
+                )
 
     # ----------------------------------------------------------------- scoring
 
@@ -187,7 +192,7 @@ class Engine:
         return self.score_batch([ScoreRequest(prompt, continuations)])[0]
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        """score() for many prompts; prompts are pre-filled together, `score_batch_size` at a time."""
+        """score() for many prompts, pre-filled together `score_batch_size` at a time."""
         for i, r in enumerate(requests):
             self._validate_score(r, f"request {i}")
         results: list[list[float]] = []
@@ -253,7 +258,9 @@ class Engine:
             id=next(self._ids),
             request=request,
             slot=-1,
-            stop=request.stop_tokens if request.stop_tokens is not None else frozenset({self.eos_id}),
+            stop=request.stop_tokens
+            if request.stop_tokens is not None
+            else frozenset({self.eos_id}),
             gen=make_generator(request.sampling, self.model.device),
         )
         self._waiting.append(seq)
@@ -284,13 +291,13 @@ class Engine:
 
     def _release(self, seq: _Sequence) -> None:
         self.cache.reset(seq.slot)
-        self._free_slots.append(seq.slot)
+        bisect.insort(self._free_slots, seq.slot)
 
     def step(self) -> list[TokenEvent]:
         """Run one forward pass over the running batch and return one event per sampled token."""
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot = self._free_slots.pop(0)
             self.cache.reset(seq.slot)
             self._running[seq.id] = seq
         if not self._running:
@@ -300,7 +307,7 @@ class Engine:
         sampled: list[_Sequence] = []
         rows: list[int] = []
         n_tokens = 0
-        for seq in self._running.values():
+        for seq in sorted(self._running.values(), key=lambda q: q.slot):
             if seq.prefilling:
                 chunk = seq.request.prompt[seq.fed : seq.fed + self.chunk_size]
                 seq.fed += len(chunk)
@@ -314,9 +321,12 @@ class Engine:
                 sampled.append(seq)
                 rows.append(n_tokens - 1)
         logits = self._forward(slots, chunks, logits_rows=rows)
+        # One argmax for every row: greedy sequences take theirs, others sample.
+        greedy = logits.argmax(dim=-1).tolist()
         events: list[TokenEvent] = []
-        for seq, row in zip(sampled, logits, strict=True):
-            token = sample(row, seq.request.sampling, seq.gen)
+        for i, (seq, row) in enumerate(zip(sampled, logits, strict=True)):
+            params = seq.request.sampling
+            token = greedy[i] if params.greedy else sample(row, params, seq.gen)
             seq.generated.append(token)
             reason = None
             if token in seq.stop:
@@ -342,7 +352,8 @@ class Engine:
         """New tokens for each prompt (stop token included when one ended it)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
         ids = [
-            self.add_request(GenerationRequest(p, max_new_tokens, params, stop_tokens)) for p in prompts
+            self.add_request(GenerationRequest(p, max_new_tokens, params, stop_tokens))
+            for p in prompts
         ]
         out: dict[int, list[int]] = {i: [] for i in ids}
         while self.has_unfinished():

@@ -27,7 +27,7 @@ class SamplingParams:
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private generator per sequence, so a seed reproduces its tokens whatever it is batched with."""
+    """A generator per sequence: a seed reproduces its tokens whatever it is batched with."""
     if params.greedy:
         return None
     gen = torch.Generator(device=device)

@@ -26,30 +26,43 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] > 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if self.packed is not None:
+            return packed_linear(x, self.packed)
         return F.linear(x, self.weight)
 
 
-def pack_for_cpu(model: nn.Module) -> bool:
-    """Re-lay linear weights for fast CPU inference; same values, so the same results.
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    Measured on this project's CPU (bench/engine_bench.py): MKL's GEMV is ~2.5x faster with
-    the weight stored input-major (one token, decode), and oneDNN's pre-packed GEMM ~2x faster
-    for a few rows (batched decode) and ~1.3x for pre-fill. Returns False where oneDNN is absent.
+
+def _pack(*weights: torch.Tensor) -> torch.Tensor:
+    # Batch-size hint 8: measured best across 1..256 rows.
+    return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).contiguous(), 8)
+
+
+def pack_for_cpu(model: Transformer) -> bool:
+    """Pre-pack linear weights with oneDNN for CPU inference; same values, same results.
+
+    Measured on this project's 2-core CPU (bench/engine_bench.py): for the few rows of a decode
+    step, oneDNN's packed GEMM is 2-5x faster than the default path (which loses to memory
+    layout, not arithmetic), and ~1.3x for pre-fill. q/k/v and w1/w3 are packed as one matrix
+    each: every oneDNN call costs ~40us of fixed overhead here, seven per layer per step add
+    up. The packed copies double weight memory, acceptable for the CPU-sized models this
+    serves. Returns False (and changes nothing) where oneDNN or a supported dtype is absent.
     """
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not linears or linears[0].weight.device.type != "cpu":
+    weight = model.output.weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
-    for lin in linears:
-        w = lin.weight.data.contiguous()
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        # Batch-size hint 8: measured best across 1..256 rows.
-        lin.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
-        lin.weight.data = w.t().contiguous().t()
+    for layer in model.layers:
+        assert isinstance(layer, TransformerBlock)
+        attn, ffn = layer.attention, layer.feed_forward
+        attn.qkv_packed = _pack(attn.wq.weight, attn.wk.weight, attn.wv.weight)
+        attn.wo.packed = _pack(attn.wo.weight)
+        ffn.w13_packed = _pack(ffn.w1.weight, ffn.w3.weight)
+        ffn.w2.packed = _pack(ffn.w2.weight)
+    model.output.packed = _pack(model.output.weight)
     return True
 
 
@@ -60,10 +73,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference; bf16 variance loses too much precision.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # Normalise in fp32 like the reference (bf16 variance loses too much precision), with
+        # the fused kernel rather than four elementwise passes.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -91,6 +103,7 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.qkv_packed: torch.Tensor | None = None  # set by pack_for_cpu
 
     def forward(
         self,
@@ -102,9 +115,16 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.wq(x).view(T, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(self.wk(x).view(T, self.n_kv_heads, self.head_dim), freqs)
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+        H, KV = self.n_heads, self.n_kv_heads
+        if self.qkv_packed is not None:
+            # One projection for q, k and v, then one RoPE call over the q and k heads.
+            qkv = packed_linear(x, self.qkv_packed).view(T, H + 2 * KV, self.head_dim)
+            qk = apply_rope(qkv[:, : H + KV], freqs)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+        else:
+            q = apply_rope(self.wq(x).view(T, H, self.head_dim), freqs)
+            k = apply_rope(self.wk(x).view(T, KV, self.head_dim), freqs)
+            v = self.wv(x).view(T, KV, self.head_dim)
         out = backend.attend(q, k, v, meta, cache, layer)
         return self.wo(out.reshape(T, self.n_heads * self.head_dim))
 
@@ -115,8 +135,12 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, args.hidden_dim)
         self.w2 = Linear(args.hidden_dim, args.dim)
         self.w3 = Linear(args.dim, args.hidden_dim)
+        self.w13_packed: torch.Tensor | None = None  # set by pack_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13_packed is not None:
+            gate, up = packed_linear(x, self.w13_packed).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -168,7 +192,7 @@ class Transformer(nn.Module):
         logits_index: torch.Tensor | None = None,
         backend: AttentionBackend | None = None,
     ) -> torch.Tensor:
-        """Logits (fp32) for packed `tokens`; only at `logits_index` rows when given.
+        """Logits (fp32) for packed `tokens`; only at `logits_index` rows (increasing) when given.
 
         With a cache, each sequence attends to its cached window plus its new tokens and the
         new keys/values are written to the rolling buffer. Without one, `meta` must describe
@@ -179,7 +203,7 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(meta.positions, self.args.head_dim, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, backend, cache, i)
-        if logits_index is not None:
+        if logits_index is not None and logits_index.numel() != h.shape[0]:
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)
         return self.output(self.norm(h)).float()

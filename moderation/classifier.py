@@ -167,7 +167,9 @@ class Classifier:
         self.model_id = model_id
         self.policies: dict[str, Policy] = {**BUILTIN_POLICIES, **(policies or {})}
         if default_policy not in self.policies:
-            raise PolicyError(f"default policy {default_policy!r} is not one of {sorted(self.policies)}")
+            raise PolicyError(
+                f"default policy {default_policy!r} is not one of {sorted(self.policies)}"
+            )
         self.default_policy = default_policy
         _check_threshold("threshold", threshold)
         self.threshold = threshold
@@ -208,7 +210,9 @@ class Classifier:
         try:
             role = Role(item.role)
         except ValueError:
-            raise ClassificationError("role", f"must be 'input' or 'output', got {item.role!r}") from None
+            raise ClassificationError(
+                "role", f"must be 'input' or 'output', got {item.role!r}"
+            ) from None
         if role is Role.INPUT and item.user_prompt:
             raise ClassificationError("prompt", "a user prompt is context for the output role only")
         policy = self.policy(item.policy)

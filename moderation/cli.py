@@ -113,7 +113,13 @@ def _registrations() -> list[Callable[[Any], None]]:
     # Each subcommand module registers its own parser (and imports its heavy parts lazily).
     from moderation import batch, evaluate, server
 
-    return [_register_classify, _register_generate, server.register, batch.register, evaluate.register]
+    return [
+        _register_classify,
+        _register_generate,
+        server.register,
+        batch.register,
+        evaluate.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,7 +156,9 @@ class GuardedGenerator:
             prep.prompt, o.max_new_tokens, SamplingParams(o.temperature, o.top_p, o.seed)
         )
 
-    def refuse_input(self, prep: PreparedGeneration, moderation: Classification) -> GenerationResult:
+    def refuse_input(
+        self, prep: PreparedGeneration, moderation: Classification
+    ) -> GenerationResult:
         return GenerationResult(
             text="",
             refused=True,
