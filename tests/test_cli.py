@@ -1,0 +1,101 @@
+"""`moderation classify` and `moderation generate` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moderation.cli import EXIT_USAGE, main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else {}), err
+
+
+def test_classify_prints_one_json_decision(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path
+) -> None:
+    code, result, _ = run_cli(capsys, "classify", "--model", str(demo_checkpoint), "hello there")
+    assert code == 0
+    assert {"category", "flagged", "scores", "model", "policy"} <= set(result)
+    assert result["policy"] == "paper"
+    assert sum(result["scores"].values()) == pytest.approx(1.0)
+    assert "demo" in result["model"]
+
+
+def test_classify_output_role_with_mistral_13_and_a_prompt(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path
+) -> None:
+    code, result, _ = run_cli(
+        capsys, "classify", "--model", str(demo_checkpoint), "--policy", "mistral-13",
+        "--role", "output", "--prompt", "How do I reset my password?", "Click 'forgot password'.",
+    )  # fmt: skip
+    assert code == 0
+    assert result["policy"] == "mistral-13"
+    assert len(result["scores"]) == 14
+
+
+def test_classify_with_a_policy_file(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path, tmp_path: Path
+) -> None:
+    policy = {
+        "name": "shop",
+        "description": "marketplace listings",
+        "categories": [
+            {"id": "counterfeit", "label": "counterfeit", "description": "Fake branded goods.",
+             "paper_category": "illegal_activities"},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "shop.json"
+    path.write_text(json.dumps(policy))
+    code, result, _ = run_cli(
+        capsys, "classify", "--model", str(demo_checkpoint), "--policy", str(path), "a watch"
+    )
+    assert code == 0
+    assert result["policy"] == "shop"
+    assert set(result["scores"]) == {"counterfeit", "acceptable"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "3", "x"], "threshold"),
+        (["--policy", "/no/such/policy.json", "x"], "policy.json"),
+        (["   "], "text: must not be empty"),
+    ],
+)
+def test_classify_errors_exit_2_with_a_message(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path, args: list[str], message: str
+) -> None:
+    code, _, err = run_cli(capsys, "classify", "--model", str(demo_checkpoint), *args)
+    assert code == EXIT_USAGE
+    assert message in err
+
+
+def test_generate_prints_the_guarded_result(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path
+) -> None:
+    code, result, _ = run_cli(
+        capsys, "generate", "--model", str(demo_checkpoint), "--moderate-input",
+        "--max-new-tokens", "5", "Tell me a joke",
+    )  # fmt: skip
+    assert code == 0
+    assert {"text", "refused", "finish_reason", "input_moderation", "completion_tokens"} <= set(result)
+    assert result["input_moderation"] is not None
+
+
+def test_without_model_the_demo_is_used_and_said_so(tmp_path: Path) -> None:
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moderation", "classify", "hi"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "demo model" in proc.stderr
+    assert "demo" in json.loads(proc.stdout)["model"]

@@ -1,0 +1,196 @@
+"""Guarded generation: the guardrail prompt, refusing flagged input, withholding flagged output,
+and streaming that shows nothing unchecked. End to end on the real engine (demo checkpoint);
+the refusal logic also against a test double of the classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from moderation.classifier import ClassificationError, ClassifyItem, decide
+from moderation.guarded import (
+    INPUT_REFUSAL,
+    OUTPUT_REFUSAL,
+    GenerateOptions,
+    GenerationResult,
+    GuardedGenerator,
+    TextStream,
+)
+from moderation.policy import BUILTIN_POLICIES, GUARDRAIL_SYSTEM_PROMPT
+
+USER = [{"role": "user", "content": "Write a haiku about the sea."}]
+ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says
+NEVER = 1.0  # flagged only at certainty, which the scores of the demo model never reach
+
+
+@pytest.fixture(scope="module")
+def generator(demo_runtime: Any) -> GuardedGenerator:
+    return demo_runtime.generator
+
+
+def test_the_guardrail_system_prompt_is_on_by_default(generator: GuardedGenerator) -> None:
+    tok = generator.tokenizer
+    prep = generator.prepare(USER, GenerateOptions())
+    system = {"role": "system", "content": GUARDRAIL_SYSTEM_PROMPT}
+    assert prep.prompt == tok.encode_chat([system, *USER])
+    assert GUARDRAIL_SYSTEM_PROMPT in tok.decode(prep.prompt)
+
+
+def test_the_guardrail_can_be_replaced_or_turned_off(generator: GuardedGenerator) -> None:
+    tok = generator.tokenizer
+    replaced = generator.prepare(USER, GenerateOptions(system_prompt="Answer in French."))
+    assert replaced.prompt == tok.encode_chat(
+        [{"role": "system", "content": "Answer in French."}, *USER]
+    )
+    off = generator.prepare(USER, GenerateOptions(guardrail=False))
+    assert off.prompt == tok.encode_chat(USER)
+
+
+def test_generation_without_moderation_returns_the_answer(generator: GuardedGenerator) -> None:
+    result = generator.generate(USER, GenerateOptions(max_new_tokens=8))
+    assert not result.refused
+    assert result.finish_reason in {"stop", "length"}
+    assert 1 <= result.completion_tokens <= 8
+    assert result.input_moderation is None and result.output_moderation is None
+    assert result.prompt_tokens > 0
+    assert "demo" in result.model
+
+
+def test_flagged_input_is_refused_without_generating(demo_runtime: Any) -> None:
+    generator = demo_runtime.generator
+    demo_runtime.classifier.warm_up()  # policy prefixes pre-filled, as the server does
+    passes = demo_runtime.engine.stats.forward_passes
+    result = generator.generate(
+        USER, GenerateOptions(moderate_input=True, threshold=ALWAYS, max_new_tokens=8)
+    )
+    assert result.refused and result.refusal == INPUT_REFUSAL
+    assert result.finish_reason == "input_flagged"
+    assert result.text == "" and result.completion_tokens == 0
+    assert result.input_moderation is not None and result.input_moderation.flagged
+    # Only the classification ran: the text's pre-fill (the demo window is 32 tokens, so a
+    # couple of chunks) and one scoring pass; no decode steps.
+    assert demo_runtime.engine.stats.forward_passes - passes <= 3
+    assert not demo_runtime.engine.has_unfinished()
+
+
+def test_flagged_output_is_withheld(generator: GuardedGenerator) -> None:
+    result = generator.generate(
+        USER, GenerateOptions(moderate_output=True, threshold=ALWAYS, max_new_tokens=8)
+    )
+    assert result.refused and result.refusal == OUTPUT_REFUSAL
+    assert result.finish_reason == "output_flagged"
+    assert result.text == ""
+    assert result.completion_tokens > 0
+    assert result.output_moderation is not None and result.output_moderation.flagged
+
+
+def test_unflagged_input_and_output_pass(generator: GuardedGenerator) -> None:
+    options = GenerateOptions(
+        moderate_input=True, moderate_output=True, threshold=NEVER, max_new_tokens=8
+    )
+    result = generator.generate(USER, options)
+    plain = generator.generate(USER, GenerateOptions(max_new_tokens=8))
+    assert not result.refused
+    assert result.text == plain.text  # moderation does not change the answer
+    assert result.input_moderation is not None and not result.input_moderation.flagged
+    if result.text.strip():
+        assert result.output_moderation is not None
+        assert not result.output_moderation.flagged
+
+
+def test_streaming_shows_nothing_before_output_moderation(generator: GuardedGenerator) -> None:
+    flagged = list(
+        generator.stream(USER, GenerateOptions(moderate_output=True, threshold=ALWAYS, max_new_tokens=6))
+    )
+    assert len(flagged) == 1 and isinstance(flagged[0], GenerationResult)
+    passed = list(
+        generator.stream(USER, GenerateOptions(moderate_output=True, threshold=NEVER, max_new_tokens=6))
+    )
+    final = passed[-1]
+    assert isinstance(final, GenerationResult)
+    # The checked text arrives only after the check, in one piece.
+    assert all(isinstance(p, str) for p in passed[:-1])
+    assert "".join(p for p in passed[:-1] if isinstance(p, str)) == final.text
+
+
+def test_streaming_without_output_moderation_yields_the_answer_piecewise(
+    generator: GuardedGenerator,
+) -> None:
+    parts = list(generator.stream(USER, GenerateOptions(max_new_tokens=12)))
+    final = parts[-1]
+    assert isinstance(final, GenerationResult)
+    deltas = [p for p in parts[:-1] if isinstance(p, str)]
+    assert len(deltas) > 1
+    assert "".join(deltas) == final.text
+
+
+def test_text_stream_waits_for_complete_characters(demo_runtime: Any) -> None:
+    tok = demo_runtime.tokenizer
+    ids = tok.encode("日本 🙂 ok", bos=False)
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize(
+    ("messages", "options", "field"),
+    [
+        ([], GenerateOptions(), "messages"),
+        ([{"role": "wizard", "content": "x"}], GenerateOptions(), "messages"),
+        (USER, GenerateOptions(max_new_tokens=0), "max_new_tokens"),
+        (USER, GenerateOptions(temperature=-1), "temperature"),
+        (USER, GenerateOptions(top_p=0), "top_p"),
+        (USER, GenerateOptions(moderate_input=True, policy="nope"), "policy"),
+        (USER, GenerateOptions(moderate_output=True, threshold=2.0), "threshold"),
+    ],
+)
+def test_bad_generation_requests_name_the_field(
+    generator: GuardedGenerator, messages: list[dict[str, str]], options: GenerateOptions, field: str
+) -> None:
+    with pytest.raises(ClassificationError) as err:
+        generator.prepare(messages, options)
+    assert err.value.field == field
+
+
+class ScriptedClassifier:
+    """Test double: flags exactly the texts it is told to."""
+
+    def __init__(self, flag: set[str]):
+        self.flag = flag
+        self.seen: list[ClassifyItem] = []
+
+    def plan(self, item: ClassifyItem) -> None:
+        pass
+
+    def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
+        self.seen.extend(items)
+        policy = BUILTIN_POLICIES["paper"]
+        out = []
+        for item in items:
+            bad = item.text in self.flag or "*" in self.flag
+            lps = [0.0, -9.0, -9.0, -9.0] if bad else [-9.0, -9.0, -9.0, 0.0]
+            out.append(
+                decide(policy, lps, threshold=0.5, category_thresholds={}, model_id="t", prompt_tokens=1)
+            )
+        return out
+
+
+def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
+    scripted = ScriptedClassifier({"bad question"})
+    generator = GuardedGenerator(
+        demo_runtime.engine, demo_runtime.tokenizer, scripted, model_id="t"  # type: ignore[arg-type]
+    )
+    options = GenerateOptions(moderate_input=True, moderate_output=True, max_new_tokens=4)
+    refused = generator.generate([{"role": "user", "content": "bad question"}], options)
+    assert refused.finish_reason == "input_flagged"
+    fine = generator.generate([{"role": "user", "content": "good question"}], options)
+    assert not fine.refused
+    # Output moderation saw the answer, with the user prompt as its context.
+    answer_checks = [i for i in scripted.seen if i.role == "output"]
+    assert answer_checks and answer_checks[-1].user_prompt == "good question"
+    scripted.flag = {"*"}
+    withheld = generator.generate([{"role": "user", "content": "x"}], GenerateOptions(
+        moderate_output=True, max_new_tokens=4))  # fmt: skip
+    assert withheld.finish_reason == "output_flagged" and withheld.text == ""
