@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_checkpoint, machine  # noqa: E402
-from moderation.classifier import Classifier, ClassifyItem  # noqa: E402
-from moderation.policy import BUILTIN_POLICIES, Role  # noqa: E402
-from moderation.prompts import build_prompt  # noqa: E402
-from moderation.runtime import load_runtime  # noqa: E402
+from bench.common import bench_checkpoint, machine
+from moderation.classifier import Classifier, ClassifyItem
+from moderation.policy import BUILTIN_POLICIES, Role
+from moderation.prompts import build_prompt
+from moderation.runtime import load_runtime
 
 SHORT_TEXTS = [
     "How do I reset my router?",

@@ -40,6 +40,9 @@ class ForwardMetadata:
     # (first, count) when the decoding sequences sit in consecutive slots, in order: the
     # decode path can then read the buffers as a view instead of copying them.
     slot_range: tuple[int, int] | None = None
+    # Decode path: [B, 1, 1, W] valid rows when a sequence is younger than the window (rows past
+    # its length hold stale data from an earlier occupant); None when every buffer is full.
+    decode_mask: torch.Tensor | None = None
 
     @property
     def max_seqlen_q(self) -> int:
@@ -262,6 +265,10 @@ class RollingCache:
         dev = self.device
         n = len(slots)
         empty = torch.empty(0, dtype=torch.long, device=dev)
+        lengths = torch.tensor([min(p + 1, W) for p in starts], dtype=torch.int32, device=dev)
+        mask = None
+        if min(starts) + 1 < W:  # built once here rather than in every layer
+            mask = (torch.arange(W, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
         return ForwardMetadata(
             window=W,
             positions=torch.tensor(starts, dtype=torch.long, device=dev),
@@ -279,9 +286,8 @@ class RollingCache:
             decode=True,
             trees=[None] * n,
             slots=torch.tensor(slots, dtype=torch.int32, device=dev),
-            decode_lengths=torch.tensor(
-                [min(p + 1, W) for p in starts], dtype=torch.int32, device=dev
-            ),
+            decode_lengths=lengths,
+            decode_mask=mask,
             slot_range=(slots[0], n) if slots == list(range(slots[0], slots[0] + n)) else None,
         )
 

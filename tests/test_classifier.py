@@ -65,7 +65,9 @@ def test_scores_are_probabilities_over_the_labels() -> None:
 def test_flagged_is_the_unsafe_probability_against_the_threshold() -> None:
     probs = {"illegal_activities": 0.3, "hateful_harassing_violent": 0.25, "acceptable": 0.45}
     lp = logprobs_for(PAPER, {**probs, "unqualified_advice": 1e-12})
-    flagged = decide(PAPER, lp, threshold=0.5, category_thresholds={}, model_id="m", prompt_tokens=1)
+    flagged = decide(
+        PAPER, lp, threshold=0.5, category_thresholds={}, model_id="m", prompt_tokens=1
+    )
     # No single category reaches 0.5 but their sum does; the most probable one is named.
     assert flagged.flagged
     assert flagged.category == "acceptable"
@@ -74,7 +76,9 @@ def test_flagged_is_the_unsafe_probability_against_the_threshold() -> None:
         "hateful_harassing_violent": False,
         "unqualified_advice": False,
     }
-    lenient = decide(PAPER, lp, threshold=0.6, category_thresholds={}, model_id="m", prompt_tokens=1)
+    lenient = decide(
+        PAPER, lp, threshold=0.6, category_thresholds={}, model_id="m", prompt_tokens=1
+    )
     assert not lenient.flagged and not any(lenient.categories.values())
 
 
@@ -117,7 +121,9 @@ def test_fine_grained_scores_sum_onto_the_papers_categories() -> None:
 
 def test_prefix_reuse_gives_the_same_results_as_no_reuse(demo_runtime: Any) -> None:
     reuse = demo_runtime.classifier
-    plain = Classifier(demo_runtime.engine, demo_runtime.tokenizer, model_id="demo", reuse_prefix=False)
+    plain = Classifier(
+        demo_runtime.engine, demo_runtime.tokenizer, model_id="demo", reuse_prefix=False
+    )
     items = [ClassifyItem(t, policy=p) for t in TEXTS for p in ("paper", "mistral-13")]
     items.append(ClassifyItem("I am fine.", role="output", user_prompt="How are you?"))
     before = demo_runtime.engine.stats.prefix_tokens_reused
@@ -154,7 +160,9 @@ def test_the_scores_are_the_models_label_log_probabilities(demo_runtime: Any) ->
     prompt = build_prompt(M13, Role.INPUT, tok, text)
     labels = label_continuations(M13, tok)
     logprobs = engine.score(list(prompt.tokens), labels)
-    want = decide(M13, logprobs, threshold=0.5, category_thresholds={}, model_id="x", prompt_tokens=0)
+    want = decide(
+        M13, logprobs, threshold=0.5, category_thresholds={}, model_id="x", prompt_tokens=0
+    )
     got = classifier.classify(text, policy="mistral-13")
     for key in want.scores:
         assert got.scores[key] == pytest.approx(want.scores[key], abs=1e-6)
@@ -198,7 +206,9 @@ def test_untrusted_text_stays_data_in_the_tokens_sent_to_the_engine(
 
 
 def test_long_texts_are_rejected_by_default(demo_runtime: Any) -> None:
-    strict = Classifier(demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=32)
+    strict = Classifier(
+        demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=32
+    )
     with pytest.raises(ClassificationError) as err:
         strict.classify("word " * 100)
     assert err.value.field == "text"
@@ -238,7 +248,10 @@ def test_long_texts_can_be_split_and_the_most_severe_window_reported(demo_runtim
         (ClassifyItem("x", threshold=1.5), "threshold"),
         (ClassifyItem("x", threshold=float("nan")), "threshold"),
         (ClassifyItem("x", category_thresholds={"malware": 0.5}), "category_thresholds"),
-        (ClassifyItem("x", category_thresholds={"illegal_activities": -0.1}), "category_thresholds"),
+        (
+            ClassifyItem("x", category_thresholds={"illegal_activities": -0.1}),
+            "category_thresholds",
+        ),
     ],
 )
 def test_bad_items_name_the_field(classifier: Classifier, item: ClassifyItem, field: str) -> None:

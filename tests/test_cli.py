@@ -86,7 +86,9 @@ def test_generate_prints_the_guarded_result(
         "--max-new-tokens", "5", "Tell me a joke",
     )  # fmt: skip
     assert code == 0
-    assert {"text", "refused", "finish_reason", "input_moderation", "completion_tokens"} <= set(result)
+    assert {"text", "refused", "finish_reason", "input_moderation", "completion_tokens"} <= set(
+        result
+    )
     assert result["input_moderation"] is not None
 
 

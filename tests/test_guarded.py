@@ -101,11 +101,15 @@ def test_unflagged_input_and_output_pass(generator: GuardedGenerator) -> None:
 
 def test_streaming_shows_nothing_before_output_moderation(generator: GuardedGenerator) -> None:
     flagged = list(
-        generator.stream(USER, GenerateOptions(moderate_output=True, threshold=ALWAYS, max_new_tokens=6))
+        generator.stream(
+            USER, GenerateOptions(moderate_output=True, threshold=ALWAYS, max_new_tokens=6)
+        )
     )
     assert len(flagged) == 1 and isinstance(flagged[0], GenerationResult)
     passed = list(
-        generator.stream(USER, GenerateOptions(moderate_output=True, threshold=NEVER, max_new_tokens=6))
+        generator.stream(
+            USER, GenerateOptions(moderate_output=True, threshold=NEVER, max_new_tokens=6)
+        )
     )
     final = passed[-1]
     assert isinstance(final, GenerationResult)
@@ -147,7 +151,10 @@ def test_text_stream_waits_for_complete_characters(demo_runtime: Any) -> None:
     ],
 )
 def test_bad_generation_requests_name_the_field(
-    generator: GuardedGenerator, messages: list[dict[str, str]], options: GenerateOptions, field: str
+    generator: GuardedGenerator,
+    messages: list[dict[str, str]],
+    options: GenerateOptions,
+    field: str,
 ) -> None:
     with pytest.raises(ClassificationError) as err:
         generator.prepare(messages, options)
@@ -172,7 +179,14 @@ class ScriptedClassifier:
             bad = item.text in self.flag or "*" in self.flag
             lps = [0.0, -9.0, -9.0, -9.0] if bad else [-9.0, -9.0, -9.0, 0.0]
             out.append(
-                decide(policy, lps, threshold=0.5, category_thresholds={}, model_id="t", prompt_tokens=1)
+                decide(
+                    policy,
+                    lps,
+                    threshold=0.5,
+                    category_thresholds={},
+                    model_id="t",
+                    prompt_tokens=1,
+                )
             )
         return out
 
@@ -180,7 +194,10 @@ class ScriptedClassifier:
 def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
     scripted = ScriptedClassifier({"bad question"})
     generator = GuardedGenerator(
-        demo_runtime.engine, demo_runtime.tokenizer, scripted, model_id="t"  # type: ignore[arg-type]
+        demo_runtime.engine,
+        demo_runtime.tokenizer,
+        scripted,
+        model_id="t",  # type: ignore[arg-type]
     )
     options = GenerateOptions(moderate_input=True, moderate_output=True, max_new_tokens=4)
     refused = generator.generate([{"role": "user", "content": "bad question"}], options)
