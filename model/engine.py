@@ -97,6 +97,7 @@ class Engine:
         max_batch_size: int = 8,
         score_batch_size: int = 16,
         chunk_size: int | None = None,
+        max_step_tokens: int | None = None,
         max_seq_len: int | None = None,
         backend: str = "auto",
         eos_id: int = 2,
@@ -118,6 +119,9 @@ class Engine:
         self.chunk_size = chunk_size or self.window
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        # Tokens one forward pass may carry: bounds activation memory when many long prompts
+        # arrive together (pre-fill of the rest continues in the next passes).
+        self.max_step_tokens = max_step_tokens or max(self.chunk_size, 4096)
         # Sequences longer than this are refused; with a sliding window there is no limit.
         self.max_context = None if self.cache.sliding else self.window
         self.max_batch_size = max_batch_size
@@ -154,11 +158,13 @@ class Engine:
         """Feed whole prompts into their slots, chunk by chunk, all slots in each pass."""
         offsets = [0] * len(prompts)
         while True:
-            batch = [
-                (slot, prompt[off : off + self.chunk_size], i)
-                for i, (slot, prompt, off) in enumerate(zip(slots, prompts, offsets, strict=True))
-                if off < len(prompt)
-            ]
+            batch: list[tuple[int, Sequence[int], int]] = []
+            budget = self.max_step_tokens
+            for i, (slot, prompt, off) in enumerate(zip(slots, prompts, offsets, strict=True)):
+                if off < len(prompt) and (budget > 0 or not batch):
+                    chunk = prompt[off : off + min(self.chunk_size, max(budget, 1))]
+                    batch.append((slot, chunk, i))
+                    budget -= len(chunk)
             if not batch:
                 return
             self._forward([b[0] for b in batch], [b[1] for b in batch], logits_rows=[])
@@ -307,10 +313,20 @@ class Engine:
         sampled: list[_Sequence] = []
         rows: list[int] = []
         n_tokens = 0
-        for seq in sorted(self._running.values(), key=lambda q: q.slot):
+        # Decoding sequences always advance; pre-fill chunks share what is left of the budget
+        # (at least one chunk per step, so a long prompt never starves).
+        running = sorted(self._running.values(), key=lambda q: q.slot)
+        budget = self.max_step_tokens - sum(1 for q in running if not q.prefilling)
+        prefill_started = False
+        for seq in running:
             if seq.prefilling:
-                chunk = seq.request.prompt[seq.fed : seq.fed + self.chunk_size]
+                if budget <= 0 and prefill_started:
+                    continue
+                size = min(self.chunk_size, max(budget, 1))
+                chunk = seq.request.prompt[seq.fed : seq.fed + size]
                 seq.fed += len(chunk)
+                budget -= len(chunk)
+                prefill_started = True
             else:
                 chunk = [seq.generated[-1]]
             slots.append(seq.slot)

@@ -313,3 +313,28 @@ def test_backend_selection() -> None:
         select_backend("flash", CPU, torch.bfloat16)
     with pytest.raises(EngineError, match="unknown attention backend"):
         select_backend("xformers", CPU)
+
+
+def test_a_step_token_budget_bounds_every_pass_without_changing_results(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(model, max_batch_size=3, score_batch_size=3, chunk_size=5, max_step_tokens=7)
+    sizes: list[int] = []
+    real = engine._forward
+
+    def spy(slots, chunks, **kw):  # type: ignore[no-untyped-def]
+        sizes.append(sum(len(c) for c in chunks))
+        return real(slots, chunks, **kw)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    prompts = [random_tokens(n, seed=50 + n) for n in (3 * W, 2 * W + 1, 9)]
+    got = engine.generate(prompts, 6, stop_tokens=frozenset())
+    assert max(sizes) <= 7
+    sizes.clear()
+    scores = engine.score_batch([ScoreRequest(p, [[3, 4], [5]]) for p in prompts])
+    assert max(sizes[:-1]) <= 7  # pre-fill passes; the last is the label tree pass
+    free = Engine(model, max_batch_size=3, score_batch_size=3)
+    assert got == free.generate(prompts, 6, stop_tokens=frozenset())
+    reference = free.score_batch([ScoreRequest(p, [[3, 4], [5]]) for p in prompts])
+    for a, b in zip(scores, reference, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
