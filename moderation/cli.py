@@ -111,15 +111,9 @@ def _register_generate(sub: Any) -> None:
 
 def _registrations() -> list[Callable[[Any], None]]:
     # Each subcommand module registers its own parser (and imports its heavy parts lazily).
-    from moderation import batch, evaluate, server
+    from moderation import serve
 
-    return [
-        _register_classify,
-        _register_generate,
-        server.register,
-        batch.register,
-        evaluate.register,
-    ]
+    return [_register_classify, _register_generate, serve.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

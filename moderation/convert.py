@@ -1,0 +1,104 @@
+"""Between protobuf messages and the domain types; pure functions, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moderation.classifier import Classification, ClassifyItem
+from moderation.guarded import GenerateOptions, GenerationResult
+from moderation.policy import Policy, Role
+from moderation.v1 import moderation_pb2 as pb
+
+_ROLES = {pb.ROLE_UNSPECIFIED: Role.INPUT, pb.ROLE_INPUT: Role.INPUT, pb.ROLE_OUTPUT: Role.OUTPUT}
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "input_flagged": pb.FINISH_REASON_INPUT_FLAGGED,
+    "output_flagged": pb.FINISH_REASON_OUTPUT_FLAGGED,
+}
+
+
+def classify_item(request: pb.ClassifyRequest) -> ClassifyItem:
+    """The domain item; an unknown role number is passed through for the classifier to name."""
+    role: Role | str = _ROLES.get(request.role, f"role number {request.role}")
+    return ClassifyItem(
+        text=request.text,
+        role=role,
+        user_prompt=request.prompt or None,
+        policy=request.policy or None,
+        threshold=request.threshold if request.HasField("threshold") else None,
+        category_thresholds=dict(request.category_thresholds),
+    )
+
+
+def classify_response(result: Classification) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        category=result.category,
+        flagged=result.flagged,
+        scores=result.scores,
+        categories=result.categories,
+        paper_scores=result.paper_scores,
+        paper_category=result.paper_category,
+        model=result.model,
+        policy=result.policy,
+        prompt_tokens=result.prompt_tokens,
+        windows=result.windows,
+    )
+
+
+def generate_options(request: pb.GenerateRequest, default_max_new_tokens: int) -> GenerateOptions:
+    system_prompt = request.system_prompt if request.HasField("system_prompt") else None
+    return GenerateOptions(
+        max_new_tokens=request.max_new_tokens or default_max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p or 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+        # An explicit empty system prompt means none at all.
+        guardrail=not request.disable_guardrail and system_prompt != "",
+        system_prompt=system_prompt or None,
+        moderate_input=request.moderate_input,
+        moderate_output=request.moderate_output,
+        policy=request.policy or None,
+        threshold=request.threshold if request.HasField("threshold") else None,
+    )
+
+
+def messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in request.messages]
+
+
+def generate_response(result: GenerationResult) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        text=result.text,
+        refused=result.refused,
+        refusal=result.refusal,
+        finish_reason=_FINISH.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        model=result.model,
+    )
+    if result.input_moderation is not None:
+        response.input_moderation.CopyFrom(classify_response(result.input_moderation))
+    if result.output_moderation is not None:
+        response.output_moderation.CopyFrom(classify_response(result.output_moderation))
+    return response
+
+
+def policy_info(policies: Sequence[Policy]) -> list[pb.PolicyInfo]:
+    return [
+        pb.PolicyInfo(
+            name=p.name,
+            description=p.description,
+            acceptable_label=p.acceptable_label,
+            categories=[
+                pb.CategoryInfo(
+                    id=c.id,
+                    label=c.label,
+                    description=c.description,
+                    paper_category=c.paper_category,
+                )
+                for c in p.categories
+            ],
+        )
+        for p in policies
+    ]

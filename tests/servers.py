@@ -1,0 +1,120 @@
+"""Helpers for tests that run a real server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moderation.runtime import Runtime, load_runtime
+from moderation.serve import Server, load_from_settings
+from moderation.settings import ServeSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_loader(checkpoint: Path) -> Callable[[ServeSettings], Runtime]:
+    """Load the demo checkpoint the tests wrote (a fresh runtime per server, real engine)."""
+
+    def load(settings: ServeSettings) -> Runtime:
+        runtime = load_runtime(
+            checkpoint,
+            device="cpu",
+            dtype="float32",
+            default_policy=settings.policy,
+            threshold=settings.threshold,
+            long_text=settings.long_text,
+            max_batch_size=settings.max_batch_size,
+            score_batch_size=settings.max_batch_size,
+            max_new_tokens_limit=settings.max_new_tokens,
+        )
+        runtime.classifier.warm_up()
+        return runtime
+
+    return load
+
+
+class InProcessServer:
+    """A Server on its own event loop in a background thread."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        loader: Callable[[ServeSettings], Runtime] = load_from_settings,
+    ):
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Server = self.call(self._make(loader))
+        self._start = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+
+    async def _make(self, loader: Callable[[ServeSettings], Runtime]) -> Server:
+        return Server(self.settings, loader=loader)
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_loaded(self, timeout: float = 120) -> None:
+        self._start.result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_serving(channel: grpc.Channel, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if health_status(channel) == SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server did not report SERVING")
+
+
+def start_subprocess_server(
+    port: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`python -m moderation serve` on the demo model, as an operator would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "moderation", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0", *extra],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip

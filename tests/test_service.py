@@ -1,0 +1,551 @@
+"""The gRPC service end to end: a real server on a loopback port, real gRPC clients, the real
+engine on the demo checkpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from moderation.logs import configure_logging
+from moderation.runtime import Runtime
+from moderation.scheduler import ClassifyJob, ModelWorker
+from moderation.settings import ServeSettings
+from moderation.v1 import moderation_pb2 as pb
+from moderation.v1 import moderation_pb2_grpc as pb_grpc
+from tests.servers import (
+    NOT_SERVING,
+    SERVING,
+    InProcessServer,
+    demo_loader,
+    free_port,
+    health_status,
+    start_subprocess_server,
+    wait_serving,
+)
+
+TEXTS = [
+    f"message number {i}: {w}" for i, w in enumerate(["hello", "buy now", "you fool", "pills"] * 16)
+]
+
+
+@pytest.fixture(scope="module")
+def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
+    settings = ServeSettings(
+        host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
+        max_text_chars=2000, max_new_tokens=64,
+    )  # fmt: skip
+    server = InProcessServer(settings, demo_loader(demo_checkpoint))
+    server.wait_loaded()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
+    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
+
+
+def invalid_field(err: grpc.RpcError) -> str:
+    """The field named by the rich error details (google.rpc.BadRequest)."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return bad.field_violations[0].field
+    raise AssertionError("no BadRequest detail")
+
+
+def user(text: str) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role="user", content=text)]
+
+
+# ------------------------------------------------------------------ every RPC
+
+
+def test_classify(stub: pb_grpc.ModerationServiceStub) -> None:
+    r = stub.Classify(pb.ClassifyRequest(text="hello there", policy="mistral-13"))
+    assert r.policy == "mistral-13" and "demo" in r.model
+    assert len(r.scores) == 14 and sum(r.scores.values()) == pytest.approx(1.0, abs=1e-4)
+    assert r.category in r.scores and r.windows == 1 and r.prompt_tokens > 0
+    out = stub.Classify(
+        pb.ClassifyRequest(text="Sure, here it is.", role=pb.ROLE_OUTPUT, prompt="Help me?")
+    )
+    assert out.policy == "paper" and set(out.paper_scores) == set(out.scores)
+
+
+def test_classify_batch_equals_one_by_one(stub: pb_grpc.ModerationServiceStub) -> None:
+    requests = [
+        pb.ClassifyRequest(text=t, policy=p) for t in TEXTS[:4] for p in ("paper", "mistral-13")
+    ]
+    batch = stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests)).results
+    assert len(batch) == len(requests)
+    for request, got in zip(requests, batch, strict=True):
+        alone = stub.Classify(request)
+        assert got.category == alone.category and got.flagged == alone.flagged
+        for key, value in alone.scores.items():
+            assert got.scores[key] == pytest.approx(value, abs=1e-5)
+
+
+def test_generate_and_stream(stub: pb_grpc.ModerationServiceStub) -> None:
+    request = pb.GenerateRequest(messages=user("Tell me a story"), max_new_tokens=12)
+    unary = stub.Generate(request)
+    assert unary.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert 1 <= unary.completion_tokens <= 12 and unary.prompt_tokens > 0
+    events = list(stub.GenerateStream(request))
+    assert events[-1].WhichOneof("event") == "final"
+    deltas = [e.delta for e in events[:-1]]
+    assert all(e.WhichOneof("event") == "delta" for e in events[:-1])
+    assert "".join(deltas) == events[-1].final.text == unary.text  # greedy: same answer
+
+
+def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServiceStub) -> None:
+    refused = stub.Generate(
+        pb.GenerateRequest(messages=user("hi"), moderate_input=True, threshold=0.0)
+    )
+    assert refused.refused and refused.finish_reason == pb.FINISH_REASON_INPUT_FLAGGED
+    assert refused.completion_tokens == 0 and refused.input_moderation.flagged
+    events = list(
+        stub.GenerateStream(
+            pb.GenerateRequest(
+                messages=user("hi"), moderate_output=True, threshold=0.0, max_new_tokens=6
+            )
+        )
+    )
+    assert [e.WhichOneof("event") for e in events] == ["final"]  # nothing unchecked was sent
+    assert events[0].final.finish_reason == pb.FINISH_REASON_OUTPUT_FLAGGED
+    assert events[0].final.text == "" and events[0].final.output_moderation.flagged
+
+
+def test_model_info_describes_model_and_policies(stub: pb_grpc.ModerationServiceStub) -> None:
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.demo and "demo" in info.model
+    assert info.attention_backend == "sdpa" and info.device == "cpu" and info.dtype == "float32"
+    assert info.default_policy == "paper" and info.sliding_window == 32
+    policies = {p.name: p for p in info.policies}
+    assert {"paper", "mistral-13"} <= set(policies)
+    assert len(policies["mistral-13"].categories) == 13
+    assert {c.paper_category for c in policies["mistral-13"].categories} == {
+        "illegal_activities", "hateful_harassing_violent", "unqualified_advice",
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ClassifyRequest(text=""), "text"),
+        (pb.ClassifyRequest(text="x" * 2001), "text"),
+        (pb.ClassifyRequest(text="x", policy="no-such-policy"), "policy"),
+        (pb.ClassifyRequest(text="x", role=7), "role"),  # type: ignore[arg-type]
+        (pb.ClassifyRequest(text="x", threshold=1.5), "threshold"),
+        (pb.ClassifyRequest(text="x", category_thresholds={"malware": 0.5}), "category_thresholds"),
+        (pb.ClassifyRequest(text="x", prompt="context for an input?"), "prompt"),
+    ],
+)
+def test_bad_classify_requests_are_invalid_argument_naming_the_field(
+    stub: pb_grpc.ModerationServiceStub, request_: pb.ClassifyRequest, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    assert invalid_field(err.value).startswith(field)
+    assert stub.Classify(pb.ClassifyRequest(text="still serving")).model  # and it keeps serving
+
+
+def test_bad_batches_and_generations(stub: pb_grpc.ModerationServiceStub) -> None:
+    cases: list[tuple[Any, Any, str]] = [
+        (
+            stub.ClassifyBatch,
+            pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text="a")] * 9),
+            "requests",
+        ),
+        (stub.ClassifyBatch, pb.ClassifyBatchRequest(), "requests"),
+        (
+            stub.ClassifyBatch,
+            pb.ClassifyBatchRequest(
+                requests=[pb.ClassifyRequest(text="a"), pb.ClassifyRequest(text="")]
+            ),
+            "requests[1].text",
+        ),
+        (
+            stub.Generate,
+            pb.GenerateRequest(messages=user("x"), max_new_tokens=65),
+            "max_new_tokens",
+        ),
+        (stub.Generate, pb.GenerateRequest(), "messages"),
+        (
+            stub.Generate,
+            pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="x")]),
+            "messages",
+        ),
+        (stub.Generate, pb.GenerateRequest(messages=user("x"), temperature=-1), "temperature"),
+        (
+            stub.Generate,
+            pb.GenerateRequest(messages=user("x"), moderate_input=True, policy="nope"),
+            "policy",
+        ),
+    ]
+    for method, request, field in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            method(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert invalid_field(err.value) == field
+    with pytest.raises(grpc.RpcError) as stream_err:
+        list(stub.GenerateStream(pb.GenerateRequest(messages=user("x"), top_p=2.0)))
+    assert stream_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.Generate(
+        pb.GenerateRequest(messages=user("ok"), max_new_tokens=2)
+    ).completion_tokens
+
+
+def test_a_full_queue_is_resource_exhausted(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    state = served.server.state
+    real = state.worker
+    assert real is not None
+    # A worker that is not running holds its one queued job: the next request cannot queue.
+    stalled = ModelWorker(real.runtime, max_queue=1)
+    stalled.submit(ClassifyJob(loop=served.loop, planned=[]))
+    state.worker = stalled
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(text="x"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        state.worker = real
+    assert stub.Classify(pb.ClassifyRequest(text="x")).model
+
+
+# ------------------------------------------------------------ concurrency
+
+
+def test_64_concurrent_calls_equal_the_sequential_answers(
+    stub: pb_grpc.ModerationServiceStub,
+) -> None:
+    requests = [pb.ClassifyRequest(text=t) for t in TEXTS]
+    sequential = [stub.Classify(r) for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        concurrent_ = list(pool.map(stub.Classify, requests))
+    assert len(concurrent_) == 64
+    for a, b in zip(sequential, concurrent_, strict=True):
+        assert a.category == b.category and a.flagged == b.flagged
+        for key, value in a.scores.items():
+            assert b.scores[key] == pytest.approx(value, abs=1e-5)
+
+
+def test_concurrent_generations_are_batched_and_equal_alone(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    requests = [
+        pb.GenerateRequest(messages=user(f"story {i}"), max_new_tokens=16) for i in range(6)
+    ]
+    alone = [stub.Generate(r).text for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = [r.text for r in pool.map(stub.Generate, requests)]
+    assert together == alone
+
+
+def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not runtime.engine.has_unfinished():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_expired_deadline_and_cancelled_call_stop_costing(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    runtime = served.server.state.runtime
+    assert runtime is not None
+    long = pb.GenerateRequest(messages=user("go on forever"), max_new_tokens=64)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(long, timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _engine_idle(runtime)  # the sequence left the batch
+    steps = runtime.engine.stats.forward_passes
+    future = stub.Generate.future(long)
+    time.sleep(0.05)
+    future.cancel()
+    assert _engine_idle(runtime)
+    assert runtime.engine.stats.forward_passes - steps < 64  # far fewer than finishing it
+    assert stub.Classify(pb.ClassifyRequest(text="after")).model
+
+
+# ----------------------------------------------------------- health, drain
+
+
+def test_health_while_loading_serving_and_draining(demo_checkpoint: Path) -> None:
+    release = threading.Event()
+    load = demo_loader(demo_checkpoint)
+
+    def slow_load(settings: ServeSettings) -> Runtime:
+        release.wait(60)
+        return load(settings)
+
+    server = InProcessServer(
+        ServeSettings(host="127.0.0.1", port=free_port(), metrics_port=0, grace_period=20),
+        slow_load,
+    )
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.ModerationServiceStub(channel)
+    try:
+        assert health_status(channel) == NOT_SERVING
+        assert health_status(channel, "moderation.v1.ModerationService") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(text="too early"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        server.wait_loaded()
+        assert health_status(channel) == SERVING
+        # Drain with a call in flight: NOT_SERVING at once, the call still completes.
+        in_flight = stub.Generate.future(
+            pb.GenerateRequest(messages=user("a long one"), max_new_tokens=400)
+        )
+        time.sleep(0.1)
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        time.sleep(0.05)
+        assert health_status(channel) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as late:  # no new work while draining
+            stub.Classify(pb.ClassifyRequest(text="too late"))
+        assert late.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert in_flight.result(timeout=60).completion_tokens == 400
+        stopping.join(30)
+    finally:
+        release.set()
+
+
+def test_sigterm_lets_calls_in_flight_complete_and_exits_0(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_subprocess_server(port, "--grace-period", "30", env={"TMPDIR": str(tmp_path)})
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        wait_serving(channel)
+        stub = pb_grpc.ModerationServiceStub(channel)
+        request = pb.GenerateRequest(messages=user("keep talking"), max_new_tokens=48)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(stub.Generate, request) for _ in range(4)]
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            results = [c.result(timeout=120) for c in calls]
+        assert all(r.completion_tokens > 0 for r in results)
+        assert proc.wait(timeout=60) == 0
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "draining" in output and "demo" in output  # the demo warning is in the log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---------------------------------------------------------- auth, TLS, metrics
+
+
+def test_bearer_token_auth(demo_checkpoint: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    settings = ServeSettings(
+        host="127.0.0.1", port=free_port(), metrics_port=0, auth_token_file=str(token_file)
+    )
+    server = InProcessServer(settings, demo_loader(demo_checkpoint))
+    server.wait_loaded()
+    try:
+        channel = grpc.insecure_channel(server.address)
+        stub = pb_grpc.ModerationServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(pb.ClassifyRequest(text="x"), metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as stream_err:
+            list(stub.GenerateStream(pb.GenerateRequest(messages=user("x"))))
+        assert stream_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Classify(
+            pb.ClassifyRequest(text="x"), metadata=(("authorization", "Bearer s3cret"),)
+        )
+        assert ok.model
+        assert health_status(channel) == SERVING  # probes need no token
+    finally:
+        server.stop()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, Path]:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    p = {
+        n: tmp_path / n
+        for n in (
+            "ca.key",
+            "ca.pem",
+            "srv.key",
+            "srv.csr",
+            "srv.pem",
+            "cli.key",
+            "cli.csr",
+            "cli.pem",
+            "ext",
+        )
+    }
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(p["ca.key"]),
+        "-out",
+        str(p["ca.pem"]),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    p["ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("srv", "cli"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(p[f"{who}.key"]),
+            "-out",
+            str(p[f"{who}.csr"]),
+            "-subj",
+            f"/CN={who}",
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(p[f"{who}.csr"]),
+            "-CA",
+            str(p["ca.pem"]),
+            "-CAkey",
+            str(p["ca.key"]),
+            "-CAcreateserial",
+            "-out",
+            str(p[f"{who}.pem"]),
+            "-days",
+            "1",
+            "-extfile",
+            str(p["ext"]),
+        )
+    return p  # fmt: skip
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_and_mutual_tls(
+    demo_checkpoint: Path, certificates: dict[str, Path], mutual: bool
+) -> None:
+    c = certificates
+    settings = ServeSettings(
+        host="127.0.0.1", port=free_port(), metrics_port=0, tls_cert=str(c["srv.pem"]),
+        tls_key=str(c["srv.key"]), tls_client_ca=str(c["ca.pem"]) if mutual else None,
+    )  # fmt: skip
+    server = InProcessServer(settings, demo_loader(demo_checkpoint))
+    server.wait_loaded()
+    try:
+        client_pair = {
+            "private_key": c["cli.key"].read_bytes(),
+            "certificate_chain": c["cli.pem"].read_bytes(),
+        }
+        creds = grpc.ssl_channel_credentials(
+            c["ca.pem"].read_bytes(), **(client_pair if mutual else {})
+        )
+        stub = pb_grpc.ModerationServiceStub(grpc.secure_channel(server.address, creds))
+        assert stub.Classify(pb.ClassifyRequest(text="over tls"), timeout=30).model
+        plain = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError):
+            plain.Classify(pb.ClassifyRequest(text="x"), timeout=5)
+        if mutual:  # a client without a certificate is refused
+            anonymous = grpc.ssl_channel_credentials(c["ca.pem"].read_bytes())
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.ModerationServiceStub(
+                    grpc.secure_channel(server.address, anonymous)
+                ).Classify(pb.ClassifyRequest(text="x"), timeout=5)
+    finally:
+        server.stop()
+
+
+def test_metrics_are_scraped_over_http(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    stub.Classify(pb.ClassifyRequest(text="count me", policy="paper"))
+    stub.Generate(pb.GenerateRequest(messages=user("x"), max_new_tokens=3))
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(pb.ClassifyRequest(text=""))
+    url = f"http://127.0.0.1:{served.settings.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    for needle in (
+        'moderation_requests_total{code="OK",method="Classify"}',
+        'moderation_requests_total{code="INVALID_ARGUMENT",method="Classify"}',
+        'moderation_request_latency_seconds_bucket{le="0.005",method="Classify"}',
+        "moderation_queue_depth ",
+        'moderation_batch_size_count{kind="classify"}',
+        'moderation_batch_size_count{kind="generate"}',
+        'moderation_tokens_total{kind="prompt"}',
+        'moderation_tokens_total{kind="completion"}',
+        'moderation_tokens_total{kind="computed"}',
+        "moderation_prefix_reuse_hits_total ",
+        "moderation_decisions_total{category=",
+    ):
+        assert needle in body, needle
+
+
+def test_request_log_lines_never_contain_the_text(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info")  # JSON lines on (the captured) stderr, as `moderation serve` does
+    try:
+        _check_request_log(served, stub, capsys)
+    finally:
+        structlog.reset_defaults()  # do not keep writing to this test's captured stderr
+
+
+def _check_request_log(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "my very private message 12345"
+    stub.Classify(pb.ClassifyRequest(text=secret), metadata=(("x-request-id", "req-42"),))
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "req-42"]
+    assert mine and mine[0]["method"] == "Classify" and mine[0]["code"] == "OK"
+    assert {"latency_ms", "prompt_tokens", "category", "timestamp"} <= set(mine[0])
+    assert secret not in err
+    # The operator can turn text logging on.
+    state = served.server.state
+    state.settings = dataclasses.replace(state.settings, log_text=True)
+    try:
+        stub.Classify(pb.ClassifyRequest(text=secret), metadata=(("x-request-id", "req-43"),))
+    finally:
+        state.settings = dataclasses.replace(state.settings, log_text=False)
+    assert secret in capsys.readouterr().err
