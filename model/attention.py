@@ -78,12 +78,18 @@ class SdpaBackend:
             return self._decode(q, cache, layer, meta)
         keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
         out = torch.empty_like(q)
+        if meta.masks is None:  # the same for every layer: build once per pass
+            offsets = meta.cu_seqlens_q.tolist()
+            meta.masks = [
+                sequence_mask(meta, b, meta.positions[offsets[b] : offsets[b + 1]])
+                for b in range(len(meta.seqlens))
+            ]
         q_off = k_off = 0
         for b, (n_new, n_cached) in enumerate(zip(meta.seqlens, meta.cached_lens, strict=True)):
             qs = q[q_off : q_off + n_new].transpose(0, 1)[None]
             ks = keys[k_off : k_off + n_cached + n_new].transpose(0, 1)[None]
             vs = values[k_off : k_off + n_cached + n_new].transpose(0, 1)[None]
-            mask = sequence_mask(meta, b, meta.positions[q_off : q_off + n_new])
+            mask = meta.masks[b]
             # Without a mask the band is plain causal: is_causal lets SDPA skip building one.
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, is_causal=mask is None, enable_gqa=True

@@ -43,6 +43,9 @@ class ForwardMetadata:
     # Decode path: [B, 1, 1, W] valid rows when a sequence is younger than the window (rows past
     # its length hold stale data from an earlier occupant); None when every buffer is full.
     decode_mask: torch.Tensor | None = None
+    # Pre-fill path: each sequence's attention mask (None = plain causal), built by the first
+    # layer that needs them and read by the others.
+    masks: list[torch.Tensor | None] | None = None
 
     @property
     def max_seqlen_q(self) -> int:

@@ -223,6 +223,7 @@ class Engine:
         if self.max_context is not None and n > self.max_context:
             raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
 
+    @torch.inference_mode()
     def _score_group(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         slots = self._score_slots[: len(requests)]
         for slot, r in zip(slots, requests, strict=True):
@@ -240,12 +241,27 @@ class Engine:
             write=[False] * len(trees),
             trees=[(t.depths, t.ancestors()) for t in trees],
         )
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out: list[list[float]] = []
+        # log p(token | node) = logit - logsumexp(node's logits): one reduction per node and one
+        # gather for every scored token, rather than a full log_softmax over the vocabulary.
+        nodes: list[int] = []
+        tokens: list[int] = []
         offset = 0
         for t in trees:
-            out.append(t.scores(logprobs[offset : offset + len(t.tokens)]))
+            for path in t.paths:
+                nodes.extend(offset + node for node, _ in path)
+                tokens.extend(tok for _, tok in path)
             offset += len(t.tokens)
+        node_index = torch.tensor(nodes, device=logits.device)
+        picked = logits[node_index, torch.tensor(tokens, device=logits.device)]
+        terms = (picked - _logsumexp_(logits)[node_index]).tolist()
+        out: list[list[float]] = []
+        pos = 0
+        for t in trees:
+            scores = []
+            for path in t.paths:
+                scores.append(sum(terms[pos : pos + len(path)]))
+                pos += len(path)
+            out.append(scores)
         for slot in slots:
             self.cache.reset(slot)
         return out
@@ -378,6 +394,13 @@ class Engine:
         return [out[i] for i in ids]
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp that reuses `logits` as scratch (it is clobbered): a [nodes, vocab]
+    temporary per scoring pass costs more in fresh pages than the arithmetic itself."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return (top + logits.sub_(top).exp_().sum(dim=-1, keepdim=True).log_()).squeeze(-1)
+
+
 class ContinuationTree:
     """The continuations of one prompt as a token trie rooted at the prompt's last token.
 
@@ -415,5 +438,3 @@ class ContinuationTree:
             mask[i] |= mask[self.parents[i]]
         return mask
 
-    def scores(self, logprobs: torch.Tensor) -> list[float]:
-        return [float(sum(logprobs[node, tok] for node, tok in path)) for path in self.paths]

@@ -9,6 +9,7 @@ once and reused by every request.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -326,7 +327,7 @@ class Classifier:
 
 
 def _with_tokens(result: Classification, prompt_tokens: int) -> Classification:
-    return Classification(**{**asdict(result), "prompt_tokens": prompt_tokens})
+    return dataclasses.replace(result, prompt_tokens=prompt_tokens)
 
 
 def _check_threshold(name: str, value: float) -> None:

@@ -221,12 +221,23 @@ def build_prompt_from_tokens(
 
 
 def label_continuations(policy: Policy, tokenizer: PromptTokenizer) -> list[tuple[int, ...]]:
-    """Token ids of each answer to score, `label</s>`: the category labels in policy order,
-    then the acceptable label last. EOS makes "unqualified law" and "unqualified" distinct."""
-    answers = [(*tokenizer.encode(label, bos=False), tokenizer.eos_id) for label in policy.labels]
-    if len(set(answers)) != len(answers):
+    """Token ids of each answer to score: the category labels in policy order, then the
+    acceptable label last.
+
+    A label scores as "the answer starts with this label". Those events are disjoint when no
+    label's tokens begin another's; where one does ("unqualified" and "unqualified law"), the
+    shorter label gets the EOS that ends an assistant turn, so it means exactly that answer.
+    Scoring no more tokens than needed matters: every scored position costs a projection onto
+    the whole vocabulary.
+    """
+    labels = [tuple(tokenizer.encode(label, bos=False)) for label in policy.labels]
+    if len(set(labels)) != len(labels):
         raise PromptError(f"policy {policy.name!r}: two labels encode to the same tokens")
-    return answers
+
+    def is_prefix_of_another(a: tuple[int, ...]) -> bool:
+        return any(b != a and b[: len(a)] == a for b in labels)
+
+    return [(*a, tokenizer.eos_id) if is_prefix_of_another(a) else a for a in labels]
 
 
 def split_tokens(tokens: Sequence[int], window: int, overlap: int) -> list[list[int]]:

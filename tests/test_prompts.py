@@ -12,6 +12,7 @@ from moderation.policy import (
     BUILTIN_POLICIES,
     GUARDRAIL_SYSTEM_PROMPT,
     MISTRAL_13_POLICY,
+    Category,
     Policy,
     Role,
 )
@@ -274,19 +275,34 @@ def test_neutralize(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
-def test_label_continuations_are_distinct_labels_ending_with_eos(
+def test_label_continuations_are_the_labels_and_prefix_free(
     tokenizer: Tokenizer, policy: Policy
 ) -> None:
     answers = label_continuations(policy, tokenizer)
     assert len(answers) == len(policy.categories) + 1
-    assert len(set(answers)) == len(answers)
-    assert all(answer[-1] == tokenizer.eos_id for answer in answers)
-    assert [tokenizer.decode(list(a[:-1])) for a in answers] == list(policy.labels)
-    assert tokenizer.decode(list(answers[-1][:-1])) == "not moderated"
-    # Exactly how the chat template ends an assistant turn that answers with the label.
+    assert [tokenizer.decode(list(a)) for a in answers] == list(policy.labels)
+    assert tokenizer.decode(list(answers[-1])) == "not moderated"
+    # No answer begins another, so "the answer starts with label k" are disjoint events.
+    for a in answers:
+        assert not any(b != a and b[: len(a)] == a for b in answers)
+    # Exactly the tokens the chat template puts in an assistant turn answering the label.
     for label, answer in zip(policy.labels, answers, strict=True):
         conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": label}]
-        assert tokenizer.encode_chat(conversation)[-len(answer) :] == list(answer)
+        assert tokenizer.encode_chat(conversation)[-len(answer) - 1 : -1] == list(answer)
+
+
+def test_a_label_that_begins_another_ends_with_eos(tokenizer: Tokenizer) -> None:
+    policy = Policy(
+        name="nested",
+        description="one label begins another",
+        categories=(
+            Category("law", "unqualified", "Legal advice.", "unqualified_advice"),
+            Category("law2", "unqualified law", "More legal advice.", "unqualified_advice"),
+        ),
+    )
+    answers = label_continuations(policy, tokenizer)
+    assert answers[0] == (*tokenizer.encode("unqualified", bos=False), tokenizer.eos_id)
+    assert answers[1] == tuple(tokenizer.encode("unqualified law", bos=False))
 
 
 def test_split_tokens_covers_everything_with_overlap() -> None:
