@@ -111,9 +111,15 @@ def _register_generate(sub: Any) -> None:
 
 def _registrations() -> list[Callable[[Any], None]]:
     # Each subcommand module registers its own parser (and imports its heavy parts lazily).
-    from moderation import serve
+    from moderation import batch, evaluate, serve
 
-    return [_register_classify, _register_generate, serve.register]
+    return [
+        _register_classify,
+        _register_generate,
+        serve.register,
+        batch.register,
+        evaluate.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

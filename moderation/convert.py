@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from moderation.classifier import Classification, ClassifyItem
 from moderation.guarded import GenerateOptions, GenerationResult
-from moderation.policy import Policy, Role
+from moderation.policy import Category, Policy, Role
 from moderation.v1 import moderation_pb2 as pb
 
 _ROLES = {pb.ROLE_UNSPECIFIED: Role.INPUT, pb.ROLE_INPUT: Role.INPUT, pb.ROLE_OUTPUT: Role.OUTPUT}
@@ -102,3 +102,47 @@ def policy_info(policies: Sequence[Policy]) -> list[pb.PolicyInfo]:
         )
         for p in policies
     ]
+
+
+_ROLE_NUMBERS = {Role.INPUT: pb.ROLE_INPUT, Role.OUTPUT: pb.ROLE_OUTPUT}
+
+
+def classify_request(item: ClassifyItem) -> pb.ClassifyRequest:
+    """The request a remote client sends for an item (the inverse of classify_item)."""
+    request = pb.ClassifyRequest(
+        text=item.text,
+        role=_ROLE_NUMBERS[Role(item.role)],
+        prompt=item.user_prompt or "",
+        policy=item.policy or "",
+        category_thresholds=dict(item.category_thresholds),
+    )
+    if item.threshold is not None:
+        request.threshold = item.threshold
+    return request
+
+
+def classification(response: pb.ClassifyResponse) -> Classification:
+    """A remote result as the domain type (scores come back as float32)."""
+    return Classification(
+        category=response.category,
+        flagged=response.flagged,
+        scores=dict(response.scores),
+        categories=dict(response.categories),
+        paper_scores=dict(response.paper_scores),
+        paper_category=response.paper_category,
+        policy=response.policy,
+        model=response.model,
+        prompt_tokens=response.prompt_tokens,
+        windows=response.windows,
+    )
+
+
+def policy_from_info(info: pb.PolicyInfo) -> Policy:
+    return Policy(
+        name=info.name,
+        description=info.description,
+        acceptable_label=info.acceptable_label,
+        categories=tuple(
+            Category(c.id, c.label, c.description, c.paper_category) for c in info.categories
+        ),
+    )

@@ -1,0 +1,403 @@
+"""`moderation batch`: score a CSV file, every row accounted for, resumable after a crash.
+
+Output: every input column unchanged, then `category`, `flagged`, `paper_category`, one
+`score_<category id>` column per category of the policy (and `score_acceptable`), and `error`.
+One output row per input row, in input order; a row that cannot be scored gets `error` set.
+
+Resume protocol. Rows are scored in batches; after each batch the rows are appended to OUT,
+OUT is flushed and fsynced, and then `OUT.progress` (JSON: input rows done, OUT's length in
+bytes, running counts) is replaced atomically (write a temporary file, os.replace). A kill at
+any moment leaves a progress file that describes a prefix of OUT; `--resume` truncates OUT to
+that length, skips that many input rows and carries on, so the final file equals what one
+uninterrupted run writes. The progress file is removed when the job completes.
+
+CSV injection: input columns are copied unchanged (the contract); texts that start with
+`=`, `+`, `-` or `@` can run as formulas if OUT is opened in a spreadsheet. `--escape-formulas`
+prefixes the copied cells with a quote (OWASP's advice); the scores are never affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from moderation.classifier import Classification, ClassificationError, ClassifyItem
+from moderation.policy import ACCEPTABLE_ID, DEFAULT_POLICY, Policy
+from moderation.scoring import LocalScorer, RemoteError, RemoteOptions, RemoteScorer, Scorer
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+# Fields of several megabytes are real (pasted logs); the csv module's 128 KiB default is not.
+csv.field_size_limit(2**31 - 1)
+
+
+class UsageError(Exception):
+    """Bad arguments or input that make the whole job impossible (exit code 2)."""
+
+
+@dataclass
+class Progress:
+    """What is committed: input rows written to OUT, OUT's length, and the running counts."""
+
+    rows: int = 0
+    output_bytes: int = 0
+    failed: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.__dict__, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Progress:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot resume: {path} is unreadable ({exc})") from exc
+
+
+def output_columns(input_columns: list[str], policy: Policy) -> list[str]:
+    added = [
+        "category",
+        "flagged",
+        "paper_category",
+        *(f"score_{c}" for c in policy.category_ids),
+        f"score_{ACCEPTABLE_ID}",
+        "error",
+    ]
+    clash = sorted(set(added) & set(input_columns))
+    if clash:
+        raise UsageError(f"input already has column(s) {', '.join(clash)} that the output adds")
+    return [*input_columns, *added]
+
+
+def result_cells(outcome: Classification | str, policy: Policy) -> list[str]:
+    ids = [*policy.category_ids, ACCEPTABLE_ID]
+    if isinstance(outcome, str):
+        return ["", "", "", *([""] * len(ids)), outcome]
+    return [
+        outcome.category,
+        "true" if outcome.flagged else "false",
+        outcome.paper_category,
+        *(f"{outcome.scores.get(i, 0.0):.6f}" for i in ids),
+        "",
+    ]
+
+
+class CountingReader(io.RawIOBase):
+    """Bytes read so far from a binary file: progress without tell() on a text stream."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+@dataclass
+class BatchJob:
+    input: str
+    output: str
+    text_column: str
+    prompt_column: str | None
+    role: str
+    policy: str | None
+    threshold: float | None
+    encoding: str
+    delimiter: str
+    batch_size: int
+    resume: bool
+    escape_formulas: bool
+
+    def items(self, row: dict[str, str | None]) -> ClassifyItem | str:
+        text = row.get(self.text_column)
+        if text is None:
+            return f"missing column {self.text_column!r} in this row"
+        prompt = None
+        if self.prompt_column is not None:
+            prompt = row.get(self.prompt_column)
+            if prompt is None:
+                return f"missing column {self.prompt_column!r} in this row"
+        return ClassifyItem(
+            text,
+            role=self.role,
+            user_prompt=prompt or None,
+            policy=self.policy,
+            threshold=self.threshold,
+        )
+
+
+def _rows(
+    reader: Iterator[list[str]], columns: list[str]
+) -> Iterator[tuple[list[str], dict[str, str | None]]]:
+    for cells in reader:
+        # A short row lacks columns (None); a long row keeps its extra cells in the output.
+        values: list[str | None] = [*cells, *([None] * (len(columns) - len(cells)))]
+        yield cells, dict(zip(columns, values, strict=False))
+
+
+def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -> Progress:
+    """Score the whole file; returns the final counts."""
+    to_stdout = job.output == "-"
+    if job.resume and (to_stdout or job.input == "-"):
+        raise UsageError("--resume needs files for input and output (not stdin or stdout)")
+    policy = scorer.policy(job.policy)
+    progress_path = Path(job.output + ".progress")
+    progress = Progress()
+    if job.resume and progress_path.exists():
+        progress = Progress.load(progress_path)
+    # Without a progress file nothing was committed (or the job finished and removed it):
+    # starting over writes the same file an uninterrupted run writes.
+
+    raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
+    total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
+    counting = CountingReader(raw)
+    text_in = io.TextIOWrapper(io.BufferedReader(counting), encoding=job.encoding, newline="")
+    reader = csv.reader(text_in, delimiter=job.delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UsageError(f"{job.input}: empty file, no header row") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
+    missing = [c for c in (job.text_column, job.prompt_column) if c is not None and c not in header]
+    if missing:
+        raise UsageError(
+            f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(header)}"
+        )
+    columns = output_columns(header, policy)
+
+    if to_stdout:
+        out: IO[str] = sys.stdout
+    elif progress.rows or progress.output_bytes:
+        out = open(job.output, "r+", encoding="utf-8", newline="")  # noqa: SIM115
+        out.truncate(progress.output_bytes)  # drop rows written after the last commit
+        out.seek(progress.output_bytes)
+    else:
+        out = open(job.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+    writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
+
+    def commit() -> None:
+        out.flush()
+        if not to_stdout:
+            os.fsync(out.fileno())
+            progress.output_bytes = out.tell()
+            progress.save(progress_path)
+
+    if progress.rows == 0 and progress.output_bytes == 0:
+        writer.writerow(columns)
+        commit()
+    rows = _rows(reader, header)
+    try:
+        for _ in range(progress.rows):  # already committed by an earlier run
+            next(rows)
+    except StopIteration:
+        pass
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"{job.input}: {exc}") from exc
+
+    start = time.monotonic()
+    done_here = 0
+    batch: list[tuple[list[str], ClassifyItem | str]] = []
+
+    def flush_batch() -> None:
+        nonlocal done_here
+        items = [b[1] for b in batch if isinstance(b[1], ClassifyItem)]
+        scored = iter(scorer.score(items)) if items else iter(())
+        for cells, item in batch:
+            outcome = next(scored) if isinstance(item, ClassifyItem) else item
+            copied = [_escape(c) for c in cells] if job.escape_formulas else cells
+            padded = copied + [""] * (len(header) - len(copied))
+            writer.writerow([*padded, *result_cells(outcome, policy)])
+            if isinstance(outcome, str):
+                progress.failed += 1
+            elif outcome.flagged:
+                progress.flagged[outcome.category] = progress.flagged.get(outcome.category, 0) + 1
+        progress.rows += len(batch)
+        done_here += len(batch)
+        commit()
+        batch.clear()
+        if progress_out is not None:
+            _report(progress_out, progress.rows, done_here, start, counting.count, total)
+
+    try:
+        for cells, row in rows:
+            batch.append((cells, job.items(row)))
+            if len(batch) >= job.batch_size:
+                flush_batch()
+        if batch:
+            flush_batch()
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(
+            f"{job.input}: unreadable input after row {progress.rows + len(batch)} ({exc}); "
+            "fix the file and rerun with --resume"
+        ) from exc
+    finally:
+        if not to_stdout:
+            out.close()
+        if raw is not sys.stdin.buffer:
+            raw.close()
+    if not to_stdout:
+        _mark_done(progress_path, progress)
+    return progress
+
+
+def _mark_done(progress_path: Path, progress: Progress) -> None:
+    """The job is complete: its output no longer needs a journal."""
+    progress_path.unlink(missing_ok=True)
+
+
+def _escape(cell: str) -> str:
+    return "'" + cell if cell.startswith(FORMULA_START) else cell
+
+
+def _report(
+    stream: IO[str], rows: int, done_here: int, start: float, read: int, total: int | None
+) -> None:
+    elapsed = max(time.monotonic() - start, 1e-9)
+    rate = done_here / elapsed
+    eta = ""
+    if total and read:
+        remaining = elapsed * (total - read) / read
+        eta = f", about {remaining:.0f}s left"
+    stream.write(f"\r{rows} rows, {rate:.1f} rows/s{eta}   ")
+    stream.flush()
+
+
+def summary(progress: Progress) -> str:
+    scored = progress.rows - progress.failed
+    flagged = sum(progress.flagged.values())
+    by_cat = ", ".join(f"{k} {v}" for k, v in sorted(progress.flagged.items())) or "none"
+    return (
+        f"{progress.rows} rows: {scored} scored, {progress.failed} failed, "
+        f"{flagged} flagged ({by_cat})"
+    )
+
+
+def make_scorer(ns: argparse.Namespace) -> Scorer:
+    """In-process (--model, or the demo) or remote (--target ...)."""
+    if ns.target:
+        token = ns.token
+        if ns.token_file:
+            token = Path(ns.token_file).read_text(encoding="utf-8").strip()
+        return RemoteScorer(
+            RemoteOptions(
+                targets=tuple(ns.target),
+                concurrency=ns.concurrency,
+                chunk=max(1, min(ns.batch_size, 64)),
+                token=token,
+                tls_ca=ns.tls_ca,
+            )
+        )
+    from moderation.runtime import load_runtime
+
+    policy_files = [ns.policy] if ns.policy and Path(ns.policy).is_file() else []
+    runtime = load_runtime(
+        ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        policy_files=policy_files,
+        long_text=ns.long_text,
+    )
+    if runtime.demo:
+        print(f"note: using the demo model ({runtime.model_id})", file=sys.stderr)
+    return LocalScorer(runtime)
+
+
+def _policy_name(value: str | None) -> str | None:
+    if value and Path(value).is_file():
+        from moderation.policy import load_policy_file
+
+        return load_policy_file(value).name
+    return value
+
+
+def _run(ns: argparse.Namespace) -> int:
+    try:
+        job = BatchJob(
+            input=ns.input,
+            output=ns.output,
+            text_column=ns.text_column,
+            prompt_column=ns.prompt_column,
+            role=ns.role,
+            policy=_policy_name(ns.policy),
+            threshold=ns.threshold,
+            encoding=ns.encoding,
+            delimiter=ns.delimiter,
+            batch_size=ns.batch_size,
+            resume=ns.resume,
+            escape_formulas=ns.escape_formulas,
+        )
+        scorer = make_scorer(ns)
+        try:
+            progress = run(job, scorer, progress_out=sys.stderr if sys.stderr.isatty() else None)
+        finally:
+            scorer.close()
+    except (UsageError, ClassificationError, OSError, LookupError) as exc:
+        print(f"moderation batch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RemoteError as exc:
+        print(f"moderation batch: error: {exc}; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_ERROR
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(summary(progress), file=sys.stderr)
+    return EXIT_FAILED_ROWS if progress.failed else EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add the `batch` subcommand."""
+    p = sub.add_parser("batch", help="score a CSV file (resumable)")
+    p.add_argument("input", help="input CSV file, or - for stdin")
+    p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
+    p.add_argument("--text-column", required=True, help="column with the text to classify")
+    p.add_argument("--prompt-column", help="output role: column with the user prompt")
+    p.add_argument("--role", default="input", choices=("input", "output"))
+    p.add_argument("--policy", default=None, help=f"policy name or file (default {DEFAULT_POLICY})")
+    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    p.add_argument("--long-text", default="reject", choices=("reject", "split"))
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder (in-process); default: demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT",
+        help="remote server(s); repeat or use dns:///name",
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="remote: requests in flight")
+    p.add_argument("--token", help="remote: bearer token")
+    p.add_argument("--token-file", help="remote: file holding the bearer token")
+    p.add_argument("--tls-ca", help="remote: CA certificate to verify the servers (enables TLS)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per engine pass / commit")
+    p.add_argument(
+        "--encoding", default="utf-8-sig", help="input encoding (default: UTF-8, BOM allowed)"
+    )
+    p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job")
+    p.add_argument(
+        "--escape-formulas", action="store_true", help="quote copied cells that look like formulas"
+    )
+    p.set_defaults(func=_run)

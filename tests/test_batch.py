@@ -1,0 +1,251 @@
+"""`moderation batch` on awkward CSV, resumed after a real SIGKILL, and against a real server
+that restarts mid-run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from moderation.batch import BatchJob, UsageError, run
+from moderation.scoring import LocalScorer, RemoteOptions, RemoteScorer
+from tests.servers import REPO, free_port, start_subprocess_server, wait_serving
+
+AWKWARD = (
+    "\ufeffid,text,note\r\n"  # a UTF-8 byte-order mark
+    '1,"Hello, world",plain\r\n'
+    '2,"multi\nline ""quoted"" text",newline\r\n'
+    "3,,empty text\r\n"
+    '4,=HYPERLINK("http://x")+1,formula\r\n'
+    "5\r\n"  # a row missing fields
+    '6,"' + "very long " * 3000 + '",long\r\n'
+    "7,Ça va? 日本語 🙂,unicode\r\n"
+    "8,   ,blank\r\n"
+)
+
+
+def job(inp: Path | str, out: Path | str, **kw: Any) -> BatchJob:
+    defaults: dict[str, Any] = dict(
+        text_column="text", prompt_column=None, role="input", policy=None, threshold=None,
+        encoding="utf-8-sig", delimiter=",", batch_size=3, resume=False, escape_formulas=False,
+    )  # fmt: skip
+    defaults.update(kw)
+    return BatchJob(input=str(inp), output=str(out), **defaults)
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def scorer(demo_runtime: Any) -> LocalScorer:
+    return LocalScorer(demo_runtime)
+
+
+def test_awkward_csv_gives_one_row_per_input_row_in_order(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_bytes(AWKWARD.encode("utf-8"))
+    out = tmp_path / "out.csv"
+    progress = run(job(inp, out), scorer)
+    rows = read(out)
+    assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    assert progress.rows == 8
+    assert rows[1]["text"] == 'multi\nline "quoted" text'  # copied unchanged
+    assert rows[3]["text"] == '=HYPERLINK("http://x")+1'
+    assert rows[5]["text"].startswith("very long very long")
+    assert rows[6]["text"] == "Ça va? 日本語 🙂"
+    errors = {r["id"]: r["error"] for r in rows}
+    assert errors["3"] == "text: must not be empty"
+    assert errors["8"] == "text: must not be empty"
+    assert "missing column 'text'" in errors["5"]
+    assert errors["1"] == errors["2"] == errors["4"] == errors["7"] == ""
+    scored = rows[0]
+    assert scored["flagged"] in ("true", "false") and scored["category"]
+    score_columns = [c for c in scored if c.startswith("score_")]
+    assert score_columns == [
+        "score_illegal_activities", "score_hateful_harassing_violent", "score_unqualified_advice",
+        "score_acceptable",
+    ]  # fmt: skip
+    assert sum(float(scored[c]) for c in score_columns) == pytest.approx(1.0, abs=1e-5)
+    assert progress.failed == 3
+    assert not Path(str(out) + ".progress").exists()  # a finished job leaves no journal
+
+
+def test_a_too_long_text_is_a_row_error_not_a_failed_job(tmp_path: Path, demo_runtime: Any) -> None:
+    from moderation.classifier import Classifier
+
+    short = Classifier(
+        demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=64
+    )
+    runtime = type(demo_runtime)(**{**demo_runtime.__dict__, "classifier": short})
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\nshort one\n" + "word " * 500 + "\nanother\n")
+    out = tmp_path / "out.csv"
+    run(job(inp, out), LocalScorer(runtime))
+    errors = [r["error"] for r in read(out)]
+    assert errors[0] == "" and errors[2] == ""
+    assert "exceed the limit of 64" in errors[1]
+
+
+def test_escape_formulas_and_other_delimiters(tmp_path: Path, scorer: LocalScorer) -> None:
+    inp = tmp_path / "in.tsv"
+    inp.write_text("text\tn\n=1+1\t1\n@SUM(A1)\t2\nplain\t3\n", encoding="latin-1")
+    out = tmp_path / "out.tsv"
+    run(job(inp, out, delimiter="\t", escape_formulas=True, encoding="latin-1"), scorer)
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["text"] for r in rows] == ["'=1+1", "'@SUM(A1)", "plain"]
+
+
+def test_missing_text_column_is_a_usage_error_naming_the_columns(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("id,body\n1,hi\n")
+    with pytest.raises(UsageError, match="no column 'text'; the columns are: id, body"):
+        run(job(inp, tmp_path / "out.csv"), scorer)
+    with pytest.raises(UsageError, match="--resume"):
+        run(job(inp, "-", resume=True), scorer)
+
+
+def test_resume_after_rows_written_but_not_committed(tmp_path: Path, scorer: LocalScorer) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\n" + "".join(f"row {i}\n" for i in range(20)))
+    whole = tmp_path / "whole.csv"
+    run(job(inp, whole), scorer)
+    # A crash after a commit: the journal says 9 rows; OUT also holds half-written rows.
+    out = tmp_path / "out.csv"
+    run(job(inp, out), scorer)
+    from moderation.batch import Progress
+
+    lines = out.read_bytes().split(b"\r\n")
+    committed = b"\r\n".join(lines[:10]) + b"\r\n"  # header + 9 rows
+    Progress(rows=9, output_bytes=len(committed)).save(Path(str(out) + ".progress"))
+    out.write_bytes(committed + b"row 9,half-writ")
+    run(job(inp, out, resume=True), scorer)
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def _progress_rows(path: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(path.read_text())["rows"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    inp = tmp_path / "in.csv"
+    with open(inp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        for i in range(400):
+            w.writerow([i, f"comment {i}: " + ('a, "quoted"\nline' if i % 7 == 0 else "plain")])
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    base = [
+        sys.executable,
+        "-m",
+        "moderation",
+        "batch",
+        str(inp),
+        "--text-column",
+        "text",
+        "--batch-size",
+        "4",
+    ]
+    whole = tmp_path / "whole.csv"
+    subprocess.run(
+        [*base, "-o", str(whole)], cwd=REPO, env=env, check=False, capture_output=True, timeout=600
+    )
+    out = tmp_path / "out.csv"
+    journal = Path(str(out) + ".progress")
+    proc = subprocess.Popen([*base, "-o", str(out)], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _progress_rows(journal) < 60 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _progress_rows(journal)
+    assert 0 < killed_at < 400, killed_at
+    done = subprocess.run(
+        [*base, "-o", str(out), "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "400 rows: 400 scored, 0 failed" in done.stderr
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_stdin_to_stdout(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moderation", "batch", "-", "-o", "-", "--text-column", "t"],
+        input="t,n\nhello,1\n,2\n", cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1  # one row failed
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["n"] for r in rows] == ["1", "2"]
+    assert rows[1]["error"] == "text: must not be empty"
+    assert "2 rows: 1 scored, 1 failed" in proc.stderr
+
+
+def test_remote_mode_survives_a_server_restart(tmp_path: Path, scorer: LocalScorer) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\n" + "".join(f"remote row {i}\n" for i in range(120)) + "\n")
+    local = tmp_path / "local.csv"
+    run(job(inp, local, batch_size=8), scorer)
+    port = free_port()
+    env = {"TMPDIR": str(tmp_path)}
+    server = start_subprocess_server(port, env=env)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(grpc.insecure_channel(address))
+        remote = RemoteScorer(
+            RemoteOptions(targets=(address,), concurrency=4, chunk=4, backoff=0.2, retries=12)
+        )
+        out = tmp_path / "remote.csv"
+        journal = Path(str(out) + ".progress")
+        result: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: result.update(p=run(job(inp, out, batch_size=8), remote))
+        )
+        worker.start()
+        while _progress_rows(journal) < 24 and worker.is_alive():
+            time.sleep(0.01)
+        server.send_signal(signal.SIGKILL)  # the server dies mid-run ...
+        server.wait()
+        rows_at_kill = _progress_rows(journal)
+        assert 0 < rows_at_kill < 120 and worker.is_alive()
+        server = start_subprocess_server(port, env=env)  # ... and comes back on the same port
+        worker.join(300)
+        remote.close()
+        assert not worker.is_alive() and "p" in result
+    finally:
+        server.kill()
+    got, want = read(out), read(local)
+    assert len(got) == len(want) == 121
+    for g, w in zip(got, want, strict=True):
+        assert (g["text"], g["category"], g["flagged"], g["error"]) == (
+            w["text"],
+            w["category"],
+            w["flagged"],
+            w["error"],
+        )
+        for key in g:
+            if key.startswith("score_") and w[key]:
+                assert float(g[key]) == pytest.approx(float(w[key]), abs=2e-6)
