@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,21 +166,17 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             worker.cancel(job)  # the client went away or its deadline passed: drop the work
             raise
 
-    # ----------------------------------------------------------------- RPCs
-
-    async def Classify(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyResponse:
-        call = self._begin("Classify", context)
+    async def _handle(
+        self,
+        name: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[_Call], Awaitable[Any]],
+    ) -> Any:
+        """Run one unary RPC: its log line and metrics, and its errors mapped to a status."""
+        call = self._begin(name, context)
         try:
-            runtime, _ = self._ready()
-            self._check_chars(request.text, "text")
-            self._check_chars(request.prompt, "prompt")
-            planned = runtime.classifier.plan(convert.classify_item(request))
-            result = (await self._classify([planned], context))[0]
-            self._record(call, [result], [request.text])
-            return convert.classify_response(result)
-        except asyncio.CancelledError:
+            return await body(call)
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
             call.code = grpc.StatusCode.CANCELLED
             raise
         except grpc.aio.AbortError:
@@ -191,11 +187,26 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         finally:
             self._end(call)
 
+    # ----------------------------------------------------------------- RPCs
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        async def body(call: _Call) -> pb.ClassifyResponse:
+            runtime, _ = self._ready()
+            self._check_chars(request.text, "text")
+            self._check_chars(request.prompt, "prompt")
+            planned = runtime.classifier.plan(convert.classify_item(request))
+            result = (await self._classify([planned], context))[0]
+            self._record(call, [result], [request.text])
+            return convert.classify_response(result)
+
+        return await self._handle("Classify", context, body)
+
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
-        call = self._begin("ClassifyBatch", context)
-        try:
+        async def body(call: _Call) -> pb.ClassifyBatchResponse:
             runtime, _ = self._ready()
             limit = self.state.settings.max_batch_items
             if not request.requests:
@@ -215,16 +226,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             results = await self._classify(planned, context)
             self._record(call, results, [r.text for r in request.requests])
             return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
-        except asyncio.CancelledError:
-            call.code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._abort(call, context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            self._end(call)
+
+        return await self._handle("ClassifyBatch", context, body)
 
     async def _generate(
         self, request: pb.GenerateRequest, call: _Call
@@ -272,23 +275,14 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        call = self._begin("Generate", context)
-        try:
+        async def body(call: _Call) -> pb.GenerateResponse:
             async for kind, value in self._generate(request, call):
                 if kind == "final":
                     self._record_generation(call, value)
                     return convert.generate_response(value)
             raise RuntimeError("generation ended without a result")
-        except asyncio.CancelledError:
-            call.code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._abort(call, context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            self._end(call)
+
+        return await self._handle("Generate", context, body)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -317,8 +311,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        call = self._begin("GetModelInfo", context)
-        try:
+        async def body(call: _Call) -> pb.ModelInfo:
             runtime, _ = self._ready()
             classifier, engine = runtime.classifier, runtime.engine
             return pb.ModelInfo(
@@ -332,10 +325,5 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 default_policy=classifier.default_policy,
                 policies=convert.policy_info(list(classifier.policies.values())),
             )
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._abort(call, context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            self._end(call)
+
+        return await self._handle("GetModelInfo", context, body)
