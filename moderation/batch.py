@@ -260,13 +260,8 @@ def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -
         if raw is not sys.stdin.buffer:
             raw.close()
     if not to_stdout:
-        _mark_done(progress_path, progress)
+        progress_path.unlink(missing_ok=True)  # complete: the output needs no journal
     return progress
-
-
-def _mark_done(progress_path: Path, progress: Progress) -> None:
-    """The job is complete: its output no longer needs a journal."""
-    progress_path.unlink(missing_ok=True)
 
 
 def _escape(cell: str) -> str:
