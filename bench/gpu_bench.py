@@ -16,21 +16,10 @@ import time
 import torch
 
 from model import Engine, GenerationRequest, ModelArgs
+from model.args import MISTRAL_7B
 from model.transformer import Transformer
 
-SEVEN_B = ModelArgs(
-    dim=4096,
-    n_layers=32,
-    head_dim=128,
-    hidden_dim=14336,
-    n_heads=32,
-    n_kv_heads=8,
-    norm_eps=1e-5,
-    vocab_size=32000,
-    rope_theta=10000.0,
-    sliding_window=4096,
-    max_seq_len=32768,
-)
+SEVEN_B = MISTRAL_7B
 
 
 def random_model(args: ModelArgs) -> Transformer:

@@ -122,3 +122,20 @@ class ModelArgs:
                     raise CheckpointError(f"{path}: expected a JSON object")
                 return build(data, str(path))
         raise CheckpointError(f"{folder}: no params.json or config.json")
+
+
+# Mistral 7B v0.1 (params.json of the release): the shape the cache-memory test and the GPU
+# benchmark use.
+MISTRAL_7B = ModelArgs(
+    dim=4096,
+    n_layers=32,
+    head_dim=128,
+    hidden_dim=14336,
+    n_heads=32,
+    n_kv_heads=8,
+    norm_eps=1e-5,
+    vocab_size=32000,
+    rope_theta=10000.0,
+    sliding_window=4096,
+    max_seq_len=32768,
+)

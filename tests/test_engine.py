@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import Engine, GenerationRequest, ModelArgs, SamplingParams, ScoreRequest, load_model
+from model.args import MISTRAL_7B
 from model.cache import ForwardMetadata
 from model.demo import random_weights
 from model.errors import EngineError, RequestError
@@ -145,10 +146,7 @@ def test_rolling_buffer_holds_position_i_at_row_i_mod_w(model: Transformer) -> N
 
 
 def test_cache_memory_is_bounded_by_the_window_for_the_7b_shape() -> None:
-    seven_b = ModelArgs(
-        dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-        norm_eps=1e-5, vocab_size=32000, sliding_window=4096, max_seq_len=32768,
-    )  # fmt: skip
+    seven_b = MISTRAL_7B
     from model.cache import RollingCache
 
     rolling = RollingCache.for_model(seven_b, 1, device="meta", dtype=torch.bfloat16)
