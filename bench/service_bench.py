@@ -1,10 +1,12 @@
 """Decisions per second through gRPC at 1, 8 and 32 concurrent callers, with p50/p99 latency.
 
-Starts `moderation serve` as a subprocess on the ~60M benchmark weights (or the demo model with
---demo) and drives it with asyncio gRPC clients. The ratio that matters: throughput at 32
-callers over 1 caller, which only batching can raise (target >= 4x).
+Starts `moderation serve` as a subprocess on the demo model (or the ~60M benchmark weights with
+--model60m) and drives it with asyncio gRPC clients, each sending its next Classify as soon as
+the last one is answered. The ratio that matters: throughput at 32 callers over 1 caller, which
+only batching can raise (target >= 4x). For scale, it also measures the classifier in-process
+at batch 32 vs batch 1: what batching could give at most on this machine, with no RPCs at all.
 
-    python bench/service_bench.py [--demo] [--requests N]
+    python bench/service_bench.py [--model60m] [--requests N] [--server-threads N]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -27,10 +30,6 @@ from bench.common import bench_checkpoint, machine
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import free_port, start_subprocess_server, wait_serving
-
-# The client runs on the same 2 cores as the server; with one compute thread the server leaves
-# a core to the event loops instead of spinning both (measured: more throughput at every load).
-THREADS = {"OMP_NUM_THREADS": os.environ.get("SERVER_THREADS", "1")}
 
 TEXTS = [
     "How do I reset my router?",
@@ -45,49 +44,104 @@ async def run(address: str, callers: int, requests: int) -> tuple[float, list[fl
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ModerationServiceStub(channel)
         latencies: list[float] = []
-        counter = iter(range(requests))
 
-        async def caller() -> None:
-            for i in counter:
+        async def caller(numbers: list[int]) -> None:
+            while numbers:
+                i = numbers.pop()
                 start = time.perf_counter()
-                await stub.Classify(pb.ClassifyRequest(text=f"{TEXTS[i % len(TEXTS)]} #{i}"))
+                request = pb.ClassifyRequest(text=f"{TEXTS[i % len(TEXTS)]} #{i}")
+                await stub.Classify(request, timeout=120)
                 latencies.append(time.perf_counter() - start)
 
-        await asyncio.gather(*(caller() for _ in range(min(callers, 4))))  # warm-up
+        warm_up = list(range(2 * callers))
+        await asyncio.gather(*(caller(warm_up) for _ in range(callers)))
         latencies.clear()
-        counter = iter(range(requests))
+        numbers = list(range(requests))
         start = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(callers)))
+        await asyncio.gather(*(caller(numbers) for _ in range(callers)))
         return requests / (time.perf_counter() - start), latencies
+
+
+def classify_passes(metrics_url: str) -> tuple[float, float]:
+    """(classifier passes, texts classified) so far, from the server's /metrics."""
+    body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in body.splitlines():
+        if line.startswith("moderation_batch_size_") and 'kind="classify"' in line:
+            name = line.split("{")[0].removeprefix("moderation_batch_size_")
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
+def in_process_ceiling(model: Path | None, threads: int) -> float:
+    """Classifier decisions/s at batch 32 over batch 1, in this process, before the server."""
+    import torch
+
+    from moderation.classifier import ClassifyItem
+    from moderation.runtime import load_runtime
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rt = load_runtime(model, device="cpu", dtype="float32", score_batch_size=32)
+        rt.classifier.warm_up()
+        planned = [rt.classifier.plan(ClassifyItem(f"{TEXTS[i % 4]} #{i}")) for i in range(32)]
+        rates = {}
+        for size in (1, 32):
+            batch = planned[:size]
+            rt.classifier.run(batch)
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 2.0:
+                rt.classifier.run(batch)
+                done += size
+            rates[size] = done / (time.perf_counter() - start)
+        return rates[32] / rates[1]
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", action="store_true", help="serve the demo model instead")
-    parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--model60m", action="store_true", help="the ~60M benchmark weights")
+    parser.add_argument("--requests", type=int, default=384, help="Classify calls per level")
+    parser.add_argument(
+        "--server-threads", type=int, default=os.cpu_count() or 1, help="torch threads"
+    )
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        extra = [] if ns.demo else ["--model", str(bench_checkpoint(Path(tmp)))]
-        port = free_port()
+        model = bench_checkpoint(Path(tmp)) if ns.model60m else None
+        ceiling = in_process_ceiling(model, ns.server_threads)
+        port, metrics_port = free_port(), free_port()
+        extra = ["--model", str(model)] if model else []
         proc: subprocess.Popen[str] = start_subprocess_server(
-            port, *extra, "--max-batch-size", "32", "--log-level", "warning",
-            env={"TMPDIR": tmp, **THREADS},
+            port, *extra, "--metrics-port", str(metrics_port), "--max-batch-size", "32",
+            "--log-level", "warning",
+            env={"TMPDIR": tmp, "OMP_NUM_THREADS": str(ns.server_threads)},
         )  # fmt: skip
         try:
             address = f"127.0.0.1:{port}"
             wait_serving(grpc.insecure_channel(address), timeout=300)
-            model = "demo model" if ns.demo else "60M model"
-            print(f"# gRPC Classify, paper policy, {model}; {machine()}")
-            print(f"{'callers':>8} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8}")
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            name = "60M model" if model else "demo model"
+            print(f"# gRPC Classify, paper policy, {name}, {ns.server_threads} server threads; "
+                  f"{machine()}")  # fmt: skip
+            print(f"{'callers':>8} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
             rates = {}
             for callers in (1, 8, 32):
+                passes, items = classify_passes(metrics_url)
                 rate, lat = asyncio.run(run(address, callers, ns.requests))
+                more_passes, more_items = classify_passes(metrics_url)
+                batch = (more_items - items) / max(more_passes - passes, 1)  # warm-up included
                 rates[callers] = rate
                 q = statistics.quantiles(lat, n=100)
-                print(f"{callers:8d} {rate:12.1f} {q[49] * 1e3:8.1f} {q[98] * 1e3:8.1f}")
+                print(f"{callers:8d} {rate:12.1f} {q[49] * 1e3:8.1f} {q[98] * 1e3:8.1f} "
+                      f"{batch:6.1f}")  # fmt: skip
             ratio = rates[32] / rates[1]
             print(f"throughput 32 callers / 1 caller: {ratio:.1f}x (target >= 4x): "
                   f"{'met' if ratio >= 4 else 'MISSED'}")  # fmt: skip
+            print(f"in-process classifier, batch 32 / batch 1: {ceiling:.1f}x "
+                  "(the most batching can give here, without any RPC)")  # fmt: skip
+            print(f"load average after the run: {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()
             proc.wait(60)

@@ -111,12 +111,12 @@ def _register_generate(sub: Any) -> None:
 
 def _registrations() -> list[Callable[[Any], None]]:
     # Each subcommand module registers its own parser (and imports its heavy parts lazily).
-    from moderation import batch, evaluate, serve
+    from moderation import batch, evaluate, server
 
     return [
         _register_classify,
         _register_generate,
-        serve.register,
+        server.register,
         batch.register,
         evaluate.register,
     ]

@@ -177,13 +177,14 @@ class GuardedGenerator:
         tokens: Sequence[int],
         finish_reason: str,
         input_moderation: Classification | None,
+        output_moderation: Classification | None = None,
     ) -> GenerationResult:
-        """Assemble the result, running output moderation on the answer when asked."""
+        """Assemble the result, running output moderation on the answer when asked (unless the
+        caller already ran it, batched with other work, and passes `output_moderation`)."""
         answer_tokens = [t for t in tokens if t != self.tokenizer.eos_id]
         answer = self.tokenizer.decode(answer_tokens)
-        output_moderation = None
         # An empty answer has nothing to withhold; the classifier refuses empty text.
-        if prep.options.moderate_output and answer.strip():
+        if output_moderation is None and prep.options.moderate_output and answer.strip():
             output_moderation = self.classifier.classify_many([prep.output_item(answer)])[0]
         withheld = output_moderation is not None and output_moderation.flagged
         return GenerationResult(

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderation.runtime import Runtime, load_runtime
-from moderation.serve import Server, load_from_settings
+from moderation.server import Server, load_from_settings
 from moderation.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,9 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import signal
-import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,19 +19,14 @@ from grpc_status import rpc_status
 
 from moderation.logs import configure_logging
 from moderation.runtime import Runtime
-from moderation.scheduler import ClassifyJob, ModelWorker
 from moderation.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
+from moderation.worker import ClassifyJob, ModelWorker
 from tests.servers import (
-    NOT_SERVING,
-    SERVING,
     InProcessServer,
     demo_loader,
     free_port,
-    health_status,
-    start_subprocess_server,
-    wait_serving,
 )
 
 TEXTS = [
@@ -46,7 +38,7 @@ TEXTS = [
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
     settings = ServeSettings(
         host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
-        max_text_chars=2000, max_new_tokens=512,
+        max_text_chars=2000, max_new_tokens=512, max_message_bytes=64 * 1024,
     )  # fmt: skip
     server = InProcessServer(settings, demo_loader(demo_checkpoint))
     server.wait_loaded()
@@ -216,6 +208,15 @@ def test_bad_batches_and_generations(stub: pb_grpc.ModerationServiceStub) -> Non
     ).completion_tokens
 
 
+def test_a_request_over_the_message_size_limit_is_resource_exhausted(
+    stub: pb_grpc.ModerationServiceStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(pb.ClassifyRequest(text="x" * 100_000))  # > max_message_bytes (64 KiB)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Classify(pb.ClassifyRequest(text="still serving")).model
+
+
 def test_a_full_queue_is_resource_exhausted(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
@@ -238,14 +239,26 @@ def test_a_full_queue_is_resource_exhausted(
 # ------------------------------------------------------------ concurrency
 
 
+def _passes(served: InProcessServer) -> tuple[float, float]:
+    """(classifier passes, items classified) so far, from the server's metrics."""
+    registry = served.server.metrics.registry
+    labels = {"kind": "classify"}
+    count = registry.get_sample_value("moderation_batch_size_count", labels) or 0.0
+    return count, registry.get_sample_value("moderation_batch_size_sum", labels) or 0.0
+
+
 def test_64_concurrent_calls_equal_the_sequential_answers(
-    stub: pb_grpc.ModerationServiceStub,
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
     requests = [pb.ClassifyRequest(text=t) for t in TEXTS]
     sequential = [stub.Classify(r) for r in requests]
+    passes, items = _passes(served)
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         concurrent_ = list(pool.map(stub.Classify, requests))
     assert len(concurrent_) == 64
+    more_passes, more_items = _passes(served)
+    assert more_items - items == 64
+    assert more_passes - passes < 64  # callers shared classifier passes
     for a, b in zip(sequential, concurrent_, strict=True):
         assert a.category == b.category and a.flagged == b.flagged
         for key, value in a.scores.items():
@@ -292,207 +305,7 @@ def test_expired_deadline_and_cancelled_call_stop_costing(
     assert stub.Classify(pb.ClassifyRequest(text="after")).model
 
 
-# ----------------------------------------------------------- health, drain
-
-
-def test_health_while_loading_serving_and_draining(demo_checkpoint: Path) -> None:
-    release = threading.Event()
-    load = demo_loader(demo_checkpoint)
-
-    def slow_load(settings: ServeSettings) -> Runtime:
-        release.wait(60)
-        return load(settings)
-
-    server = InProcessServer(
-        ServeSettings(host="127.0.0.1", port=free_port(), metrics_port=0, grace_period=20),
-        slow_load,
-    )
-    channel = grpc.insecure_channel(server.address)
-    stub = pb_grpc.ModerationServiceStub(channel)
-    try:
-        assert health_status(channel) == NOT_SERVING
-        assert health_status(channel, "moderation.v1.ModerationService") == NOT_SERVING
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Classify(pb.ClassifyRequest(text="too early"))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        release.set()
-        server.wait_loaded()
-        assert health_status(channel) == SERVING
-        # Drain with a call in flight: NOT_SERVING at once, the call still completes.
-        in_flight = stub.Generate.future(
-            pb.GenerateRequest(messages=user("a long one"), max_new_tokens=400)
-        )
-        time.sleep(0.1)
-        stopping = threading.Thread(target=server.stop)
-        stopping.start()
-        time.sleep(0.05)
-        assert health_status(channel) == NOT_SERVING
-        with pytest.raises(grpc.RpcError) as late:  # no new work while draining
-            stub.Classify(pb.ClassifyRequest(text="too late"))
-        assert late.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert in_flight.result(timeout=60).completion_tokens == 400
-        stopping.join(30)
-    finally:
-        release.set()
-
-
-def test_sigterm_lets_calls_in_flight_complete_and_exits_0(tmp_path: Path) -> None:
-    port = free_port()
-    proc = start_subprocess_server(port, "--grace-period", "30", env={"TMPDIR": str(tmp_path)})
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        wait_serving(channel)
-        stub = pb_grpc.ModerationServiceStub(channel)
-        request = pb.GenerateRequest(messages=user("keep talking"), max_new_tokens=48)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            calls = [pool.submit(stub.Generate, request) for _ in range(4)]
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            results = [c.result(timeout=120) for c in calls]
-        assert all(r.completion_tokens > 0 for r in results)
-        assert proc.wait(timeout=60) == 0
-        output = proc.stdout.read() if proc.stdout else ""
-        assert "draining" in output and "demo" in output  # the demo warning is in the log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-# ---------------------------------------------------------- auth, TLS, metrics
-
-
-def test_bearer_token_auth(demo_checkpoint: Path, tmp_path: Path) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
-    settings = ServeSettings(
-        host="127.0.0.1", port=free_port(), metrics_port=0, auth_token_file=str(token_file)
-    )
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    try:
-        channel = grpc.insecure_channel(server.address)
-        stub = pb_grpc.ModerationServiceStub(channel)
-        for metadata in ((), (("authorization", "Bearer wrong"),)):
-            with pytest.raises(grpc.RpcError) as err:
-                stub.Classify(pb.ClassifyRequest(text="x"), metadata=metadata)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.RpcError) as stream_err:
-            list(stub.GenerateStream(pb.GenerateRequest(messages=user("x"))))
-        assert stream_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        ok = stub.Classify(
-            pb.ClassifyRequest(text="x"), metadata=(("authorization", "Bearer s3cret"),)
-        )
-        assert ok.model
-        assert health_status(channel) == SERVING  # probes need no token
-    finally:
-        server.stop()
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def certificates(tmp_path: Path) -> dict[str, Path]:
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make test certificates")
-    p = {
-        n: tmp_path / n
-        for n in (
-            "ca.key",
-            "ca.pem",
-            "srv.key",
-            "srv.csr",
-            "srv.pem",
-            "cli.key",
-            "cli.csr",
-            "cli.pem",
-            "ext",
-        )
-    }
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(p["ca.key"]),
-        "-out",
-        str(p["ca.pem"]),
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-    )
-    p["ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for who in ("srv", "cli"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(p[f"{who}.key"]),
-            "-out",
-            str(p[f"{who}.csr"]),
-            "-subj",
-            f"/CN={who}",
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(p[f"{who}.csr"]),
-            "-CA",
-            str(p["ca.pem"]),
-            "-CAkey",
-            str(p["ca.key"]),
-            "-CAcreateserial",
-            "-out",
-            str(p[f"{who}.pem"]),
-            "-days",
-            "1",
-            "-extfile",
-            str(p["ext"]),
-        )
-    return p  # fmt: skip
-
-
-@pytest.mark.parametrize("mutual", [False, True])
-def test_tls_and_mutual_tls(
-    demo_checkpoint: Path, certificates: dict[str, Path], mutual: bool
-) -> None:
-    c = certificates
-    settings = ServeSettings(
-        host="127.0.0.1", port=free_port(), metrics_port=0, tls_cert=str(c["srv.pem"]),
-        tls_key=str(c["srv.key"]), tls_client_ca=str(c["ca.pem"]) if mutual else None,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    try:
-        client_pair = {
-            "private_key": c["cli.key"].read_bytes(),
-            "certificate_chain": c["cli.pem"].read_bytes(),
-        }
-        creds = grpc.ssl_channel_credentials(
-            c["ca.pem"].read_bytes(), **(client_pair if mutual else {})
-        )
-        stub = pb_grpc.ModerationServiceStub(grpc.secure_channel(server.address, creds))
-        assert stub.Classify(pb.ClassifyRequest(text="over tls"), timeout=30).model
-        plain = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
-        with pytest.raises(grpc.RpcError):
-            plain.Classify(pb.ClassifyRequest(text="x"), timeout=5)
-        if mutual:  # a client without a certificate is refused
-            anonymous = grpc.ssl_channel_credentials(c["ca.pem"].read_bytes())
-            with pytest.raises(grpc.RpcError):
-                pb_grpc.ModerationServiceStub(
-                    grpc.secure_channel(server.address, anonymous)
-                ).Classify(pb.ClassifyRequest(text="x"), timeout=5)
-    finally:
-        server.stop()
+# ---------------------------------------------------------- metrics, logs
 
 
 def test_metrics_are_scraped_over_http(
@@ -509,12 +322,15 @@ def test_metrics_are_scraped_over_http(
         'moderation_requests_total{code="INVALID_ARGUMENT",method="Classify"}',
         'moderation_request_latency_seconds_bucket{le="0.005",method="Classify"}',
         "moderation_queue_depth ",
+        "moderation_requests_in_flight ",
+        "moderation_running_sequences ",
         'moderation_batch_size_count{kind="classify"}',
         'moderation_batch_size_count{kind="generate"}',
         'moderation_tokens_total{kind="prompt"}',
         'moderation_tokens_total{kind="completion"}',
         'moderation_tokens_total{kind="computed"}',
         "moderation_prefix_reuse_hits_total ",
+        "moderation_prefix_reused_tokens_total ",
         "moderation_decisions_total{category=",
     ):
         assert needle in body, needle
@@ -539,13 +355,37 @@ def _check_request_log(
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     mine = [line for line in lines if line.get("request_id") == "req-42"]
     assert mine and mine[0]["method"] == "Classify" and mine[0]["code"] == "OK"
-    assert {"latency_ms", "prompt_tokens", "category", "timestamp"} <= set(mine[0])
+    assert {"latency_ms", "prompt_tokens", "category", "flagged", "timestamp"} <= set(mine[0])
+    assert secret not in err
+    # Failures get their line too, with a request id made up when the caller sent none.
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(pb.ClassifyRequest(text=secret, policy="nope"))
+    err = ""
+    deadline = time.monotonic() + 5
+    while '"INVALID_ARGUMENT"' not in err and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server logs once the call is over: maybe after the client knows
+        err += capsys.readouterr().err
+    failed = [json.loads(line) for line in err.splitlines() if '"INVALID_ARGUMENT"' in line]
+    assert failed and failed[0]["request_id"] and failed[0]["error"].startswith("policy:")
     assert secret not in err
     # The operator can turn text logging on.
     state = served.server.state
     state.settings = dataclasses.replace(state.settings, log_text=True)
     try:
         stub.Classify(pb.ClassifyRequest(text=secret), metadata=(("x-request-id", "req-43"),))
+        assert secret in capsys.readouterr().err
+        # Concurrent calls each log their own facts (per-call context, no cross-talk).
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(
+                pool.map(
+                    lambda i: stub.Classify(
+                        pb.ClassifyRequest(text=f"text {i}"), metadata=(("x-request-id", f"c{i}"),)
+                    ),
+                    range(16),
+                )
+            )
     finally:
         state.settings = dataclasses.replace(state.settings, log_text=False)
-    assert secret in capsys.readouterr().err
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    logged = {line["request_id"]: line["text"] for line in lines if line.get("method")}
+    assert logged == {f"c{i}": f"text {i}" for i in range(16)}

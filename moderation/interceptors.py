@@ -1,0 +1,186 @@
+"""Server interceptors: bearer-token auth, and one log line plus metrics per request.
+
+Health and reflection are exempt from auth (probes and tooling carry no token) and are neither
+logged nor counted (probes every few seconds would drown the request log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from moderation.metrics import Metrics
+
+SERVICE_PREFIX = "/moderation.v1.ModerationService/"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REQUEST_ID_KEY = "x-request-id"
+
+log = structlog.get_logger("moderation.requests")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+@dataclass
+class CallRecord:
+    """The facts of one RPC for its log line; the servicer adds fields (tokens, category)."""
+
+    method: str
+    request_id: str
+    start: float = field(default_factory=time.perf_counter)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "moderation_call", default=None
+)
+
+
+def current_call() -> CallRecord:
+    """The record of the RPC being handled (a throwaway one outside an intercepted call)."""
+    return _current.get() or CallRecord(method="", request_id="")
+
+
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for k, v in details.invocation_metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode(errors="replace")
+    return None
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless `authorization: Bearer <token>`; health and reflection are open."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if details.method.startswith(OPEN_PREFIXES):
+            return handler
+        sent = (_metadata(details, "authorization") or "").encode()
+        if hmac.compare_digest(sent, self._expected):  # constant time: no timing oracle
+            return handler
+        message = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # unreachable; makes this an async generator like the handler it replaces
+
+        if handler is not None and handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)  # type: ignore[arg-type]
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RequestTelemetry(grpc.aio.ServerInterceptor):
+    """Per ModerationService call: request id, one JSON log line, request metrics, and the
+    in-flight count that drain waits on."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.in_flight = 0  # touched only on the event loop
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method.removeprefix(SERVICE_PREFIX)
+        request_id = _metadata(details, REQUEST_ID_KEY) or uuid.uuid4().hex
+        if handler.unary_unary:
+            unary = handler.unary_unary
+
+            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                record = self._begin(method, request_id)
+                code = grpc.StatusCode.OK
+                try:
+                    return await unary(request, context)
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    raise
+                finally:
+                    self._end(record, code)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            async def stream_call(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                record = self._begin(method, request_id)
+                code = grpc.StatusCode.OK
+                try:
+                    if inspect.isasyncgenfunction(stream):
+                        async for response in stream(request, context):
+                            yield response
+                    else:  # a coroutine that writes with context.write
+                        await stream(request, context)
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    raise
+                finally:
+                    self._end(record, code)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # the service has no client-streaming methods
+
+    def _begin(self, method: str, request_id: str) -> CallRecord:
+        record = CallRecord(method, request_id)
+        _current.set(record)  # the call runs in its own task, so this stays with the call
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        return record
+
+    def _end(self, record: CallRecord, code: grpc.StatusCode) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        latency = time.perf_counter() - record.start
+        self.metrics.requests.labels(method=record.method, code=code.name).inc()
+        self.metrics.latency.labels(method=record.method).observe(latency)
+        log.info(
+            "request",
+            request_id=record.request_id,
+            method=record.method,
+            code=code.name,
+            latency_ms=round(latency * 1000, 2),
+            **record.fields,
+        )
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an exception ends the call with."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    code = context.code()  # set by context.abort
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN  # what gRPC answers for an unhandled exception

@@ -1,0 +1,261 @@
+"""`moderation serve`: the gRPC server's life from start to drain.
+
+Start: bind the port with health NOT_SERVING, load the model in a thread, then SERVING.
+Stop (SIGTERM/SIGINT): NOT_SERVING, refuse new work (UNAVAILABLE), let in-flight calls finish
+within the grace period, stop the model worker, exit 0. Health and reflection stay reachable
+without a token so that probes and tooling work when bearer-token auth is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moderation.interceptors import BearerTokenAuth, RequestTelemetry
+from moderation.logs import configure_logging
+from moderation.metrics import Metrics
+from moderation.runtime import Runtime, load_runtime
+from moderation.service import ModerationServicer, ServiceState
+from moderation.settings import (
+    ServeSettings,
+    SettingsError,
+    add_serve_arguments,
+    settings_from_args,
+)
+from moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from moderation.worker import ModelWorker
+
+log = structlog.get_logger("moderation.server")
+
+SERVICE_NAME = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)  # the server as a whole, and the service by name
+EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3  # as the other subcommands (moderation.cli)
+LOADER_THREAD = "model-loader"
+
+Loader = Callable[[ServeSettings], Runtime]
+
+
+def load_from_settings(settings: ServeSettings) -> Runtime:
+    """The runtime a server with these settings serves (the demo model without --model)."""
+    runtime = load_runtime(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        attention_backend=settings.attention_backend,
+        policy_files=settings.policy_files,
+        default_policy=settings.policy,
+        threshold=settings.threshold,
+        long_text=settings.long_text,
+        max_batch_size=settings.max_batch_size,
+        score_batch_size=settings.max_batch_size,
+        max_new_tokens_limit=settings.max_new_tokens,
+    )
+    runtime.classifier.warm_up()  # pre-fill every policy prefix before reporting SERVING
+    return runtime
+
+
+def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
+    if settings.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair, root_certificates=Path(settings.tls_client_ca).read_bytes(), require_client_auth=True
+    )
+
+
+class Server:
+    """One serving process: gRPC server, health, metrics endpoint and the model worker."""
+
+    def __init__(self, settings: ServeSettings, *, loader: Loader = load_from_settings):
+        self.settings = settings
+        self.loader = loader
+        self.metrics = Metrics.create()
+        self.state = ServiceState(settings=settings, metrics=self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.telemetry = RequestTelemetry(self.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]  # outermost: sees all
+        token = settings.resolve_auth_token()
+        if token:
+            interceptors.append(BearerTokenAuth(token))
+        limit = settings.max_message_bytes
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                # Deliberate limits: larger requests fail with RESOURCE_EXHAUSTED in gRPC itself.
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # A second server on a taken port must fail, not silently share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        moderation_pb2_grpc.add_ModerationServiceServicer_to_server(
+            ModerationServicer(self.state), self.grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        address = f"{settings.host}:{settings.port}"
+        credentials = _credentials(settings)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        self._metrics_http: Any = None
+
+    async def _set_health(self, status: int) -> None:
+        for name in HEALTH_NAMES:
+            await self.health.set(name, status)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        """Listen at once (NOT_SERVING), load the model, then report SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        if self.settings.metrics_port:
+            self._metrics_http = self.metrics.serve_http(
+                self.settings.metrics_port, self.settings.host
+            )
+        log.info(
+            "listening", port=self.port, tls=self.settings.tls,
+            mutual_tls=self.settings.mutual_tls, metrics_port=self.settings.metrics_port,
+        )  # fmt: skip
+        runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
+        worker = ModelWorker(
+            runtime,
+            self.metrics,
+            max_queue=self.settings.max_queue,
+            max_items_per_pass=self.settings.max_batch_items,
+        )
+        worker.start()
+        self.state.runtime, self.state.worker = runtime, worker
+        if runtime.demo:
+            log.warning(
+                "serving the demo model: random weights, meaningless decisions; "
+                "pass --model DIR (MODERATION_MODEL) for real weights",
+                model=runtime.model_id,
+            )
+        log.info("serving", model=runtime.model_id, device=runtime.device, dtype=runtime.dtype)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, no new work, in-flight calls finish within the grace period."""
+        grace = self.settings.grace_period
+        log.info("draining", grace_period=grace, in_flight=self.telemetry.in_flight)
+        self.state.draining = True  # new calls get UNAVAILABLE: retry on another replica
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING for good, for every name
+        # Keep answering while in-flight calls finish, so probes and load balancers see the
+        # drain (NOT_SERVING, UNAVAILABLE) rather than a closed port.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.telemetry.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
+        if self.state.worker is not None:
+            worker = self.state.worker
+            await asyncio.to_thread(worker.stop, max(0.0, deadline - loop.time()))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped", in_flight=self.telemetry.in_flight)
+
+
+async def _in_daemon_thread(fn: Callable[[], Runtime]) -> Runtime:
+    """fn() in a daemon thread: unlike asyncio.to_thread, a SIGTERM during a long model load
+    does not have to wait for the load to finish before the process exits."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Runtime] = loop.create_future()
+
+    def settle(value: Runtime | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            value, exc = fn(), None
+        except BaseException as e:
+            value, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: stopped while loading
+            loop.call_soon_threadsafe(settle, value, exc)
+
+    threading.Thread(target=target, name=LOADER_THREAD, daemon=True).start()
+    return await future
+
+
+async def serve(
+    settings: ServeSettings,
+    *,
+    loader: Loader = load_from_settings,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain; returns the exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(settings, loader=loader)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = EXIT_OK
+    if starting.done() and starting.exception() is not None:
+        log.error("could not start", exc_info=starting.exception())
+        code = EXIT_ERROR
+    elif not starting.done():
+        starting.cancel()  # stopped while loading: nothing to drain
+    else:
+        await stopping
+    stopping.cancel()
+    await server.stop()
+    return code
+
+
+def _run(ns: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(ns)
+        settings.resolve_auth_token()  # fail now on an unreadable token file
+    except SettingsError as exc:
+        print(f"moderation serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level)
+    try:
+        code = asyncio.run(serve(settings))
+    except (OSError, RuntimeError) as exc:  # e.g. the port is taken or a TLS file is missing
+        log.error("could not start", error=str(exc))
+        return EXIT_ERROR
+    if any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        # Stopped while the model was loading, which cannot be interrupted: leave now rather
+        # than finalize the interpreter under the loading thread (torch then aborts, exit 134).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def register(sub: Any) -> None:
+    """Add the `serve` subcommand."""
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC moderation server",
+        description="Serve moderation.v1.ModerationService over gRPC (demo model without --model).",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_run)
