@@ -14,6 +14,7 @@ Two paths, chosen by the plan:
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -59,10 +60,86 @@ def sequence_mask(meta: ForwardMetadata, b: int, q_pos: torch.Tensor) -> torch.T
     return mask
 
 
+@dataclass
+class PaddedLayout:
+    """A pre-fill pass as one padded batch: every sequence's queries and keys in a row of their
+    own, so that each layer makes one SDPA call instead of one per sequence."""
+
+    q_index: torch.Tensor  # [B * Tq] packed query row of each padded query (0 for padding)
+    k_index: torch.Tensor  # [B * Tk] packed key row of each padded key (0 for padding)
+    out_index: torch.Tensor  # [T] padded query slot of each packed query, in packed order
+    mask: torch.Tensor  # [B, 1, Tq, Tk] bool: window band, token trees, padding
+    batch: int
+    max_q: int
+    max_k: int
+
+
+def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
+    """Build the padded form of a pass with tensor ops (no per-sequence attention calls)."""
+    device = meta.positions.device
+    seqlens = torch.tensor(meta.seqlens, device=device)
+    cached = torch.tensor(meta.cached_lens, device=device)
+    starts = torch.tensor(meta.start_positions, device=device)
+    B, Tq = len(meta.seqlens), meta.max_seqlen_q
+    Tk = meta.max_seqlen_k
+    cu_q = meta.cu_seqlens_q[:-1].long()
+    cu_k = meta.cu_seqlens_k[:-1].long()
+    jq = torch.arange(Tq, device=device)
+    jk = torch.arange(Tk, device=device)
+    valid_q = jq[None, :] < seqlens[:, None]  # [B, Tq]
+    valid_k = jk[None, :] < (cached + seqlens)[:, None]  # [B, Tk]
+    q_index = torch.where(valid_q, cu_q[:, None] + jq[None, :], 0)
+    k_index = torch.where(valid_k, cu_k[:, None] + jk[None, :], 0)
+    q_pos = meta.positions[q_index]  # [B, Tq]
+    # Key j of sequence b: a cached position (j < cached) or its (j - cached)-th new token.
+    is_cached = jk[None, :] < cached[:, None]
+    new_row = torch.where(valid_k & ~is_cached, cu_q[:, None] + jk[None, :] - cached[:, None], 0)
+    k_pos = torch.where(is_cached, starts[:, None] - cached[:, None] + jk[None, :],
+                        meta.positions[new_row])  # fmt: skip
+    mask = band_mask_batched(q_pos, k_pos, meta.window) & valid_k[:, None, :]
+    for b, tree in enumerate(meta.trees):
+        if tree is not None:
+            c, n = meta.cached_lens[b], meta.seqlens[b]
+            mask[b, :n, c : c + n] &= tree
+    # Padding queries see one key so that SDPA has no empty row (their output is dropped).
+    mask[:, :, 0] |= ~valid_q
+    out_index = torch.nonzero(valid_q.reshape(-1)).squeeze(-1)
+    return PaddedLayout(
+        q_index=q_index.reshape(-1),
+        k_index=k_index.reshape(-1),
+        out_index=out_index,
+        mask=mask[:, None],
+        batch=B,
+        max_q=Tq,
+        max_k=Tk,
+    )
+
+
+def band_mask_batched(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Bool [B, Tq, Tk]: band_mask for every sequence of a padded batch."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    return (k <= q) & (k > q - window)
+
+
 class SdpaBackend:
-    """torch scaled_dot_product_attention, one call per sequence (no padding computed)."""
+    """torch scaled_dot_product_attention without computing padding where it would cost.
+
+    Pre-fill passes run as one padded SDPA call per layer when the sequences are of similar
+    size (the classifier's batches: a few dozen texts and their label trees), which removes the
+    per-sequence Python and kernel-launch overhead that dominates such passes; very uneven
+    passes (one long prompt among short ones) run one call per sequence instead, so that no
+    padding is computed.
+    """
 
     name = "sdpa"
+    # "auto": padded when the padded work is at most PAD_WASTE times the real work.
+    PAD_WASTE = 2.0
+
+    def __init__(self, padding: str = "auto"):
+        if padding not in ("auto", "always", "never"):
+            raise ValueError(f"padding must be auto, always or never, not {padding!r}")
+        self.padding = padding
 
     def attend(
         self,
@@ -77,6 +154,45 @@ class SdpaBackend:
             cache.write(layer, k, v, meta)
             return self._decode(q, cache, layer, meta)
         keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
+        if self._use_padded(meta):
+            out = self._padded(q, keys, values, meta)
+        else:
+            out = self._per_sequence(q, keys, values, meta)
+        if cache is not None:
+            cache.write(layer, k, v, meta)
+        return out
+
+    def _use_padded(self, meta: ForwardMetadata) -> bool:
+        if meta.padded is not None:  # decided (and built) by the pass's first layer
+            return True
+        if meta.masks is not None or self.padding == "never" or len(meta.seqlens) == 1:
+            return False
+        if self.padding == "auto":
+            real = sum(n * (n + c) for n, c in zip(meta.seqlens, meta.cached_lens, strict=True))
+            padded = len(meta.seqlens) * meta.max_seqlen_q * meta.max_seqlen_k
+            if padded > self.PAD_WASTE * real:
+                return False
+        meta.padded = padded_layout(meta)
+        return True
+
+    @staticmethod
+    def _padded(
+        q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: ForwardMetadata
+    ) -> torch.Tensor:
+        lay = meta.padded
+        assert lay is not None
+        H, D = q.shape[1], q.shape[2]
+        KV = keys.shape[1]
+        qs = q.index_select(0, lay.q_index).view(lay.batch, lay.max_q, H, D).transpose(1, 2)
+        ks = keys.index_select(0, lay.k_index).view(lay.batch, lay.max_k, KV, D).transpose(1, 2)
+        vs = values.index_select(0, lay.k_index).view(lay.batch, lay.max_k, KV, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=lay.mask, enable_gqa=True)
+        return o.transpose(1, 2).reshape(-1, H, D).index_select(0, lay.out_index)
+
+    @staticmethod
+    def _per_sequence(
+        q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: ForwardMetadata
+    ) -> torch.Tensor:
         out = torch.empty_like(q)
         if meta.masks is None:  # the same for every layer: build once per pass
             offsets = meta.cu_seqlens_q.tolist()
@@ -97,8 +213,6 @@ class SdpaBackend:
             out[q_off : q_off + n_new] = o[0].transpose(0, 1)
             q_off += n_new
             k_off += n_cached + n_new
-        if cache is not None:
-            cache.write(layer, k, v, meta)
         return out
 
     @staticmethod

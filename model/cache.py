@@ -11,6 +11,7 @@ sequence reads in position order, where new keys go. Attention layers only read 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ class ForwardMetadata:
     # Pre-fill path: each sequence's attention mask (None = plain causal), built by the first
     # layer that needs them and read by the others.
     masks: list[torch.Tensor | None] | None = None
+    # Pre-fill path as one padded batch (model.attention.PaddedLayout), when the backend pads.
+    padded: Any = None
 
     @property
     def max_seqlen_q(self) -> int:
@@ -79,6 +82,18 @@ class ForwardMetadata:
             slots=torch.empty(0, dtype=torch.int32, device=device),
             decode_lengths=torch.empty(0, dtype=torch.int32, device=device),
         )
+
+
+def _ranges(
+    starts: list[int], lengths: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, value) of the concatenated ranges starts[b] .. starts[b]+lengths[b]-1,
+    built with a fixed number of tensor operations whatever the number of ranges."""
+    n = torch.tensor(lengths, dtype=torch.long, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
+    first = torch.tensor(starts, dtype=torch.long, device=device)
+    begin = torch.cumsum(n, 0) - n  # where each range starts in the concatenation
+    return seq, first[seq] + torch.arange(sum(lengths), device=device) - begin[seq]
 
 
 def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -159,11 +174,17 @@ class RollingCache:
 
     def restore(self, slot: int, snap: CacheSnapshot) -> None:
         """Put a snapshot into a slot, as if its tokens had just been pre-filled there."""
+        self.restore_many([slot], snap)
+
+    def restore_many(self, slots: list[int], snap: CacheSnapshot) -> None:
+        """restore() of one snapshot into several slots, in one copy."""
         first = max(0, snap.length - self.window)
-        rows = self._rows(slot, first, snap.length)
-        self.k[:, rows] = snap.k
-        self.v[:, rows] = snap.v
-        self.lengths[slot] = snap.length
+        base = torch.arange(first, snap.length, device=self.device) % self.window
+        rows = (torch.tensor(slots, device=self.device)[:, None] * self.window + base).reshape(-1)
+        self.k[:, rows] = snap.k.repeat(1, len(slots), 1, 1)
+        self.v[:, rows] = snap.v.repeat(1, len(slots), 1, 1)
+        for slot in slots:
+            self.lengths[slot] = snap.length
 
     def _rows(self, slot: int, first: int, end: int) -> torch.Tensor:
         pos = torch.arange(first, end, device=self.device)
@@ -184,6 +205,10 @@ class RollingCache:
         token j sits at position length + depths[j] and sees only its ancestors and itself,
         which scores many continuations of one prompt in one pass. Trees never write.
         Written slots advance their length.
+
+        The index tensors are built with a fixed number of tensor operations whatever the
+        number of sequences: a per-sequence loop of small tensor ops costs more than the
+        attention itself in a pass of a few dozen short sequences (the classifier's batches).
         """
         trees = trees if trees is not None else [None] * len(slots)
         W = self.window
@@ -193,62 +218,60 @@ class RollingCache:
         written = [s for s, w in zip(slots, write, strict=True) if w]
         if len(set(written)) != len(written):
             raise ValueError("a slot can be written by only one sequence per pass")
-        positions: list[torch.Tensor] = []
-        gather: list[torch.Tensor] = []
-        cached_lens: list[int] = []
-        starts: list[int] = []
-        write_rows: list[torch.Tensor] = []
-        write_src: list[torch.Tensor] = []
-        token_offset = 0
-        for slot, n_new, w in zip(slots, seqlens, write, strict=True):
-            n = self.lengths[slot]
+        lengths = [self.lengths[s] for s in slots]
+        for n, n_new in zip(lengths, seqlens, strict=True):
             if not self.sliding and n + n_new > W:
                 raise RequestError(f"sequence of {n + n_new} tokens exceeds the context of {W}")
-            # The first new token (position n) sees keys n-W+1 .. n: W-1 of them are cached.
-            n_cached = min(n, W - 1)
-            gather.append(self._rows(slot, n - n_cached, n))
-            cached_lens.append(n_cached)
-            starts.append(n)
-            tree = trees[len(positions)]
-            if tree is None:
-                positions.append(torch.arange(n, n + n_new, device=self.device))
-            else:
-                if w or len(tree[0]) != n_new:
-                    raise ValueError("a token tree is read-only and needs one depth per token")
-                positions.append(n + torch.tensor(tree[0], dtype=torch.long, device=self.device))
-            if w:
-                # Only the last W new tokens survive; writing more would need duplicate rows.
-                kept = min(n_new, W)
-                write_rows.append(self._rows(slot, n + n_new - kept, n + n_new))
-                write_src.append(
-                    torch.arange(
-                        token_offset + n_new - kept, token_offset + n_new, device=self.device
-                    )
-                )
-            token_offset += n_new
+        for tree, w, n_new in zip(trees, write, seqlens, strict=True):
+            if tree is not None and (w or len(tree[0]) != n_new):
+                raise ValueError("a token tree is read-only and needs one depth per token")
+        # The first new token (position n) sees keys n-W+1 .. n: W-1 of them are cached.
+        cached_lens = [min(n, W - 1) for n in lengths]
+        dev = self.device
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        # Cached rows to read, in position order: positions n - n_cached .. n - 1 per sequence.
+        seq, pos = _ranges(
+            [n - c for n, c in zip(lengths, cached_lens, strict=True)], cached_lens, dev
+        )
+        gather_rows = slot_t[seq] * W + pos % W
+        # New tokens' positions: consecutive, or length + depth for a token tree.
+        positions = _ranges(lengths, seqlens, dev)[1]
+        depths = [(b, t[0]) for b, t in enumerate(trees) if t is not None]
+        if depths:
+            cu = _offsets(seqlens, dev).tolist()
+            idx = torch.tensor([i for b, _ in depths for i in range(cu[b], cu[b + 1])], device=dev)
+            tree_pos = [lengths[b] + d for b, ds in depths for d in ds]
+            positions[idx] = torch.tensor(tree_pos, dtype=torch.long, device=dev)
+        # Only the last W new tokens of a written sequence survive; writing more would need
+        # duplicate rows.
+        kept = [min(n_new, W) if w else 0 for n_new, w in zip(seqlens, write, strict=True)]
+        ends = [n + n_new for n, n_new in zip(lengths, seqlens, strict=True)]
+        wseq, wpos = _ranges([e - k for e, k in zip(ends, kept, strict=True)], kept, dev)
+        write_rows = slot_t[wseq] * W + wpos % W
+        token_offsets = _offsets(seqlens, dev).long()
+        write_src = token_offsets[:-1][wseq] + (wpos - torch.tensor(lengths, device=dev)[wseq])
         key_order = self._key_order(cached_lens, seqlens)
         decode = all(write) and all(n == 1 for n in seqlens)
         for slot, n_new, w in zip(slots, seqlens, write, strict=True):
             if w:
                 self.lengths[slot] += n_new
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
         return ForwardMetadata(
             window=W,
-            positions=torch.cat(positions),
+            positions=positions,
             seqlens=list(seqlens),
             cached_lens=cached_lens,
-            start_positions=starts,
-            cu_seqlens_q=_offsets(seqlens, self.device),
+            start_positions=lengths,
+            cu_seqlens_q=token_offsets.int(),
             cu_seqlens_k=_offsets(
                 [c + s for c, s in zip(cached_lens, seqlens, strict=True)], self.device
             ),
-            gather_rows=torch.cat(gather) if gather else empty,
+            gather_rows=gather_rows,
             key_order=key_order,
-            write_rows=torch.cat(write_rows) if write_rows else empty,
-            write_src=torch.cat(write_src) if write_src else empty,
+            write_rows=write_rows,
+            write_src=write_src,
             decode=decode,
             trees=[t[1].to(self.device) if t is not None else None for t in trees],
-            slots=torch.tensor(slots, dtype=torch.int32, device=self.device),
+            slots=slot_t.int(),
             decode_lengths=torch.tensor(
                 [min(self.lengths[s], W) for s in slots], dtype=torch.int32, device=self.device
             ),
@@ -298,15 +321,16 @@ class RollingCache:
         """Index into cat([gathered cached keys, new keys]) that yields [cached_b, new_b] per b."""
         if not any(cached_lens):
             return None
+        # Sequence b's keys start at its cached rows' offset, then its new tokens' offset.
         total_cached = sum(cached_lens)
-        parts: list[torch.Tensor] = []
-        c_off, n_off = 0, total_cached
-        for c, n in zip(cached_lens, seqlens, strict=True):
-            parts.append(torch.arange(c_off, c_off + c))
-            parts.append(torch.arange(n_off, n_off + n))
-            c_off += c
-            n_off += n
-        return torch.cat(parts).to(self.device)
+        c_off = _offsets(cached_lens, self.device).tolist()
+        n_off = _offsets(seqlens, self.device).tolist()
+        starts: list[int] = []
+        lengths: list[int] = []
+        for b, (c, n) in enumerate(zip(cached_lens, seqlens, strict=True)):
+            starts += [c_off[b], total_cached + n_off[b]]
+            lengths += [c, n]
+        return _ranges(starts, lengths, self.device)[1]
 
     def gather(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: ForwardMetadata

@@ -134,6 +134,9 @@ class Engine:
         self._running: dict[int, _Sequence] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
+        # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
+        self._lse_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
 
     # ----------------------------------------------------------------- forward
 
@@ -145,6 +148,7 @@ class Engine:
         logits_rows: list[int],
         write: list[bool] | None = None,
         trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         device = self.model.device
         tokens = torch.tensor(list(itertools.chain.from_iterable(chunks)), device=device)
@@ -152,7 +156,9 @@ class Engine:
         index = torch.tensor(logits_rows, dtype=torch.long, device=device)
         self.stats.forward_passes += 1
         self.stats.tokens_computed += int(tokens.numel())
-        return self.model(tokens, meta, self.cache, logits_index=index, backend=self.backend)
+        return self.model(
+            tokens, meta, self.cache, logits_index=index, backend=self.backend, hidden=hidden
+        )
 
     def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
         """Feed whole prompts into their slots, chunk by chunk, all slots in each pass."""
@@ -197,13 +203,21 @@ class Engine:
         """Summed log-probability of each continuation given the prompt."""
         return self.score_batch([ScoreRequest(prompt, continuations)])[0]
 
-    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        """score() for many prompts, pre-filled together `score_batch_size` at a time."""
+    def score_batch(
+        self, requests: Sequence[ScoreRequest], *, relative: bool = False
+    ) -> list[list[float]]:
+        """score() for many prompts, pre-filled together `score_batch_size` at a time.
+
+        relative=True: each request's scores are its log-probabilities plus one constant of its
+        own (the log-normaliser of the first continuation token), which cancels in any softmax
+        over the continuations, and spares one projection onto the vocabulary per request.
+        """
         for i, r in enumerate(requests):
             self._validate_score(r, f"request {i}")
         results: list[list[float]] = []
         for start in range(0, len(requests), self.score_batch_size):
-            results.extend(self._score_group(requests[start : start + self.score_batch_size]))
+            group = requests[start : start + self.score_batch_size]
+            results.extend(self._score_group(group, relative=relative))
         return results
 
     def _validate_score(self, r: ScoreRequest, what: str) -> None:
@@ -223,37 +237,57 @@ class Engine:
         if self.max_context is not None and n > self.max_context:
             raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
 
+    def _tree(self, continuations: Sequence[Sequence[int]]) -> ContinuationTree:
+        # A classifier scores the same labels for every text: build their tree once.
+        key = tuple(tuple(c) for c in continuations)
+        tree = self._trees.get(key)
+        if tree is None:
+            if len(self._trees) >= 64:
+                self._trees.clear()
+            tree = self._trees[key] = ContinuationTree(key)
+        return tree
+
     @torch.inference_mode()
-    def _score_group(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+    def _score_group(
+        self, requests: Sequence[ScoreRequest], *, relative: bool = False
+    ) -> list[list[float]]:
         slots = self._score_slots[: len(requests)]
+        # Slots sharing a prefix get it in one copy (a classifier batch: one policy prefix).
+        by_prefix: dict[int, tuple[Prefix, list[int]]] = {}
         for slot, r in zip(slots, requests, strict=True):
             self.cache.reset(slot)
             if r.prefix is not None:
-                self.cache.restore(slot, r.prefix.snapshot)
+                by_prefix.setdefault(id(r.prefix), (r.prefix, []))[1].append(slot)
                 self.stats.prefix_tokens_reused += len(r.prefix.tokens)
+        for prefix, prefix_slots in by_prefix.values():
+            self.cache.restore_many(prefix_slots, prefix.snapshot)
         self._prefill(slots, [r.prompt[:-1] for r in requests])
-        trees = [ContinuationTree(r.prompt[-1], r.continuations) for r in requests]
-        rows = list(range(sum(len(t.tokens) for t in trees)))
-        logits = self._forward(
+        trees = [self._tree(r.continuations) for r in requests]
+        chunks: list[Sequence[int]] = [
+            [r.prompt[-1], *t.tokens[1:]] for r, t in zip(requests, trees, strict=True)
+        ]
+        hidden = self._forward(
             slots,
-            [t.tokens for t in trees],
-            logits_rows=rows,
+            chunks,
+            logits_rows=list(range(sum(len(c) for c in chunks))),
             write=[False] * len(trees),
-            trees=[(t.depths, t.ancestors()) for t in trees],
+            trees=[(t.depths, t.ancestors) for t in trees],
+            hidden=True,
         )
-        # log p(token | node) = logit - logsumexp(node's logits): one reduction per node and one
-        # gather for every scored token, rather than a full log_softmax over the vocabulary.
+        # log p(token | node) = logit - logsumexp(node's logits). Relative scores skip the
+        # root's logsumexp (shared by every continuation of a request), so roots only need the
+        # logits of their children's tokens.
         nodes: list[int] = []
         tokens: list[int] = []
+        normalised: list[bool] = []
         offset = 0
         for t in trees:
             for path in t.paths:
                 nodes.extend(offset + node for node, _ in path)
                 tokens.extend(tok for _, tok in path)
+                normalised.extend(node != 0 or not relative for node, _ in path)
             offset += len(t.tokens)
-        node_index = torch.tensor(nodes, device=logits.device)
-        picked = logits[node_index, torch.tensor(tokens, device=logits.device)]
-        terms = (picked - _logsumexp_(logits)[node_index]).tolist()
+        terms = self._log_probs(hidden, nodes, tokens, normalised)
         out: list[list[float]] = []
         pos = 0
         for t in trees:
@@ -265,6 +299,38 @@ class Engine:
         for slot in slots:
             self.cache.reset(slot)
         return out
+
+    def _log_probs(
+        self, hidden: torch.Tensor, nodes: list[int], tokens: list[int], normalised: list[bool]
+    ) -> list[float]:
+        """logit(token at node), minus logsumexp(node's logits) where normalised.
+
+        The picked logits are dot products with the output embedding rows of their tokens. The
+        normalisers need full logits, computed a block of rows at a time that stays in cache on
+        CPU: projection, max, exp and sum then run over memory already there rather than over
+        a [rows, vocab] array streamed through RAM four times.
+        """
+        device = hidden.device
+        node_t = torch.tensor(nodes, device=device)
+        picked = self.model.token_logits(
+            hidden.index_select(0, node_t), torch.tensor(tokens, device=device)
+        )
+        full = sorted({n for n, norm in zip(nodes, normalised, strict=True) if norm})
+        if not full:
+            return picked.tolist()
+        full_t = torch.tensor(full, device=device)
+        block = self._lse_rows if device.type == "cpu" else len(full)
+        lse = torch.cat([
+            _logsumexp_(self.model.project(hidden.index_select(0, full_t[i : i + block])))
+            for i in range(0, len(full), block)
+        ])  # fmt: skip
+        # Each pair's normaliser (0 where it is left out: a relative root).
+        row_of = {n: i for i, n in enumerate(full)}
+        index = torch.tensor(
+            [row_of[n] if norm else len(full) for n, norm in zip(nodes, normalised, strict=True)],
+            device=device,
+        )
+        return (picked - torch.cat([lse, lse.new_zeros(1)])[index]).tolist()
 
     # -------------------------------------------------------------- generation
 
@@ -402,15 +468,16 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ContinuationTree:
-    """The continuations of one prompt as a token trie rooted at the prompt's last token.
+    """Continuations as a token trie rooted at the prompt's last token (node 0, whose token is
+    the prompt's and is filled in per request).
 
     Each node's logits give the next-token log-probabilities for its children, so a label's
     score is the sum along its path; shared label prefixes are computed once. Leaves' own
     tokens need no logits and are not part of the pass.
     """
 
-    def __init__(self, root: int, continuations: Sequence[Sequence[int]]):
-        self.tokens: list[int] = [root]
+    def __init__(self, continuations: Sequence[Sequence[int]]):
+        self.tokens: list[int] = [-1]  # the root: the prompt's last token
         self.depths: list[int] = [0]
         self.parents: list[int] = [-1]
         children: dict[tuple[int, int], int] = {}
@@ -429,12 +496,9 @@ class ContinuationTree:
                     self.parents.append(node)
                 node = children[key]
             self.paths.append(path)
-
-    def ancestors(self) -> torch.Tensor:
-        """Bool [N, N]: node i sees node j when j is i or one of its ancestors."""
         n = len(self.tokens)
         mask = torch.eye(n, dtype=torch.bool)
         for i in range(1, n):
             mask[i] |= mask[self.parents[i]]
-        return mask
-
+        # Bool [N, N]: node i sees node j when j is i or one of its ancestors.
+        self.ancestors = mask

@@ -191,8 +191,10 @@ class Transformer(nn.Module):
         *,
         logits_index: torch.Tensor | None = None,
         backend: AttentionBackend | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (fp32) for packed `tokens`; only at `logits_index` rows (increasing) when given.
+        hidden=True returns those rows' final normalised hidden states instead (see `project`).
 
         With a cache, each sequence attends to its cached window plus its new tokens and the
         new keys/values are written to the rolling buffer. Without one, `meta` must describe
@@ -206,4 +208,14 @@ class Transformer(nn.Module):
         if logits_index is not None and logits_index.numel() != h.shape[0]:
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return h if hidden else self.output(h).float()
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) of final hidden states: the output projection onto the vocabulary."""
+        return self.output(hidden).float()
+
+    def token_logits(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logit (fp32) of tokens[i] for hidden[i], without projecting onto the whole vocabulary."""
+        rows = self.output.weight.index_select(0, tokens)
+        return (hidden.float() * rows.float()).sum(-1)

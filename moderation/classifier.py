@@ -285,7 +285,8 @@ class Classifier:
             for body in p.bodies:
                 prompt = body if prefix is not None else p.prefix + body
                 requests.append(ScoreRequest(prompt, labels, prefix))
-        scores = iter(self.engine.score_batch(requests))
+        # Only the labels' softmax is used, so relative log-probabilities suffice.
+        scores = iter(self.engine.score_batch(requests, relative=True))
         out: list[Classification] = []
         for p in planned:
             results = [

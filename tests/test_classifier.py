@@ -176,9 +176,9 @@ def test_untrusted_text_stays_data_in_the_tokens_sent_to_the_engine(
     sent: list[ScoreRequest] = []
     real = demo_runtime.engine.score_batch
 
-    def spy(requests: list[ScoreRequest]) -> list[list[float]]:
+    def spy(requests: list[ScoreRequest], **kwargs: Any) -> list[list[float]]:
         sent.extend(requests)
-        return real(requests)
+        return real(requests, **kwargs)
 
     monkeypatch.setattr(demo_runtime.engine, "score_batch", spy)
     attacks = [

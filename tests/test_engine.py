@@ -10,6 +10,7 @@ import torch
 
 from model import Engine, GenerationRequest, ModelArgs, SamplingParams, ScoreRequest, load_model
 from model.args import MISTRAL_7B
+from model.attention import SdpaBackend
 from model.cache import ForwardMetadata
 from model.demo import random_weights
 from model.errors import EngineError, RequestError
@@ -97,11 +98,14 @@ def test_window_matters_so_the_comparison_is_not_vacuous(model: Transformer) -> 
     assert (windowed[W:] - unwindowed[W:]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("padding", ["never", "always"])
 @pytest.mark.parametrize("chunk_size", [1, 5, W, 2 * W + 3])
 def test_chunked_prefill_and_rolling_decode_equal_full_forward(
-    model: Transformer, chunk_size: int
+    model: Transformer, chunk_size: int, padding: str
 ) -> None:
     engine = Engine(model, max_batch_size=3, score_batch_size=1, chunk_size=chunk_size)
+    # Both ways of running a pre-fill pass: one SDPA call per sequence, or one padded batch.
+    engine.backend = SdpaBackend(padding)
     lengths = [7 * W + 3, 4 * W + 1, 2 * W - 5]  # each wraps the W-row buffer several times
     seqs = [random_tokens(n, seed=10 + n) for n in lengths]
     prompt_lens = [n // 2 for n in lengths]
@@ -193,8 +197,12 @@ def test_generate_stops_at_eos_and_counts_the_budget(model: Transformer) -> None
     assert stopped == free[: free.index(stop) + 1]
 
 
-def test_score_equals_log_probabilities_of_one_full_forward(model: Transformer) -> None:
+@pytest.mark.parametrize("lse_rows", [1, 4096])
+def test_score_equals_log_probabilities_of_one_full_forward(
+    model: Transformer, lse_rows: int
+) -> None:
     engine = Engine(model, max_batch_size=1, score_batch_size=4, chunk_size=7)
+    engine._lse_rows = lse_rows  # normalisers one row at a time, or all rows in one block
     prompt = random_tokens(3 * W + 2, seed=7)
     # Shared prefixes, different lengths, a single-token continuation.
     conts = [[5, 6, 7], [5, 6, 8], [9], [5, 10, 11, 12], [5, 6]]
@@ -205,11 +213,13 @@ def test_score_equals_log_probabilities_of_one_full_forward(model: Transformer) 
         assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_prefix_reuse_and_batching_equal_plain_scoring(model: Transformer) -> None:
+@pytest.mark.parametrize("padding", ["never", "always", "auto"])
+def test_prefix_reuse_and_batching_equal_plain_scoring(model: Transformer, padding: str) -> None:
     engine = Engine(model, max_batch_size=1, score_batch_size=2, chunk_size=W)
+    engine.backend = SdpaBackend(padding)
     shared = random_tokens(2 * W + 3, seed=8)
     prefix = engine.prefill_prefix(shared)
-    conts = [[3, 4], [3, 5, 6], [7]]
+    conts = [[3, 4], [3, 5, 6], [7, 8]]  # branches: siblings must not see each other
     bodies = [random_tokens(n, seed=30 + n) for n in (4, W + 1, 1)]
     # Five requests over a score batch of two: groups, prefix and plain requests mixed.
     requests = [ScoreRequest(b, conts, prefix) for b in bodies] + [
@@ -219,6 +229,28 @@ def test_prefix_reuse_and_batching_equal_plain_scoring(model: Transformer) -> No
     for b, got in zip(bodies + bodies[:2], batched, strict=True):
         alone = engine.score(shared + b, conts)
         assert got == pytest.approx(alone, abs=1e-5)
+
+
+def test_relative_scores_are_log_probabilities_shifted_by_one_constant_per_request(
+    model: Transformer,
+) -> None:
+    engine = Engine(model, max_batch_size=1, score_batch_size=3, chunk_size=W)
+    conts = [[5, 6, 7], [5, 6, 8], [9], [5, 10]]
+    requests = [ScoreRequest(random_tokens(n, seed=40 + n), conts) for n in (3, W + 2, 2 * W)]
+    absolute = engine.score_batch(requests)
+    relative = engine.score_batch(requests, relative=True)
+    shifts = []
+    for a, r in zip(absolute, relative, strict=True):
+        shift = [ri - ai for ai, ri in zip(a, r, strict=True)]
+        assert shift == pytest.approx([shift[0]] * len(conts), abs=1e-4)
+        # The constant is the root's log-normaliser, not zero: relative scores skipped it.
+        assert abs(shift[0]) > 1.0
+        shifts.append(shift[0])
+        # So a softmax over the continuations is the same either way.
+        torch.testing.assert_close(
+            torch.softmax(torch.tensor(r), 0), torch.softmax(torch.tensor(a), 0), atol=1e-5, rtol=0
+        )
+    assert len({round(x, 3) for x in shifts}) == len(shifts)  # one constant per request
 
 
 def test_requests_joining_mid_generation_get_the_same_tokens(model: Transformer) -> None:
