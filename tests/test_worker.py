@@ -203,6 +203,34 @@ def test_concurrent_callers_share_one_classifier_pass(parts: Any) -> None:
     assert [r.flagged for r in results[-1]] == [False, True]
 
 
+def test_a_pass_wakes_the_event_loop_once_for_all_its_answers(parts: Any) -> None:
+    worker, _, classifier = parts
+    wakeups: list[int] = []
+
+    async def scenario() -> list[list[Classification]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            wakeups.append(1)
+            return real(*args, **kwargs)
+
+        classifier.gate.clear()
+        first = asyncio.create_task(worker.classify([ClassifyItem("first")]))
+        await until(classifier.in_pass.is_set)
+        rest = [asyncio.create_task(worker.classify([ClassifyItem(f"t{i}")])) for i in range(12)]
+        await until(lambda: worker.queue_depth == 12)
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        classifier.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = run(scenario)
+    assert len(results) == 13 and all(len(r) == 1 for r in results)
+    # The first pass's answer and then the twelve of the second: one wake-up per pass, not
+    # one per caller.
+    assert len(wakeups) == 2
+
+
 def test_a_cancelled_queued_call_is_dropped_unrun(parts: Any) -> None:
     worker, _, classifier = parts
 
