@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, default=384, help="Classify calls per level and round"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the levels")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over the levels")
     parser.add_argument(
         "--server-threads", type=int, default=os.cpu_count() or 1, help="torch threads"
     )

@@ -1,5 +1,8 @@
 """Server interceptors: bearer-token auth, and one log line plus metrics per request.
 
+Each ModerationService call has a request id: the caller's `x-request-id` metadata, or a new
+one. It is in the call's log line and comes back in the trailing metadata as `x-request-id`.
+
 Health and reflection are exempt from auth (probes and tooling carry no token) and are neither
 logged nor counted (probes every few seconds would drown the request log).
 """
@@ -108,7 +111,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             unary = handler.unary_unary
 
             async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                record = self._begin(method, request_id)
+                record = self._begin(method, request_id, context)
                 code = grpc.StatusCode.OK
                 try:
                     return await unary(request, context)
@@ -129,7 +132,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             async def stream_call(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                record = self._begin(method, request_id)
+                record = self._begin(method, request_id, context)
                 code = grpc.StatusCode.OK
                 try:
                     if inspect.isasyncgenfunction(stream):
@@ -150,7 +153,10 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             )
         return handler  # the service has no client-streaming methods
 
-    def _begin(self, method: str, request_id: str) -> CallRecord:
+    def _begin(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> CallRecord:
+        # The id goes back to the caller (trailing metadata, errors included) so that a caller
+        # that did not send one can still quote it when asking about a request in the logs.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         record = CallRecord(method, request_id)
         _current.set(record)  # the call runs in its own task, so this stays with the call
         self.in_flight += 1

@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from moderation import convert
 from moderation.classifier import Classification, ClassificationError
 from moderation.guarded import GenerationResult
-from moderation.interceptors import CallRecord, current_call
+from moderation.interceptors import REQUEST_ID_KEY, CallRecord, current_call
 from moderation.metrics import Metrics
 from moderation.runtime import Runtime
 from moderation.settings import ServeSettings
@@ -79,7 +79,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     violation = error_details_pb2.BadRequest.FieldViolation(field=bad_field, description=message)
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    await context.abort_with_status(rpc_status.to_status(status))
+    rich = rpc_status.to_status(status)
+    # The details travel in trailing metadata, which would replace the request id set there.
+    call = current_call()
+    metadata = (*rich.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
+    await context.abort(rich.code, rich.details, metadata)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -162,6 +162,38 @@ def test_bad_classify_requests_are_invalid_argument_naming_the_field(
     assert stub.Classify(pb.ClassifyRequest(text="still serving")).model  # and it keeps serving
 
 
+def test_the_request_id_comes_back_in_the_trailing_metadata(
+    stub: pb_grpc.ModerationServiceStub,
+) -> None:
+    def request_id(call: Any) -> str:
+        return dict(call.trailing_metadata())["x-request-id"]
+
+    _, call = stub.Classify.with_call(
+        pb.ClassifyRequest(text="hi"), metadata=(("x-request-id", "mine-1"),)
+    )
+    assert request_id(call) == "mine-1"
+    _, call = stub.Classify.with_call(pb.ClassifyRequest(text="hi"))
+    generated = request_id(call)
+    assert len(generated) == 32 and generated != request_id(
+        stub.Classify.with_call(pb.ClassifyRequest(text="hi"))[1]
+    )
+    # Errors keep it too, next to their rich details.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(pb.ClassifyRequest(text=""), metadata=(("x-request-id", "mine-2"),))
+    assert request_id(err.value) == "mine-2" and invalid_field(err.value) == "text"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(
+            pb.ClassifyRequest(text="x", policy="nope"), metadata=(("x-request-id", "m3"),)
+        )
+    assert request_id(err.value) == "m3"
+    stream = stub.GenerateStream(
+        pb.GenerateRequest(messages=user("hi"), max_new_tokens=2),
+        metadata=(("x-request-id", "mine-4"),),
+    )
+    list(stream)
+    assert request_id(stream) == "mine-4"
+
+
 def test_bad_batches_and_generations(stub: pb_grpc.ModerationServiceStub) -> None:
     cases: list[tuple[Any, Any, str]] = [
         (
