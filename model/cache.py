@@ -180,9 +180,12 @@ class RollingCache:
         """restore() of one snapshot into several slots, in one copy."""
         first = max(0, snap.length - self.window)
         base = torch.arange(first, snap.length, device=self.device) % self.window
-        rows = (torch.tensor(slots, device=self.device)[:, None] * self.window + base).reshape(-1)
-        self.k[:, rows] = snap.k.repeat(1, len(slots), 1, 1)
-        self.v[:, rows] = snap.v.repeat(1, len(slots), 1, 1)
+        slot_t = torch.tensor(slots, device=self.device)
+        # [layers, slots, rows, ...] indexed by (slot, row) pairs; the snapshot broadcasts over
+        # the slots instead of being repeated (a long prefix times 32 slots is a lot of memory).
+        shape = (self.k.shape[0], self.n_slots, self.window, *self.k.shape[2:])
+        for buf, values in ((self.k, snap.k), (self.v, snap.v)):
+            buf.view(shape)[:, slot_t[:, None], base[None, :]] = values[:, None]
         for slot in slots:
             self.lengths[slot] = snap.length
 
