@@ -6,7 +6,8 @@ the last one is answered. The ratio that matters: throughput at 32 callers over 
 only batching can raise (target >= 4x). For scale, it also measures the classifier in-process
 at batch 32 vs batch 1: what batching could give at most on this machine, with no RPCs at all.
 
-    python bench/service_bench.py [--model60m] [--requests N] [--rounds N] [--server-threads N]
+    python bench/service_bench.py [--model60m] [--requests N] [--rounds N] [--torch-threads N]
+                                  [--no-model-process]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ async def run(address: str, callers: int, requests: int) -> tuple[float, list[fl
 
 def classify_passes(metrics_url: str) -> tuple[float, float]:
     """(classifier passes, texts classified) so far, from the server's /metrics."""
+    time.sleep(0.6)  # a model process sends its metrics every 0.25 s: let the last ones in
     body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     values = {}
     for line in body.splitlines():
@@ -109,26 +111,39 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="rounds over the levels")
     parser.add_argument(
-        "--server-threads", type=int, default=os.cpu_count() or 1, help="torch threads"
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="the server's --torch-threads (0 = its default: cores - 1 in the model process)",
+    )
+    parser.add_argument(
+        "--no-model-process",
+        action="store_true",
+        help="run the model in the server's process (the server's --no-model-process)",
     )
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = bench_checkpoint(Path(tmp)) if ns.model60m else None
-        pass_seconds = in_process_passes(model, ns.server_threads)
+        cores = os.cpu_count() or 1
+        threads = ns.torch_threads or (cores if ns.no_model_process else max(1, cores - 1))
+        pass_seconds = in_process_passes(model, threads)
         ceiling = 32 * pass_seconds[1] / pass_seconds[32]
         port, metrics_port = free_port(), free_port()
         extra = ["--model", str(model)] if model else []
         proc: subprocess.Popen[str] = start_subprocess_server(
             port, *extra, "--metrics-port", str(metrics_port), "--max-batch-size", "32",
             "--log-level", "warning",
-            env={"TMPDIR": tmp, "OMP_NUM_THREADS": str(ns.server_threads)},
+            *(["--torch-threads", str(ns.torch_threads)] if ns.torch_threads else []),
+            *(["--no-model-process"] if ns.no_model_process else []),
+            env={"TMPDIR": tmp},
         )  # fmt: skip
         try:
             address = f"127.0.0.1:{port}"
             wait_serving(grpc.insecure_channel(address), timeout=300)
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             name = "60M model" if model else "demo model"
-            print(f"# gRPC Classify, paper policy, {name}, {ns.server_threads} server threads; "
+            where = "in the server process" if ns.no_model_process else "in a model process"
+            print(f"# gRPC Classify, paper policy, {name} {where}, {threads} torch threads; "
                   f"{machine()}")  # fmt: skip
             print(f"{'callers':>8} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
                   f"   (median of {ns.rounds} rounds; latencies over all rounds)")  # fmt: skip

@@ -21,12 +21,14 @@ from typing import Any
 
 import grpc
 import structlog
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moderation.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.logs import configure_logging
 from moderation.metrics import Metrics
+from moderation.process_worker import ProcessWorker, front_runtime
 from moderation.runtime import Runtime, load_runtime
 from moderation.service import ModerationServicer, ServiceState
 from moderation.settings import (
@@ -134,13 +136,22 @@ class Server:
             "listening", port=self.port, tls=self.settings.tls,
             mutual_tls=self.settings.mutual_tls, metrics_port=self.settings.metrics_port,
         )  # fmt: skip
-        runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
-        worker = ModelWorker(
-            runtime,
-            self.metrics,
-            max_queue=self.settings.max_queue,
-            max_items_per_pass=self.settings.max_batch_items,
-        )
+        worker: ModelWorker | ProcessWorker
+        if self.settings.model_process and self.loader is load_from_settings:
+            # The model in a process of its own (see moderation.process_worker); this process
+            # keeps what validates requests at the door.
+            worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
+            runtime = front_runtime(await worker.load(), self.settings)
+        else:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
+            runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
+            worker = ModelWorker(
+                runtime,
+                self.metrics,
+                max_queue=self.settings.max_queue,
+                max_items_per_pass=self.settings.max_batch_items,
+            )
         worker.start()
         self.state.runtime, self.state.worker = runtime, worker
         if runtime.demo:
@@ -151,6 +162,12 @@ class Server:
             )
         log.info("serving", model=runtime.model_id, device=runtime.device, dtype=runtime.dtype)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _model_exited(self) -> None:
+        """The model process died: no more answers here, so tell probes and balancers."""
+        self._health_task = asyncio.create_task(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, no new work, in-flight calls finish within the grace period."""

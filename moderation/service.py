@@ -24,6 +24,7 @@ from moderation.classifier import Classification, ClassificationError
 from moderation.guarded import GenerationResult
 from moderation.interceptors import REQUEST_ID_KEY, CallRecord, current_call
 from moderation.metrics import Metrics
+from moderation.process_worker import ProcessWorker
 from moderation.runtime import Runtime
 from moderation.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
@@ -51,7 +52,7 @@ class ServiceState:
     settings: ServeSettings
     metrics: Metrics
     runtime: Runtime | None = None
-    worker: ModelWorker | None = None
+    worker: ModelWorker | ProcessWorker | None = None
     draining: bool = False
 
 
@@ -97,7 +98,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _ready(self) -> tuple[Runtime, ModelWorker]:
+    def _ready(self) -> tuple[Runtime, ModelWorker | ProcessWorker]:
         if self.state.draining:
             raise WorkerStoppedError("the server is shutting down; retry on another replica")
         if self.state.runtime is None or self.state.worker is None:

@@ -73,6 +73,11 @@ class ServeSettings:
     """CA bundle for client certificates; set = mutual TLS."""
     auth_token_file: str | None = None
     auth_token: str | None = field(default=None, repr=False)  # never print secrets
+    model_process: bool = True
+    """Run the model in a process of its own (no GIL shared with the gRPC event loop)."""
+    torch_threads: int = 0
+    """torch intra-op threads of the model; 0 = all cores, less one for the gRPC process when
+    the model runs in its own process."""
     log_text: bool = False
     """Log request texts (off by default: texts are user data)."""
     log_level: str = "info"
@@ -214,6 +219,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_client_ca": _parse_str,
     "auth_token_file": _parse_str,
     "auth_token": _parse_str,
+    "model_process": _parse_bool,
+    "torch_threads": _parse_int,
     "log_text": _parse_bool,
     "log_level": _choice(LOG_LEVELS),
 }
@@ -244,6 +251,10 @@ _HELP: dict[str, str] = {
     "auth_token_file": "file holding the bearer token clients must send",
     "auth_token": "bearer token clients must send (prefer the env var or "
     "--auth-token-file: command lines are visible to other processes)",
+    "model_process": "run the model in a process of its own, so that it does not share the GIL "
+    "with the gRPC event loop",
+    "torch_threads": "torch threads of the model; 0 = all cores, less one for the gRPC process "
+    "when the model runs in its own process",
     "log_text": "log request texts (off by default: they are user data)",
     "log_level": "log level: " + ", ".join(LOG_LEVELS),
 }
@@ -272,6 +283,7 @@ _METAVARS: dict[str, str] = {
     "tls_client_ca": "PEM",
     "auth_token_file": "PATH",
     "auth_token": "TOKEN",
+    "torch_threads": "N",
 }
 
 
@@ -373,6 +385,8 @@ def _validate(s: ServeSettings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(name, f"must be a positive integer, got {value!r}")
+    if not isinstance(s.torch_threads, int) or s.torch_threads < 0:
+        fail("torch_threads", f"must be a non-negative integer (0 = auto), got {s.torch_threads!r}")
     if not 0.0 <= s.threshold <= 1.0:
         fail("threshold", f"must be in [0, 1], got {s.threshold!r}")
     if not (math.isfinite(s.grace_period) and s.grace_period >= 0):

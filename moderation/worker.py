@@ -261,18 +261,29 @@ class ModelWorker:
                     self._cond.wait()
                 if self._stopping and not self._pending and not self._busy():
                     return
-                jobs = self._take()
-            _tick.outbox = []
-            try:
-                self._tick(jobs)
-            except Exception as exc:  # a bug must fail this tick's requests, not the worker
-                log.exception("model worker tick failed")
-                for job in jobs:
-                    job.fail(exc)
-            finally:
-                outbox, _tick.outbox = _tick.outbox, None
-                _flush(outbox)
-            self._gauge()
+            self.run_once()
+
+    @property
+    def has_work(self) -> bool:
+        """Queued jobs, running generations or answers waiting for output moderation."""
+        return bool(self._pending or self._busy())
+
+    def run_once(self) -> None:
+        """One tick over what is queued now. The worker's own thread calls it in a loop; the
+        model process (moderation.process_worker) drives a worker without a thread with it."""
+        with self._cond:
+            jobs = self._take()
+        _tick.outbox = []
+        try:
+            self._tick(jobs)
+        except Exception as exc:  # a bug must fail this tick's requests, not the worker
+            log.exception("model worker tick failed")
+            for job in jobs:
+                job.fail(exc)
+        finally:
+            outbox, _tick.outbox = _tick.outbox, None
+            _flush(outbox)
+        self._gauge()
 
     def _take(self) -> list[Job]:
         """Queued jobs for this tick, up to max_items_per_pass classification items."""

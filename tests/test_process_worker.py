@@ -1,0 +1,218 @@
+"""The model in a process of its own (the server's default): the same answers as the model in the
+server's process, errors and metrics across the pipe, cancellation, a clean stop, and what
+happens when the model process dies. Real server, real engine, real child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from moderation.classifier import ClassificationError
+from moderation.metrics import Metrics
+from moderation.process_worker import (
+    EngineInfo,
+    ProcessWorker,
+    RecordingMetrics,
+    _error_from,
+    _error_message,
+    replay,
+)
+from moderation.settings import ServeSettings
+from moderation.v1 import moderation_pb2 as pb
+from moderation.v1 import moderation_pb2_grpc as pb_grpc
+from moderation.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from tests.servers import NOT_SERVING, InProcessServer, demo_loader, free_port, health_status
+
+TEXTS = ["hello there", "buy cheap pills now", "you are a fool", "what is the weather"]
+
+
+def settings(checkpoint: Path, **overrides: Any) -> ServeSettings:
+    base: dict[str, Any] = dict(
+        model=str(checkpoint), host="127.0.0.1", port=free_port(), metrics_port=free_port(),
+        device="cpu", dtype="float32", max_new_tokens=4096,
+    )  # fmt: skip
+    base.update(overrides)
+    return ServeSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def process_server(demo_checkpoint: Path) -> Iterator[InProcessServer]:
+    server = InProcessServer(settings(demo_checkpoint))  # default loader: a model process
+    server.wait_loaded()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def thread_server(demo_checkpoint: Path) -> Iterator[InProcessServer]:
+    server = InProcessServer(settings(demo_checkpoint), demo_loader(demo_checkpoint))
+    server.wait_loaded()
+    yield server
+    server.stop()
+
+
+def stub_of(server: InProcessServer) -> pb_grpc.ModerationServiceStub:
+    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
+
+
+def test_the_model_runs_in_another_process_without_weights_here(
+    process_server: InProcessServer,
+) -> None:
+    worker = process_server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    assert worker._process.pid != os.getpid() and worker._process.is_alive()
+    runtime = process_server.server.state.runtime
+    assert runtime is not None and isinstance(runtime.engine, EngineInfo)  # no model here
+    info = stub_of(process_server).GetModelInfo(pb.GetModelInfoRequest())
+    assert info.demo and info.attention_backend == "sdpa" and info.sliding_window > 0
+
+
+def test_answers_equal_the_model_in_the_server_process(
+    process_server: InProcessServer, thread_server: InProcessServer
+) -> None:
+    here, there = stub_of(thread_server), stub_of(process_server)
+    for text in TEXTS:
+        for policy in ("paper", "mistral-13"):
+            request = pb.ClassifyRequest(text=text, policy=policy)
+            a, b = here.Classify(request), there.Classify(request)
+            assert (a.category, a.flagged, a.model) == (b.category, b.flagged, b.model)
+            for key, value in a.scores.items():
+                assert b.scores[key] == pytest.approx(value, abs=1e-5)
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text=t) for t in TEXTS])
+    assert [r.category for r in there.ClassifyBatch(batch).results] == [
+        r.category for r in here.ClassifyBatch(batch).results
+    ]
+    chat = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Tell me a story")],
+        max_new_tokens=10, moderate_input=True, moderate_output=True,
+    )  # fmt: skip
+    a_gen, b_gen = here.Generate(chat), there.Generate(chat)
+    assert (a_gen.text, a_gen.completion_tokens) == (b_gen.text, b_gen.completion_tokens)
+    streamed = list(there.GenerateStream(chat))
+    assert "".join(m.delta for m in streamed if m.delta) == b_gen.text
+    assert streamed[-1].final.text == b_gen.text
+
+
+def test_bad_requests_are_refused_at_the_door_and_the_model_keeps_serving(
+    process_server: InProcessServer,
+) -> None:
+    stub = stub_of(process_server)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(pb.ClassifyRequest(text="x", policy="nope"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "policy" in err.value.details()
+    assert stub.Classify(pb.ClassifyRequest(text="still here")).model
+
+
+def test_errors_cross_the_pipe_as_the_same_exceptions() -> None:
+    for exc in (
+        ClassificationError("messages", "too long"),
+        QueueFullError("full"),
+        DeadlineExpiredError("late"),
+        WorkerStoppedError("stopping"),
+        RuntimeError("boom"),
+    ):
+        back = _error_from(*_error_message(exc))
+        assert type(back) is type(exc)
+        if isinstance(exc, ClassificationError):
+            assert isinstance(back, ClassificationError) and back.field == "messages"
+        else:
+            assert str(exc) in str(back)
+
+
+def test_metrics_recorded_in_the_model_process_are_replayed_here() -> None:
+    recorded = RecordingMetrics()
+    recorded.batch_size.labels(kind="classify").observe(5)
+    recorded.tokens.labels(kind="computed").inc(42)
+    recorded.queue_depth.set(3)
+    recorded.prefix_hits.inc(5)
+    metrics = Metrics.create()
+    replay(metrics, recorded.take())
+    assert recorded.take() == []
+    get = metrics.registry.get_sample_value
+    assert get("moderation_batch_size_sum", {"kind": "classify"}) == 5
+    assert get("moderation_tokens_total", {"kind": "computed"}) == 42
+    assert get("moderation_queue_depth") == 3
+    assert get("moderation_prefix_reuse_hits_total") == 5
+
+
+def test_the_worker_metrics_reach_the_endpoint(process_server: InProcessServer) -> None:
+    stub_of(process_server).Classify(pb.ClassifyRequest(text="count me"))
+    url = f"http://127.0.0.1:{process_server.settings.metrics_port}/metrics"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if 'moderation_tokens_total{kind="computed"}' in body:
+            break
+        time.sleep(0.2)
+    assert 'moderation_batch_size_count{kind="classify"}' in body
+    assert 'moderation_tokens_total{kind="computed"}' in body
+
+
+def test_a_cancelled_stream_stops_generating_in_the_model_process(
+    process_server: InProcessServer,
+) -> None:
+    stub = stub_of(process_server)
+    chat = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Go on forever")], max_new_tokens=4000
+    )
+    call = stub.GenerateStream(chat)
+    next(iter(call))  # it started
+    call.cancel()
+    worker = process_server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    deadline = time.monotonic() + 10
+    while worker.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.queue_depth == 0  # this side forgot it and told the model process
+
+    def computed() -> float:
+        value = process_server.server.metrics.registry.get_sample_value(
+            "moderation_tokens_total", {"kind": "computed"}
+        )
+        return value or 0.0
+
+    time.sleep(1.0)  # metrics arrive every 0.25 s
+    before = computed()
+    time.sleep(1.0)
+    # 4000 tokens would take many seconds more; a stopped generation computes nothing.
+    assert computed() == before
+
+
+def test_a_stop_ends_the_model_process_cleanly(demo_checkpoint: Path) -> None:
+    server = InProcessServer(settings(demo_checkpoint))
+    server.wait_loaded()
+    worker = server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    assert stub_of(server).Classify(pb.ClassifyRequest(text="last one")).model
+    server.stop()
+    assert worker._process.exitcode == 0
+
+
+def test_a_dead_model_process_fails_calls_and_reports_not_serving(demo_checkpoint: Path) -> None:
+    server = InProcessServer(settings(demo_checkpoint))
+    server.wait_loaded()
+    try:
+        worker = server.server.state.worker
+        assert isinstance(worker, ProcessWorker) and worker._process.pid is not None
+        channel = grpc.insecure_channel(server.address)
+        stub = pb_grpc.ModerationServiceStub(channel)
+        assert stub.Classify(pb.ClassifyRequest(text="alive")).model
+        os.kill(worker._process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while health_status(channel) != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(text="anyone?"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "model process exited" in err.value.details()
+    finally:
+        server.stop()
