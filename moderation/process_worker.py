@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
@@ -378,7 +379,10 @@ class ProcessWorker:
         self._child_conn = child_conn
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
-        self._send_lock = threading.Lock()  # stop() runs in a thread of its own
+        # Messages go out from a thread of their own: a send blocks when the pipe is full (the
+        # model busy with a long pass), and the event loop must keep answering meanwhile.
+        self._outgoing: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="model-pipe", daemon=True)
         self._stopping = False
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -402,6 +406,7 @@ class ProcessWorker:
             raise ModelProcessError(f"the model process could not load the model: {message[1]}")
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._sender.start()
         return cast(ModelInfo, message[1])
 
     def start(self) -> None:
@@ -413,8 +418,14 @@ class ProcessWorker:
         return len(self._pending)
 
     def _send(self, *message: Any) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+        self._outgoing.put(message)
+
+    def _send_loop(self) -> None:
+        while (message := self._outgoing.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the model process is gone: the reader reports it
+                return
 
     def _admit(self) -> int:
         if self._dead is not None:
@@ -465,8 +476,7 @@ class ProcessWorker:
                 self._send_quietly("cancel", job)  # nobody waits: stop generating
 
     def _send_quietly(self, *message: Any) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the model process is gone
-            self._send(*message)
+        self._send(*message)  # never raises: a gone model process is the reader's to report
 
     def _on_readable(self) -> None:
         try:
@@ -526,9 +536,9 @@ class ProcessWorker:
         """Finish what the model process holds, then end it (called from a thread)."""
         self._stopping = True
         if self._process.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self._send("stop", timeout or 0.0)
+            self._send("stop", timeout or 0.0)
             self._process.join((timeout or 0.0) + 10)
+        self._outgoing.put(None)  # ends the sender
         if self._process.is_alive():
             log.warning("model process did not stop in time; terminating it")
             self._process.terminate()
