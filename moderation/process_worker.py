@@ -48,6 +48,7 @@ from moderation.worker import (
     ModelWorker,
     QueueFullError,
     WorkerStoppedError,
+    generation_events,
 )
 
 log = structlog.get_logger(__name__)
@@ -418,6 +419,7 @@ class ProcessWorker:
         return len(self._pending)
 
     def _send(self, *message: Any) -> None:
+        # Never raises: a model process that is gone is for the reader to report.
         self._outgoing.put(message)
 
     def _send_loop(self) -> None:
@@ -450,7 +452,7 @@ class ProcessWorker:
             return await pending.future
         except asyncio.CancelledError:
             if self._pending.pop(job, None) is not None:
-                self._send_quietly("cancel", job)
+                self._send("cancel", job)
             raise
         finally:
             self._pending.pop(job, None)
@@ -464,19 +466,11 @@ class ProcessWorker:
         self._send("generate", job, prep, stream, deadline)
         try:
             assert pending.events is not None
-            while True:
-                event = await pending.events.get()
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in generation_events(pending.events):
                 yield event
-                if isinstance(event, GenerationResult):
-                    return
         finally:
             if self._pending.pop(job, None) is not None:
-                self._send_quietly("cancel", job)  # nobody waits: stop generating
-
-    def _send_quietly(self, *message: Any) -> None:
-        self._send(*message)  # never raises: a gone model process is the reader's to report
+                self._send("cancel", job)  # nobody waits: stop generating
 
     def _on_readable(self) -> None:
         try:

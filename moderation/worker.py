@@ -150,6 +150,19 @@ class _OutputCheck:
     finish_reason: str
 
 
+async def generation_events(
+    events: asyncio.Queue[str | GenerationResult | BaseException],
+) -> AsyncGenerator[str | GenerationResult, None]:
+    """A generation's text deltas, then its result; an exception put on the queue is raised."""
+    while True:
+        event = await events.get()
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        if isinstance(event, GenerationResult):
+            return
+
+
 class ModelWorker:
     """Owns the runtime (engine, classifier, generator); `submit` and `cancel` are
     thread-safe, `classify` and `generate` are the event loop's way in."""
@@ -239,13 +252,8 @@ class ModelWorker:
         self.submit(job)
         try:
             assert job.events is not None
-            while True:
-                event = await job.events.get()
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in generation_events(job.events):
                 yield event
-                if isinstance(event, GenerationResult):
-                    return
         finally:
             self.cancel(job)  # a no-op once finished; otherwise stop generating for nobody
 
