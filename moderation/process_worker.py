@@ -534,6 +534,7 @@ class ProcessWorker:
             self._process.join((timeout or 0.0) + 10)
         self._outgoing.put(None)  # ends the sender
         if self._process.is_alive():
-            log.warning("model process did not stop in time; terminating it")
-            self._process.terminate()
+            # It ignores SIGTERM (the server's to handle), so it takes SIGKILL.
+            log.warning("model process did not stop in time; killing it")
+            self._process.kill()
             self._process.join(10)
