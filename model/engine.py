@@ -136,7 +136,7 @@ class Engine:
         self.stats = EngineStats()
         self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
         # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
-        self._lse_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
+        self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
 
     # ----------------------------------------------------------------- forward
 
@@ -328,7 +328,7 @@ class Engine:
             )
             pair_rows = [p[0] for p in pairs]
             full_t = torch.tensor(full, device=device)
-            block = self._lse_rows if device.type == "cpu" else len(full)
+            block = self._logit_block_rows if device.type == "cpu" else len(full)
             for first in range(0, len(full), block):
                 rows = full_t[first : first + block]
                 logp = torch.log_softmax(self.model.project(hidden.index_select(0, rows)), -1)

@@ -197,12 +197,12 @@ def test_generate_stops_at_eos_and_counts_the_budget(model: Transformer) -> None
     assert stopped == free[: free.index(stop) + 1]
 
 
-@pytest.mark.parametrize("lse_rows", [1, 4096])
+@pytest.mark.parametrize("block_rows", [1, 4096])
 def test_score_equals_log_probabilities_of_one_full_forward(
-    model: Transformer, lse_rows: int
+    model: Transformer, block_rows: int
 ) -> None:
     engine = Engine(model, max_batch_size=1, score_batch_size=4, chunk_size=7)
-    engine._lse_rows = lse_rows  # normalisers one row at a time, or all rows in one block
+    engine._logit_block_rows = block_rows  # full logits one row at a time, or all in one block
     prompt = random_tokens(3 * W + 2, seed=7)
     # Shared prefixes, different lengths, a single-token continuation.
     conts = [[5, 6, 7], [5, 6, 8], [9], [5, 10, 11, 12], [5, 6]]
