@@ -41,9 +41,10 @@ class AttentionBackend(Protocol):
 
 
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """Bool [len(q_pos), len(k_pos)]: a query at position i sees key positions i-W+1 .. i."""
-    q = q_pos[:, None]
-    k = k_pos[None, :]
+    """Bool [..., Tq, Tk]: a query at position i sees key positions i-W+1 .. i. Positions are
+    [T] for one sequence or [B, T] for a padded batch."""
+    q = q_pos[..., :, None]
+    k = k_pos[..., None, :]
     return (k <= q) & (k > q - window)
 
 
@@ -96,7 +97,7 @@ def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
     new_row = torch.where(valid_k & ~is_cached, cu_q[:, None] + jk[None, :] - cached[:, None], 0)
     k_pos = torch.where(is_cached, starts[:, None] - cached[:, None] + jk[None, :],
                         meta.positions[new_row])  # fmt: skip
-    mask = band_mask_batched(q_pos, k_pos, meta.window) & valid_k[:, None, :]
+    mask = band_mask(q_pos, k_pos, meta.window) & valid_k[:, None, :]
     for b, tree in enumerate(meta.trees):
         if tree is not None:
             c, n = meta.cached_lens[b], meta.seqlens[b]
@@ -113,13 +114,6 @@ def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
         max_q=Tq,
         max_k=Tk,
     )
-
-
-def band_mask_batched(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """Bool [B, Tq, Tk]: band_mask for every sequence of a padded batch."""
-    q = q_pos[:, :, None]
-    k = k_pos[:, None, :]
-    return (k <= q) & (k > q - window)
 
 
 class SdpaBackend:

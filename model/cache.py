@@ -10,6 +10,7 @@ sequence reads in position order, where new keys go. Attention layers only read 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,9 +240,9 @@ class RollingCache:
         gather_rows = slot_t[seq] * W + pos % W
         # New tokens' positions: consecutive, or length + depth for a token tree.
         positions = _ranges(lengths, seqlens, dev)[1]
+        cu = list(itertools.accumulate(seqlens, initial=0))  # new tokens' packed offsets
         depths = [(b, t[0]) for b, t in enumerate(trees) if t is not None]
         if depths:
-            cu = _offsets(seqlens, dev).tolist()
             idx = torch.tensor([i for b, _ in depths for i in range(cu[b], cu[b + 1])], device=dev)
             tree_pos = [lengths[b] + d for b, ds in depths for d in ds]
             positions[idx] = torch.tensor(tree_pos, dtype=torch.long, device=dev)
@@ -251,7 +252,7 @@ class RollingCache:
         ends = [n + n_new for n, n_new in zip(lengths, seqlens, strict=True)]
         wseq, wpos = _ranges([e - k for e, k in zip(ends, kept, strict=True)], kept, dev)
         write_rows = slot_t[wseq] * W + wpos % W
-        token_offsets = _offsets(seqlens, dev).long()
+        token_offsets = torch.tensor(cu, dtype=torch.long, device=dev)
         write_src = token_offsets[:-1][wseq] + (wpos - torch.tensor(lengths, device=dev)[wseq])
         key_order = self._key_order(cached_lens, seqlens)
         decode = all(write) and all(n == 1 for n in seqlens)
@@ -326,8 +327,8 @@ class RollingCache:
             return None
         # Sequence b's keys start at its cached rows' offset, then its new tokens' offset.
         total_cached = sum(cached_lens)
-        c_off = _offsets(cached_lens, self.device).tolist()
-        n_off = _offsets(seqlens, self.device).tolist()
+        c_off = list(itertools.accumulate(cached_lens, initial=0))
+        n_off = list(itertools.accumulate(seqlens, initial=0))
         starts: list[int] = []
         lengths: list[int] = []
         for b, (c, n) in enumerate(zip(cached_lens, seqlens, strict=True)):

@@ -209,7 +209,7 @@ class Transformer(nn.Module):
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)
         h = self.norm(h)
-        return h if hidden else self.output(h).float()
+        return h if hidden else self.project(h)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (fp32) of final hidden states: the output projection onto the vocabulary."""
