@@ -34,11 +34,10 @@ from typing import Any, cast
 import structlog
 
 from model.args import ModelArgs
-from moderation.classifier import Classification, ClassificationError, Classifier
-from moderation.guarded import GenerationResult, GuardedGenerator, PreparedGeneration
+from moderation.classifier import Classification, ClassificationError
+from moderation.guarded import GenerationResult, PreparedGeneration
 from moderation.metrics import Metrics
-from moderation.policy import Policy, load_policy_file
-from moderation.runtime import Runtime
+from moderation.runtime import Runtime, assemble_runtime, load_policies
 from moderation.settings import ServeSettings
 from moderation.worker import (
     ClassifyJob,
@@ -95,37 +94,18 @@ def front_runtime(info: ModelInfo, settings: ServeSettings) -> Runtime:
     """Tokenizer, policies, planning and preparation, as in the model process, without weights."""
     from model import Tokenizer
 
-    tokenizer = Tokenizer.from_file(Path(info.folder))
-    policies: dict[str, Policy] = {}
-    for path in settings.policy_files:
-        policy = load_policy_file(path)
-        policies[policy.name] = policy
-    engine = cast(Any, info.engine)  # planning reads only its limits
-    classifier = Classifier(
-        engine,
-        tokenizer,
-        model_id=info.model_id,
-        policies=policies,
-        default_policy=settings.policy,
-        threshold=settings.threshold,
-        long_text=settings.long_text,
-    )
-    generator = GuardedGenerator(
-        engine,
-        tokenizer,
-        classifier,
-        model_id=info.model_id,
-        max_new_tokens_limit=settings.max_new_tokens,
-    )
-    return Runtime(
+    return assemble_runtime(
+        info.engine,  # planning reads only its limits
+        Tokenizer.from_file(Path(info.folder)),
         model_id=info.model_id,
         demo=info.demo,
         device=info.device,
         dtype=info.dtype,
-        engine=engine,
-        tokenizer=tokenizer,
-        classifier=classifier,
-        generator=generator,
+        policies=load_policies(settings.policy_files),
+        default_policy=settings.policy,
+        threshold=settings.threshold,
+        long_text=settings.long_text,
+        max_new_tokens_limit=settings.max_new_tokens,
     )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -79,10 +80,7 @@ def load_runtime(
         log.warning("serving the demo model", model=model_id, path=str(folder))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    policies: dict[str, Policy] = {}
-    for path in policy_files:
-        policy = load_policy_file(path)
-        policies[policy.name] = policy
+    policies = load_policies(policy_files)  # a bad policy file fails before a long model load
     transformer = load_model(folder, device=str(dev), dtype=dt)
     tokenizer = Tokenizer.from_file(folder)
     engine = Engine(
@@ -92,6 +90,48 @@ def load_runtime(
         backend=attention_backend,
         eos_id=tokenizer.eos_id,
     )
+    return assemble_runtime(
+        engine,
+        tokenizer,
+        model_id=model_id,
+        demo=demo,
+        device=str(dev),
+        dtype=str(dt).removeprefix("torch."),
+        policies=policies,
+        default_policy=default_policy,
+        threshold=threshold,
+        long_text=long_text,
+        max_text_tokens=max_text_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+    )
+
+
+def load_policies(paths: Sequence[str | Path]) -> dict[str, Policy]:
+    """Custom policy files by policy name."""
+    policies: dict[str, Policy] = {}
+    for path in paths:
+        policy = load_policy_file(path)
+        policies[policy.name] = policy
+    return policies
+
+
+def assemble_runtime(
+    engine: Any,
+    tokenizer: Tokenizer,
+    *,
+    model_id: str,
+    demo: bool,
+    device: str,
+    dtype: str,
+    policies: Mapping[str, Policy] | None = None,
+    default_policy: str = DEFAULT_POLICY,
+    threshold: float = 0.5,
+    long_text: str = "reject",
+    max_text_tokens: int | None = None,
+    max_new_tokens_limit: int = 4096,
+) -> Runtime:
+    """Policies, classifier and generator around an engine: the loaded one, or (in the server
+    process, when the model runs in its own) a description of its limits, for planning."""
     classifier = Classifier(
         engine,
         tokenizer,
@@ -108,8 +148,8 @@ def load_runtime(
     return Runtime(
         model_id=model_id,
         demo=demo,
-        device=str(dev),
-        dtype=str(dt).removeprefix("torch."),
+        device=device,
+        dtype=dtype,
         engine=engine,
         tokenizer=tokenizer,
         classifier=classifier,

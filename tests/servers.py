@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moderation.runtime import Runtime, load_runtime
+from moderation.runtime import Runtime
 from moderation.server import Server, load_from_settings
 from moderation.settings import ServeSettings
 
@@ -30,22 +31,13 @@ def free_port() -> int:
 
 
 def demo_loader(checkpoint: Path) -> Callable[[ServeSettings], Runtime]:
-    """Load the demo checkpoint the tests wrote (a fresh runtime per server, real engine)."""
+    """Load the demo checkpoint the tests wrote (a fresh runtime per server, real engine), in
+    the server's process, on CPU in float32, whatever the settings say of the model."""
 
     def load(settings: ServeSettings) -> Runtime:
-        runtime = load_runtime(
-            checkpoint,
-            device="cpu",
-            dtype="float32",
-            default_policy=settings.policy,
-            threshold=settings.threshold,
-            long_text=settings.long_text,
-            max_batch_size=settings.max_batch_size,
-            score_batch_size=settings.max_batch_size,
-            max_new_tokens_limit=settings.max_new_tokens,
+        return load_from_settings(
+            dataclasses.replace(settings, model=str(checkpoint), device="cpu", dtype="float32")
         )
-        runtime.classifier.warm_up()
-        return runtime
 
     return load
 
