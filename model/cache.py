@@ -18,6 +18,7 @@ import torch
 
 from model.args import ModelArgs
 from model.errors import RequestError
+from model.memory import cache_rows
 
 
 @dataclass
@@ -138,15 +139,13 @@ class RollingCache:
         args: ModelArgs,
         n_slots: int,
         *,
-        max_seq_len: int | None = None,
+        max_context: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> RollingCache:
-        """A cache whose window is the model's sliding window, or the context length without one."""
-        if args.sliding_window:
-            window, sliding = args.sliding_window, True
-        else:
-            window, sliding = min(args.max_seq_len, max_seq_len or args.max_seq_len), False
+        """A cache whose rows per slot are the model's sliding window, or the context limit
+        without one (the model's max_seq_len when None); see memory.cache_rows."""
+        window, sliding, _ = cache_rows(args, max_context)
         return cls(
             n_layers=args.n_layers,
             n_slots=n_slots,

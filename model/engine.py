@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,18 @@ import torch
 from model.attention import select_backend
 from model.cache import CacheSnapshot, RollingCache
 from model.errors import RequestError
+from model.memory import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    activation_bytes,
+    cache_rows,
+    device_budget,
+    plan_memory,
+    weights_bytes,
+)
 from model.sampling import SamplingParams, make_generator, sample
 from model.transformer import Transformer, pack_for_cpu
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,15 @@ class Engine:
 
     `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
     of classifications never waits for long generations to finish.
+
+    Memory (see model/memory.py): each slot caches the sliding window, or `max_context` tokens
+    for a model without one (None: the model's max_seq_len, 32k for Mistral 7B v0.2/v0.3;
+    pass a limit such as 8192). With a window, `max_context` bounds accepted sequences.
+    Requested slots are caps: fewer are made when the budget holds fewer (at least one of
+    each; MemoryBudgetError below two). The budget: on CUDA `gpu_memory_utilization` of the
+    device for weights + activations + cache; on CPU `cache_memory_bytes` for the cache
+    (default min(25% of available RAM, 4 GiB)), which also caps the cache on CUDA when given.
+    `memory` is the resulting MemoryPlan.
     """
 
     def __init__(
@@ -98,7 +118,9 @@ class Engine:
         score_batch_size: int = 16,
         chunk_size: int | None = None,
         max_step_tokens: int | None = None,
-        max_seq_len: int | None = None,
+        max_context: int | None = None,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        cache_memory_bytes: int | None = None,
         backend: str = "auto",
         eos_id: int = 2,
     ):
@@ -106,24 +128,63 @@ class Engine:
         self.args = model.args
         self.eos_id = eos_id
         self.backend = select_backend(backend, model.device, model.dtype)
+        weights = weights_bytes(model)  # before pack_for_cpu, which does not add to it
         if model.device.type == "cpu":
             pack_for_cpu(model)
-        self.cache = RollingCache.for_model(
-            model.args,
-            max_batch_size + score_batch_size,
-            max_seq_len=max_seq_len,
-            device=model.device,
-            dtype=model.dtype,
-        )
-        self.window = self.cache.window
-        self.chunk_size = chunk_size or self.window
+        rows = cache_rows(model.args, max_context)[0]
+        # Chunks of at most 4096 tokens (the 7B's window) bound activations for models whose
+        # rows are a long context.
+        self.chunk_size = chunk_size or min(rows, 4096)
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         # Tokens one forward pass may carry: bounds activation memory when many long prompts
         # arrive together (pre-fill of the rest continues in the next passes).
         self.max_step_tokens = max_step_tokens or max(self.chunk_size, 4096)
-        # Sequences longer than this are refused; with a sliding window there is no limit.
-        self.max_context = None if self.cache.sliding else self.window
+        activations = activation_bytes(
+            model.args,
+            model.dtype,
+            step_tokens=self.max_step_tokens,
+            chunk_tokens=self.chunk_size,
+            rows=rows,
+            sequences=max(max_batch_size, score_batch_size),
+            logits_rows=max_batch_size + 32 * score_batch_size,
+            materialised_scores=self.backend.name != "flash",
+        )
+        budget, total, free = device_budget(
+            model.device,
+            weights=weights,
+            activations=activations,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cache_memory_bytes=cache_memory_bytes,
+        )
+        # Requested slots are caps: fewer when fewer fit, MemoryBudgetError below two.
+        self.memory = plan_memory(
+            model.args,
+            model.dtype,
+            max_context=max_context,
+            budget_bytes=budget,
+            weights_bytes=weights,
+            activation_bytes=activations,
+            max_batch_size=max_batch_size,
+            score_batch_size=score_batch_size,
+            device=str(model.device),
+            device_total_bytes=total,
+            device_free_bytes=free,
+        )
+        _log.log(logging.WARNING if self.memory.scaled_down else logging.INFO,
+                 self.memory.describe())  # fmt: skip
+        max_batch_size = self.memory.generation_slots
+        score_batch_size = self.memory.scoring_slots
+        self.cache = RollingCache.for_model(
+            model.args,
+            self.memory.slots,
+            max_context=max_context,
+            device=model.device,
+            dtype=model.dtype,
+        )
+        self.window = self.cache.window
+        # Sequences longer than this are refused; None (a sliding window, no limit given): any.
+        self.max_context = self.memory.max_context
         self.max_batch_size = max_batch_size
         self.score_batch_size = score_batch_size
         # Kept sorted and taken lowest first, so running sequences tend to sit in consecutive

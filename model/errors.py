@@ -15,3 +15,7 @@ class TokenizerError(EngineError):
 
 class RequestError(EngineError):
     """A request to the engine is invalid (too long, empty, bad sampling parameters)."""
+
+
+class MemoryBudgetError(EngineError):
+    """The weights and at least two cache slots do not fit the memory budget."""

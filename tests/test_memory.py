@@ -1,0 +1,212 @@
+"""Memory planning: slots sized from a budget and a context limit, at the real 7B shapes
+(meta tensors, nothing allocated), and the engine that starts from the plan."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from model import Engine, GenerationRequest, ModelArgs
+from model.args import MISTRAL_7B
+from model.demo import random_weights
+from model.errors import MemoryBudgetError, RequestError
+from model.memory import (
+    GiB,
+    activation_bytes,
+    cache_rows,
+    cuda_budget,
+    default_cpu_cache_bytes,
+    kv_bytes_per_token,
+    plan_memory,
+    weights_bytes,
+)
+from model.transformer import Transformer
+
+V01 = MISTRAL_7B  # window 4096
+V02 = ModelArgs(**{**MISTRAL_7B.to_params(), "sliding_window": None, "rope_theta": 1e6})
+BF16 = torch.bfloat16
+KIB = 1024
+# The service's default request: 32 generation + 32 scoring slots, an 8192-token context.
+ASKED = {"max_batch_size": 32, "score_batch_size": 32}
+
+
+def seven_b_weights() -> int:
+    with torch.device("meta"):
+        model = Transformer(MISTRAL_7B).to(BF16)
+    return weights_bytes(model)
+
+
+def card_budget(total: int, weights: int) -> int:
+    """A card that holds the weights and a 0.5 GiB CUDA context, at vLLM's default 0.9."""
+    return cuda_budget(total=total, free=total - weights - GiB // 2, weights=weights,
+                       utilization=0.9)  # fmt: skip
+
+
+def seven_b_activations(args: ModelArgs, context: int, *, flash: bool) -> int:
+    rows = cache_rows(args, context)[0]
+    return activation_bytes(
+        args, BF16, step_tokens=4096, chunk_tokens=min(rows, 4096), rows=rows, sequences=32,
+        logits_rows=32 + 32 * 32, materialised_scores=not flash,
+    )  # fmt: skip
+
+
+def test_seven_b_costs_128_kib_per_token_and_14_5_gb_of_weights() -> None:
+    assert kv_bytes_per_token(MISTRAL_7B, BF16) == 128 * KIB
+    # 7,241,732,096 parameters in bf16.
+    assert seven_b_weights() == 14_483_464_192
+
+
+def test_rows_are_the_window_or_the_context_limit() -> None:
+    assert cache_rows(V01, None) == (4096, True, None)
+    assert cache_rows(V01, 8192) == (4096, True, 8192)  # the window; 8192 bounds requests
+    assert cache_rows(V01, 2048) == (2048, False, 2048)  # no request reaches the window
+    assert cache_rows(V02, None) == (32768, False, 32768)
+    assert cache_rows(V02, 8192) == (8192, False, 8192)
+    assert cache_rows(V02, 100_000) == (32768, False, 32768)  # never past the model's maximum
+
+
+@pytest.mark.parametrize(
+    ("args", "total", "flash", "slots"),
+    [
+        # 80 GB: 72 GB budget - 0.54 GB context - 14.48 GB weights - activations: all 64 fit.
+        (V01, 80 * 10**9, True, (32, 32)),
+        (V01, 80 * 10**9, False, (32, 32)),
+        (V02, 80 * 10**9, True, (24, 25)),  # 49 slots of 1 GiB (8192 x 128 KiB)
+        (V02, 80 * 10**9, False, (18, 19)),  # SDPA's fp32 scores: 12 GiB more activations
+        # 40 GB: 36 GB budget: (36e9 - 0.54e9 - 14.48e9 - 2.44e9) // 512 MiB = 34 slots.
+        (V01, 40 * 10**9, True, (17, 17)),
+        (V01, 40 * 10**9, False, (9, 9)),
+        (V02, 40 * 10**9, True, (8, 8)),
+        (V02, 40 * 10**9, False, (2, 2)),
+    ],
+)
+def test_seven_b_fits_80_and_40_gb_cards_with_an_8192_context(
+    args: ModelArgs, total: int, flash: bool, slots: tuple[int, int]
+) -> None:
+    weights = seven_b_weights()
+    budget = card_budget(total, weights)
+    act = seven_b_activations(args, 8192, flash=flash)
+    plan = plan_memory(args, BF16, max_context=8192, budget_bytes=budget, weights_bytes=weights,
+                       activation_bytes=act, **ASKED)  # fmt: skip
+    assert (plan.generation_slots, plan.scoring_slots) == slots
+    rows = 4096 if args is V01 else 8192
+    assert plan.tokens_per_slot == rows
+    assert plan.bytes_per_slot == rows * 128 * KIB
+    # The arithmetic: as many slots as the budget holds after weights and activations.
+    fit = (budget - weights - act) // plan.bytes_per_slot
+    assert plan.slots == min(fit, 64)
+    assert weights + act + plan.cache_bytes <= budget
+    assert plan.max_context == 8192
+    assert plan.scaled_down == (plan.slots < 64)
+
+
+def test_seven_b_v02_at_its_full_32k_context_is_refused_with_the_numbers() -> None:
+    weights = seven_b_weights()
+    budget = card_budget(40 * 10**9, weights)
+    act = seven_b_activations(V02, 32768, flash=False)
+    with pytest.raises(MemoryBudgetError) as err:
+        plan_memory(V02, BF16, max_context=None, budget_bytes=budget, weights_bytes=weights,
+                    activation_bytes=act, **ASKED, device="cuda:0", device_total_bytes=40 * 10**9,
+                    device_free_bytes=40 * 10**9 - weights)  # fmt: skip
+    message = str(err.value)
+    for part in (
+        "2 slots of 32768 tokens need 8.00 GiB",
+        "4.00 GiB per slot",
+        "128 KiB per token",
+        "weights 13.49 GiB",
+        f"budget of {budget / GiB:.2f} GiB",
+        "37.25 GiB total",
+        "max_context",
+    ):
+        assert part in message
+
+
+def test_an_impossible_budget_is_refused() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"2 slots of 4096 tokens need 1\.00 GiB"):
+        plan_memory(V01, BF16, max_context=None, budget_bytes=14 * 10**9,
+                    weights_bytes=seven_b_weights(), activation_bytes=0, **ASKED)  # fmt: skip
+
+
+def test_fewer_slots_keep_one_of_each_kind() -> None:
+    per_slot = 4096 * 128 * KIB
+    for asked, fit, want in [((32, 32), 2, (1, 1)), ((1, 64), 10, (1, 9)), ((64, 1), 10, (9, 1)),
+                             ((8, 16), 12, (4, 8)), ((8, 16), 100, (8, 16))]:  # fmt: skip
+        plan = plan_memory(V01, BF16, max_context=None, budget_bytes=fit * per_slot,
+                           weights_bytes=0, activation_bytes=0, max_batch_size=asked[0],
+                           score_batch_size=asked[1])  # fmt: skip
+        assert (plan.generation_slots, plan.scoring_slots) == want
+
+
+def test_cpu_default_is_a_quarter_of_available_ram_at_most_4_gib() -> None:
+    assert default_cpu_cache_bytes(8 * GiB) == 2 * GiB
+    assert default_cpu_cache_bytes(64 * GiB) == 4 * GiB
+
+
+def test_cuda_budget_counts_what_others_hold() -> None:
+    # 10 GiB held besides our 14 GiB of weights: 0.9 x 80 GiB - 10 GiB.
+    budget = cuda_budget(total=80 * GiB, free=56 * GiB, weights=14 * GiB, utilization=0.9)
+    assert budget == int(72 * GiB) - 10 * GiB
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        cuda_budget(total=GiB, free=GiB, weights=0, utilization=1.5)
+
+
+# ----------------------------------------------------------------- the engine
+
+TINY = ModelArgs(
+    dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+    vocab_size=256, sliding_window=None, max_seq_len=32768, rope_theta=1e6,
+)  # fmt: skip
+
+
+def tiny_model(args: ModelArgs = TINY) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(random_weights(args, seed=0), assign=True)
+    return model.eval()
+
+
+def test_a_model_without_a_window_caches_the_context_limit_not_32k() -> None:
+    engine = Engine(tiny_model(), max_batch_size=2, score_batch_size=2, max_context=256)
+    assert engine.window == 256 and engine.max_context == 256
+    assert engine.cache.k.shape[1] == 4 * 256  # 4 slots x 256 rows, not x 32768
+    assert engine.memory.tokens_per_slot == 256 and engine.memory.slots == 4
+    assert engine.cache.nbytes == engine.memory.cache_bytes
+    with pytest.raises(RequestError, match="exceed the context of 256"):
+        engine.add_request(GenerationRequest(list(range(3, 250)), 10))
+    assert len(engine.generate([list(range(3, 200))], 5, stop_tokens=frozenset())[0]) == 5
+
+
+def test_with_a_window_max_context_bounds_requests_not_rows() -> None:
+    args = ModelArgs(**{**TINY.to_params(), "sliding_window": 64})
+    engine = Engine(tiny_model(args), max_batch_size=1, score_batch_size=1, max_context=512)
+    assert engine.window == 64 and engine.cache.sliding and engine.max_context == 512
+    with pytest.raises(RequestError, match="exceed the context of 512"):
+        engine.add_request(GenerationRequest(list(range(3, 200)), 400))
+    unbounded = Engine(tiny_model(args), max_batch_size=1, score_batch_size=1)
+    assert unbounded.max_context is None
+
+
+def test_engine_scales_slots_down_to_the_budget_and_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    per_slot = 256 * kv_bytes_per_token(TINY, torch.float32)
+    with caplog.at_level(logging.INFO, logger="model.engine"):
+        engine = Engine(tiny_model(), max_batch_size=8, score_batch_size=16, max_context=256,
+                        cache_memory_bytes=6 * per_slot)  # fmt: skip
+    assert (engine.max_batch_size, engine.score_batch_size) == (2, 4)
+    assert engine.cache.n_slots == 6 and engine.memory.scaled_down
+    [record] = [r for r in caplog.records if r.name == "model.engine"]
+    assert record.levelno == logging.WARNING
+    assert "6 slots x 256 tokens" in record.message
+    assert "2 generation + 4 scoring (asked 8 + 16)" in record.message
+    # The slots it has still serve: more requests than slots queue.
+    out = engine.generate([[5, 6, 7]] * 3, 4, stop_tokens=frozenset())
+    assert out[0] == out[1] == out[2] and len(out[0]) == 4
+
+
+def test_engine_refuses_to_start_when_two_slots_do_not_fit() -> None:
+    per_slot = 256 * kv_bytes_per_token(TINY, torch.float32)
+    with pytest.raises(MemoryBudgetError, match="2 slots of 256 tokens"):
+        Engine(tiny_model(), max_context=256, cache_memory_bytes=per_slot)
