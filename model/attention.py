@@ -13,7 +13,8 @@ Two paths, chosen by the plan:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -288,27 +289,62 @@ class FlashBackend:
         return out
 
 
+_log = logging.getLogger(__name__)
+_fallback_logged = False  # the auto fallback is explained once per process, not per engine
+
+
+def flash_import_error() -> str | None:
+    """Why flash-attn cannot be used here, or None when its kernels import.
+
+    Found on disk is not enough: a wheel built for another torch or CUDA raises at import
+    (ImportError for an undefined symbol, OSError for a missing library, RuntimeError from
+    its own version checks), so the import itself is the test.
+    """
+    try:
+        module = importlib.import_module("flash_attn")
+        module.flash_attn_varlen_func  # noqa: B018
+        module.flash_attn_with_kvcache  # noqa: B018
+    except ModuleNotFoundError as exc:
+        if exc.name == "flash_attn":
+            return "flash-attn is not installed"
+        return f"flash-attn failed to import: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # whatever a broken extension raises, auto falls back
+        return f"flash-attn failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
-        and importlib.util.find_spec("flash_attn") is not None
+        and flash_import_error() is None
     )
 
 
 def select_backend(
     name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
 ) -> AttentionBackend:
-    """`auto` picks flash-attn when CUDA, a half dtype and flash-attn are present, else SDPA."""
+    """`auto` picks flash-attn when CUDA, a half dtype and a working flash-attn are present,
+    else SDPA (saying why once, when CUDA would have used flash-attn)."""
+    global _fallback_logged
     if name == "sdpa":
         return SdpaBackend()
-    if name == "flash":
-        if not flash_available(device, dtype):
+    if name not in ("flash", "auto"):
+        raise EngineError(f"unknown attention backend {name!r}; choose auto, flash or sdpa")
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        if name == "flash":
             raise EngineError(
                 "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
                 f"package (device={device}, dtype={dtype})"
             )
+        return SdpaBackend()
+    error = flash_import_error()
+    if error is None:
         return FlashBackend()
-    if name == "auto":
-        return FlashBackend() if flash_available(device, dtype) else SdpaBackend()
-    raise EngineError(f"unknown attention backend {name!r}; choose auto, flash or sdpa")
+    if name == "flash":
+        raise EngineError(f"attention backend 'flash' is unavailable: {error}")
+    if not _fallback_logged:
+        _fallback_logged = True
+        level = logging.INFO if error == "flash-attn is not installed" else logging.WARNING
+        _log.log(level, "attention backend auto: using sdpa on %s, %s", device, error)
+    return SdpaBackend()
