@@ -3,7 +3,14 @@
 from model.args import ModelArgs
 from model.cache import RollingCache
 from model.engine import Engine, GenerationRequest, Prefix, ScoreRequest, TokenEvent
-from model.errors import CheckpointError, EngineError, RequestError, TokenizerError
+from model.errors import (
+    CheckpointError,
+    EngineError,
+    MemoryBudgetError,
+    RequestError,
+    TokenizerError,
+)
+from model.memory import MemoryPlan
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -14,6 +21,8 @@ __all__ = [
     "Engine",
     "EngineError",
     "GenerationRequest",
+    "MemoryBudgetError",
+    "MemoryPlan",
     "ModelArgs",
     "Prefix",
     "RequestError",

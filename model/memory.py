@@ -147,11 +147,13 @@ def activation_bytes(
 
 
 def weights_bytes(model: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each storage counted once."""
+    """Bytes of a module's parameters, buffers and tensors held as plain attributes (the
+    oneDNN-packed weights of pack_for_cpu), each storage counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "meta":
+    held = [t for m in model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+    for t in [*model.parameters(), *model.buffers(), *held]:
+        if t.device.type == "meta" or t.is_mkldnn:  # no storage to share (mkldnn: opaque)
             total += t.numel() * t.element_size()
             continue
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -210,3 +212,34 @@ def test_engine_refuses_to_start_when_two_slots_do_not_fit() -> None:
     per_slot = 256 * kv_bytes_per_token(TINY, torch.float32)
     with pytest.raises(MemoryBudgetError, match="2 slots of 256 tokens"):
         Engine(tiny_model(), max_context=256, cache_memory_bytes=per_slot)
+
+
+# ------------------------------------------------------------ CPU weights
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None:
+    from model.cache import ForwardMetadata
+    from model.transformer import pack_for_cpu
+
+    args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
+    model = tiny_model(args).to(dtype)
+    plain = tiny_model(args).to(dtype)
+    before = weights_bytes(model)
+    wk = model.layers[0].attention.wk.weight.detach().clone()
+    dropped = weakref.ref(model.layers[0].feed_forward.w2.weight)
+    assert pack_for_cpu(model) and pack_for_cpu(model)  # the second call changes nothing
+    gc.collect()
+    assert dropped() is None  # freed, not merely unregistered (nothing else refers to it)
+    after = weights_bytes(model)
+    # Storage accounting: only the output projection is held twice (scoring reads its rows).
+    output = args.vocab_size * args.dim * model.output.weight.element_size()
+    assert after == before + output
+    packed_layers = [m for m in model.layers.modules() if hasattr(m, "packed_rows")]
+    assert packed_layers and all("weight" not in m._parameters for m in packed_layers)
+    # Same results, and a dropped weight can still be read back.
+    tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
+    meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
+    torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=2e-2, rtol=2e-2)
+    assert torch.equal(model.layers[0].attention.wk.weight, wk)
