@@ -71,24 +71,31 @@ class MemoryPlan:
         """One line for the start-up log."""
         context = "unbounded" if self.max_context is None else f"{self.max_context} tokens"
         line = (
-            f"engine memory on {self.device}: weights {_gib(self.weights_bytes)}, "
-            f"activations {_gib(self.activation_bytes)} (estimated), "
-            f"kv cache {_gib(self.cache_bytes)} = {self.slots} slots x {self.tokens_per_slot} "
-            f"tokens x {self.bytes_per_token // 1024} KiB; "
+            f"engine memory on {self.device}: weights {_size(self.weights_bytes)}, "
+            f"activations {_size(self.activation_bytes)} (estimated), "
+            f"kv cache {_size(self.cache_bytes)} = {self.slots} slots x {self.tokens_per_slot} "
+            f"tokens x {_size(self.bytes_per_token)}; "
             f"slots {self.generation_slots} generation + {self.scoring_slots} scoring "
             f"(asked {self.requested_generation_slots} + {self.requested_scoring_slots}); "
-            f"context {context}; budget {_gib(self.budget_bytes)}"
+            f"context {context}; budget {_size(self.budget_bytes)}"
         )
         if self.device_total_bytes is not None and self.device_free_bytes is not None:
             line += (
-                f" (device {_gib(self.device_total_bytes)} total, "
-                f"{_gib(self.device_free_bytes)} free at start-up)"
+                f" (device {_size(self.device_total_bytes)} total, "
+                f"{_size(self.device_free_bytes)} free at start-up)"
             )
         return line
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+def _size(n: int) -> str:
+    """A byte count in the largest unit it reaches (the 7B's in GiB, a test model's in KiB)."""
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n} B"
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
@@ -244,15 +251,15 @@ def plan_memory(
         where = ""
         if device_total_bytes is not None and device_free_bytes is not None:
             where = (
-                f"; device {_gib(device_total_bytes)} total, {_gib(device_free_bytes)} free "
+                f"; device {_size(device_total_bytes)} total, {_size(device_free_bytes)} free "
                 "after loading the weights"
             )
         raise MemoryBudgetError(
             f"the KV cache does not fit: {MIN_SLOTS} slots of {rows} tokens need "
-            f"{_gib(MIN_SLOTS * per_slot)} ({_gib(per_slot)} per slot, "
-            f"{per_token // 1024} KiB per token), but the budget of {_gib(budget_bytes)} "
-            f"leaves {_gib(max(0, cache_budget))} after weights {_gib(weights_bytes)} and "
-            f"activations {_gib(activation_bytes)}{where}. Lower the context limit "
+            f"{_size(MIN_SLOTS * per_slot)} ({_size(per_slot)} per slot, "
+            f"{_size(per_token)} per token), but the budget of {_size(budget_bytes)} "
+            f"leaves {_size(max(0, cache_budget))} after weights {_size(weights_bytes)} and "
+            f"activations {_size(activation_bytes)}{where}. Lower the context limit "
             "(max_context), or raise the memory budget"
         )
     generation, scoring = max_batch_size, score_batch_size

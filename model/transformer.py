@@ -21,8 +21,6 @@ class Linear(nn.Linear):
     """nn.Linear (no bias) that can use a oneDNN pre-packed weight on CPU; see `pack_for_cpu`."""
 
     packed: torch.Tensor | None = None
-    # After pack_for_cpu drops the plain weight: (packed matrix, first row, end row) it is in.
-    packed_rows: tuple[torch.Tensor, int, int] | None = None
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -32,12 +30,17 @@ class Linear(nn.Linear):
             return packed_linear(x, self.packed)
         return F.linear(x, self.weight)
 
+
+class PackedLinear(Linear):
+    """A Linear whose plain weight pack_for_cpu dropped: `weight` is rebuilt on demand from the
+    packed matrix holding it (tests, debugging; the forward pass never reads it). A class of
+    its own so that unpacked (GPU) layers pay nothing for the lookup."""
+
+    packed_rows: tuple[torch.Tensor, int, int]  # (packed matrix, first row, end row)
+
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
-        # The plain weight of a packed layer, rebuilt on demand (tests, debugging; the
-        # forward pass never needs it).
-        rows = self.__dict__.get("packed_rows")
-        if name == "weight" and rows is not None:
-            packed, start, end = rows
+        if name == "weight":
+            packed, start, end = self.packed_rows
             return packed.to_dense()[start:end]
         return super().__getattr__(name)
 
@@ -58,6 +61,8 @@ def _pack(*layers: Linear) -> torch.Tensor:
     for layer in layers:
         end = start + layer.out_features
         del layer.weight
+        layer.__class__ = PackedLinear
+        assert isinstance(layer, PackedLinear)
         layer.packed_rows = (packed, start, end)
         start = end
     return packed

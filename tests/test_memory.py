@@ -221,7 +221,7 @@ def test_engine_refuses_to_start_when_two_slots_do_not_fit() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None:
     from model.cache import ForwardMetadata
-    from model.transformer import pack_for_cpu
+    from model.transformer import PackedLinear, pack_for_cpu
 
     args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
     model = tiny_model(args).to(dtype)
@@ -236,7 +236,7 @@ def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None
     # Storage accounting: only the output projection is held twice (scoring reads its rows).
     output = args.vocab_size * args.dim * model.output.weight.element_size()
     assert after == before + output
-    packed_layers = [m for m in model.layers.modules() if hasattr(m, "packed_rows")]
+    packed_layers = [m for m in model.layers.modules() if isinstance(m, PackedLinear)]
     assert packed_layers and all("weight" not in m._parameters for m in packed_layers)
     # Same results, and a dropped weight can still be read back.
     tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
