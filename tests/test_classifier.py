@@ -9,13 +9,10 @@ from typing import Any
 import pytest
 
 from model import ScoreRequest
-from moderation.classifier import (
-    ClassificationError,
-    Classifier,
-    ClassifyItem,
-    decide,
-)
-from moderation.policy import (
+from moderation.core.classifier import Classifier
+from moderation.core.decision import ClassifyItem, decide
+from moderation.core.errors import InvalidArgument
+from moderation.core.policy import (
     ACCEPTABLE_ID,
     BUILTIN_POLICIES,
     PAPER_CATEGORY_IDS,
@@ -23,7 +20,7 @@ from moderation.policy import (
     Policy,
     Role,
 )
-from moderation.prompts import build_prefix, build_prompt, label_continuations
+from moderation.core.prompts import build_prefix, build_prompt, label_continuations
 
 PAPER = BUILTIN_POLICIES["paper"]
 M13 = BUILTIN_POLICIES["mistral-13"]
@@ -209,7 +206,7 @@ def test_long_texts_are_rejected_by_default(demo_runtime: Any) -> None:
     strict = Classifier(
         demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=32
     )
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         strict.classify("word " * 100)
     assert err.value.field == "text"
     assert "exceed the limit of 32" in str(err.value)
@@ -255,7 +252,7 @@ def test_long_texts_can_be_split_and_the_most_severe_window_reported(demo_runtim
     ],
 )
 def test_bad_items_name_the_field(classifier: Classifier, item: ClassifyItem, field: str) -> None:
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         classifier.classify_many([item])
     assert err.value.field.startswith(field)
 

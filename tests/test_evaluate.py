@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from moderation.classifier import Classification, decide
 from moderation.cli import main
-from moderation.datasets import (
+from moderation.core.decision import Classification, decide
+from moderation.core.policy import BUILTIN_POLICIES
+from moderation.jobs.datasets import (
     DatasetError,
     Example,
     read_csv,
@@ -18,8 +19,7 @@ from moderation.datasets import (
     read_openai,
     read_xstest,
 )
-from moderation.evaluate import PRF, average_precision, evaluate
-from moderation.policy import BUILTIN_POLICIES
+from moderation.jobs.evaluate import PRF, average_precision, evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER = BUILTIN_POLICIES["paper"]

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from moderation.classifier import ClassificationError, ClassifyItem, decide
-from moderation.guarded import (
+from moderation.core.decision import ClassifyItem, decide
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import (
     INPUT_REFUSAL,
     OUTPUT_REFUSAL,
     GenerateOptions,
     GenerationResult,
-    GuardedGenerator,
-    TextStream,
 )
-from moderation.policy import BUILTIN_POLICIES, GUARDRAIL_SYSTEM_PROMPT
+from moderation.core.guarded import GuardedGenerator, TextStream
+from moderation.core.policy import BUILTIN_POLICIES, GUARDRAIL_SYSTEM_PROMPT
 
 USER = [{"role": "user", "content": "Write a haiku about the sea."}]
 ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says
@@ -156,7 +156,7 @@ def test_bad_generation_requests_name_the_field(
     options: GenerateOptions,
     field: str,
 ) -> None:
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         generator.prepare(messages, options)
     assert err.value.field == field
 
@@ -170,6 +170,9 @@ class ScriptedClassifier:
 
     def plan(self, item: ClassifyItem) -> None:
         pass
+
+    def policy(self, name: str | None) -> Any:
+        return BUILTIN_POLICIES[name or "paper"]
 
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)

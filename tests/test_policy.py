@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moderation.policy import (
+from moderation.core.policy import (
     BUILTIN_POLICIES,
     DEFAULT_POLICY,
     GUARDRAIL_SYSTEM_PROMPT,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from model.tokenizer import Tokenizer, mistral_common_tokenizer_path
-from moderation.policy import (
+from moderation.core.policy import (
     BUILTIN_POLICIES,
     GUARDRAIL_SYSTEM_PROMPT,
     MISTRAL_13_POLICY,
@@ -16,7 +16,7 @@ from moderation.policy import (
     Policy,
     Role,
 )
-from moderation.prompts import (
+from moderation.core.prompts import (
     NO_USER_PROMPT,
     ModerationPrompt,
     PromptError,

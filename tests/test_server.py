@@ -17,12 +17,13 @@ import structlog
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from moderation.logs import configure_logging
 from moderation.runtime import Runtime
-from moderation.settings import ServeSettings
+from moderation.serving.logs import configure_logging
+from moderation.serving.scheduler import ClassifyJob
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from moderation.worker import ClassifyJob, ModelWorker
 from tests.servers import (
     InProcessServer,
     demo_loader,
@@ -36,7 +37,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(
+    settings = ServeSettings(model_process=False,
         host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
         max_text_chars=2000, max_new_tokens=512, max_message_bytes=64 * 1024,
     )  # fmt: skip
@@ -254,10 +255,10 @@ def test_a_full_queue_is_resource_exhausted(
 ) -> None:
     state = served.server.state
     real = state.worker
-    assert real is not None
+    assert real is not None and state.runtime is not None
     # A worker that is not running holds its one queued job: the next request cannot queue.
-    stalled = ModelWorker(real.runtime, max_queue=1)
-    stalled.submit(ClassifyJob(loop=served.loop, planned=[]))
+    stalled = WorkerThread(state.runtime, max_queue=1)
+    stalled.scheduler.submit(ClassifyJob(planned=[]))
     state.worker = stalled
     try:
         with pytest.raises(grpc.RpcError) as err:

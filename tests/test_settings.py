@@ -1,4 +1,4 @@
-"""moderation.settings: precedence, parsing, validation and the option table."""
+"""moderation.serving.settings: precedence, parsing, validation and the option table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from moderation.settings import (
+from moderation.serving.settings import (
     DEFAULTS,
     ENV_PREFIX,
     OPTIONS,

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moderation.core.limits import LONG_TEXT_MODES
+from moderation.runtime import ATTENTION_BACKENDS, DTYPES, RuntimeSettings
+
 ENV_PREFIX = "MODERATION_"
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
-LONG_TEXT_MODES = ("reject", "split")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -94,6 +94,22 @@ class ServeSettings:
     def mutual_tls(self) -> bool:
         """Whether clients must present a certificate signed by tls_client_ca."""
         return self.tls_client_ca is not None
+
+    def runtime_settings(self) -> RuntimeSettings:
+        """What the model runtime is built from."""
+        return RuntimeSettings(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            attention_backend=self.attention_backend,
+            policy_files=self.policy_files,
+            default_policy=self.policy,
+            threshold=self.threshold,
+            long_text=self.long_text,
+            max_batch_size=self.max_batch_size,
+            score_batch_size=self.max_batch_size,
+            max_new_tokens_limit=self.max_new_tokens,
+        )
 
     def resolve_auth_token(self) -> str | None:
         """The bearer token clients must send, from auth_token or auth_token_file; None = no auth.

@@ -1,66 +1,31 @@
 """Guarded generation: the paper's guardrail system prompt, with optional input and output
-moderation around the model's answer (paper, section 5)."""
+moderation around the model's answer (paper, section 5).
+
+`AnswerDecoder` is the one token loop: the engine's token events of one generation in, the text
+that may be sent now out. The in-process generator (`GuardedGenerator.stream`, the CLI) and the
+server's scheduler both decode through it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from model import Engine, GenerationRequest, SamplingParams, Tokenizer
-from model.errors import RequestError, TokenizerError
-from moderation.classifier import Classification, ClassificationError, Classifier, ClassifyItem
-from moderation.policy import GUARDRAIL_SYSTEM_PROMPT, Role
-from moderation.prompts import PromptError, guarded_messages
-
-INPUT_REFUSAL = "I'm sorry, but I can't help with that request."
-OUTPUT_REFUSAL = "I'm sorry, but I can't share that answer."
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    guardrail: bool = True  # prepend the paper's guardrail system prompt
-    system_prompt: str | None = None  # replaces the guardrail prompt when set
-    moderate_input: bool = False  # refuse without generating when the user prompt is flagged
-    moderate_output: bool = False  # withhold a flagged answer
-    policy: str | None = None
-    threshold: float | None = None
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str  # the answer; empty when refused
-    refused: bool
-    refusal: str  # the message to show instead, when refused
-    finish_reason: str  # "stop", "length", "input_flagged" or "output_flagged"
-    input_moderation: Classification | None
-    output_moderation: Classification | None
-    prompt_tokens: int
-    completion_tokens: int
-    model: str
-
-
-@dataclass(frozen=True)
-class PreparedGeneration:
-    """A validated generation: the prompt tokens and what moderation to run around it."""
-
-    options: GenerateOptions
-    prompt: list[int]
-    user_prompt: str  # the last user message, what input moderation classifies
-    input_item: ClassifyItem | None
-
-    def output_item(self, answer: str) -> ClassifyItem:
-        return ClassifyItem(
-            answer,
-            role=Role.OUTPUT,
-            user_prompt=self.user_prompt,
-            policy=self.options.policy,
-            threshold=self.options.threshold,
-        )
+from model import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
+from model.errors import TokenizerError
+from moderation.core.classifier import Classifier
+from moderation.core.decision import Classification, ClassifyItem, check_threshold
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import (
+    INPUT_REFUSAL,
+    OUTPUT_REFUSAL,
+    GenerateOptions,
+    GenerationResult,
+    PreparedGeneration,
+    closing_events,
+)
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Role
+from moderation.core.prompts import PromptError, guarded_messages
 
 
 class TextStream:
@@ -88,12 +53,42 @@ class TextStream:
         return self.tokenizer.decode(self.tokens)
 
 
+class AnswerDecoder:
+    """One generation's token events -> the text deltas that may be sent now.
+
+    Nothing is released while output moderation is on (the answer goes out whole once checked,
+    see `closing_events`), nor when the caller wants only the result (`stream=False`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prep: PreparedGeneration, *, stream: bool = True):
+        self.eos = tokenizer.eos_id
+        self.text = TextStream(tokenizer)
+        self.release = stream and not prep.options.moderate_output
+        self.tokens: list[int] = []  # every token generated, the end-of-sequence one included
+        self.finish_reason: str | None = None  # set by the last event
+
+    def push(self, event: TokenEvent) -> str:
+        self.tokens.append(event.token)
+        delta = ""
+        if not (event.finish_reason == "stop" and event.token == self.eos):
+            delta = self.text.push(event.token)
+        if event.finished:
+            self.finish_reason = event.finish_reason or "length"
+        return delta if self.release else ""
+
+    @property
+    def answer(self) -> str:
+        return self.text.text()
+
+
 class GuardedGenerator:
-    """Chat generation wrapped in the guardrail prompt and optional moderation."""
+    """Chat generation wrapped in the guardrail prompt and optional moderation.
+
+    Without an engine (the server's front process) it only prepares generations."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         tokenizer: Tokenizer,
         classifier: Classifier,
         *,
@@ -113,17 +108,19 @@ class GuardedGenerator:
     def prepare(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
     ) -> PreparedGeneration:
-        """Validate and build the prompt; ClassificationError names the bad field."""
+        """Validate and build the prompt; InvalidArgument names the bad field."""
         if not 1 <= options.max_new_tokens <= self.max_new_tokens_limit:
-            raise ClassificationError(
+            raise InvalidArgument(
                 "max_new_tokens", f"must be between 1 and {self.max_new_tokens_limit}"
             )
-        try:
-            SamplingParams(options.temperature, options.top_p, options.seed)
-        except RequestError as exc:
-            raise ClassificationError(
-                "temperature" if "temperature" in str(exc) else "top_p", str(exc)
-            ) from exc
+        if not options.temperature >= 0.0:  # NaN fails too
+            raise InvalidArgument("temperature", f"must be >= 0, got {options.temperature}")
+        if not 0.0 < options.top_p <= 1.0:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {options.top_p}")
+        # Policy and threshold are checked even when only output moderation uses them.
+        self.classifier.policy(options.policy)
+        if options.threshold is not None:
+            check_threshold("threshold", options.threshold)
         system = None
         if options.guardrail:
             system = options.system_prompt or GUARDRAIL_SYSTEM_PROMPT
@@ -133,21 +130,16 @@ class GuardedGenerator:
             conversation = guarded_messages(messages, system_prompt=system)
             prompt = self.tokenizer.encode_chat(conversation)
         except (PromptError, TokenizerError) as exc:
-            raise ClassificationError("messages", str(exc)) from exc
+            raise InvalidArgument("messages", str(exc)) from exc
         if conversation[-1]["role"] != "user":
-            raise ClassificationError("messages", "the conversation must end with a user message")
+            raise InvalidArgument("messages", "the conversation must end with a user message")
         user_prompt = str(conversation[-1]["content"])
         input_item = None
         if options.moderate_input:
             input_item = ClassifyItem(
                 user_prompt, role=Role.INPUT, policy=options.policy, threshold=options.threshold
             )
-            self.classifier.plan(input_item)  # validate now: policy, threshold, length
-        elif options.policy is not None or options.threshold is not None:
-            # Validate policy and threshold even when only output moderation uses them.
-            self.classifier.plan(
-                ClassifyItem("x", policy=options.policy, threshold=options.threshold)
-            )
+            self.classifier.plan(input_item)  # validate now: the prompt's length
         return PreparedGeneration(options, prompt, user_prompt, input_item)
 
     def request(self, prep: PreparedGeneration) -> GenerationRequest:
@@ -209,35 +201,25 @@ class GuardedGenerator:
     ) -> Iterator[str | GenerationResult]:
         """Text deltas, then the result. With output moderation on, no text is yielded before
         the whole answer has been checked."""
+        if self.engine is None:
+            raise RuntimeError("this generator only prepares: the model runs in another process")
+        engine = self.engine
         prep = self.prepare(messages, options)
         input_moderation = self.moderate_input(prep)
         if input_moderation is not None and input_moderation.flagged:
             yield self.refuse_input(prep, input_moderation)
             return
-        request_id = self.engine.add_request(self.request(prep))
-        text = TextStream(self.tokenizer)
-        reason = "length"
+        request_id = engine.add_request(self.request(prep))
+        decoder = AnswerDecoder(self.tokenizer, prep)
         try:
-            while True:
-                events = [e for e in self.engine.step() if e.request_id == request_id]
-                if not events:
-                    continue
-                event = events[0]
-                if event.finish_reason != "stop" or event.token != self.tokenizer.eos_id:
-                    delta = text.push(event.token)
-                    if delta and not options.moderate_output:
+            while decoder.finish_reason is None:
+                for event in engine.step():
+                    if event.request_id == request_id and (delta := decoder.push(event)):
                         yield delta
-                else:
-                    text.tokens.append(event.token)
-                if event.finished:
-                    reason = event.finish_reason or "length"
-                    break
         finally:
-            self.engine.cancel(request_id)
-        result = self.finish(prep, text.tokens, reason, input_moderation)
-        if options.moderate_output and result.text:
-            yield result.text
-        yield result
+            engine.cancel(request_id)
+        result = self.finish(prep, decoder.tokens, decoder.finish_reason, input_moderation)
+        yield from closing_events(prep, result)
 
     def generate(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions | None = None

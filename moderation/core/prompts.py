@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from moderation.policy import (
+from moderation.core.policy import (
     CHAT_MARKER_RE,
     CONTROL_CHAR_RE,
     GUARDRAIL_SYSTEM_PROMPT,

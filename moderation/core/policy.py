@@ -48,7 +48,7 @@ DEFAULT_ACCEPTABLE_LABEL = "not moderated"
 ACCEPTABLE_ID = "acceptable"
 
 # Chat-template markers and control characters that no trusted policy text may contain and that
-# `moderation.prompts.neutralize` breaks in untrusted text. Defined here so that policy
+# `moderation.core.prompts.neutralize` breaks in untrusted text. Defined here so that policy
 # validation and neutralization share one definition (prompts imports policy, not the reverse).
 # `_IGNORABLE`: whitespace and invisible format characters that a reader (or the model) skips, so
 # "[ / INST ]", "[\u200bINST]" or "[I N S T]" count as markers too.
@@ -477,6 +477,12 @@ def load_policy_file(path: str | Path) -> Policy:
     return policy_from_dict(data, source=str(path))
 
 
+def is_policy_file(name_or_path: str) -> bool:
+    """Whether a policy option names a file (a .json/.toml path, or an existing file)."""
+    path = Path(name_or_path)
+    return path.suffix.lower() in (".json", ".toml") or path.is_file()
+
+
 def resolve_policy(name_or_path: str, extra: Mapping[str, Policy] | None = None) -> Policy:
     """A policy by name (from `extra`, then the built-ins) or from a .json/.toml file path.
 
@@ -487,7 +493,7 @@ def resolve_policy(name_or_path: str, extra: Mapping[str, Policy] | None = None)
     named = {**BUILTIN_POLICIES, **(extra or {})}
     if key in named:
         return named[key]
-    if Path(key).suffix.lower() in (".json", ".toml") or Path(key).is_file():
+    if is_policy_file(key):
         return load_policy_file(key)
     raise PolicyError(
         f"unknown policy {key!r}: use one of {', '.join(sorted(named))} "
