@@ -19,21 +19,20 @@ import structlog
 
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
-from moderation.core.policy import DEFAULT_POLICY, PolicyError, Role
+from moderation.core.policy import DEFAULT_POLICY, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from moderation.jobs import batch, evaluate
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
     add_policy_option,
+    add_role_option,
     policy_option,
 )
 from moderation.runtime import Runtime, load_runtime
 from moderation.serving.grpc.server import LOADER_THREAD, serve
 from moderation.serving.logs import configure_logging
 from moderation.serving.settings import SettingsError, add_serve_arguments, settings_from_args
-
-ROLES = tuple(r.value for r in Role)
 
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
@@ -104,7 +103,7 @@ def _register_classify(sub: Any) -> None:
     p = sub.add_parser("classify", help="classify one text and print a JSON decision")
     add_model_options(p)
     add_policy_option(p, DEFAULT_POLICY)
-    p.add_argument("--role", default="input", choices=ROLES)
+    add_role_option(p)
     p.add_argument("--prompt", help="output role: the user prompt the text answers")
     p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
     add_long_text_option(p, "reject")

@@ -94,9 +94,9 @@ def test_unflagged_input_and_output_pass(generator: GuardedGenerator) -> None:
     assert not result.refused
     assert result.text == plain.text  # moderation does not change the answer
     assert result.input_moderation is not None and not result.input_moderation.flagged
-    if result.text.strip():
-        assert result.output_moderation is not None
-        assert not result.output_moderation.flagged
+    assert result.text.strip(), "the demo must answer something for output moderation to check"
+    assert result.output_moderation is not None and not result.output_moderation.flagged
+    assert result.output_moderation.prompt_tokens > 0  # the answer itself was scored
 
 
 def test_streaming_shows_nothing_before_output_moderation(generator: GuardedGenerator) -> None:

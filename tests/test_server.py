@@ -298,16 +298,28 @@ def test_64_concurrent_calls_equal_the_sequential_answers(
             assert b.scores[key] == pytest.approx(value, abs=1e-5)
 
 
+def _decode_steps(served: InProcessServer) -> tuple[float, float]:
+    """(decoding steps, sequence-steps) so far: the generate batch sizes' count and sum."""
+    registry = served.server.metrics.registry
+    labels = {"kind": "generate"}
+    count = registry.get_sample_value("moderation_batch_size_count", labels) or 0.0
+    return count, registry.get_sample_value("moderation_batch_size_sum", labels) or 0.0
+
+
 def test_concurrent_generations_are_batched_and_equal_alone(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
     requests = [
-        pb.GenerateRequest(messages=user(f"story {i}"), max_new_tokens=16) for i in range(6)
+        pb.GenerateRequest(messages=user(f"story {i}"), max_new_tokens=48) for i in range(6)
     ]
     alone = [stub.Generate(r).text for r in requests]
+    steps, sequence_steps = _decode_steps(served)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         together = [r.text for r in pool.map(stub.Generate, requests)]
     assert together == alone
+    more_steps, more_sequence_steps = _decode_steps(served)
+    # Serially each step would decode one sequence; batched, steps decode several at once.
+    assert more_steps - steps < more_sequence_steps - sequence_steps
 
 
 def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:

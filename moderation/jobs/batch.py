@@ -40,6 +40,7 @@ from moderation.jobs.options import (
     add_model_options,
     add_policy_option,
     add_remote_options,
+    add_role_option,
     policy_option,
 )
 from moderation.jobs.scoring import Scorer, make_scorer
@@ -341,7 +342,7 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
     p.add_argument("--text-column", required=True, help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
-    p.add_argument("--role", default="input", choices=("input", "output"))
+    add_role_option(p)
     add_policy_option(p, None)
     p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
     add_long_text_option(p, "reject")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from moderation.core.limits import LONG_TEXT_MODES
-from moderation.core.policy import BUILTIN_POLICIES, is_policy_file, load_policy_file
+from moderation.core.policy import BUILTIN_POLICIES, Role, is_policy_file, load_policy_file
 from moderation.runtime import DTYPES
 
 
@@ -31,6 +31,15 @@ def add_policy_option(p: argparse.ArgumentParser, default: str | None) -> None:
         "--policy",
         default=default,
         help="policy name (paper, mistral-13, or one the server knows) or a .json/.toml file",
+    )
+
+
+def add_role_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--role",
+        default=Role.INPUT.value,
+        choices=[r.value for r in Role],
+        help="what the text is: a user prompt (input) or a model's answer (output)",
     )
 
 
