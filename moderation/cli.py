@@ -17,9 +17,10 @@ from typing import Any
 
 import structlog
 
+from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
-from moderation.core.policy import DEFAULT_POLICY, PolicyError
+from moderation.core.policy import PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from moderation.jobs import batch, evaluate
 from moderation.jobs.options import (

@@ -18,10 +18,11 @@ import torch
 
 from model import Engine, Tokenizer, load_model
 from model.demo import is_demo_checkpoint, write_demo_checkpoint
+from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.classifier import Classifier
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import ModelLimits
-from moderation.core.policy import DEFAULT_POLICY, Policy, load_policy_file
+from moderation.core.policy import Policy, load_policy_file
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
 DTYPES = ("auto", "bfloat16", "float16", "float32")

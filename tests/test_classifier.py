@@ -9,17 +9,11 @@ from typing import Any
 import pytest
 
 from model import ScoreRequest
+from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.classifier import Classifier
 from moderation.core.decision import ClassifyItem, decide
 from moderation.core.errors import InvalidArgument
-from moderation.core.policy import (
-    ACCEPTABLE_ID,
-    BUILTIN_POLICIES,
-    PAPER_CATEGORY_IDS,
-    Category,
-    Policy,
-    Role,
-)
+from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Category, Policy, Role
 from moderation.core.prompts import build_prefix, build_prompt, label_continuations
 
 PAPER = BUILTIN_POLICIES["paper"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moderation.cli import main
+from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.decision import Classification, ClassifyItem, decide
-from moderation.core.policy import BUILTIN_POLICIES
 from moderation.jobs.datasets import (
     DatasetError,
     Example,

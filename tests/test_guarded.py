@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.decision import ClassifyItem, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import (
@@ -17,7 +18,7 @@ from moderation.core.generation import (
     GenerationResult,
 )
 from moderation.core.guarded import GuardedGenerator, TextStream
-from moderation.core.policy import BUILTIN_POLICIES, GUARDRAIL_SYSTEM_PROMPT
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT
 
 USER = [{"role": "user", "content": "Write a haiku about the sea."}]
 ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from moderation.cli import main
-from moderation.core.policy import (
+from moderation.core.builtin_policies import (
     BUILTIN_POLICIES,
     DEFAULT_POLICY,
-    GUARDRAIL_SYSTEM_PROMPT,
     MISTRAL_13_POLICY,
+    resolve_policy,
+)
+from moderation.core.policy import (
+    GUARDRAIL_SYSTEM_PROMPT,
     PAPER_CATEGORIES,
     PAPER_CATEGORY_IDS,
     Category,
@@ -23,7 +26,6 @@ from moderation.core.policy import (
     default_instruction,
     load_policy_file,
     policy_from_dict,
-    resolve_policy,
 )
 from moderation.core.prompts import guarded_messages
 from moderation.exit_codes import EXIT_USAGE

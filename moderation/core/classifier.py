@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from model import Engine, Prefix, ScoreRequest, Tokenizer
+from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.decision import Classification, ClassifyItem, check_threshold, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.limits import LONG_TEXT_MODES, ModelLimits
-from moderation.core.policy import BUILTIN_POLICIES, DEFAULT_POLICY, Policy, PolicyError, Role
+from moderation.core.policy import Policy, PolicyError, Role
 from moderation.core.prompts import (
     PromptError,
     build_prefix,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.limits import LONG_TEXT_MODES
-from moderation.core.policy import BUILTIN_POLICIES, Role, is_policy_file, load_policy_file
+from moderation.core.policy import Role, is_policy_file, load_policy_file
 from moderation.runtime import DTYPES
 
 
