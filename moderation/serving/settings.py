@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,71 +21,24 @@ from typing import Any
 
 from moderation.core.limits import LONG_TEXT_MODES
 from moderation.runtime import ATTENTION_BACKENDS, DTYPES, RuntimeSettings
+from moderation.serving.setting_values import (
+    DEVICE_RE,
+    choice,
+    parse_bool,
+    parse_device,
+    parse_float,
+    parse_int,
+    parse_list,
+    parse_str,
+)
 
 ENV_PREFIX = "MODERATION_"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class SettingsError(ValueError):
     """An invalid setting; the message names the option and its environment variable."""
-
-
-# --- parsing: text (from the environment or the command line) -> typed value -------------------
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip(), 10)
-    except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {text!r}")
-
-
-def _parse_str(text: str) -> str:
-    return text.strip()
-
-
-def _parse_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}; got {text!r}")
-        return value
-
-    return parse
-
-
-def _parse_device(text: str) -> str:
-    value = text.strip().lower()
-    if not _DEVICE_RE.match(value):
-        raise ValueError(f"expected auto, cpu, cuda or cuda:N; got {text!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -118,139 +70,139 @@ class ServeSettings:
 
     model: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "checkpoint folder (Mistral consolidated or Hugging Face layout); "
         "unset = the built-in demo model (random weights)",
         metavar="PATH",
     )
     host: str = _setting(
         "0.0.0.0",
-        _parse_str,
+        parse_str,
         "address to listen on",
         metavar="ADDR",
     )
     port: int = _setting(
         50051,
-        _parse_int,
+        parse_int,
         "gRPC port",
         metavar="PORT",
     )
     metrics_port: int = _setting(
         9090,
-        _parse_int,
+        parse_int,
         "Prometheus metrics port; 0 = no metrics endpoint",
         metavar="PORT",
     )
     device: str = _setting(
         "auto",
-        _parse_device,
+        parse_device,
         "torch device: auto, cpu, cuda or cuda:N",
     )
     dtype: str = _setting(
         "auto",
-        _choice(DTYPES),
+        choice(DTYPES),
         "weight dtype: " + ", ".join(DTYPES),
         metavar="{" + ",".join(DTYPES) + "}",
     )
     attention_backend: str = _setting(
         "auto",
-        _choice(ATTENTION_BACKENDS),
+        choice(ATTENTION_BACKENDS),
         "attention implementation: " + ", ".join(ATTENTION_BACKENDS),
         metavar="{" + ",".join(ATTENTION_BACKENDS) + "}",
     )
     policy: str = _setting(
         "paper",
-        _parse_str,
+        parse_str,
         "default moderation policy for requests that name none",
         metavar="NAME",
     )
     policy_files: tuple[str, ...] = _setting(
         (),
-        _parse_list,
+        parse_list,
         "comma-separated custom policy files (JSON) to load",
         metavar="PATHS",
     )
     threshold: float = _setting(
         0.5,
-        _parse_float,
+        parse_float,
         "default threshold on P(not acceptable), in [0, 1]",
         metavar="P",
     )
     max_batch_size: int = _setting(
         32,
-        _parse_int,
+        parse_int,
         "most sequences the engine runs in one step",
         metavar="N",
     )
     max_queue: int = _setting(
         1024,
-        _parse_int,
+        parse_int,
         "most waiting requests before RESOURCE_EXHAUSTED",
         metavar="N",
     )
     max_batch_items: int = _setting(
         256,
-        _parse_int,
+        parse_int,
         "most texts in one ClassifyBatch call",
         metavar="N",
     )
     max_text_chars: int = _setting(
         32768,
-        _parse_int,
+        parse_int,
         "longest text or chat message accepted, in characters",
         metavar="N",
     )
     long_text: str = _setting(
         "reject",
-        _choice(LONG_TEXT_MODES),
+        choice(LONG_TEXT_MODES),
         "texts over --max-text-chars: reject them or split them into windows",
         metavar="{" + ",".join(LONG_TEXT_MODES) + "}",
     )
     max_new_tokens: int = _setting(
         512,
-        _parse_int,
+        parse_int,
         "default and maximum tokens generated per request",
         metavar="N",
     )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024,
-        _parse_int,
+        parse_int,
         "largest gRPC message received or sent, in bytes",
         metavar="BYTES",
     )
     grace_period: float = _setting(
         30.0,
-        _parse_float,
+        parse_float,
         "seconds to finish in-flight requests after SIGTERM",
         metavar="SECONDS",
     )
     tls_cert: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "PEM server certificate (chain); enables TLS, needs --tls-key",
         metavar="PEM",
     )
     tls_key: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "PEM private key of --tls-cert",
         metavar="PEM",
     )
     tls_client_ca: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "PEM CA bundle; set = mutual TLS (clients must present a certificate)",
         metavar="PEM",
     )
     auth_token_file: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "file holding the bearer token clients must send",
         metavar="PATH",
     )
     auth_token: str | None = _setting(
         None,
-        _parse_str,
+        parse_str,
         "bearer token clients must send (prefer the env var or "
         "--auth-token-file: command lines are visible to other processes)",
         metavar="TOKEN",
@@ -258,25 +210,25 @@ class ServeSettings:
     )
     model_process: bool = _setting(
         True,
-        _parse_bool,
+        parse_bool,
         "run the model in a process of its own, so that it does not share the GIL "
         "with the gRPC event loop",
     )
     torch_threads: int = _setting(
         0,
-        _parse_int,
+        parse_int,
         "torch threads of the model; 0 = all cores, less one for the gRPC process "
         "when the model runs in its own process",
         metavar="N",
     )
     log_text: bool = _setting(
         False,
-        _parse_bool,
+        parse_bool,
         "log request texts (off by default: they are user data)",
     )
     log_level: str = _setting(
         "info",
-        _choice(LOG_LEVELS),
+        choice(LOG_LEVELS),
         "log level: " + ", ".join(LOG_LEVELS),
         metavar="{" + ",".join(LOG_LEVELS) + "}",
     )
@@ -463,7 +415,7 @@ def _validate(s: ServeSettings) -> None:
         fail("threshold", f"must be in [0, 1], got {s.threshold!r}")
     if not (math.isfinite(s.grace_period) and s.grace_period >= 0):
         fail("grace_period", f"must be a non-negative number of seconds, got {s.grace_period!r}")
-    if not _DEVICE_RE.match(s.device):
+    if not DEVICE_RE.match(s.device):
         fail("device", f"expected auto, cpu, cuda or cuda:N; got {s.device!r}")
     for name, options in (
         ("dtype", DTYPES),
