@@ -45,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/batch_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
