@@ -1,8 +1,9 @@
 """The in-process composition: model, tokenizer, policies, classifier and generator.
 
 Both serving and the jobs build their runtime here, from `RuntimeSettings`. The server's front
-process assembles one without an engine (`assemble_runtime(None, ..., limits=...)`): it plans
-and prepares requests with the model's limits while the model runs in a process of its own.
+process, where the model runs in a process of its own, needs only `make_planner` (the same
+planning from the same settings, with the limits the model process reports) and the model's
+`ModelDescription`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.classifier import Classifier
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import ModelLimits
+from moderation.core.planning import Planner
 from moderation.core.policy import Policy, load_policy_file
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
@@ -49,17 +51,36 @@ class RuntimeSettings:
     max_new_tokens_limit: int = 4096
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What is known of a loaded model without its weights (what GetModelInfo reports)."""
+
+    model_id: str
+    demo: bool
+    device: str
+    dtype: str
+    limits: ModelLimits
+
+
 @dataclass
 class Runtime:
     model_id: str
     demo: bool
     device: str
     dtype: str
-    engine: Engine | None  # None in the server's front process: the model runs elsewhere
-    limits: ModelLimits
+    engine: Engine
     tokenizer: Tokenizer
     classifier: Classifier
     generator: GuardedGenerator
+
+    @property
+    def planner(self) -> Planner:
+        return self.classifier.planner
+
+    @property
+    def description(self) -> ModelDescription:
+        limits = ModelLimits.of(self.engine)
+        return ModelDescription(self.model_id, self.demo, self.device, self.dtype, limits)
 
 
 def demo_checkpoint_dir() -> Path:
@@ -143,8 +164,27 @@ def load_policies(paths: Sequence[str | Path]) -> dict[str, Policy]:
     return policies
 
 
+def make_planner(
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    settings: RuntimeSettings,
+    policies: Mapping[str, Policy] | None = None,
+) -> Planner:
+    """The planning these settings ask for, with a model's limits."""
+    return Planner(
+        tokenizer,
+        limits,
+        policies=policies,
+        default_policy=settings.default_policy,
+        threshold=settings.threshold,
+        long_text=settings.long_text,
+        max_text_tokens=settings.max_text_tokens,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+    )
+
+
 def assemble_runtime(
-    engine: Engine | None,
+    engine: Engine,
     tokenizer: Tokenizer,
     settings: RuntimeSettings,
     *,
@@ -153,39 +193,17 @@ def assemble_runtime(
     device: str,
     dtype: str,
     policies: Mapping[str, Policy] | None = None,
-    limits: ModelLimits | None = None,
 ) -> Runtime:
-    """Policies, classifier and generator around an engine, or, without one (the server's front
-    process), around the model's limits, for planning only."""
-    if limits is None:
-        if engine is None:
-            raise ValueError("a runtime without an engine needs the model's limits")
-        limits = ModelLimits.of(engine)
-    classifier = Classifier(
-        engine,
-        tokenizer,
-        model_id=model_id,
-        limits=limits,
-        policies=policies,
-        default_policy=settings.default_policy,
-        threshold=settings.threshold,
-        long_text=settings.long_text,
-        max_text_tokens=settings.max_text_tokens,
-    )
-    generator = GuardedGenerator(
-        engine,
-        tokenizer,
-        classifier,
-        model_id=model_id,
-        max_new_tokens_limit=settings.max_new_tokens_limit,
-    )
+    """Policies, planner, classifier and generator around a loaded engine."""
+    planner = make_planner(tokenizer, ModelLimits.of(engine), settings, policies)
+    classifier = Classifier(engine, tokenizer, model_id=model_id, planner=planner)
+    generator = GuardedGenerator(engine, tokenizer, classifier, model_id=model_id)
     return Runtime(
         model_id=model_id,
         demo=demo,
         device=device,
         dtype=dtype,
         engine=engine,
-        limits=limits,
         tokenizer=tokenizer,
         classifier=classifier,
         generator=generator,

@@ -165,15 +165,10 @@ def test_bad_generation_requests_name_the_field(
 class ScriptedClassifier:
     """Test double: flags exactly the texts it is told to."""
 
-    def __init__(self, flag: set[str]):
+    def __init__(self, flag: set[str], planner: Any):
         self.flag = flag
+        self.planner = planner  # prompts are validated and built for real
         self.seen: list[ClassifyItem] = []
-
-    def plan(self, item: ClassifyItem) -> None:
-        pass
-
-    def policy(self, name: str | None) -> Any:
-        return BUILTIN_POLICIES[name or "paper"]
 
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)
@@ -196,7 +191,7 @@ class ScriptedClassifier:
 
 
 def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
-    scripted = ScriptedClassifier({"bad question"})
+    scripted = ScriptedClassifier({"bad question"}, demo_runtime.planner)
     generator = GuardedGenerator(
         demo_runtime.engine,
         demo_runtime.tokenizer,

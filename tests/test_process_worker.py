@@ -66,14 +66,13 @@ def test_the_model_runs_in_another_process_without_weights_here(
     worker = process_server.server.state.worker
     assert isinstance(worker, ProcessWorker)
     assert worker._process.pid != os.getpid() and worker._process.is_alive()
-    runtime = process_server.server.state.runtime
-    assert runtime is not None and runtime.engine is None  # no model here, only its limits
+    front = process_server.server.state.front
+    assert front is not None and process_server.server.runtime is None  # no model here
     info = stub_of(process_server).GetModelInfo(pb.GetModelInfoRequest())
     assert info.demo and info.attention_backend == "sdpa" and info.sliding_window > 0
-    assert (info.sliding_window, info.max_context_tokens) == (
-        runtime.limits.window,
-        runtime.limits.context,
-    )
+    limits = front.model.limits  # reported by the model process, planned with here
+    assert (info.sliding_window, info.max_context_tokens) == (limits.window, limits.context)
+    assert front.planner.limits == limits
 
 
 def test_answers_equal_the_model_in_the_server_process(

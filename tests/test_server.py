@@ -255,9 +255,10 @@ def test_a_full_queue_is_resource_exhausted(
 ) -> None:
     state = served.server.state
     real = state.worker
-    assert real is not None and state.runtime is not None
+    runtime = served.server.runtime
+    assert real is not None and runtime is not None
     # A worker that is not running holds its one queued job: the next request cannot queue.
-    stalled = WorkerThread(state.runtime, max_queue=1)
+    stalled = WorkerThread(runtime, max_queue=1)
     stalled.scheduler.submit(ClassifyJob(planned=[]))
     state.worker = stalled
     try:
@@ -334,7 +335,7 @@ def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:
 def test_expired_deadline_and_cancelled_call_stop_costing(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
-    runtime = served.server.state.runtime
+    runtime = served.server.runtime
     assert runtime is not None
     long = pb.GenerateRequest(messages=user("go on forever"), max_new_tokens=500)
     with pytest.raises(grpc.RpcError) as err:

@@ -19,7 +19,6 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions, GenerationResult, PreparedGeneration
 from moderation.core.guarded import GuardedGenerator
-from moderation.core.limits import ModelLimits
 from moderation.core.policy import Role
 from moderation.runtime import Runtime
 from moderation.serving.metrics import Metrics
@@ -137,18 +136,7 @@ def make_worker(
 ) -> tuple[WorkerThread, FakeEngine, FakeClassifier]:
     engine, classifier, tokenizer = FakeEngine(step_delay), FakeClassifier(), FakeTokenizer()
     generator = GuardedGenerator(engine, tokenizer, classifier, model_id="fake")  # type: ignore[arg-type]
-    limits = ModelLimits(window=100, max_context=100, max_seq_len=100, attention_backend="fake")
-    runtime = Runtime(
-        "fake",
-        False,
-        "cpu",
-        "float32",
-        engine,
-        limits,
-        tokenizer,
-        classifier,
-        generator,  # type: ignore[arg-type]
-    )
+    runtime = Runtime("fake", False, "cpu", "float32", engine, tokenizer, classifier, generator)  # type: ignore[arg-type]
     worker = WorkerThread(runtime, Metrics.create(), **kwargs)
     worker.start()
     return worker, engine, classifier

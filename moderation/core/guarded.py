@@ -12,10 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from model import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
-from model.errors import TokenizerError
 from moderation.core.classifier import Classifier
-from moderation.core.decision import Classification, ClassifyItem, check_threshold
-from moderation.core.errors import InvalidArgument
+from moderation.core.decision import Classification
 from moderation.core.generation import (
     INPUT_REFUSAL,
     OUTPUT_REFUSAL,
@@ -24,8 +22,6 @@ from moderation.core.generation import (
     PreparedGeneration,
     closing_events,
 )
-from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Role
-from moderation.core.prompts import PromptError, guarded_messages
 
 
 class TextStream:
@@ -82,18 +78,15 @@ class AnswerDecoder:
 
 
 class GuardedGenerator:
-    """Chat generation wrapped in the guardrail prompt and optional moderation.
-
-    Without an engine (the server's front process) it only prepares generations."""
+    """Chat generation wrapped in the guardrail prompt and optional moderation."""
 
     def __init__(
         self,
-        engine: Engine | None,
+        engine: Engine,
         tokenizer: Tokenizer,
         classifier: Classifier,
         *,
         model_id: str,
-        max_new_tokens_limit: int = 4096,
         input_refusal: str = INPUT_REFUSAL,
         output_refusal: str = OUTPUT_REFUSAL,
     ):
@@ -101,46 +94,15 @@ class GuardedGenerator:
         self.tokenizer = tokenizer
         self.classifier = classifier
         self.model_id = model_id
-        self.max_new_tokens_limit = max_new_tokens_limit
         self.input_refusal = input_refusal
         self.output_refusal = output_refusal
 
     def prepare(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
     ) -> PreparedGeneration:
-        """Validate and build the prompt; InvalidArgument names the bad field."""
-        if not 1 <= options.max_new_tokens <= self.max_new_tokens_limit:
-            raise InvalidArgument(
-                "max_new_tokens", f"must be between 1 and {self.max_new_tokens_limit}"
-            )
-        if not options.temperature >= 0.0:  # NaN fails too
-            raise InvalidArgument("temperature", f"must be >= 0, got {options.temperature}")
-        if not 0.0 < options.top_p <= 1.0:
-            raise InvalidArgument("top_p", f"must be in (0, 1], got {options.top_p}")
-        # Policy and threshold are checked even when only output moderation uses them.
-        self.classifier.policy(options.policy)
-        if options.threshold is not None:
-            check_threshold("threshold", options.threshold)
-        system = None
-        if options.guardrail:
-            system = options.system_prompt or GUARDRAIL_SYSTEM_PROMPT
-        elif options.system_prompt:
-            system = options.system_prompt
-        try:
-            conversation = guarded_messages(messages, system_prompt=system)
-            prompt = self.tokenizer.encode_chat(conversation)
-        except (PromptError, TokenizerError) as exc:
-            raise InvalidArgument("messages", str(exc)) from exc
-        if conversation[-1]["role"] != "user":
-            raise InvalidArgument("messages", "the conversation must end with a user message")
-        user_prompt = str(conversation[-1]["content"])
-        input_item = None
-        if options.moderate_input:
-            input_item = ClassifyItem(
-                user_prompt, role=Role.INPUT, policy=options.policy, threshold=options.threshold
-            )
-            self.classifier.plan(input_item)  # validate now: the prompt's length
-        return PreparedGeneration(options, prompt, user_prompt, input_item)
+        """Validate and build the prompt (the classifier's planner); InvalidArgument names the
+        bad field."""
+        return self.classifier.planner.prepare(messages, options)
 
     def request(self, prep: PreparedGeneration) -> GenerationRequest:
         o = prep.options
@@ -201,8 +163,6 @@ class GuardedGenerator:
     ) -> Iterator[str | GenerationResult]:
         """Text deltas, then the result. With output moderation on, no text is yielded before
         the whole answer has been checked."""
-        if self.engine is None:
-            raise RuntimeError("this generator only prepares: the model runs in another process")
         engine = self.engine
         prep = self.prepare(messages, options)
         input_moderation = self.moderate_input(prep)

@@ -15,7 +15,6 @@ from multiprocessing.connection import Connection
 
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult
-from moderation.core.limits import ModelLimits
 from moderation.runtime import Runtime, checkpoint_dir
 from moderation.serving import process_messages as msg
 from moderation.serving.loader import load_from_settings
@@ -125,16 +124,7 @@ def child_main(conn: Connection, settings: ServeSettings) -> None:
     except Exception as exc:  # the server reports it and exits
         conn.send(msg.LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
-    assert runtime.engine is not None
-    info = msg.ModelInfo(
-        folder=folder,
-        model_id=runtime.model_id,
-        demo=runtime.demo,
-        device=runtime.device,
-        dtype=runtime.dtype,
-        limits=ModelLimits.of(runtime.engine),
-    )
-    conn.send(msg.Ready(info))
+    conn.send(msg.Ready(msg.ModelInfo(folder, runtime.description)))
     _Child(conn, runtime, settings).run()
 
 

@@ -5,8 +5,8 @@ call the worker makes releases it and has to win it back from the event loop, wh
 model most of a core under load (measured on 2 cores: one torch thread in the server process
 gives 426-598 decisions/s at 32 callers; the same model in a process of its own 843-948/s).
 
-The parent (the gRPC server) keeps a *front* runtime: tokenizer, policies, classifier planning
-and generation preparation, everything that validates a request at the door, but no weights.
+The parent (the gRPC server) keeps a *front* (`moderation.serving.front`): the planner
+(tokenizer, policies, limits), everything that validates a request at the door, but no weights.
 The child (`moderation.serving.model_child`) loads the model and runs the ordinary scheduler;
 jobs cross a pipe already planned, answers and generation events come back, with the worker's
 metrics, as typed messages (`moderation.serving.process_messages`). Errors become the same
@@ -25,15 +25,12 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
-from model import Tokenizer
 from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult, PreparedGeneration
-from moderation.runtime import Runtime, assemble_runtime, load_policies
 from moderation.serving import process_messages as msg
 from moderation.serving.metrics import Metrics
 from moderation.serving.model_child import child_main
@@ -45,22 +42,6 @@ log = structlog.get_logger(__name__)
 
 class ModelProcessError(Exception):
     """The model process could not start."""
-
-
-def front_runtime(info: msg.ModelInfo, settings: ServeSettings) -> Runtime:
-    """Tokenizer, policies, planning and preparation, as in the model process, without weights:
-    the engine's limits stand for it."""
-    return assemble_runtime(
-        None,
-        Tokenizer.from_file(Path(info.folder)),
-        settings.runtime_settings(),
-        model_id=info.model_id,
-        demo=info.demo,
-        device=info.device,
-        dtype=info.dtype,
-        policies=load_policies(settings.policy_files),
-        limits=info.limits,
-    )
 
 
 def replay(metrics: Metrics, ops: Sequence[msg.MetricOp]) -> None:

@@ -11,7 +11,7 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
-from moderation.core.limits import ModelLimits
+from moderation.runtime import ModelDescription
 from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
 
 # ------------------------------------------------------------- server -> model process
@@ -53,14 +53,11 @@ ToModel = Classify | Generate | Cancel | Stop
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the front needs of the loaded model: where its tokenizer is, and its limits."""
+    """What the front needs of the loaded model: where its tokenizer is, and its description
+    (limits included)."""
 
     folder: str
-    model_id: str
-    demo: bool
-    device: str
-    dtype: str
-    limits: ModelLimits
+    model: ModelDescription
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,6 @@ class Scheduler:
         max_queue: int = 1024,
         max_items_per_pass: int = 256,
     ):
-        if runtime.engine is None:
-            raise ValueError("the scheduler needs a runtime with its engine")
         self.runtime = runtime
         self.engine = runtime.engine
         self.metrics = metrics

@@ -24,11 +24,12 @@ from grpc_reflection.v1alpha import reflection
 
 from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
+from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
 from moderation.serving.loader import load_from_settings
 from moderation.serving.metrics import Metrics
-from moderation.serving.model_process import ProcessWorker, front_runtime
+from moderation.serving.model_process import ProcessWorker
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import Worker
 from moderation.serving.worker_thread import WorkerThread
@@ -64,6 +65,7 @@ class Server:
     def __init__(self, settings: ServeSettings, *, loader: Loader = load_from_settings):
         self.settings = settings
         self.loader = loader
+        self.runtime: Runtime | None = None  # the model, when it runs in this process
         self.metrics = Metrics.create()
         self.state = ServiceState(settings=settings, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
@@ -116,29 +118,31 @@ class Server:
         )  # fmt: skip
         worker: Worker
         if self.settings.model_process:
-            # The model in a process of its own (see moderation.serving.model_process); this process
-            # keeps what validates requests at the door.
+            # The model in a process of its own (see moderation.serving.model_process); this
+            # process keeps what validates requests at the door.
             worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
-            runtime = front_runtime(await worker.load(), self.settings)
+            front = Front.of_model_process(await worker.load(), self.settings)
         else:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)
-            runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
+            self.runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
             worker = WorkerThread(
-                runtime,
+                self.runtime,
                 self.metrics,
                 max_queue=self.settings.max_queue,
                 max_items_per_pass=self.settings.max_batch_items,
             )
+            front = Front.of_runtime(self.runtime)
         worker.start()
-        self.state.runtime, self.state.worker = runtime, worker
-        if runtime.demo:
+        self.state.front, self.state.worker = front, worker
+        model = front.model
+        if model.demo:
             log.warning(
                 "serving the demo model: random weights, meaningless decisions; "
                 "pass --model DIR (MODERATION_MODEL) for real weights",
-                model=runtime.model_id,
+                model=model.model_id,
             )
-        log.info("serving", model=runtime.model_id, device=runtime.device, dtype=runtime.dtype)
+        log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _model_exited(self) -> None:

@@ -24,7 +24,7 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
-from moderation.runtime import Runtime
+from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
@@ -48,11 +48,11 @@ class NotReadyError(Exception):
 
 @dataclass
 class ServiceState:
-    """What the servicer reads; `runtime` and `worker` appear once the model has loaded."""
+    """What the servicer reads; `front` and `worker` appear once the model has loaded."""
 
     settings: ServeSettings
     metrics: Metrics
-    runtime: Runtime | None = None
+    front: Front | None = None
     worker: Worker | None = None
     draining: bool = False
 
@@ -99,12 +99,12 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _ready(self) -> tuple[Runtime, Worker]:
+    def _ready(self) -> tuple[Front, Worker]:
         if self.state.draining:
             raise WorkerStoppedError("the server is shutting down; retry on another replica")
-        if self.state.runtime is None or self.state.worker is None:
+        if self.state.front is None or self.state.worker is None:
             raise NotReadyError("the model is still loading; retry shortly")
-        return self.state.runtime, self.state.worker
+        return self.state.front, self.state.worker
 
     def _check_chars(self, text: str, name: str) -> None:
         settings = self.state.settings
@@ -115,10 +115,10 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 "(MODERATION_MAX_TEXT_CHARS)",
             )
 
-    def _plan(self, runtime: Runtime, request: pb.ClassifyRequest) -> PlannedItem:
+    def _plan(self, front: Front, request: pb.ClassifyRequest) -> PlannedItem:
         self._check_chars(request.text, "text")
         self._check_chars(request.prompt, "prompt")
-        return runtime.classifier.plan(convert.classify_item(request))
+        return front.planner.plan(convert.classify_item(request))
 
     def _record(self, results: list[Classification], texts: list[str]) -> None:
         call = current_call()
@@ -163,11 +163,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def _generation(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
     ) -> AsyncGenerator[str | GenerationResult, None]:
-        runtime, worker = self._ready()
+        front, worker = self._ready()
         for i, m in enumerate(request.messages):
             self._check_chars(m.content, f"messages[{i}].content")
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = runtime.generator.prepare(convert.messages(request), options)  # validates
+        prep = front.planner.prepare(convert.messages(request), options)  # validates
         if self.state.settings.log_text:
             current_call().fields["text"] = prep.user_prompt
         return worker.generate(prep, stream=stream, deadline=_deadline(context))
@@ -178,8 +178,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         async def body() -> pb.ClassifyResponse:
-            runtime, worker = self._ready()
-            planned = self._plan(runtime, request)
+            front, worker = self._ready()
+            planned = self._plan(front, request)
             result = (await worker.classify([planned], deadline=_deadline(context)))[0]
             self._record([result], [request.text])
             return convert.classify_response(result)
@@ -190,7 +190,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         async def body() -> pb.ClassifyBatchResponse:
-            runtime, worker = self._ready()
+            front, worker = self._ready()
             limit = self.state.settings.max_batch_items
             if not request.requests:
                 raise InvalidArgument("requests", "must not be empty")
@@ -203,7 +203,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             planned = []
             for i, item in enumerate(request.requests):
                 try:
-                    planned.append(self._plan(runtime, item))
+                    planned.append(self._plan(front, item))
                 except InvalidArgument as exc:
                     raise exc.nested(f"requests[{i}]") from exc
             results = await worker.classify(planned, deadline=_deadline(context))
@@ -247,18 +247,19 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         async def body() -> pb.ModelInfo:
-            runtime, _ = self._ready()
-            classifier, limits = runtime.classifier, runtime.limits
+            front, _ = self._ready()
+            planner, model = front.planner, front.model
+            limits = model.limits
             return pb.ModelInfo(
-                model=runtime.model_id,
-                demo=runtime.demo,
-                dtype=runtime.dtype,
-                device=runtime.device,
+                model=model.model_id,
+                demo=model.demo,
+                dtype=model.dtype,
+                device=model.device,
                 attention_backend=limits.attention_backend,
                 sliding_window=limits.window,
                 max_context_tokens=limits.context,
-                default_policy=classifier.default_policy,
-                policies=convert.policy_info(list(classifier.policies.values())),
+                default_policy=planner.default_policy,
+                policies=convert.policy_info(list(planner.policies.values())),
             )
 
         return await self._guard(context, body)
