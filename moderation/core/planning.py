@@ -44,7 +44,7 @@ class PlannedItem:
 class Planner:
     """Validates classification and generation requests and builds their prompts.
 
-    InvalidArgument names the bad field. Pure but for the tokenizer; safe to share.
+    InvalidArgument names the bad field. It holds no engine: only the tokenizer and limits.
     """
 
     def __init__(
