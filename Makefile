@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy model moderation
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || true
 	$(BIN)/mypy model moderation
+	$(BIN)/lint-imports
 
 # The main job: the gRPC server (demo checkpoint unless MODERATION_MODEL or ARGS=--model DIR).
 serve: $(STAMP)
@@ -43,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/batch_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -1,43 +1,42 @@
-"""The `moderation` command: classify, generate, serve, batch, eval."""
+"""The `moderation` command: classify, generate, serve, batch, eval.
+
+The one place that wires serving and the jobs into commands.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from moderation.classifier import ClassificationError
-from moderation.logs import configure_logging
-from moderation.policy import BUILTIN_POLICIES, DEFAULT_POLICY, PolicyError
+import structlog
 
-# Exit codes shared by the subcommands.
-EXIT_OK = 0
-EXIT_FAILED_ROWS = 1  # batch: some rows could not be scored
-EXIT_USAGE = 2  # bad arguments or input
-EXIT_ERROR = 3  # could not load the model or another runtime failure
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder; omitted = the demo model")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-
-
-def _policy_arg(value: str) -> tuple[str, list[str]]:
-    """A built-in policy name, or a policy file (loaded and then selected by its name)."""
-    if value in BUILTIN_POLICIES:
-        return value, []
-    from moderation.policy import load_policy_file
-
-    return load_policy_file(value).name, [value]
+from moderation.core.builtin_policies import DEFAULT_POLICY
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import GenerateOptions
+from moderation.core.policy import PolicyError
+from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from moderation.jobs import batch, evaluate
+from moderation.jobs.options import (
+    add_long_text_option,
+    add_model_options,
+    add_policy_option,
+    add_role_option,
+    policy_option,
+)
+from moderation.runtime import Runtime, load_runtime
+from moderation.serving.grpc.server import LOADER_THREAD, serve
+from moderation.serving.logs import configure_logging
+from moderation.serving.settings import SettingsError, add_serve_arguments, settings_from_args
 
 
-def _load(ns: argparse.Namespace, policy_files: Sequence[str] = (), **kwargs: Any) -> Any:
-    from moderation.runtime import load_runtime
-
+def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
     runtime = load_runtime(
         ns.model, device=ns.device, dtype=ns.dtype, policy_files=policy_files, **kwargs
     )
@@ -47,7 +46,7 @@ def _load(ns: argparse.Namespace, policy_files: Sequence[str] = (), **kwargs: An
 
 
 def _classify(ns: argparse.Namespace) -> int:
-    policy, files = _policy_arg(ns.policy)
+    policy, files = policy_option(ns.policy)
     runtime = _load(ns, files, long_text=ns.long_text)
     result = runtime.classifier.classify(
         ns.text,
@@ -61,9 +60,7 @@ def _classify(ns: argparse.Namespace) -> int:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    from moderation.guarded import GenerateOptions
-
-    policy, files = _policy_arg(ns.policy)
+    policy, files = policy_option(ns.policy)
     runtime = _load(ns, files)
     options = GenerateOptions(
         max_new_tokens=ns.max_new_tokens,
@@ -81,26 +78,48 @@ def _generate(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(ns)
+        settings.resolve_auth_token()  # fail now on an unreadable token file
+    except SettingsError as exc:
+        print(f"moderation serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level)
+    try:
+        code = asyncio.run(serve(settings))
+    except (OSError, RuntimeError) as exc:  # e.g. the port is taken or a TLS file is missing
+        structlog.get_logger("moderation.server").error("could not start", error=str(exc))
+        return EXIT_ERROR
+    if any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        # Stopped while the model was loading, which cannot be interrupted: leave now rather
+        # than finalize the interpreter under the loading thread (torch then aborts, exit 134).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def _register_classify(sub: Any) -> None:
     p = sub.add_parser("classify", help="classify one text and print a JSON decision")
-    _add_model_options(p)
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="paper, mistral-13 or a policy file")
-    p.add_argument("--role", default="input", choices=("input", "output"))
+    add_model_options(p)
+    add_policy_option(p, DEFAULT_POLICY)
+    add_role_option(p)
     p.add_argument("--prompt", help="output role: the user prompt the text answers")
     p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
-    p.add_argument("--long-text", default="reject", choices=("reject", "split"))
+    add_long_text_option(p, "reject")
     p.add_argument("text", help="the text to classify")
     p.set_defaults(func=_classify)
 
 
 def _register_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="guarded generation for one user prompt")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--no-guardrail", action="store_true", help="no guardrail system prompt")
     p.add_argument("--system-prompt", help="replace the guardrail system prompt")
     p.add_argument("--moderate-input", action="store_true", help="refuse flagged prompts")
     p.add_argument("--moderate-output", action="store_true", help="withhold flagged answers")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="paper, mistral-13 or a policy file")
+    add_policy_option(p, DEFAULT_POLICY)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -109,17 +128,14 @@ def _register_generate(sub: Any) -> None:
     p.set_defaults(func=_generate)
 
 
-def _registrations() -> list[Callable[[Any], None]]:
-    # Each subcommand module registers its own parser (and imports its heavy parts lazily).
-    from moderation import batch, evaluate, server
-
-    return [
-        _register_classify,
-        _register_generate,
-        server.register,
-        batch.register,
-        evaluate.register,
-    ]
+def _register_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC moderation server",
+        description="Serve moderation.v1.ModerationService over gRPC (demo model without --model).",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moderation", description="Content moderation on Mistral 7B Instruct."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _registrations():
+    for register in (
+        _register_classify,
+        _register_generate,
+        _register_serve,
+        batch.register,
+        evaluate.register,
+    ):
         register(sub)
     return parser
 
@@ -139,11 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("warning", json=False)
     try:
         code: int = ns.func(ns)
-    except (ClassificationError, PolicyError) as exc:
+    except (InvalidArgument, PolicyError) as exc:
         print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 

@@ -1,4 +1,10 @@
-"""Loading what every entry point needs: model, tokenizer, engine, classifier, generator."""
+"""The in-process composition: model, tokenizer, policies, classifier and generator.
+
+Both serving and the jobs build their runtime here, from `RuntimeSettings`. The server's front
+process, where the model runs in a process of its own, needs only `make_planner` (the same
+planning from the same settings, with the limits the model process reports) and the model's
+`ModelDescription`.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,47 @@ import torch
 
 from model import Engine, Tokenizer, load_model
 from model.demo import is_demo_checkpoint, write_demo_checkpoint
-from moderation.classifier import Classifier
-from moderation.guarded import GuardedGenerator
-from moderation.policy import DEFAULT_POLICY, Policy, load_policy_file
+from moderation.core.builtin_policies import DEFAULT_POLICY
+from moderation.core.classifier import Classifier
+from moderation.core.guarded import GuardedGenerator
+from moderation.core.limits import ModelLimits
+from moderation.core.planning import Planner
+from moderation.core.policy import Policy, load_policy_file
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What a runtime is built from; the server's settings and the jobs' options map onto it."""
+
+    model: str | None = None  # checkpoint folder; None = the demo model
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    policy_files: tuple[str, ...] = ()
+    default_policy: str = DEFAULT_POLICY
+    threshold: float = 0.5
+    long_text: str = "reject"
+    max_text_tokens: int | None = None
+    max_batch_size: int = 8
+    score_batch_size: int = 16
+    max_new_tokens_limit: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What is known of a loaded model without its weights (what GetModelInfo reports)."""
+
+    model_id: str
+    demo: bool
+    device: str
+    dtype: str
+    limits: ModelLimits
 
 
 @dataclass
@@ -33,6 +73,15 @@ class Runtime:
     classifier: Classifier
     generator: GuardedGenerator
 
+    @property
+    def planner(self) -> Planner:
+        return self.classifier.planner
+
+    @property
+    def description(self) -> ModelDescription:
+        limits = ModelLimits.of(self.engine)
+        return ModelDescription(self.model_id, self.demo, self.device, self.dtype, limits)
+
 
 def demo_checkpoint_dir() -> Path:
     """Where the demo checkpoint is written: the temp dir, the one writable place in the
@@ -43,66 +92,66 @@ def demo_checkpoint_dir() -> Path:
     return folder
 
 
+def checkpoint_dir(settings: RuntimeSettings) -> Path:
+    """The checkpoint folder these settings load (the demo checkpoint without a model)."""
+    return demo_checkpoint_dir() if settings.model is None else Path(settings.model)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def weights_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype to load weights in: "auto" picks by device."""
     if dtype == "auto":
         # bf16 is what the model was trained in; CPUs are fastest and exact in fp32.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
-def load_runtime(
-    model_dir: str | Path | None,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention_backend: str = "auto",
-    policy_files: Sequence[str | Path] = (),
-    default_policy: str = DEFAULT_POLICY,
-    threshold: float = 0.5,
-    long_text: str = "reject",
-    max_text_tokens: int | None = None,
-    max_batch_size: int = 8,
-    score_batch_size: int = 16,
-    max_new_tokens_limit: int = 4096,
-) -> Runtime:
-    """Load a checkpoint folder (either layout), or the demo checkpoint when model_dir is None."""
-    demo = model_dir is None
-    folder = demo_checkpoint_dir() if model_dir is None else Path(model_dir)
-    demo = demo or is_demo_checkpoint(folder)
+def load(settings: RuntimeSettings) -> Runtime:
+    """Load a checkpoint folder (either layout), or the demo checkpoint without a model."""
+    folder = checkpoint_dir(settings)
+    demo = settings.model is None or is_demo_checkpoint(folder)
     model_id = DEMO_MODEL_ID if demo else folder.resolve().name
     if demo:
         log.warning("serving the demo model", model=model_id, path=str(folder))
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    policies = load_policies(policy_files)  # a bad policy file fails before a long model load
+    dev = resolve_device(settings.device)
+    dt = weights_dtype(settings.dtype, dev)
+    policies = load_policies(settings.policy_files)  # a bad policy file fails before the load
     transformer = load_model(folder, device=str(dev), dtype=dt)
     tokenizer = Tokenizer.from_file(folder)
     engine = Engine(
         transformer,
-        max_batch_size=max_batch_size,
-        score_batch_size=score_batch_size,
-        backend=attention_backend,
+        max_batch_size=settings.max_batch_size,
+        score_batch_size=settings.score_batch_size,
+        backend=settings.attention_backend,
         eos_id=tokenizer.eos_id,
     )
     return assemble_runtime(
         engine,
         tokenizer,
+        settings,
         model_id=model_id,
         demo=demo,
         device=str(dev),
         dtype=str(dt).removeprefix("torch."),
         policies=policies,
-        default_policy=default_policy,
-        threshold=threshold,
-        long_text=long_text,
-        max_text_tokens=max_text_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
+    )
+
+
+def load_runtime(
+    model_dir: str | Path | None, *, policy_files: Sequence[str | Path] = (), **options: Any
+) -> Runtime:
+    """`load` with the settings as keywords (the other fields of RuntimeSettings)."""
+    return load(
+        RuntimeSettings(
+            model=None if model_dir is None else str(model_dir),
+            policy_files=tuple(str(p) for p in policy_files),
+            **options,
+        )
     )
 
 
@@ -115,36 +164,40 @@ def load_policies(paths: Sequence[str | Path]) -> dict[str, Policy]:
     return policies
 
 
-def assemble_runtime(
-    engine: Any,
+def make_planner(
     tokenizer: Tokenizer,
+    limits: ModelLimits,
+    settings: RuntimeSettings,
+    policies: Mapping[str, Policy] | None = None,
+) -> Planner:
+    """The planning these settings ask for, with a model's limits."""
+    return Planner(
+        tokenizer,
+        limits,
+        policies=policies,
+        default_policy=settings.default_policy,
+        threshold=settings.threshold,
+        long_text=settings.long_text,
+        max_text_tokens=settings.max_text_tokens,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+    )
+
+
+def assemble_runtime(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    settings: RuntimeSettings,
     *,
     model_id: str,
     demo: bool,
     device: str,
     dtype: str,
     policies: Mapping[str, Policy] | None = None,
-    default_policy: str = DEFAULT_POLICY,
-    threshold: float = 0.5,
-    long_text: str = "reject",
-    max_text_tokens: int | None = None,
-    max_new_tokens_limit: int = 4096,
 ) -> Runtime:
-    """Policies, classifier and generator around an engine: the loaded one, or (in the server
-    process, when the model runs in its own) a description of its limits, for planning."""
-    classifier = Classifier(
-        engine,
-        tokenizer,
-        model_id=model_id,
-        policies=policies,
-        default_policy=default_policy,
-        threshold=threshold,
-        long_text=long_text,
-        max_text_tokens=max_text_tokens,
-    )
-    generator = GuardedGenerator(
-        engine, tokenizer, classifier, model_id=model_id, max_new_tokens_limit=max_new_tokens_limit
-    )
+    """Policies, planner, classifier and generator around a loaded engine."""
+    planner = make_planner(tokenizer, ModelLimits.of(engine), settings, policies)
+    classifier = Classifier(engine, tokenizer, model_id=model_id, planner=planner)
+    generator = GuardedGenerator(engine, tokenizer, classifier, model_id=model_id)
     return Runtime(
         model_id=model_id,
         demo=demo,

@@ -18,8 +18,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderation.runtime import Runtime
-from moderation.server import Server, load_from_settings
-from moderation.settings import ServeSettings
+from moderation.serving.grpc.server import Server
+from moderation.serving.loader import load_from_settings
+from moderation.serving.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

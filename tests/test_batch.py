@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.batch import BatchJob, UsageError, run
-from moderation.scoring import LocalScorer, RemoteOptions, RemoteScorer
+from moderation.api.client import RemoteOptions, RemoteScorer
+from moderation.jobs.batch import BatchJob, UsageError, run
+from moderation.jobs.scoring import LocalScorer
 from tests.servers import REPO, free_port, start_subprocess_server, wait_serving
 
 AWKWARD = (
@@ -85,7 +86,7 @@ def test_awkward_csv_gives_one_row_per_input_row_in_order(
 
 
 def test_a_too_long_text_is_a_row_error_not_a_failed_job(tmp_path: Path, demo_runtime: Any) -> None:
-    from moderation.classifier import Classifier
+    from moderation.core.classifier import Classifier
 
     short = Classifier(
         demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=64
@@ -129,7 +130,7 @@ def test_resume_after_rows_written_but_not_committed(tmp_path: Path, scorer: Loc
     # A crash after a commit: the journal says 9 rows; OUT also holds half-written rows.
     out = tmp_path / "out.csv"
     run(job(inp, out), scorer)
-    from moderation.batch import Progress
+    from moderation.jobs.batch import Progress
 
     lines = out.read_bytes().split(b"\r\n")
     committed = b"\r\n".join(lines[:10]) + b"\r\n"  # header + 9 rows

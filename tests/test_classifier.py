@@ -9,21 +9,12 @@ from typing import Any
 import pytest
 
 from model import ScoreRequest
-from moderation.classifier import (
-    ClassificationError,
-    Classifier,
-    ClassifyItem,
-    decide,
-)
-from moderation.policy import (
-    ACCEPTABLE_ID,
-    BUILTIN_POLICIES,
-    PAPER_CATEGORY_IDS,
-    Category,
-    Policy,
-    Role,
-)
-from moderation.prompts import build_prefix, build_prompt, label_continuations
+from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.classifier import Classifier
+from moderation.core.decision import ClassifyItem, decide
+from moderation.core.errors import InvalidArgument
+from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Category, Policy, Role
+from moderation.core.prompts import build_prefix, build_prompt, label_continuations
 
 PAPER = BUILTIN_POLICIES["paper"]
 M13 = BUILTIN_POLICIES["mistral-13"]
@@ -209,7 +200,7 @@ def test_long_texts_are_rejected_by_default(demo_runtime: Any) -> None:
     strict = Classifier(
         demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=32
     )
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         strict.classify("word " * 100)
     assert err.value.field == "text"
     assert "exceed the limit of 32" in str(err.value)
@@ -255,7 +246,7 @@ def test_long_texts_can_be_split_and_the_most_severe_window_reported(demo_runtim
     ],
 )
 def test_bad_items_name_the_field(classifier: Classifier, item: ClassifyItem, field: str) -> None:
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         classifier.classify_many([item])
     assert err.value.field.startswith(field)
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from moderation.cli import EXIT_USAGE, main
+from moderation.cli import main
+from moderation.core.generation import GenerateOptions
+from moderation.exit_codes import EXIT_USAGE
+from moderation.runtime import Runtime
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
@@ -79,17 +82,26 @@ def test_classify_errors_exit_2_with_a_message(
 
 
 def test_generate_prints_the_guarded_result(
-    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path, demo_runtime: Runtime
 ) -> None:
     code, result, _ = run_cli(
         capsys, "generate", "--model", str(demo_checkpoint), "--moderate-input",
         "--max-new-tokens", "5", "Tell me a joke",
     )  # fmt: skip
     assert code == 0
-    assert {"text", "refused", "finish_reason", "input_moderation", "completion_tokens"} <= set(
-        result
+    # The same answer as the generator in this process, with the input moderated first.
+    expected = demo_runtime.generator.generate(
+        [{"role": "user", "content": "Tell me a joke"}],
+        GenerateOptions(max_new_tokens=5, moderate_input=True),
     )
-    assert result["input_moderation"] is not None
+    for key in ("text", "refused", "finish_reason", "prompt_tokens", "completion_tokens", "model"):
+        assert result[key] == getattr(expected, key), key
+    moderation, wanted = result["input_moderation"], expected.input_moderation
+    assert wanted is not None and result["output_moderation"] is None
+    assert (moderation["category"], moderation["flagged"]) == (wanted.category, wanted.flagged)
+    assert moderation["scores"] == pytest.approx(wanted.scores, abs=1e-5)
+    assert result["finish_reason"] in ("length", "stop", "input_flagged")
+    assert result["completion_tokens"] <= 5
 
 
 def test_without_model_the_demo_is_used_and_said_so(tmp_path: Path) -> None:

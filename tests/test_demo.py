@@ -87,7 +87,6 @@ def test_random_weights_shapes_and_scale() -> None:
 
 def test_demo_logits_are_not_degenerate(demo_dir: Path) -> None:
     """Logits vary with the token and with the context (attention matters), and are finite."""
-    pytest.importorskip("model.transformer", reason="needs the engine's Transformer")
     from model.cache import ForwardMetadata
     from model.weights import load_model
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from moderation.classifier import Classification, decide
 from moderation.cli import main
-from moderation.datasets import (
+from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.decision import Classification, ClassifyItem, decide
+from moderation.jobs.datasets import (
     DatasetError,
     Example,
     read_csv,
@@ -18,8 +19,8 @@ from moderation.datasets import (
     read_openai,
     read_xstest,
 )
-from moderation.evaluate import PRF, average_precision, evaluate
-from moderation.policy import BUILTIN_POLICIES
+from moderation.jobs.evaluate import PRF, average_precision, evaluate
+from moderation.runtime import Runtime
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER = BUILTIN_POLICIES["paper"]
@@ -100,8 +101,8 @@ def test_csv_reader_labels_and_errors(tmp_path: Path) -> None:
         list(read_csv(path, text_column="body"))
 
 
-def test_eval_command_prints_a_table_and_json(
-    tmp_path: Path, demo_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+def test_eval_command_reports_the_metrics_of_the_models_answers(
+    tmp_path: Path, demo_checkpoint: Path, demo_runtime: Runtime, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "set.csv"
     path.write_text(
@@ -109,17 +110,23 @@ def test_eval_command_prints_a_table_and_json(
     )
     assert main(["eval", str(path), "--model", str(demo_checkpoint), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    # The same metrics as the same model's answers, scored in this process, give.
+    examples = read_dataset(path)
+    answers = demo_runtime.classifier.classify_many([ClassifyItem(e.text) for e in examples])
+    expected = evaluate(examples, answers).to_dict()
     assert report["examples"] == 3 and report["failed"] == 0
-    assert {
-        "unsafe",
-        "paper_figure_acceptable_positive",
-        "auc_pr",
-        "categories",
-        "confusion",
-    } <= set(report)
+    assert report["confusion"] == expected["confusion"]
+    for key in ("unsafe", "paper_figure_acceptable_positive"):
+        assert report[key] == pytest.approx(expected[key])
+    assert report["auc_pr"] == pytest.approx(expected["auc_pr"])
     assert main(["eval", str(path), "--model", str(demo_checkpoint)]) == 0
     table = capsys.readouterr().out
-    assert "paper figure (acceptable positive)" in table and "confusion" in table
+    unsafe = expected["unsafe"]
+    row = f"{'unsafe (flagged)':34} {unsafe['precision']:9.3f} {unsafe['recall']:7.3f}"
+    assert row in table
+    assert f"(unsafe): {expected['auc_pr']:.3f}" in table
+    flagged_acceptable = expected["confusion"]["acceptable"]["acceptable"]
+    assert f"{'acceptable':28}{flagged_acceptable:14d}" in table
 
 
 @pytest.mark.skipif(

@@ -8,16 +8,17 @@ from typing import Any
 
 import pytest
 
-from moderation.classifier import ClassificationError, ClassifyItem, decide
-from moderation.guarded import (
+from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.decision import ClassifyItem, decide
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import (
     INPUT_REFUSAL,
     OUTPUT_REFUSAL,
     GenerateOptions,
     GenerationResult,
-    GuardedGenerator,
-    TextStream,
 )
-from moderation.policy import BUILTIN_POLICIES, GUARDRAIL_SYSTEM_PROMPT
+from moderation.core.guarded import GuardedGenerator, TextStream
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT
 
 USER = [{"role": "user", "content": "Write a haiku about the sea."}]
 ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says
@@ -94,9 +95,9 @@ def test_unflagged_input_and_output_pass(generator: GuardedGenerator) -> None:
     assert not result.refused
     assert result.text == plain.text  # moderation does not change the answer
     assert result.input_moderation is not None and not result.input_moderation.flagged
-    if result.text.strip():
-        assert result.output_moderation is not None
-        assert not result.output_moderation.flagged
+    assert result.text.strip(), "the demo must answer something for output moderation to check"
+    assert result.output_moderation is not None and not result.output_moderation.flagged
+    assert result.output_moderation.prompt_tokens > 0  # the answer itself was scored
 
 
 def test_streaming_shows_nothing_before_output_moderation(generator: GuardedGenerator) -> None:
@@ -156,7 +157,7 @@ def test_bad_generation_requests_name_the_field(
     options: GenerateOptions,
     field: str,
 ) -> None:
-    with pytest.raises(ClassificationError) as err:
+    with pytest.raises(InvalidArgument) as err:
         generator.prepare(messages, options)
     assert err.value.field == field
 
@@ -164,12 +165,10 @@ def test_bad_generation_requests_name_the_field(
 class ScriptedClassifier:
     """Test double: flags exactly the texts it is told to."""
 
-    def __init__(self, flag: set[str]):
+    def __init__(self, flag: set[str], planner: Any):
         self.flag = flag
+        self.planner = planner  # prompts are validated and built for real
         self.seen: list[ClassifyItem] = []
-
-    def plan(self, item: ClassifyItem) -> None:
-        pass
 
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)
@@ -192,7 +191,7 @@ class ScriptedClassifier:
 
 
 def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
-    scripted = ScriptedClassifier({"bad question"})
+    scripted = ScriptedClassifier({"bad question"}, demo_runtime.planner)
     generator = GuardedGenerator(
         demo_runtime.engine,
         demo_runtime.tokenizer,

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from moderation.policy import (
+from moderation.cli import main
+from moderation.core.builtin_policies import (
     BUILTIN_POLICIES,
     DEFAULT_POLICY,
-    GUARDRAIL_SYSTEM_PROMPT,
     MISTRAL_13_POLICY,
+    resolve_policy,
+)
+from moderation.core.policy import (
+    GUARDRAIL_SYSTEM_PROMPT,
     PAPER_CATEGORIES,
     PAPER_CATEGORY_IDS,
     Category,
@@ -22,8 +26,9 @@ from moderation.policy import (
     default_instruction,
     load_policy_file,
     policy_from_dict,
-    resolve_policy,
 )
+from moderation.core.prompts import guarded_messages
+from moderation.exit_codes import EXIT_USAGE
 
 # Mistral's published self-reflection prompt (docs.mistral.ai/platform/guardrailing, from
 # mistralai/platform-docs-public docs/platform/04-guardrailing.md), character for character.
@@ -55,18 +60,24 @@ def _published_categories() -> list[tuple[str, str]]:
     return [tuple(line[2:].split(": ", 1)) for line in lines]  # type: ignore[misc]
 
 
-def test_guardrail_system_prompt_is_the_papers_verbatim() -> None:
-    assert GUARDRAIL_SYSTEM_PROMPT == (
-        "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
-        "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote "
-        "fairness and positivity."
-    )
+def test_guarded_conversations_open_with_the_papers_guardrail_prompt() -> None:
+    paper = [  # section 5.1, sentence by sentence
+        "Always assist with care, respect, and truth.",
+        "Respond with utmost utility yet securely.",
+        "Avoid harmful, unethical, prejudiced, or negative content.",
+        "Ensure replies promote fairness and positivity.",
+    ]
+    conversation = guarded_messages([{"role": "user", "content": "hi"}])
+    assert conversation[0] == {"role": "system", "content": " ".join(paper)}
+    assert conversation[0]["content"] == GUARDRAIL_SYSTEM_PROMPT
+    assert conversation[1:] == [{"role": "user", "content": "hi"}]
 
 
-def test_role_values_are_the_wire_strings() -> None:
-    assert Role.INPUT == "input" and Role.OUTPUT == "output"
-    assert Role("output") is Role.OUTPUT
-    assert isinstance(Role.INPUT, str)
+def test_roles_parse_from_and_serialize_to_the_wire_strings() -> None:
+    assert [Role(r) for r in ("input", "output")] == [Role.INPUT, Role.OUTPUT]
+    assert json.dumps({"role": Role.OUTPUT}) == '{"role": "output"}'
+    with pytest.raises(ValueError):
+        Role("assistant")
 
 
 def test_paper_policy_is_the_default_with_the_papers_three_categories() -> None:
@@ -231,8 +242,13 @@ def test_invalid_policies_raise_policy_error_naming_the_problem(
         Policy(name, "d", categories, **kwargs)  # type: ignore[arg-type]
 
 
-def test_policy_error_is_a_value_error() -> None:
-    assert issubclass(PolicyError, ValueError)
+def test_a_bad_policy_file_is_a_usage_error_of_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{", encoding="utf-8")
+    assert main(["classify", "--policy", str(bad), "hi"]) == EXIT_USAGE  # before any model load
+    assert f"{bad}: invalid JSON" in capsys.readouterr().err
 
 
 def test_unknown_category_lookup_raises() -> None:

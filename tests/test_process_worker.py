@@ -15,20 +15,15 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.classifier import ClassificationError
-from moderation.metrics import Metrics
-from moderation.process_worker import (
-    EngineInfo,
-    ProcessWorker,
-    RecordingMetrics,
-    _error_from,
-    _error_message,
-    replay,
-)
-from moderation.settings import ServeSettings
+from moderation.core.errors import InvalidArgument
+from moderation.serving.metrics import Metrics
+from moderation.serving.model_child import RecordingMetrics
+from moderation.serving.model_process import ProcessWorker, replay
+from moderation.serving.process_messages import WireError
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from moderation.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
 from tests.servers import NOT_SERVING, InProcessServer, demo_loader, free_port, health_status
 
 TEXTS = ["hello there", "buy cheap pills now", "you are a fool", "what is the weather"]
@@ -53,7 +48,9 @@ def process_server(demo_checkpoint: Path) -> Iterator[InProcessServer]:
 
 @pytest.fixture(scope="module")
 def thread_server(demo_checkpoint: Path) -> Iterator[InProcessServer]:
-    server = InProcessServer(settings(demo_checkpoint), demo_loader(demo_checkpoint))
+    server = InProcessServer(
+        settings(demo_checkpoint, model_process=False), demo_loader(demo_checkpoint)
+    )
     server.wait_loaded()
     yield server
     server.stop()
@@ -69,10 +66,13 @@ def test_the_model_runs_in_another_process_without_weights_here(
     worker = process_server.server.state.worker
     assert isinstance(worker, ProcessWorker)
     assert worker._process.pid != os.getpid() and worker._process.is_alive()
-    runtime = process_server.server.state.runtime
-    assert runtime is not None and isinstance(runtime.engine, EngineInfo)  # no model here
+    front = process_server.server.state.front
+    assert front is not None and process_server.server.runtime is None  # no model here
     info = stub_of(process_server).GetModelInfo(pb.GetModelInfoRequest())
     assert info.demo and info.attention_backend == "sdpa" and info.sliding_window > 0
+    limits = front.model.limits  # reported by the model process, planned with here
+    assert (info.sliding_window, info.max_context_tokens) == (limits.window, limits.context)
+    assert front.planner.limits == limits
 
 
 def test_answers_equal_the_model_in_the_server_process(
@@ -113,16 +113,16 @@ def test_bad_requests_are_refused_at_the_door_and_the_model_keeps_serving(
 
 def test_errors_cross_the_pipe_as_the_same_exceptions() -> None:
     for exc in (
-        ClassificationError("messages", "too long"),
+        InvalidArgument("messages", "too long"),
         QueueFullError("full"),
         DeadlineExpiredError("late"),
         WorkerStoppedError("stopping"),
         RuntimeError("boom"),
     ):
-        back = _error_from(*_error_message(exc))
+        back = WireError.of(exc).exception()
         assert type(back) is type(exc)
-        if isinstance(exc, ClassificationError):
-            assert isinstance(back, ClassificationError) and back.field == "messages"
+        if isinstance(exc, InvalidArgument):
+            assert isinstance(back, InvalidArgument) and back.field == "messages"
         else:
             assert str(exc) in str(back)
 

@@ -8,15 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from model.tokenizer import Tokenizer, mistral_common_tokenizer_path
-from moderation.policy import (
-    BUILTIN_POLICIES,
-    GUARDRAIL_SYSTEM_PROMPT,
-    MISTRAL_13_POLICY,
-    Category,
-    Policy,
-    Role,
-)
-from moderation.prompts import (
+from moderation.core.builtin_policies import BUILTIN_POLICIES, MISTRAL_13_POLICY
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Category, Policy, Role
+from moderation.core.prompts import (
     NO_USER_PROMPT,
     ModerationPrompt,
     PromptError,
@@ -27,11 +21,11 @@ from moderation.prompts import (
     guarded_messages,
     instruction_text,
     label_continuations,
-    neutralize,
     prompt_text,
     split_tokens,
     text_token_count,
 )
+from moderation.core.text_safety import neutralize
 
 POLICIES = [BUILTIN_POLICIES["paper"], MISTRAL_13_POLICY]
 

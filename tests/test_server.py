@@ -17,12 +17,13 @@ import structlog
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from moderation.logs import configure_logging
 from moderation.runtime import Runtime
-from moderation.settings import ServeSettings
+from moderation.serving.logs import configure_logging
+from moderation.serving.scheduler import ClassifyJob
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from moderation.worker import ClassifyJob, ModelWorker
 from tests.servers import (
     InProcessServer,
     demo_loader,
@@ -36,7 +37,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(
+    settings = ServeSettings(model_process=False,
         host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
         max_text_chars=2000, max_new_tokens=512, max_message_bytes=64 * 1024,
     )  # fmt: skip
@@ -254,10 +255,11 @@ def test_a_full_queue_is_resource_exhausted(
 ) -> None:
     state = served.server.state
     real = state.worker
-    assert real is not None
+    runtime = served.server.runtime
+    assert real is not None and runtime is not None
     # A worker that is not running holds its one queued job: the next request cannot queue.
-    stalled = ModelWorker(real.runtime, max_queue=1)
-    stalled.submit(ClassifyJob(loop=served.loop, planned=[]))
+    stalled = WorkerThread(runtime, max_queue=1)
+    stalled.scheduler.submit(ClassifyJob(planned=[]))
     state.worker = stalled
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -297,16 +299,28 @@ def test_64_concurrent_calls_equal_the_sequential_answers(
             assert b.scores[key] == pytest.approx(value, abs=1e-5)
 
 
+def _decode_steps(served: InProcessServer) -> tuple[float, float]:
+    """(decoding steps, sequence-steps) so far: the generate batch sizes' count and sum."""
+    registry = served.server.metrics.registry
+    labels = {"kind": "generate"}
+    count = registry.get_sample_value("moderation_batch_size_count", labels) or 0.0
+    return count, registry.get_sample_value("moderation_batch_size_sum", labels) or 0.0
+
+
 def test_concurrent_generations_are_batched_and_equal_alone(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
     requests = [
-        pb.GenerateRequest(messages=user(f"story {i}"), max_new_tokens=16) for i in range(6)
+        pb.GenerateRequest(messages=user(f"story {i}"), max_new_tokens=48) for i in range(6)
     ]
     alone = [stub.Generate(r).text for r in requests]
+    steps, sequence_steps = _decode_steps(served)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         together = [r.text for r in pool.map(stub.Generate, requests)]
     assert together == alone
+    more_steps, more_sequence_steps = _decode_steps(served)
+    # Serially each step would decode one sequence; batched, steps decode several at once.
+    assert more_steps - steps < more_sequence_steps - sequence_steps
 
 
 def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:
@@ -321,7 +335,7 @@ def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:
 def test_expired_deadline_and_cancelled_call_stop_costing(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
-    runtime = served.server.state.runtime
+    runtime = served.server.runtime
     assert runtime is not None
     long = pb.GenerateRequest(messages=user("go on forever"), max_new_tokens=500)
     with pytest.raises(grpc.RpcError) as err:

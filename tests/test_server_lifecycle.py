@@ -14,9 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
-from moderation.server import EXIT_ERROR, EXIT_OK, serve
-from moderation.settings import ServeSettings
+from moderation.serving.grpc.server import serve
+from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import (
@@ -44,7 +45,9 @@ def test_health_while_loading_serving_and_draining(demo_checkpoint: Path) -> Non
         return load(settings)
 
     server = InProcessServer(
-        ServeSettings(host="127.0.0.1", port=free_port(), metrics_port=0, grace_period=20),
+        ServeSettings(
+            model_process=False, host="127.0.0.1", port=free_port(), metrics_port=0, grace_period=20
+        ),
         slow_load,
     )
     channel = grpc.insecure_channel(server.address)
@@ -102,7 +105,9 @@ def test_sigterm_lets_calls_in_flight_complete_and_exits_0(tmp_path: Path) -> No
 def _serve_with(loader: object, port: int, *, stop_it: bool) -> tuple[int, int, float]:
     """Run serve() with this loader (stopped once it listens if `stop_it`); returns its exit
     code, the health it reported while loading and how long it ran."""
-    settings = ServeSettings(host="127.0.0.1", port=port, metrics_port=0, grace_period=5)
+    settings = ServeSettings(
+        model_process=False, host="127.0.0.1", port=port, metrics_port=0, grace_period=5
+    )
 
     async def scenario() -> tuple[int, int]:
         stop = asyncio.Event()

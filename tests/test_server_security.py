@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from moderation.settings import ServeSettings
+from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.certs import NoCertificateTool, make_certificates
@@ -26,7 +26,11 @@ def authed(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(f"{TOKEN}\n")  # a trailing newline, as `kubectl create secret` leaves
     settings = ServeSettings(
-        host="127.0.0.1", port=free_port(), metrics_port=0, auth_token_file=str(token_file)
+        model_process=False,
+        host="127.0.0.1",
+        port=free_port(),
+        metrics_port=0,
+        auth_token_file=str(token_file),
     )
     server = InProcessServer(settings, demo_loader(demo_checkpoint))
     server.wait_loaded()
@@ -94,7 +98,7 @@ def test_tls_and_mutual_tls(
     demo_checkpoint: Path, certificates: dict[str, Path], mutual: bool
 ) -> None:
     c = certificates
-    settings = ServeSettings(
+    settings = ServeSettings(model_process=False,
         host="127.0.0.1", port=free_port(), metrics_port=0, tls_cert=str(c["srv.pem"]),
         tls_key=str(c["srv.key"]), tls_client_ca=str(c["ca.pem"]) if mutual else None,
     )  # fmt: skip

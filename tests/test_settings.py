@@ -1,4 +1,4 @@
-"""moderation.settings: precedence, parsing, validation and the option table."""
+"""moderation.serving.settings: precedence, parsing, validation and the option table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from moderation.settings import (
+from moderation.serving.settings import (
     DEFAULTS,
     ENV_PREFIX,
     OPTIONS,
@@ -175,7 +175,15 @@ def test_auth_token_sources(tmp_path) -> None:
         parse(["--auth-token-file", str(tmp_path / "empty")]).resolve_auth_token()
 
 
-def test_settings_are_frozen() -> None:
-    s = ServeSettings()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.port = 1  # type: ignore[misc]
+def test_settings_map_onto_the_runtime_they_load() -> None:
+    s = ServeSettings(
+        model="/models/m", device="cpu", dtype="float32", attention_backend="sdpa",
+        policy="mistral-13", policy_files=("a.json",), threshold=0.25, long_text="split",
+        max_batch_size=5, max_new_tokens=77,
+    )  # fmt: skip
+    r = s.runtime_settings()
+    assert (r.model, r.device, r.dtype) == ("/models/m", "cpu", "float32")
+    assert r.attention_backend == "sdpa"
+    assert (r.default_policy, r.policy_files, r.threshold) == ("mistral-13", ("a.json",), 0.25)
+    assert (r.long_text, r.max_batch_size, r.score_batch_size) == ("split", 5, 5)
+    assert r.max_new_tokens_limit == 77

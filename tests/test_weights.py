@@ -205,7 +205,6 @@ def test_config_saved_by_transformers_keeps_rope_theta(
 
 def test_logits_match_transformers(tmp_path: Path, state: dict[str, torch.Tensor]) -> None:
     """End to end: our Transformer on the HF folder == transformers on the same folder."""
-    pytest.importorskip("model.transformer", reason="needs the engine's Transformer")
     from transformers import MistralForCausalLM
 
     from model.cache import ForwardMetadata
@@ -281,7 +280,6 @@ def test_loading_is_memory_mapped(tmp_path: Path) -> None:
 
 
 def test_load_model(tmp_path: Path, state: dict[str, torch.Tensor]) -> None:
-    pytest.importorskip("model.transformer", reason="needs the engine's Transformer")
     save_consolidated(tmp_path, ARGS, state)
     model = load_model(tmp_path, dtype="bf16")
     assert model.args == ARGS

@@ -15,22 +15,15 @@ import pytest
 
 from model.engine import EngineStats, GenerationRequest, TokenEvent
 from model.errors import RequestError
-from moderation.classifier import Classification, ClassificationError, ClassifyItem
-from moderation.guarded import (
-    GenerateOptions,
-    GenerationResult,
-    GuardedGenerator,
-    PreparedGeneration,
-)
-from moderation.metrics import Metrics
-from moderation.policy import Role
+from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import GenerateOptions, GenerationResult, PreparedGeneration
+from moderation.core.guarded import GuardedGenerator
+from moderation.core.policy import Role
 from moderation.runtime import Runtime
-from moderation.worker import (
-    DeadlineExpiredError,
-    ModelWorker,
-    QueueFullError,
-    WorkerStoppedError,
-)
+from moderation.serving.metrics import Metrics
+from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from moderation.serving.worker_thread import WorkerThread
 
 T = TypeVar("T")
 EOS = 2
@@ -65,7 +58,7 @@ class FakeClassifier:
 
     def plan(self, item: ClassifyItem) -> ClassifyItem:
         if not item.text:
-            raise ClassificationError("text", "must not be empty")
+            raise InvalidArgument("text", "must not be empty")
         return item
 
     def run(self, planned: Sequence[ClassifyItem]) -> list[Classification]:
@@ -140,11 +133,11 @@ class FakeEngine:
 
 def make_worker(
     step_delay: float = 0.0, **kwargs: Any
-) -> tuple[ModelWorker, FakeEngine, FakeClassifier]:
+) -> tuple[WorkerThread, FakeEngine, FakeClassifier]:
     engine, classifier, tokenizer = FakeEngine(step_delay), FakeClassifier(), FakeTokenizer()
     generator = GuardedGenerator(engine, tokenizer, classifier, model_id="fake")  # type: ignore[arg-type]
     runtime = Runtime("fake", False, "cpu", "float32", engine, tokenizer, classifier, generator)  # type: ignore[arg-type]
-    worker = ModelWorker(runtime, Metrics.create(), **kwargs)
+    worker = WorkerThread(runtime, Metrics.create(), **kwargs)
     worker.start()
     return worker, engine, classifier
 
@@ -169,7 +162,7 @@ def prep(
     return PreparedGeneration(o, list(range(10, 10 + prompt_len)), text, item)
 
 
-async def collect(worker: ModelWorker, p: PreparedGeneration, **kw: Any) -> list[Any]:
+async def collect(worker: WorkerThread, p: PreparedGeneration, **kw: Any) -> list[Any]:
     return [e async for e in worker.generate(p, stream=True, **kw)]
 
 
@@ -432,7 +425,7 @@ def test_an_engine_refusal_fails_only_that_generation(parts: Any) -> None:
     worker, _, _ = parts
 
     async def scenario() -> list[Any]:
-        with pytest.raises(ClassificationError) as err:
+        with pytest.raises(InvalidArgument) as err:
             await collect(worker, prep(prompt_len=101))
         assert err.value.field == "messages"
         return await collect(worker, prep(max_new_tokens=2))

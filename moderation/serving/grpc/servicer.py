@@ -2,8 +2,8 @@
 
 Domain errors become gRPC status codes in exactly one place (`status_for`); invalid arguments
 carry a `google.rpc.BadRequest` naming the field. Request logging and metrics live in the
-interceptor (`moderation.interceptors`); the servicer only adds what it knows to the call's
-record: token counts, category, and the text when the operator turned `log_text` on.
+interceptor (`moderation.serving.grpc.interceptors`); the servicer only adds what it knows to
+the call's record: token counts, category, and the text when the operator turned `log_text` on.
 """
 
 from __future__ import annotations
@@ -12,33 +12,34 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import structlog
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from moderation import convert
-from moderation.classifier import Classification, ClassificationError
-from moderation.guarded import GenerationResult
-from moderation.interceptors import REQUEST_ID_KEY, CallRecord, current_call
-from moderation.metrics import Metrics
-from moderation.process_worker import ProcessWorker
-from moderation.runtime import Runtime
-from moderation.settings import ServeSettings
-from moderation.v1 import moderation_pb2 as pb
-from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from moderation.worker import (
+from moderation.api import convert
+from moderation.core.classifier import PlannedItem
+from moderation.core.decision import Classification
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import GenerationResult
+from moderation.serving.front import Front
+from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
+from moderation.serving.metrics import Metrics
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import (
     DeadlineExpiredError,
-    ModelWorker,
     QueueFullError,
+    Worker,
     WorkerStoppedError,
 )
+from moderation.v1 import moderation_pb2 as pb
+from moderation.v1 import moderation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-log = structlog.get_logger("moderation.service")
+log = structlog.get_logger("moderation.serving.grpc.servicer")
 
 
 class NotReadyError(Exception):
@@ -47,18 +48,18 @@ class NotReadyError(Exception):
 
 @dataclass
 class ServiceState:
-    """What the servicer reads; `runtime` and `worker` appear once the model has loaded."""
+    """What the servicer reads; `front` and `worker` appear once the model has loaded."""
 
     settings: ServeSettings
     metrics: Metrics
-    runtime: Runtime | None = None
-    worker: ModelWorker | ProcessWorker | None = None
+    front: Front | None = None
+    worker: Worker | None = None
     draining: bool = False
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """(code, message, offending field) for a domain error: the one mapping of the service."""
-    if isinstance(exc, ClassificationError):
+    if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
@@ -98,26 +99,26 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _ready(self) -> tuple[Runtime, ModelWorker | ProcessWorker]:
+    def _ready(self) -> tuple[Front, Worker]:
         if self.state.draining:
             raise WorkerStoppedError("the server is shutting down; retry on another replica")
-        if self.state.runtime is None or self.state.worker is None:
+        if self.state.front is None or self.state.worker is None:
             raise NotReadyError("the model is still loading; retry shortly")
-        return self.state.runtime, self.state.worker
+        return self.state.front, self.state.worker
 
     def _check_chars(self, text: str, name: str) -> None:
         settings = self.state.settings
         if len(text) > settings.max_text_chars and settings.long_text != "split":
-            raise ClassificationError(
+            raise InvalidArgument(
                 name,
                 f"{len(text)} characters exceed the limit of {settings.max_text_chars} "
                 "(MODERATION_MAX_TEXT_CHARS)",
             )
 
-    def _plan(self, runtime: Runtime, request: pb.ClassifyRequest) -> Any:
+    def _plan(self, front: Front, request: pb.ClassifyRequest) -> PlannedItem:
         self._check_chars(request.text, "text")
         self._check_chars(request.prompt, "prompt")
-        return runtime.classifier.plan(convert.classify_item(request))
+        return front.planner.plan(convert.classify_item(request))
 
     def _record(self, results: list[Classification], texts: list[str]) -> None:
         call = current_call()
@@ -162,11 +163,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def _generation(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
     ) -> AsyncGenerator[str | GenerationResult, None]:
-        runtime, worker = self._ready()
+        front, worker = self._ready()
         for i, m in enumerate(request.messages):
             self._check_chars(m.content, f"messages[{i}].content")
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = runtime.generator.prepare(convert.messages(request), options)  # validates
+        prep = front.planner.prepare(convert.messages(request), options)  # validates
         if self.state.settings.log_text:
             current_call().fields["text"] = prep.user_prompt
         return worker.generate(prep, stream=stream, deadline=_deadline(context))
@@ -177,8 +178,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         async def body() -> pb.ClassifyResponse:
-            runtime, worker = self._ready()
-            planned = self._plan(runtime, request)
+            front, worker = self._ready()
+            planned = self._plan(front, request)
             result = (await worker.classify([planned], deadline=_deadline(context)))[0]
             self._record([result], [request.text])
             return convert.classify_response(result)
@@ -189,12 +190,12 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         async def body() -> pb.ClassifyBatchResponse:
-            runtime, worker = self._ready()
+            front, worker = self._ready()
             limit = self.state.settings.max_batch_items
             if not request.requests:
-                raise ClassificationError("requests", "must not be empty")
+                raise InvalidArgument("requests", "must not be empty")
             if len(request.requests) > limit:
-                raise ClassificationError(
+                raise InvalidArgument(
                     "requests",
                     f"{len(request.requests)} items exceed the limit of {limit} "
                     "(MODERATION_MAX_BATCH_ITEMS)",
@@ -202,9 +203,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             planned = []
             for i, item in enumerate(request.requests):
                 try:
-                    planned.append(self._plan(runtime, item))
-                except ClassificationError as exc:
-                    raise ClassificationError(f"requests[{i}].{exc.field}", exc.message) from exc
+                    planned.append(self._plan(front, item))
+                except InvalidArgument as exc:
+                    raise exc.nested(f"requests[{i}]") from exc
             results = await worker.classify(planned, deadline=_deadline(context))
             self._record(results, [r.text for r in request.requests])
             return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
@@ -236,9 +237,6 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                         yield pb.GenerateStreamResponse(delta=event)
                         continue
                     self._record_generation(current_call(), event)
-                    if request.moderate_output and event.text:
-                        # Checked as a whole, released as a whole (see the proto).
-                        yield pb.GenerateStreamResponse(delta=event.text)
                     yield pb.GenerateStreamResponse(final=convert.generate_response(event))
         except grpc.aio.AbortError:
             raise
@@ -249,18 +247,19 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         async def body() -> pb.ModelInfo:
-            runtime, _ = self._ready()
-            classifier, engine = runtime.classifier, runtime.engine
+            front, _ = self._ready()
+            planner, model = front.planner, front.model
+            limits = model.limits
             return pb.ModelInfo(
-                model=runtime.model_id,
-                demo=runtime.demo,
-                dtype=runtime.dtype,
-                device=runtime.device,
-                attention_backend=engine.backend.name,
-                sliding_window=engine.window,
-                max_context_tokens=engine.max_context or engine.args.max_seq_len,
-                default_policy=classifier.default_policy,
-                policies=convert.policy_info(list(classifier.policies.values())),
+                model=model.model_id,
+                demo=model.demo,
+                dtype=model.dtype,
+                device=model.device,
+                attention_backend=limits.attention_backend,
+                sliding_window=limits.window,
+                max_context_tokens=limits.context,
+                default_policy=planner.default_policy,
+                policies=convert.policy_info(list(planner.policies.values())),
             )
 
         return await self._guard(context, body)

@@ -20,9 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moderation.classifier import Classification, ClassificationError, ClassifyItem
-from moderation.datasets import UNSAFE, DatasetError, Example, read_dataset
-from moderation.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS
+from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.errors import InvalidArgument
+from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, PolicyError
+from moderation.exit_codes import EXIT_OK, EXIT_USAGE
+from moderation.jobs.datasets import UNSAFE, DatasetError, Example, read_dataset
+from moderation.jobs.options import (
+    add_long_text_option,
+    add_model_options,
+    add_policy_option,
+    add_remote_options,
+    policy_option,
+)
+from moderation.jobs.scoring import make_scorer
 
 
 @dataclass(frozen=True)
@@ -148,30 +158,27 @@ def table(report: Report) -> str:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from moderation.batch import make_scorer
-
     try:
+        policy, policy_files = policy_option(ns.policy)
         examples = read_dataset(
             ns.file, ns.format, text_column=ns.text_column, label_column=ns.label_column
         )
         if ns.limit:
             examples = examples[: ns.limit]
-        scorer = make_scorer(ns)
+        scorer = make_scorer(ns, policy_files)
         try:
-            items = [
-                ClassifyItem(e.text, policy=ns.policy, threshold=ns.threshold) for e in examples
-            ]
+            items = [ClassifyItem(e.text, policy=policy, threshold=ns.threshold) for e in examples]
             results = []
             for start in range(0, len(items), ns.batch_size):
                 results.extend(scorer.score(items[start : start + ns.batch_size]))
         finally:
             scorer.close()
-    except (DatasetError, ClassificationError, OSError) as exc:
+    except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     report = evaluate(examples, results)
     print(json.dumps(report.to_dict(), indent=2) if ns.json else table(report))
-    return 0
+    return EXIT_OK
 
 
 def register(sub: Any) -> None:
@@ -181,18 +188,12 @@ def register(sub: Any) -> None:
     p.add_argument("--format", default="auto", choices=("auto", "openai", "xstest", "csv"))
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--policy", default=None)
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--long-text", default="split", choices=("reject", "split"))
+    add_policy_option(p, None)
+    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    add_long_text_option(p, "split")
     p.add_argument("--limit", type=int, help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="texts per engine pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--model", metavar="DIR")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-    p.add_argument("--target", action="append", metavar="HOST:PORT")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--token")
-    p.add_argument("--token-file")
-    p.add_argument("--tls-ca")
+    add_model_options(p)
+    add_remote_options(p)
     p.set_defaults(func=_run)

@@ -8,12 +8,9 @@ without a token so that probes and tooling work when bearer-token auth is on.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,48 +22,26 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moderation.interceptors import BearerTokenAuth, RequestTelemetry
-from moderation.logs import configure_logging
-from moderation.metrics import Metrics
-from moderation.process_worker import ProcessWorker, front_runtime
-from moderation.runtime import Runtime, load_runtime
-from moderation.service import ModerationServicer, ServiceState
-from moderation.settings import (
-    ServeSettings,
-    SettingsError,
-    add_serve_arguments,
-    settings_from_args,
-)
+from moderation.exit_codes import EXIT_ERROR, EXIT_OK
+from moderation.runtime import Runtime
+from moderation.serving.front import Front
+from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
+from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
+from moderation.serving.loader import load_from_settings
+from moderation.serving.metrics import Metrics
+from moderation.serving.model_process import ProcessWorker
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import Worker
+from moderation.serving.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2, moderation_pb2_grpc
-from moderation.worker import ModelWorker
 
-log = structlog.get_logger("moderation.server")
+log = structlog.get_logger("moderation.serving.grpc.server")
 
 SERVICE_NAME = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)  # the server as a whole, and the service by name
-EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3  # as the other subcommands (moderation.cli)
 LOADER_THREAD = "model-loader"
 
 Loader = Callable[[ServeSettings], Runtime]
-
-
-def load_from_settings(settings: ServeSettings) -> Runtime:
-    """The runtime a server with these settings serves (the demo model without --model)."""
-    runtime = load_runtime(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        attention_backend=settings.attention_backend,
-        policy_files=settings.policy_files,
-        default_policy=settings.policy,
-        threshold=settings.threshold,
-        long_text=settings.long_text,
-        max_batch_size=settings.max_batch_size,
-        score_batch_size=settings.max_batch_size,
-        max_new_tokens_limit=settings.max_new_tokens,
-    )
-    runtime.classifier.warm_up()  # pre-fill every policy prefix before reporting SERVING
-    return runtime
 
 
 def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
@@ -81,11 +56,16 @@ def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
 
 
 class Server:
-    """One serving process: gRPC server, health, metrics endpoint and the model worker."""
+    """One serving process: gRPC server, health, metrics endpoint and the model worker.
+
+    With `settings.model_process` the model runs in a process of its own; otherwise `loader`
+    loads it in this process (the tests load their demo checkpoint that way).
+    """
 
     def __init__(self, settings: ServeSettings, *, loader: Loader = load_from_settings):
         self.settings = settings
         self.loader = loader
+        self.runtime: Runtime | None = None  # the model, when it runs in this process
         self.metrics = Metrics.create()
         self.state = ServiceState(settings=settings, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
@@ -136,31 +116,33 @@ class Server:
             "listening", port=self.port, tls=self.settings.tls,
             mutual_tls=self.settings.mutual_tls, metrics_port=self.settings.metrics_port,
         )  # fmt: skip
-        worker: ModelWorker | ProcessWorker
-        if self.settings.model_process and self.loader is load_from_settings:
-            # The model in a process of its own (see moderation.process_worker); this process
-            # keeps what validates requests at the door.
+        worker: Worker
+        if self.settings.model_process:
+            # The model in a process of its own (see moderation.serving.model_process); this
+            # process keeps what validates requests at the door.
             worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
-            runtime = front_runtime(await worker.load(), self.settings)
+            front = Front.of_model_process(await worker.load(), self.settings)
         else:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)
-            runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
-            worker = ModelWorker(
-                runtime,
+            self.runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
+            worker = WorkerThread(
+                self.runtime,
                 self.metrics,
                 max_queue=self.settings.max_queue,
                 max_items_per_pass=self.settings.max_batch_items,
             )
+            front = Front.of_runtime(self.runtime)
         worker.start()
-        self.state.runtime, self.state.worker = runtime, worker
-        if runtime.demo:
+        self.state.front, self.state.worker = front, worker
+        model = front.model
+        if model.demo:
             log.warning(
                 "serving the demo model: random weights, meaningless decisions; "
                 "pass --model DIR (MODERATION_MODEL) for real weights",
-                model=runtime.model_id,
+                model=model.model_id,
             )
-        log.info("serving", model=runtime.model_id, device=runtime.device, dtype=runtime.dtype)
+        log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _model_exited(self) -> None:
@@ -243,36 +225,3 @@ async def serve(
     stopping.cancel()
     await server.stop()
     return code
-
-
-def _run(ns: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(ns)
-        settings.resolve_auth_token()  # fail now on an unreadable token file
-    except SettingsError as exc:
-        print(f"moderation serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    configure_logging(settings.log_level)
-    try:
-        code = asyncio.run(serve(settings))
-    except (OSError, RuntimeError) as exc:  # e.g. the port is taken or a TLS file is missing
-        log.error("could not start", error=str(exc))
-        return EXIT_ERROR
-    if any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
-        # Stopped while the model was loading, which cannot be interrupted: leave now rather
-        # than finalize the interpreter under the loading thread (torch then aborts, exit 134).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def register(sub: Any) -> None:
-    """Add the `serve` subcommand."""
-    p = sub.add_parser(
-        "serve",
-        help="run the gRPC moderation server",
-        description="Serve moderation.v1.ModerationService over gRPC (demo model without --model).",
-    )
-    add_serve_arguments(p)
-    p.set_defaults(func=_run)

@@ -30,11 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from moderation.classifier import Classification, ClassificationError, ClassifyItem
-from moderation.policy import ACCEPTABLE_ID, DEFAULT_POLICY, Policy
-from moderation.scoring import LocalScorer, RemoteError, RemoteOptions, RemoteScorer, Scorer
+from moderation.api.client import RemoteError
+from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.errors import InvalidArgument
+from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
+from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
+from moderation.jobs.options import (
+    add_long_text_option,
+    add_model_options,
+    add_policy_option,
+    add_remote_options,
+    add_role_option,
+    policy_option,
+)
+from moderation.jobs.scoring import Scorer, make_scorer
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 # Fields of several megabytes are real (pasted logs); the csv module's 128 KiB default is not.
@@ -291,53 +301,16 @@ def summary(progress: Progress) -> str:
     )
 
 
-def make_scorer(ns: argparse.Namespace) -> Scorer:
-    """In-process (--model, or the demo) or remote (--target ...)."""
-    if ns.target:
-        token = ns.token
-        if ns.token_file:
-            token = Path(ns.token_file).read_text(encoding="utf-8").strip()
-        return RemoteScorer(
-            RemoteOptions(
-                targets=tuple(ns.target),
-                concurrency=ns.concurrency,
-                chunk=max(1, min(ns.batch_size, 64)),
-                token=token,
-                tls_ca=ns.tls_ca,
-            )
-        )
-    from moderation.runtime import load_runtime
-
-    policy_files = [ns.policy] if ns.policy and Path(ns.policy).is_file() else []
-    runtime = load_runtime(
-        ns.model,
-        device=ns.device,
-        dtype=ns.dtype,
-        policy_files=policy_files,
-        long_text=ns.long_text,
-    )
-    if runtime.demo:
-        print(f"note: using the demo model ({runtime.model_id})", file=sys.stderr)
-    return LocalScorer(runtime)
-
-
-def _policy_name(value: str | None) -> str | None:
-    if value and Path(value).is_file():
-        from moderation.policy import load_policy_file
-
-        return load_policy_file(value).name
-    return value
-
-
 def _run(ns: argparse.Namespace) -> int:
     try:
+        policy, policy_files = policy_option(ns.policy)
         job = BatchJob(
             input=ns.input,
             output=ns.output,
             text_column=ns.text_column,
             prompt_column=ns.prompt_column,
             role=ns.role,
-            policy=_policy_name(ns.policy),
+            policy=policy,
             threshold=ns.threshold,
             encoding=ns.encoding,
             delimiter=ns.delimiter,
@@ -345,12 +318,12 @@ def _run(ns: argparse.Namespace) -> int:
             resume=ns.resume,
             escape_formulas=ns.escape_formulas,
         )
-        scorer = make_scorer(ns)
+        scorer = make_scorer(ns, policy_files)
         try:
             progress = run(job, scorer, progress_out=sys.stderr if sys.stderr.isatty() else None)
         finally:
             scorer.close()
-    except (UsageError, ClassificationError, OSError, LookupError) as exc:
+    except (UsageError, InvalidArgument, PolicyError, OSError, LookupError) as exc:
         print(f"moderation batch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RemoteError as exc:
@@ -369,23 +342,12 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
     p.add_argument("--text-column", required=True, help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
-    p.add_argument("--role", default="input", choices=("input", "output"))
-    p.add_argument("--policy", default=None, help=f"policy name or file (default {DEFAULT_POLICY})")
+    add_role_option(p)
+    add_policy_option(p, None)
     p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
-    p.add_argument("--long-text", default="reject", choices=("reject", "split"))
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (in-process); default: demo")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-    p.add_argument(
-        "--target",
-        action="append",
-        metavar="HOST:PORT",
-        help="remote server(s); repeat or use dns:///name",
-    )
-    p.add_argument("--concurrency", type=int, default=8, help="remote: requests in flight")
-    p.add_argument("--token", help="remote: bearer token")
-    p.add_argument("--token-file", help="remote: file holding the bearer token")
-    p.add_argument("--tls-ca", help="remote: CA certificate to verify the servers (enables TLS)")
+    add_long_text_option(p, "reject")
+    add_model_options(p)
+    add_remote_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="rows per engine pass / commit")
     p.add_argument(
         "--encoding", default="utf-8-sig", help="input encoding (default: UTF-8, BOM allowed)"

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import structlog
 
-from moderation.metrics import Metrics
+from moderation.serving.metrics import Metrics
 
 SERVICE_PREFIX = "/moderation.v1.ModerationService/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

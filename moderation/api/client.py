@@ -1,8 +1,5 @@
-"""Scoring many texts for batch jobs: in-process through the engine, or remote over gRPC.
-
-Both take ClassifyItems and give back, per item and in order, a Classification or an error
-message for that item; one bad item never fails the others.
-"""
+"""A light client of running servers: many ClassifyItems scored over gRPC, spread over the
+targets, retried, one bad item never failing the others. No torch in its import graph."""
 
 from __future__ import annotations
 
@@ -13,58 +10,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 
-from moderation import convert
-from moderation.classifier import Classification, ClassificationError, ClassifyItem
-from moderation.policy import Policy
-from moderation.runtime import Runtime
+from moderation.api import convert
+from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.errors import InvalidArgument
+from moderation.core.policy import Policy
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 
 Outcome = Classification | str  # a result, or the reason the item could not be scored
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-
-class Scorer(Protocol):
-    def policy(self, name: str | None) -> Policy:
-        """The policy a name resolves to (its categories name the output columns)."""
-        ...
-
-    def score(self, items: Sequence[ClassifyItem]) -> list[Outcome]: ...
-
-    def close(self) -> None: ...
-
-
-class LocalScorer:
-    """The engine in this process: invalid items are set aside, the rest is one batched pass."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
-    def policy(self, name: str | None) -> Policy:
-        return self.runtime.classifier.policy(name)
-
-    def score(self, items: Sequence[ClassifyItem]) -> list[Outcome]:
-        classifier = self.runtime.classifier
-        out: list[Outcome] = []
-        planned, where = [], []
-        for i, item in enumerate(items):
-            try:
-                planned.append(classifier.plan(item))
-                where.append(i)
-                out.append("")
-            except ClassificationError as exc:
-                out.append(str(exc))
-        for i, result in zip(where, classifier.run(planned), strict=True):
-            out[i] = result
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 class RemoteError(Exception):
@@ -144,7 +102,7 @@ class RemoteScorer:
                     break
             else:
                 known = ", ".join(p.name for p in info.policies)
-                raise ClassificationError(
+                raise InvalidArgument(
                     "policy", f"unknown policy {wanted!r}; the server knows: {known}"
                 )
         return self._policies[key]

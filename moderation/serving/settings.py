@@ -14,21 +14,27 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moderation.core.limits import LONG_TEXT_MODES
+from moderation.runtime import ATTENTION_BACKENDS, DTYPES, RuntimeSettings
+from moderation.serving.setting_values import (
+    DEVICE_RE,
+    choice,
+    parse_bool,
+    parse_device,
+    parse_float,
+    parse_int,
+    parse_list,
+    parse_str,
+)
+
 ENV_PREFIX = "MODERATION_"
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
-LONG_TEXT_MODES = ("reject", "split")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class SettingsError(ValueError):
@@ -36,51 +42,196 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """Everything ``moderation serve`` is configured with. All fields have defaults."""
+class Option:
+    """How a setting is read from text (the environment or the command line) and described."""
 
-    model: str | None = None
-    """Checkpoint folder (Mistral or Hugging Face layout); None = the built-in demo model."""
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9090
-    """Prometheus /metrics port; 0 = no metrics endpoint."""
-    device: str = "auto"
-    dtype: str = "auto"
-    attention_backend: str = "auto"
-    policy: str = "paper"
-    """Default policy for requests that name none."""
-    policy_files: tuple[str, ...] = ()
-    """Custom policy files (JSON) loaded at start-up in addition to the built-in policies."""
-    threshold: float = 0.5
-    """Default threshold on P(not acceptable)."""
-    max_batch_size: int = 32
-    """Most sequences the engine runs in one step."""
-    max_queue: int = 1024
-    """Most requests waiting; beyond it requests fail with RESOURCE_EXHAUSTED."""
-    max_batch_items: int = 256
-    """Most texts in one ClassifyBatch call."""
-    max_text_chars: int = 32768
-    long_text: str = "reject"
-    """What to do with a text over max_text_chars: "reject" it or "split" it into windows."""
-    max_new_tokens: int = 512
-    max_message_bytes: int = 4 * 1024 * 1024
-    grace_period: float = 30.0
-    """Seconds to drain in-flight requests after SIGTERM."""
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    """CA bundle for client certificates; set = mutual TLS."""
-    auth_token_file: str | None = None
-    auth_token: str | None = field(default=None, repr=False)  # never print secrets
-    model_process: bool = True
-    """Run the model in a process of its own (no GIL shared with the gRPC event loop)."""
-    torch_threads: int = 0
-    """torch intra-op threads of the model; 0 = all cores, less one for the gRPC process when
-    the model runs in its own process."""
-    log_text: bool = False
-    """Log request texts (off by default: texts are user data)."""
-    log_level: str = "info"
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+
+
+def _setting(
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A ServeSettings field with its option: one declaration per setting."""
+    option = Option(parse, help, metavar)
+    return field(default=default, repr=not secret, metadata={"option": option})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``moderation serve`` is configured with. All fields have defaults; each
+    field's option (parser, help, metavar) is declared with it."""
+
+    model: str | None = _setting(
+        None,
+        parse_str,
+        "checkpoint folder (Mistral consolidated or Hugging Face layout); "
+        "unset = the built-in demo model (random weights)",
+        metavar="PATH",
+    )
+    host: str = _setting(
+        "0.0.0.0",
+        parse_str,
+        "address to listen on",
+        metavar="ADDR",
+    )
+    port: int = _setting(
+        50051,
+        parse_int,
+        "gRPC port",
+        metavar="PORT",
+    )
+    metrics_port: int = _setting(
+        9090,
+        parse_int,
+        "Prometheus metrics port; 0 = no metrics endpoint",
+        metavar="PORT",
+    )
+    device: str = _setting(
+        "auto",
+        parse_device,
+        "torch device: auto, cpu, cuda or cuda:N",
+    )
+    dtype: str = _setting(
+        "auto",
+        choice(DTYPES),
+        "weight dtype: " + ", ".join(DTYPES),
+        metavar="{" + ",".join(DTYPES) + "}",
+    )
+    attention_backend: str = _setting(
+        "auto",
+        choice(ATTENTION_BACKENDS),
+        "attention implementation: " + ", ".join(ATTENTION_BACKENDS),
+        metavar="{" + ",".join(ATTENTION_BACKENDS) + "}",
+    )
+    policy: str = _setting(
+        "paper",
+        parse_str,
+        "default moderation policy for requests that name none",
+        metavar="NAME",
+    )
+    policy_files: tuple[str, ...] = _setting(
+        (),
+        parse_list,
+        "comma-separated custom policy files (JSON) to load",
+        metavar="PATHS",
+    )
+    threshold: float = _setting(
+        0.5,
+        parse_float,
+        "default threshold on P(not acceptable), in [0, 1]",
+        metavar="P",
+    )
+    max_batch_size: int = _setting(
+        32,
+        parse_int,
+        "most sequences the engine runs in one step",
+        metavar="N",
+    )
+    max_queue: int = _setting(
+        1024,
+        parse_int,
+        "most waiting requests before RESOURCE_EXHAUSTED",
+        metavar="N",
+    )
+    max_batch_items: int = _setting(
+        256,
+        parse_int,
+        "most texts in one ClassifyBatch call",
+        metavar="N",
+    )
+    max_text_chars: int = _setting(
+        32768,
+        parse_int,
+        "longest text or chat message accepted, in characters",
+        metavar="N",
+    )
+    long_text: str = _setting(
+        "reject",
+        choice(LONG_TEXT_MODES),
+        "texts over --max-text-chars: reject them or split them into windows",
+        metavar="{" + ",".join(LONG_TEXT_MODES) + "}",
+    )
+    max_new_tokens: int = _setting(
+        512,
+        parse_int,
+        "default and maximum tokens generated per request",
+        metavar="N",
+    )
+    max_message_bytes: int = _setting(
+        4 * 1024 * 1024,
+        parse_int,
+        "largest gRPC message received or sent, in bytes",
+        metavar="BYTES",
+    )
+    grace_period: float = _setting(
+        30.0,
+        parse_float,
+        "seconds to finish in-flight requests after SIGTERM",
+        metavar="SECONDS",
+    )
+    tls_cert: str | None = _setting(
+        None,
+        parse_str,
+        "PEM server certificate (chain); enables TLS, needs --tls-key",
+        metavar="PEM",
+    )
+    tls_key: str | None = _setting(
+        None,
+        parse_str,
+        "PEM private key of --tls-cert",
+        metavar="PEM",
+    )
+    tls_client_ca: str | None = _setting(
+        None,
+        parse_str,
+        "PEM CA bundle; set = mutual TLS (clients must present a certificate)",
+        metavar="PEM",
+    )
+    auth_token_file: str | None = _setting(
+        None,
+        parse_str,
+        "file holding the bearer token clients must send",
+        metavar="PATH",
+    )
+    auth_token: str | None = _setting(
+        None,
+        parse_str,
+        "bearer token clients must send (prefer the env var or "
+        "--auth-token-file: command lines are visible to other processes)",
+        metavar="TOKEN",
+        secret=True,  # never print secrets
+    )
+    model_process: bool = _setting(
+        True,
+        parse_bool,
+        "run the model in a process of its own, so that it does not share the GIL "
+        "with the gRPC event loop",
+    )
+    torch_threads: int = _setting(
+        0,
+        parse_int,
+        "torch threads of the model; 0 = all cores, less one for the gRPC process "
+        "when the model runs in its own process",
+        metavar="N",
+    )
+    log_text: bool = _setting(
+        False,
+        parse_bool,
+        "log request texts (off by default: they are user data)",
+    )
+    log_level: str = _setting(
+        "info",
+        choice(LOG_LEVELS),
+        "log level: " + ", ".join(LOG_LEVELS),
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -94,6 +245,22 @@ class ServeSettings:
     def mutual_tls(self) -> bool:
         """Whether clients must present a certificate signed by tls_client_ca."""
         return self.tls_client_ca is not None
+
+    def runtime_settings(self) -> RuntimeSettings:
+        """What the model runtime is built from."""
+        return RuntimeSettings(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            attention_backend=self.attention_backend,
+            policy_files=self.policy_files,
+            default_policy=self.policy,
+            threshold=self.threshold,
+            long_text=self.long_text,
+            max_batch_size=self.max_batch_size,
+            score_batch_size=self.max_batch_size,
+            max_new_tokens_limit=self.max_new_tokens,
+        )
 
     def resolve_auth_token(self) -> str | None:
         """The bearer token clients must send, from auth_token or auth_token_file; None = no auth.
@@ -132,6 +299,9 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ServeSettings)}
 """Field name -> default value."""
 
 
+_OPTION: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(ServeSettings)}
+"""Field name -> its option."""
+
 _OPTIONAL_STR = frozenset(f.name for f in fields(ServeSettings) if f.default is None)
 """Fields where an empty value means unset."""
 
@@ -139,152 +309,6 @@ _OPTIONAL_STR = frozenset(f.name for f in fields(ServeSettings) if f.default is 
 def _names(name: str) -> str:
     flag, env = OPTIONS[name]
     return f"{flag} / {env}"
-
-
-# --- parsing: text (from the environment or the command line) -> typed value -------------------
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip(), 10)
-    except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {text!r}")
-
-
-def _parse_str(text: str) -> str:
-    return text.strip()
-
-
-def _parse_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}; got {text!r}")
-        return value
-
-    return parse
-
-
-def _parse_device(text: str) -> str:
-    value = text.strip().lower()
-    if not _DEVICE_RE.match(value):
-        raise ValueError(f"expected auto, cpu, cuda or cuda:N; got {text!r}")
-    return value
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "model": _parse_str,
-    "host": _parse_str,
-    "port": _parse_int,
-    "metrics_port": _parse_int,
-    "device": _parse_device,
-    "dtype": _choice(DTYPES),
-    "attention_backend": _choice(ATTENTION_BACKENDS),
-    "policy": _parse_str,
-    "policy_files": _parse_list,
-    "threshold": _parse_float,
-    "max_batch_size": _parse_int,
-    "max_queue": _parse_int,
-    "max_batch_items": _parse_int,
-    "max_text_chars": _parse_int,
-    "long_text": _choice(LONG_TEXT_MODES),
-    "max_new_tokens": _parse_int,
-    "max_message_bytes": _parse_int,
-    "grace_period": _parse_float,
-    "tls_cert": _parse_str,
-    "tls_key": _parse_str,
-    "tls_client_ca": _parse_str,
-    "auth_token_file": _parse_str,
-    "auth_token": _parse_str,
-    "model_process": _parse_bool,
-    "torch_threads": _parse_int,
-    "log_text": _parse_bool,
-    "log_level": _choice(LOG_LEVELS),
-}
-
-_HELP: dict[str, str] = {
-    "model": "checkpoint folder (Mistral consolidated or Hugging Face layout); "
-    "unset = the built-in demo model (random weights)",
-    "host": "address to listen on",
-    "port": "gRPC port",
-    "metrics_port": "Prometheus metrics port; 0 = no metrics endpoint",
-    "device": "torch device: auto, cpu, cuda or cuda:N",
-    "dtype": "weight dtype: " + ", ".join(DTYPES),
-    "attention_backend": "attention implementation: " + ", ".join(ATTENTION_BACKENDS),
-    "policy": "default moderation policy for requests that name none",
-    "policy_files": "comma-separated custom policy files (JSON) to load",
-    "threshold": "default threshold on P(not acceptable), in [0, 1]",
-    "max_batch_size": "most sequences the engine runs in one step",
-    "max_queue": "most waiting requests before RESOURCE_EXHAUSTED",
-    "max_batch_items": "most texts in one ClassifyBatch call",
-    "max_text_chars": "longest text or chat message accepted, in characters",
-    "long_text": "texts over --max-text-chars: reject them or split them into windows",
-    "max_new_tokens": "default and maximum tokens generated per request",
-    "max_message_bytes": "largest gRPC message received or sent, in bytes",
-    "grace_period": "seconds to finish in-flight requests after SIGTERM",
-    "tls_cert": "PEM server certificate (chain); enables TLS, needs --tls-key",
-    "tls_key": "PEM private key of --tls-cert",
-    "tls_client_ca": "PEM CA bundle; set = mutual TLS (clients must present a certificate)",
-    "auth_token_file": "file holding the bearer token clients must send",
-    "auth_token": "bearer token clients must send (prefer the env var or "
-    "--auth-token-file: command lines are visible to other processes)",
-    "model_process": "run the model in a process of its own, so that it does not share the GIL "
-    "with the gRPC event loop",
-    "torch_threads": "torch threads of the model; 0 = all cores, less one for the gRPC process "
-    "when the model runs in its own process",
-    "log_text": "log request texts (off by default: they are user data)",
-    "log_level": "log level: " + ", ".join(LOG_LEVELS),
-}
-
-_METAVARS: dict[str, str] = {
-    "model": "PATH",
-    "host": "ADDR",
-    "port": "PORT",
-    "metrics_port": "PORT",
-    "policy": "NAME",
-    "policy_files": "PATHS",
-    "threshold": "P",
-    "max_batch_size": "N",
-    "max_queue": "N",
-    "max_batch_items": "N",
-    "max_text_chars": "N",
-    "max_new_tokens": "N",
-    "max_message_bytes": "BYTES",
-    "dtype": "{" + ",".join(DTYPES) + "}",
-    "attention_backend": "{" + ",".join(ATTENTION_BACKENDS) + "}",
-    "long_text": "{" + ",".join(LONG_TEXT_MODES) + "}",
-    "log_level": "{" + ",".join(LOG_LEVELS) + "}",
-    "grace_period": "SECONDS",
-    "tls_cert": "PEM",
-    "tls_key": "PEM",
-    "tls_client_ca": "PEM",
-    "auth_token_file": "PATH",
-    "auth_token": "TOKEN",
-    "torch_threads": "N",
-}
 
 
 def _describe_default(name: str) -> str:
@@ -307,7 +331,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for name, (flag, env) in OPTIONS.items():
         # argparse %-formats help strings, so escape any literal percent sign.
-        help_text = f"{_HELP[name]} [env {env}; default {_describe_default(name)}]"
+        help_text = f"{_OPTION[name].help} [env {env}; default {_describe_default(name)}]"
         help_text = help_text.replace("%", "%%")
         if isinstance(DEFAULTS[name], bool):
             group.add_argument(
@@ -320,7 +344,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             # Keep the text: parsing happens in settings_from_args, so errors name both sources.
             group.add_argument(
-                flag, dest=name, default=None, metavar=_METAVARS.get(name), help=help_text
+                flag, dest=name, default=None, metavar=_OPTION[name].metavar, help=help_text
             )
 
 
@@ -342,7 +366,7 @@ def settings_from_args(
             continue
         if isinstance(raw, str):
             try:
-                value = _PARSERS[name](raw)
+                value = _OPTION[name].parse(raw)
             except ValueError as exc:
                 raise SettingsError(f"{_names(name)} (from {source}): {exc}") from None
         else:
@@ -391,7 +415,7 @@ def _validate(s: ServeSettings) -> None:
         fail("threshold", f"must be in [0, 1], got {s.threshold!r}")
     if not (math.isfinite(s.grace_period) and s.grace_period >= 0):
         fail("grace_period", f"must be a non-negative number of seconds, got {s.grace_period!r}")
-    if not _DEVICE_RE.match(s.device):
+    if not DEVICE_RE.match(s.device):
         fail("device", f"expected auto, cpu, cuda or cuda:N; got {s.device!r}")
     for name, options in (
         ("dtype", DTYPES),

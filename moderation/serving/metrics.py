@@ -7,14 +7,29 @@ tests, count separately, and the endpoint shows only what the service defines.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from moderation.classifier import Classification
+from moderation.core.decision import Classification
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics(Protocol):
+    """The metrics the scheduler updates (in the model process, a recorder of them)."""
+
+    queue_depth: Any
+    running_sequences: Any
+    batch_size: Any
+    tokens: Any
+    prefix_hits: Any
+    prefix_tokens: Any
+
+
+WORKER_METRICS: tuple[str, ...] = tuple(WorkerMetrics.__annotations__)
+"""The names of the scheduler's metrics, the one list of them."""
 
 
 @dataclass

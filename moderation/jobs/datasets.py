@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moderation.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS
+from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS
 
 UNSAFE = "unsafe"
 _SAFE_WORDS = {"acceptable", "safe", "0", "false", "no", "not moderated"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moderation.classifier import Classification, ClassifyItem
-from moderation.guarded import GenerateOptions, GenerationResult
-from moderation.policy import Category, Policy, Role
+from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.generation import GenerateOptions, GenerationResult
+from moderation.core.policy import Category, Policy, Role
 from moderation.v1 import moderation_pb2 as pb
 
 _ROLES = {pb.ROLE_UNSPECIFIED: Role.INPUT, pb.ROLE_INPUT: Role.INPUT, pb.ROLE_OUTPUT: Role.OUTPUT}

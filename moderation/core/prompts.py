@@ -23,18 +23,12 @@ BOS, EOS or control id.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from moderation.policy import (
-    CHAT_MARKER_RE,
-    CONTROL_CHAR_RE,
-    GUARDRAIL_SYSTEM_PROMPT,
-    Policy,
-    Role,
-)
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Policy, Role
+from moderation.core.text_safety import clean, neutralize
 
 
 class PromptError(ValueError):
@@ -75,8 +69,6 @@ OUTPUT_NOTE = (
     'The user prompt it answers is shown before it, after "User prompt:", as context only.'
 )
 
-_LONE_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
-
 
 @dataclass(frozen=True)
 class ModerationPrompt:
@@ -94,38 +86,9 @@ class ModerationPrompt:
         return len(self.prefix) + len(self.body)
 
 
-def neutralize(text: str) -> str:
-    """Untrusted text made safe to place in a prompt; ordinary text is returned unchanged.
-
-    - CR and CRLF become LF; other C0 controls (but tab and LF), DEL and C1 controls are removed
-      (removed, not replaced: a control character inside a word must not hide the word);
-    - lone surrogates (invalid Unicode, unencodable) become U+FFFD;
-    - `[INST]` and `[/INST]` in any case, spacing or with invisible characters inside get
-      parentheses instead of brackets, e.g. "[/INST]" -> "(/INST)": in the v1 template their
-      tokens are the real turn markers, and in v3 they would still read like them.
-    Runs after control removal so that "[IN\\x00ST]" cannot reassemble afterwards.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = CONTROL_CHAR_RE.sub("", text)
-    text = _LONE_SURROGATE_RE.sub("\ufffd", text)
-    # A replacement has no brackets, so one pass cannot create a new marker; looping to a fixed
-    # point makes that hold without relying on the argument.
-    while True:
-        replaced = CHAT_MARKER_RE.sub(lambda m: f"({m.group(0)[1:-1]})", text)
-        if replaced == text:
-            return text
-        text = replaced
-
-
-def _clean(text: str) -> str:
-    # Outer whitespace carries no meaning for moderation and would tokenize differently at the
-    # segment boundaries; without it prefix + body equal the joined text's tokens.
-    return neutralize(text).strip()
-
-
 def encode_text(tokenizer: PromptTokenizer, text: str) -> list[int]:
     """Tokens of untrusted text as it appears in a prompt body (neutralized, no BOS/EOS)."""
-    return tokenizer.encode(_clean(text), bos=False)
+    return tokenizer.encode(clean(text), bos=False)
 
 
 def text_token_count(tokenizer: PromptTokenizer, text: str) -> int:
@@ -148,9 +111,9 @@ def prompt_text(
     role = _check_role(role, user_prompt)
     parts = [instruction_text(policy, role)]
     if role is Role.OUTPUT:
-        parts.append(f"{_clean(user_prompt or '') or NO_USER_PROMPT}\n\n{ANSWER_MARKER}")
+        parts.append(f"{clean(user_prompt or '') or NO_USER_PROMPT}\n\n{ANSWER_MARKER}")
     # Joined with a space only when the text is not empty, as the body tokens are.
-    cleaned = _clean(text)
+    cleaned = clean(text)
     if cleaned:
         parts.append(cleaned)
     return " ".join(parts)

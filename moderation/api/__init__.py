@@ -1,0 +1,2 @@
+"""The public API's edge: protobuf <-> core conversion and a light gRPC client. No torch in its
+import graph."""

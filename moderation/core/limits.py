@@ -1,0 +1,49 @@
+"""What planning needs to know of the model: how many tokens a prompt may take.
+
+The server's front process plans requests (validates them, splits long texts) without the
+weights, so it gets these limits from the model process; in-process they come from the engine.
+Either way they are the same values, read from the engine's public attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model import Engine
+
+LONG_TEXT_MODES = ("reject", "split")
+"""What to do with a text longer than a prompt may take: reject it, or split it into windows."""
+
+PLANNING_CONTEXT_CAP = 8192
+"""Without a context limit of the engine, prompts are planned for at most this many tokens."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """The context limits of a loaded model, as its engine enforces them."""
+
+    window: int  # the sliding window (the context length when the model has none)
+    max_context: int | None  # the engine's context limit; None = the model's max_seq_len
+    max_seq_len: int  # the model's own longest sequence
+    attention_backend: str  # what GetModelInfo reports
+
+    @classmethod
+    def of(cls, engine: Engine) -> ModelLimits:
+        return cls(
+            window=engine.window,
+            max_context=engine.max_context,
+            max_seq_len=engine.args.max_seq_len,
+            attention_backend=engine.backend.name,
+        )
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the engine takes."""
+        return self.max_context or self.max_seq_len
+
+    @property
+    def planning_context(self) -> int:
+        """Tokens a classification prompt may use (prefix, text and label)."""
+        return self.max_context or min(self.max_seq_len, PLANNING_CONTEXT_CAP)

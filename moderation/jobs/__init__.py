@@ -1,0 +1,1 @@
+"""Offline jobs: batch scoring of CSV files, labelled datasets and evaluation."""

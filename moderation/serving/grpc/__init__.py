@@ -1,0 +1,1 @@
+"""gRPC front of the server: interceptors, the ModerationService servicer, the server's life."""

@@ -1,0 +1,198 @@
+"""The model process's side: load the model, then run the scheduler's ticks on the pipe's jobs.
+
+There is no thread or event loop between the pipe and the engine: each hand-off would cost a
+lone caller latency. Answers of a tick go back together, as one `Batch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from moderation.core.decision import Classification
+from moderation.core.generation import GenerationResult
+from moderation.runtime import Runtime, checkpoint_dir
+from moderation.serving import process_messages as msg
+from moderation.serving.loader import load_from_settings
+from moderation.serving.logs import configure_logging
+from moderation.serving.metrics import WORKER_METRICS
+from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
+from moderation.serving.settings import ServeSettings
+
+METRICS_FLUSH_S = 0.25  # how often the model process sends its metrics when it has any
+
+
+class _Recorder:
+    """Stands in for one Prometheus metric in the model process: records what is done to it."""
+
+    def __init__(
+        self, name: str, ops: list[msg.MetricOp], labels: tuple[tuple[str, str], ...] = ()
+    ):
+        self._name, self._ops, self._labels = name, ops, labels
+
+    def labels(self, **labels: str) -> _Recorder:
+        return _Recorder(self._name, self._ops, tuple(sorted(labels.items())))
+
+    def inc(self, amount: float = 1) -> None:
+        self._ops.append(msg.MetricOp(self._name, self._labels, "inc", amount))
+
+    def set(self, value: float) -> None:
+        self._ops.append(msg.MetricOp(self._name, self._labels, "set", value))
+
+    def observe(self, value: float) -> None:
+        self._ops.append(msg.MetricOp(self._name, self._labels, "observe", value))
+
+
+class RecordingMetrics:
+    """The scheduler's metrics (`WorkerMetrics`), recorded here and replayed in the server."""
+
+    def __init__(self) -> None:
+        self.ops: list[msg.MetricOp] = []
+
+    def __getattr__(self, name: str) -> _Recorder:
+        if name not in WORKER_METRICS:
+            raise AttributeError(name)
+        return _Recorder(name, self.ops)
+
+    def take(self) -> list[msg.MetricOp]:
+        taken = self.ops[:]
+        del self.ops[: len(taken)]
+        return taken
+
+
+class _Sink:
+    """Where the model process's jobs put their answers; sent once per tick."""
+
+    def __init__(self) -> None:
+        self.outbox: list[msg.JobMessage | msg.MetricOps] = []
+        self.open: dict[int, Job] = {}  # jobs with answers still to come
+
+    def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
+        self.outbox.append(message)
+        if final:
+            self.open.pop(job, None)
+
+
+@dataclass(eq=False)
+class _PipeClassify(ClassifyJob):
+    """A classification whose answer goes back over the pipe."""
+
+    job: int = 0
+    sink: _Sink | None = None
+
+    def resolve(self, value: list[Classification] | BaseException) -> None:
+        assert self.sink is not None
+        if isinstance(value, BaseException):
+            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(value)), final=True)
+        else:
+            self.sink.put(self.job, msg.Results(self.job, value), final=True)
+
+
+@dataclass(eq=False)
+class _PipeGenerate(GenerateJob):
+    """A generation whose events go back over the pipe."""
+
+    job: int = 0
+    sink: _Sink | None = None
+
+    def emit(self, event: str | GenerationResult | BaseException) -> None:
+        assert self.sink is not None
+        if isinstance(event, BaseException):
+            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
+        else:
+            final = isinstance(event, GenerationResult)
+            self.sink.put(self.job, msg.Event(self.job, event), final=final)
+
+
+def child_main(conn: Connection, settings: ServeSettings) -> None:
+    """Entry point of the model process."""
+    # The server process owns the signals (SIGTERM drains it, then it stops us); a Ctrl-C in
+    # a terminal reaches the whole process group and must not kill the model mid-drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(settings.log_level)
+    import torch
+
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    try:
+        runtime = load_from_settings(settings)
+        folder = str(checkpoint_dir(settings.runtime_settings()))
+    except Exception as exc:  # the server reports it and exits
+        conn.send(msg.LoadFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(msg.Ready(msg.ModelInfo(folder, runtime.description)))
+    _Child(conn, runtime, settings).run()
+
+
+class _Child:
+    """The model process's main loop: it runs the scheduler's ticks itself."""
+
+    def __init__(self, conn: Connection, runtime: Runtime, settings: ServeSettings):
+        self.conn = conn
+        self.metrics = RecordingMetrics()
+        self.scheduler = Scheduler(
+            runtime,
+            self.metrics,
+            max_queue=1 << 30,  # the server process bounds the queue
+            max_items_per_pass=settings.max_batch_items,
+        )
+        self.sink = _Sink()
+        self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
+
+    def run(self) -> None:
+        last_metrics = time.monotonic()
+        while True:
+            try:
+                # Idle: sleep in poll until a message comes (or it is time for metrics).
+                if self.conn.poll(0 if self.scheduler.has_work else METRICS_FLUSH_S):
+                    while self.conn.poll():
+                        self._handle(self.conn.recv())
+            except (EOFError, OSError):  # the server process is gone: nobody to answer
+                return
+            if self.scheduler.has_work:
+                self.scheduler.run_once()
+            now = time.monotonic()
+            if now - last_metrics >= METRICS_FLUSH_S:
+                last_metrics = now
+                ops = self.metrics.take()
+                if ops:
+                    self.sink.outbox.append(msg.MetricOps(ops))
+            if self.sink.outbox:
+                messages, self.sink.outbox = self.sink.outbox, []
+                self._send(msg.Batch(messages))
+            if self.stop_at is not None and (not self.scheduler.has_work or now >= self.stop_at):
+                self._send(msg.Batch([msg.MetricOps(self.metrics.take())]))
+                return
+
+    def _send(self, message: msg.Batch) -> None:
+        with contextlib.suppress(OSError):  # the server is gone: nothing to tell
+            self.conn.send(message)
+
+    def _handle(self, message: msg.ToModel) -> None:
+        job: Job
+        if isinstance(message, msg.Classify):
+            job = _PipeClassify(
+                message.deadline, planned=message.planned, job=message.job, sink=self.sink
+            )
+        elif isinstance(message, msg.Generate):
+            job = _PipeGenerate(
+                message.deadline,
+                prep=message.prep,
+                stream=message.stream,
+                job=message.job,
+                sink=self.sink,
+            )
+        elif isinstance(message, msg.Cancel):
+            old = self.sink.open.pop(message.job, None)
+            if old is not None:
+                self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
+            return
+        else:
+            self.stop_at = time.monotonic() + message.timeout
+            return
+        self.sink.open[message.job] = job
+        self.scheduler.submit(job)

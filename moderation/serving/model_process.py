@@ -1,0 +1,241 @@
+"""The model in a process of its own, behind the same interface as the in-process worker.
+
+Why: in one process, the gRPC event loop and the model worker thread share one GIL. Every torch
+call the worker makes releases it and has to win it back from the event loop, which costs the
+model most of a core under load (measured on 2 cores: one torch thread in the server process
+gives 426-598 decisions/s at 32 callers; the same model in a process of its own 843-948/s).
+
+The parent (the gRPC server) keeps a *front* (`moderation.serving.front`): the planner
+(tokenizer, policies, limits), everything that validates a request at the door, but no weights.
+The child (`moderation.serving.model_child`) loads the model and runs the ordinary scheduler;
+jobs cross a pipe already planned, answers and generation events come back, with the worker's
+metrics, as typed messages (`moderation.serving.process_messages`). Errors become the same
+exception classes on this side, so the servicer maps
+them to the same status codes. A model process that dies fails every call in flight with
+UNAVAILABLE and marks the server NOT_SERVING (`on_exit`), so that Kubernetes restarts the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import queue
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from moderation.core.classifier import PlannedItem
+from moderation.core.decision import Classification
+from moderation.core.generation import GenerationResult, PreparedGeneration
+from moderation.serving import process_messages as msg
+from moderation.serving.metrics import Metrics
+from moderation.serving.model_child import child_main
+from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import QueueFullError, WorkerStoppedError, generation_events
+
+log = structlog.get_logger(__name__)
+
+
+class ModelProcessError(Exception):
+    """The model process could not start."""
+
+
+def replay(metrics: Metrics, ops: Sequence[msg.MetricOp]) -> None:
+    """Apply the model process's metric updates to the server's metrics."""
+    for op in ops:
+        metric = getattr(metrics, op.metric)
+        if op.labels:
+            metric = metric.labels(**dict(op.labels))
+        getattr(metric, op.method)(op.value)
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[list[Classification]] | None = None
+    events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
+
+
+class ProcessWorker:
+    """The server's side of the model process: a `Worker`."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics | None = None,
+        *,
+        on_exit: Callable[[], None] | None = None,
+    ):
+        self.settings = settings
+        self.metrics = metrics
+        self.max_queue = settings.max_queue
+        self.on_exit = on_exit
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=child_main, args=(child_conn, settings), name="moderation-model", daemon=True
+        )
+        self._child_conn = child_conn
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count()
+        # Messages go out from a thread of their own: a send blocks when the pipe is full (the
+        # model busy with a long pass), and the event loop must keep answering meanwhile.
+        self._outgoing: queue.SimpleQueue[msg.ToModel | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="model-pipe", daemon=True)
+        self._stopping = False
+        self._dead: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def load(self) -> msg.ModelInfo:
+        """Start the model process and wait until its model is loaded."""
+        self._process.start()
+        self._child_conn.close()  # ours is closed: EOF here when the child goes
+        try:
+            message = await asyncio.to_thread(self._conn.recv)
+        except asyncio.CancelledError:  # stopped while loading: nothing to wait for
+            self._process.kill()
+            raise
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise ModelProcessError(
+                f"the model process exited while loading (code {self._process.exitcode})"
+            ) from None
+        if not isinstance(message, msg.Ready):
+            self._process.join(5)
+            error = message.error if isinstance(message, msg.LoadFailed) else repr(message)
+            raise ModelProcessError(f"the model process could not load the model: {error}")
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._sender.start()
+        return message.info
+
+    def start(self) -> None:
+        """Nothing to do: `load` started the process (the `Worker` protocol)."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests in the model process, queued or running."""
+        return len(self._pending)
+
+    def _send(self, message: msg.ToModel) -> None:
+        # Never raises: a model process that is gone is for the reader to report.
+        self._outgoing.put(message)
+
+    def _send_loop(self) -> None:
+        while (message := self._outgoing.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the model process is gone: the reader reports it
+                return
+
+    def _admit(self) -> int:
+        if self._dead is not None:
+            raise WorkerStoppedError(self._dead)
+        if self._stopping:
+            raise WorkerStoppedError("the server is shutting down")
+        if len(self._pending) >= self.max_queue:
+            raise QueueFullError(
+                f"the queue is full ({self.max_queue} requests waiting); retry later"
+            )
+        return next(self._ids)
+
+    async def classify(
+        self, planned: Sequence[PlannedItem], *, deadline: float | None = None
+    ) -> list[Classification]:
+        job = self._admit()
+        pending = _Pending(future=asyncio.get_running_loop().create_future())
+        self._pending[job] = pending
+        self._send(msg.Classify(job, list(planned), deadline))
+        try:
+            assert pending.future is not None
+            return await pending.future
+        except asyncio.CancelledError:
+            if self._pending.pop(job, None) is not None:
+                self._send(msg.Cancel(job))
+            raise
+        finally:
+            self._pending.pop(job, None)
+
+    async def generate(
+        self, prep: PreparedGeneration, *, stream: bool, deadline: float | None = None
+    ) -> AsyncGenerator[str | GenerationResult, None]:
+        job = self._admit()
+        pending = _Pending(events=asyncio.Queue())
+        self._pending[job] = pending
+        self._send(msg.Generate(job, prep, stream, deadline))
+        try:
+            assert pending.events is not None
+            async for event in generation_events(pending.events):
+                yield event
+        finally:
+            if self._pending.pop(job, None) is not None:
+                self._send(msg.Cancel(job))  # nobody waits: stop generating
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                message = self._conn.recv()
+                for one in message.messages:
+                    self._dispatch(one)
+        except (EOFError, OSError):
+            self._died()
+
+    def _dispatch(self, message: msg.JobMessage | msg.MetricOps) -> None:
+        if isinstance(message, msg.MetricOps):
+            if self.metrics is not None:
+                replay(self.metrics, message.ops)
+            return
+        pending = self._pending.get(message.job)
+        if pending is None:  # cancelled meanwhile
+            return
+        if isinstance(message, msg.Results):
+            self._pending.pop(message.job, None)
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_result(message.results)
+        elif isinstance(message, msg.Event):
+            if pending.events is not None:
+                pending.events.put_nowait(message.event)
+                if isinstance(message.event, GenerationResult):
+                    self._pending.pop(message.job, None)
+        else:
+            self._pending.pop(message.job, None)
+            self._fail(pending, message.error.exception())
+
+    @staticmethod
+    def _fail(pending: _Pending, exc: BaseException) -> None:
+        if pending.future is not None and not pending.future.done():
+            pending.future.set_exception(exc)
+        if pending.events is not None:
+            pending.events.put_nowait(exc)
+
+    def _died(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._conn.fileno())
+        self._process.join(1)
+        code = self._process.exitcode
+        if self._stopping and code == 0:
+            return
+        self._dead = f"the model process exited (code {code}); the server must be restarted"
+        log.error("model process exited", exitcode=code, in_flight=len(self._pending))
+        for pending in list(self._pending.values()):
+            self._fail(pending, WorkerStoppedError(self._dead))
+        self._pending.clear()
+        if self.on_exit is not None:
+            self.on_exit()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what the model process holds, then end it (called from a thread)."""
+        self._stopping = True
+        if self._process.is_alive():
+            self._send(msg.Stop(timeout or 0.0))
+            self._process.join((timeout or 0.0) + 10)
+        self._outgoing.put(None)  # ends the sender
+        if self._process.is_alive():
+            # It ignores SIGTERM (the server's to handle), so it takes SIGKILL.
+            log.warning("model process did not stop in time; killing it")
+            self._process.kill()
+            self._process.join(10)

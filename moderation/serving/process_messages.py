@@ -1,0 +1,146 @@
+"""The messages between the server process and the model process: one frozen dataclass per
+kind, pickled over a `multiprocessing` pipe. Errors cross as `WireError` and become the same
+exception classes on the other side, so the servicer maps them to the same status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from moderation.core.classifier import PlannedItem
+from moderation.core.decision import Classification
+from moderation.core.errors import InvalidArgument
+from moderation.core.generation import GenerationResult, PreparedGeneration
+from moderation.runtime import ModelDescription
+from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+
+# ------------------------------------------------------------- server -> model process
+
+
+@dataclass(frozen=True)
+class Classify:
+    job: int
+    planned: list[PlannedItem]
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Generate:
+    job: int
+    prep: PreparedGeneration
+    stream: bool
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Nobody waits for this job any more."""
+
+    job: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish the work held, within `timeout` seconds, then exit."""
+
+    timeout: float
+
+
+ToModel = Classify | Generate | Cancel | Stop
+
+# ------------------------------------------------------------- model process -> server
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front needs of the loaded model: where its tokenizer is, and its description
+    (limits included)."""
+
+    folder: str
+    model: ModelDescription
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class Results:
+    """A classification job's results, in order."""
+
+    job: int
+    results: list[Classification]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A generation's text delta, or its result (the last event)."""
+
+    job: int
+    event: str | GenerationResult
+
+
+@dataclass(frozen=True)
+class WireError:
+    kind: str  # "invalid", "queue_full", "deadline", "stopped" or "internal"
+    message: str
+    field: str | None = None
+
+    _KINDS: ClassVar[dict[str, type[Exception]]] = {
+        "queue_full": QueueFullError,
+        "deadline": DeadlineExpiredError,
+        "stopped": WorkerStoppedError,
+    }
+
+    @classmethod
+    def of(cls, exc: BaseException) -> WireError:
+        if isinstance(exc, InvalidArgument):
+            return cls("invalid", exc.message, exc.field)
+        for kind, error in cls._KINDS.items():
+            if isinstance(exc, error):
+                return cls(kind, str(exc))
+        return cls("internal", f"{type(exc).__name__}: {exc}")
+
+    def exception(self) -> Exception:
+        if self.kind == "invalid":
+            return InvalidArgument(self.field or "request", self.message)
+        error = self._KINDS.get(self.kind)
+        return error(self.message) if error is not None else RuntimeError(self.message)
+
+
+@dataclass(frozen=True)
+class Failed:
+    job: int
+    error: WireError
+
+
+@dataclass(frozen=True)
+class MetricOp:
+    """One update of a scheduler metric, recorded in the model process."""
+
+    metric: str
+    labels: tuple[tuple[str, str], ...]
+    method: str  # "inc", "set" or "observe"
+    value: float
+
+
+@dataclass(frozen=True)
+class MetricOps:
+    ops: list[MetricOp]
+
+
+JobMessage = Results | Event | Failed
+ToServer = Ready | LoadFailed | JobMessage | MetricOps
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A tick's messages, sent together."""
+
+    messages: list[JobMessage | MetricOps]

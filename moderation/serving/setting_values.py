@@ -1,0 +1,66 @@
+"""Setting values from text (the environment or the command line): one parser per kind.
+
+Each raises ValueError with a message for the operator; `moderation.serving.settings` adds which
+option and environment variable the text came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {text!r}")
+
+
+def parse_str(text: str) -> str:
+    return text.strip()
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}; got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_device(text: str) -> str:
+    value = text.strip().lower()
+    if not DEVICE_RE.match(value):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N; got {text!r}")
+    return value

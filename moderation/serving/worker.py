@@ -1,0 +1,67 @@
+"""What the servicer drives: a worker that runs planned work on the model, and its errors.
+
+Two implementations: `WorkerThread` (the model in this process, on a thread of its own) and
+`ProcessWorker` (the model in a process of its own). The servicer sees only this protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from moderation.core.classifier import PlannedItem
+from moderation.core.decision import Classification
+from moderation.core.generation import GenerationResult, PreparedGeneration
+
+
+class QueueFullError(Exception):
+    """The worker already holds max_queue waiting requests."""
+
+
+class WorkerStoppedError(Exception):
+    """The worker is shutting down (or its model process died) and takes no new work."""
+
+
+class DeadlineExpiredError(Exception):
+    """The caller's deadline passed before the work was done."""
+
+
+class Worker(Protocol):
+    """Runs planned classifications and prepared generations on the model, batched."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new work, finish what is queued and running (called from a thread)."""
+        ...
+
+    async def classify(
+        self, planned: Sequence[PlannedItem], *, deadline: float | None = None
+    ) -> list[Classification]:
+        """Results of planned items, in order."""
+        ...
+
+    def generate(
+        self, prep: PreparedGeneration, *, stream: bool, deadline: float | None = None
+    ) -> AsyncGenerator[str | GenerationResult, None]:
+        """Text deltas (when `stream`), then the result."""
+        ...
+
+
+async def generation_events(
+    events: asyncio.Queue[str | GenerationResult | BaseException],
+) -> AsyncGenerator[str | GenerationResult, None]:
+    """A generation's text deltas, then its result; an exception put on the queue is raised."""
+    while True:
+        event = await events.get()
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        if isinstance(event, GenerationResult):
+            return

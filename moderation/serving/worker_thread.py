@@ -1,0 +1,151 @@
+"""The model in this process: a thread runs the scheduler's ticks; callers await on their loop.
+
+Results go back to the event loop with `call_soon_threadsafe`, once per tick and loop for all
+of the tick's results: each call writes to the loop's wake-up pipe, and a batch of 32 answers
+would otherwise wake the loop 32 times while it competes with this thread for the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moderation.core.classifier import PlannedItem
+from moderation.core.decision import Classification
+from moderation.core.generation import GenerationResult, PreparedGeneration
+from moderation.runtime import Runtime
+from moderation.serving.metrics import Metrics
+from moderation.serving.scheduler import ClassifyJob, GenerateJob, Scheduler
+from moderation.serving.worker import generation_events
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+class Outbox:
+    """A tick's deliveries to event loops, sent together when the tick ends."""
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[asyncio.AbstractEventLoop, Call]] = []
+
+    def put(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+        self._calls.append((loop, (fn, args)))
+
+    def flush(self) -> None:
+        """One call_soon_threadsafe per event loop, the calls in order."""
+        calls, self._calls = self._calls, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[Call]] = {}
+        for loop, call in calls:
+            by_loop.setdefault(loop, []).append(call)
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: its callers are gone
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(calls: list[Call]) -> None:
+    for fn, args in calls:
+        fn(*args)
+
+
+@dataclass(eq=False)
+class _LoopClassify(ClassifyJob):
+    outbox: Outbox | None = None
+    future: asyncio.Future[list[Classification]] | None = None
+
+    def resolve(self, value: list[Classification] | BaseException) -> None:
+        fut = self.future
+        assert fut is not None and self.outbox is not None
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if isinstance(value, BaseException):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+
+        self.outbox.put(fut.get_loop(), settle)
+
+
+@dataclass(eq=False)
+class _LoopGenerate(GenerateJob):
+    outbox: Outbox | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
+
+    def emit(self, event: str | GenerationResult | BaseException) -> None:
+        assert self.outbox is not None and self.loop is not None and self.events is not None
+        self.outbox.put(self.loop, self.events.put_nowait, event)
+
+
+class WorkerThread:
+    """A `Worker` whose scheduler ticks on a thread of this process."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        metrics: Metrics | None = None,
+        *,
+        max_queue: int = 1024,
+        max_items_per_pass: int = 256,
+    ):
+        self.scheduler = Scheduler(
+            runtime, metrics, max_queue=max_queue, max_items_per_pass=max_items_per_pass
+        )
+        self._outbox = Outbox()
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new work, finish what is queued and running, then end the thread."""
+        self.scheduler.close()
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth
+
+    def _run(self) -> None:
+        while self.scheduler.wait_for_work():
+            try:
+                self.scheduler.run_once()
+            finally:
+                self._outbox.flush()
+
+    async def classify(
+        self, planned: Sequence[PlannedItem], *, deadline: float | None = None
+    ) -> list[Classification]:
+        """Results of planned items, in order, from a shared classifier pass."""
+        future = asyncio.get_running_loop().create_future()
+        job = _LoopClassify(deadline, planned=list(planned), outbox=self._outbox, future=future)
+        self.scheduler.submit(job)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            self.scheduler.cancel(job)
+            raise
+
+    async def generate(
+        self, prep: PreparedGeneration, *, stream: bool, deadline: float | None = None
+    ) -> AsyncGenerator[str | GenerationResult, None]:
+        """Text deltas (when `stream`), then the result; the engine batches it with others."""
+        events: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+        job = _LoopGenerate(
+            deadline,
+            prep=prep,
+            stream=stream,
+            outbox=self._outbox,
+            loop=asyncio.get_running_loop(),
+            events=events,
+        )
+        self.scheduler.submit(job)
+        try:
+            async for event in generation_events(events):
+                yield event
+        finally:
+            self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating

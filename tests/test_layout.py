@@ -1,0 +1,27 @@
+"""The layout's promises that an import graph cannot show: what really gets imported at run
+time. (The static import rules are import-linter contracts, checked by `lint-imports`.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _modules_after(imports: str) -> set[str]:
+    code = f"import sys; {imports}; print('\\n'.join(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    return set(out.split())
+
+
+def test_the_light_client_runs_without_torch_or_the_engine() -> None:
+    loaded = _modules_after("import moderation.api.client, moderation.api.convert")
+    assert "moderation.api.client" in loaded
+    assert not {m for m in loaded if m == "torch" or m.startswith(("torch.", "model"))}
+
+
+def test_the_domain_core_runs_without_grpc_or_an_event_loop() -> None:
+    loaded = _modules_after("import moderation.core.decision, moderation.core.policy")
+    assert "moderation.core.decision" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in ("grpc", "asyncio", "torch")}
