@@ -21,9 +21,10 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_checkpoint, machine
-from moderation.batch import BatchJob, run
+from moderation.api.client import RemoteOptions, RemoteScorer
+from moderation.jobs.batch import BatchJob, run
+from moderation.jobs.scoring import LocalScorer
 from moderation.runtime import load_runtime
-from moderation.scoring import LocalScorer, RemoteOptions, RemoteScorer
 from tests.servers import free_port, start_subprocess_server, wait_serving
 
 COMMENTS = [

@@ -21,9 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_checkpoint, machine
-from moderation.classifier import Classifier, ClassifyItem
-from moderation.policy import BUILTIN_POLICIES, Role
-from moderation.prompts import build_prompt
+from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.classifier import Classifier
+from moderation.core.decision import ClassifyItem
+from moderation.core.policy import Role
+from moderation.core.prompts import build_prompt
 from moderation.runtime import load_runtime
 
 SHORT_TEXTS = [

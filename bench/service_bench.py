@@ -80,7 +80,7 @@ def in_process_passes(model: Path | None, threads: int) -> dict[int, float]:
     server starts: the cost of a pass (fixed part, per-text part) with no RPC at all."""
     import torch
 
-    from moderation.classifier import ClassifyItem
+    from moderation.core.decision import ClassifyItem
     from moderation.runtime import load_runtime
 
     before = torch.get_num_threads()

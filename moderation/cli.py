@@ -38,7 +38,12 @@ from moderation.serving.settings import SettingsError, add_serve_arguments, sett
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
     runtime = load_runtime(
-        ns.model, device=ns.device, dtype=ns.dtype, policy_files=policy_files, **kwargs
+        ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        max_context=ns.max_context,
+        policy_files=policy_files,
+        **kwargs,
     )
     if runtime.demo:
         print(f"note: using the demo model ({runtime.model_id})", file=sys.stderr)

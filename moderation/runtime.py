@@ -19,6 +19,7 @@ import torch
 
 from model import Engine, Tokenizer, load_model
 from model.demo import is_demo_checkpoint, write_demo_checkpoint
+from model.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.classifier import Classifier
 from moderation.core.guarded import GuardedGenerator
@@ -29,6 +30,9 @@ from moderation.core.policy import Policy, load_policy_file
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+DEFAULT_MAX_CONTEXT = 8192
+"""Tokens per sequence unless the operator says otherwise: room for any classification prompt
+and a long chat, at 1 GiB of cache per slot for the 7B (vLLM's max_model_len plays this part)."""
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +50,14 @@ class RuntimeSettings:
     threshold: float = 0.5
     long_text: str = "reject"
     max_text_tokens: int | None = None
-    max_batch_size: int = 8
-    score_batch_size: int = 16
+    max_batch_size: int = 8  # generation slots asked for (fewer when the memory budget is short)
+    score_batch_size: int = 16  # scoring slots asked for, likewise
     max_new_tokens_limit: int = 4096
+    # The longest sequence served. For a model without a sliding window (v0.2/v0.3) it is also
+    # the cache rows per slot: sized from the model's 32k instead, one slot costs 4 GiB (7B).
+    max_context: int | None = DEFAULT_MAX_CONTEXT
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    cache_memory_bytes: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,9 @@ def load(settings: RuntimeSettings) -> Runtime:
         score_batch_size=settings.score_batch_size,
         backend=settings.attention_backend,
         eos_id=tokenizer.eos_id,
+        max_context=settings.max_context,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        cache_memory_bytes=settings.cache_memory_bytes,
     )
     return assemble_runtime(
         engine,

@@ -128,6 +128,11 @@ def test_uses_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ([], {"MODERATION_THRESHOLD": "-0.1"}, "threshold"),
         ([], {"MODERATION_THRESHOLD": "nan"}, "threshold"),
         (["--max-batch-size", "0"], {}, "max_batch_size"),
+        (["--max-context", "0"], {}, "max_context"),
+        ([], {"MODERATION_GPU_MEMORY_UTILIZATION": "1.5"}, "gpu_memory_utilization"),
+        (["--gpu-memory-utilization", "0"], {}, "gpu_memory_utilization"),
+        (["--cache-memory", "lots"], {}, "cache_memory"),
+        ([], {"MODERATION_CACHE_MEMORY": "0"}, "cache_memory"),
         ([], {"MODERATION_MAX_QUEUE": "many"}, "max_queue"),
         (["--grace-period", "-1"], {}, "grace_period"),
         ([], {"MODERATION_LOG_TEXT": "maybe"}, "log_text"),
@@ -179,7 +184,8 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     s = ServeSettings(
         model="/models/m", device="cpu", dtype="float32", attention_backend="sdpa",
         policy="mistral-13", policy_files=("a.json",), threshold=0.25, long_text="split",
-        max_batch_size=5, max_new_tokens=77,
+        max_batch_size=5, max_new_tokens=77, max_context=2048, gpu_memory_utilization=0.5,
+        cache_memory=1 << 30,
     )  # fmt: skip
     r = s.runtime_settings()
     assert (r.model, r.device, r.dtype) == ("/models/m", "cpu", "float32")
@@ -187,3 +193,19 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     assert (r.default_policy, r.policy_files, r.threshold) == ("mistral-13", ("a.json",), 0.25)
     assert (r.long_text, r.max_batch_size, r.score_batch_size) == ("split", 5, 5)
     assert r.max_new_tokens_limit == 77
+    assert (r.max_context, r.gpu_memory_utilization, r.cache_memory_bytes) == (2048, 0.5, 1 << 30)
+
+
+def test_memory_settings_from_the_command_line_and_the_environment() -> None:
+    s = parse([])
+    assert (s.max_context, s.gpu_memory_utilization, s.cache_memory) == (8192, 0.9, None)
+    s = parse(["--max-context", "4096", "--cache-memory", "512MiB"])
+    assert (s.max_context, s.cache_memory) == (4096, 512 << 20)
+    env = {
+        "MODERATION_MAX_CONTEXT": "16384",
+        "MODERATION_GPU_MEMORY_UTILIZATION": "0.8",
+        "MODERATION_CACHE_MEMORY": "4G",
+    }
+    s = settings_from_env(env)
+    assert (s.max_context, s.gpu_memory_utilization, s.cache_memory) == (16384, 0.8, 4 << 30)
+    assert settings_from_env({"MODERATION_CACHE_MEMORY": "1048576"}).cache_memory == 1 << 20

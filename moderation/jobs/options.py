@@ -8,14 +8,22 @@ import argparse
 from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.limits import LONG_TEXT_MODES
 from moderation.core.policy import Role, is_policy_file, load_policy_file
-from moderation.runtime import DTYPES
+from moderation.runtime import DEFAULT_MAX_CONTEXT, DTYPES
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype: the model loaded in this process."""
+    """--model, --device, --dtype, --max-context: the model loaded in this process."""
     p.add_argument("--model", metavar="DIR", help="checkpoint folder; omitted = the demo model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=DEFAULT_MAX_CONTEXT,
+        metavar="TOKENS",
+        help="longest sequence, in tokens; also the cache rows per slot of a model without a "
+        f"sliding window (default {DEFAULT_MAX_CONTEXT})",
+    )
 
 
 def add_long_text_option(p: argparse.ArgumentParser, default: str) -> None:

@@ -76,6 +76,7 @@ def make_scorer(ns: argparse.Namespace, policy_files: Sequence[str] = ()) -> Sco
         ns.model,
         device=ns.device,
         dtype=ns.dtype,
+        max_context=ns.max_context,
         policy_files=policy_files,
         long_text=ns.long_text,
     )

@@ -18,6 +18,14 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+class _ToStructlog(logging.Handler):
+    """Hands the engine's standard-library records (model/ knows no structlog) to structlog, so
+    that its start-up memory line and its warnings come out as JSON lines like the rest."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     """Route structlog to stderr as JSON lines (or human-readable lines for a terminal)."""
     renderer: structlog.types.Processor = (
@@ -37,3 +45,9 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    engine_log = logging.getLogger("model")
+    for handler in [h for h in engine_log.handlers if isinstance(h, _ToStructlog)]:
+        engine_log.removeHandler(handler)
+    engine_log.addHandler(_ToStructlog())
+    engine_log.setLevel(level.upper())
+    engine_log.propagate = False

@@ -41,6 +41,18 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {text!r}")
 
 
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BYTES_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes: a plain number, or with a binary unit (512MiB, 4GiB, 4G)."""
+    match = _BYTES_RE.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"expected a size in bytes such as 4294967296 or 4GiB, got {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
 def parse_str(text: str) -> str:
     return text.strip()
 

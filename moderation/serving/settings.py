@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from moderation.core.limits import LONG_TEXT_MODES
-from moderation.runtime import ATTENTION_BACKENDS, DTYPES, RuntimeSettings
+from moderation.runtime import (
+    ATTENTION_BACKENDS,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_MAX_CONTEXT,
+    DTYPES,
+    RuntimeSettings,
+)
 from moderation.serving.setting_values import (
     DEVICE_RE,
     choice,
     parse_bool,
+    parse_bytes,
     parse_device,
     parse_float,
     parse_int,
@@ -133,6 +140,27 @@ class ServeSettings:
         parse_int,
         "most sequences the engine runs in one step",
         metavar="N",
+    )
+    max_context: int = _setting(
+        DEFAULT_MAX_CONTEXT,
+        parse_int,
+        "longest sequence (prompt + answer) served, in tokens; for models without a sliding "
+        "window (Mistral 7B v0.2/v0.3) it also sizes each cache slot",
+        metavar="TOKENS",
+    )
+    gpu_memory_utilization: float = _setting(
+        DEFAULT_GPU_MEMORY_UTILIZATION,
+        parse_float,
+        "CUDA: fraction of the device for weights, activations and KV cache; the cache slots "
+        "are sized from what is left",
+        metavar="FRACTION",
+    )
+    cache_memory: int | None = _setting(
+        None,
+        parse_bytes,
+        "KV cache budget (e.g. 4GiB); CPU: unset = a quarter of available memory, at most "
+        "4 GiB; CUDA: a cap on what --gpu-memory-utilization leaves",
+        metavar="BYTES",
     )
     max_queue: int = _setting(
         1024,
@@ -260,6 +288,9 @@ class ServeSettings:
             max_batch_size=self.max_batch_size,
             score_batch_size=self.max_batch_size,
             max_new_tokens_limit=self.max_new_tokens,
+            max_context=self.max_context,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cache_memory_bytes=self.cache_memory,
         )
 
     def resolve_auth_token(self) -> str | None:
@@ -400,6 +431,7 @@ def _validate(s: ServeSettings) -> None:
         fail("host", "must not be empty")
     for name in (
         "max_batch_size",
+        "max_context",
         "max_queue",
         "max_batch_items",
         "max_text_chars",
@@ -411,6 +443,10 @@ def _validate(s: ServeSettings) -> None:
             fail(name, f"must be a positive integer, got {value!r}")
     if not isinstance(s.torch_threads, int) or s.torch_threads < 0:
         fail("torch_threads", f"must be a non-negative integer (0 = auto), got {s.torch_threads!r}")
+    if not 0.0 < s.gpu_memory_utilization <= 1.0:
+        fail("gpu_memory_utilization", f"must be in (0, 1], got {s.gpu_memory_utilization!r}")
+    if s.cache_memory is not None and s.cache_memory < 1:
+        fail("cache_memory", f"must be a positive number of bytes, got {s.cache_memory!r}")
     if not 0.0 <= s.threshold <= 1.0:
         fail("threshold", f"must be in [0, 1], got {s.threshold!r}")
     if not (math.isfinite(s.grace_period) and s.grace_period >= 0):
