@@ -193,7 +193,8 @@ class Transformer(nn.Module):
         backend: AttentionBackend | None = None,
         hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (fp32) for packed `tokens`; only at `logits_index` rows (increasing) when given.
+        """Logits (fp32) for packed `tokens`; only at `logits_index` rows, in that order, when
+        given.
         hidden=True returns those rows' final normalised hidden states instead (see `project`).
 
         With a cache, each sequence attends to its cached window plus its new tokens and the
@@ -201,11 +202,12 @@ class Transformer(nn.Module):
         fresh sequences (nothing cached) and the pass is a plain sliding-window forward.
         """
         backend = backend or select_backend("auto", self.device, self.dtype)
+        backend.prepare(meta, self.dtype)  # a no-op when the engine prepared the pass
         h = self.tok_embeddings(tokens)
         freqs = rope_frequencies(meta.positions, self.args.head_dim, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, backend, cache, i)
-        if logits_index is not None and logits_index.numel() != h.shape[0]:
+        if logits_index is not None:
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)
         h = self.norm(h)
