@@ -13,6 +13,7 @@ Also prints aten ops and host syncs per decode step (model/step_counts.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -45,9 +46,9 @@ STRUCTURE_7B = ModelArgs(
 )
 
 
-def checkpoint(root: Path) -> Path:
+def checkpoint(root: Path, args: ModelArgs) -> Path:
     folder = root / "structure-7b-hf"
-    save_hf(folder, STRUCTURE_7B, random_weights(STRUCTURE_7B, seed=0))
+    save_hf(folder, args, random_weights(args, seed=0))
     shutil.copyfile(mistral_common_tokenizer_path("v1"), folder / "tokenizer.model")
     return folder
 
@@ -94,20 +95,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=128,
+        help="128 is the real one; its cache is 1 GiB per slot in fp32 (window 4096), so batch "
+        "32 needs 33 GiB: use 32 on a smaller machine",
+    )
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True)")
     ns = parser.parse_args()
+    args = dataclasses.replace(STRUCTURE_7B, head_dim=ns.head_dim)
     from transformers import MistralForCausalLM
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = checkpoint(Path(tmp))
+        folder = checkpoint(Path(tmp), args)
         hf = MistralForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
         ours = load_model(folder)
     batches = [int(b) for b in ns.batches.split(",")]
     kwargs = {"compile": True} if ns.compile else {}
     engine = Engine(ours, max_batch_size=max(batches), score_batch_size=1, **kwargs)
     print(
-        "# decode at the 7B layer structure (32 layers, 32/8 heads, head_dim 128, window 4096,"
+        "# decode at the 7B layer structure (32 layers, 32/8 heads, window 4096,"
+        f" head_dim {ns.head_dim},"
         f" dim 256, hidden 512, vocab 32000), {ns.prompt}-token prompts; {machine()}"
     )
     print(

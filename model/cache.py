@@ -187,6 +187,13 @@ class RollingCache:
         # and compiled steps, whose shapes should stay few; off on CPU, where the exact span
         # computes least.
         self.bucket_spans = self.device.type == "cuda"
+        # Compiled steps: no shape or value that changes between steps of a bucket (the decode
+        # path then reads slots by index, never as a view whose bounds are Python ints).
+        self.static_steps = False
+        # Writes index the whole buffer, (layer, row): an in-place index_put_ on a graph input,
+        # which a compiled step keeps in place (a write through a per-layer view of the buffer
+        # is functionalised into a copy of the whole buffer).
+        self._layer_ids = torch.arange(n_layers, device=self.device)
 
     @classmethod
     def for_model(
@@ -325,7 +332,7 @@ class RollingCache:
                 mask = keep
             mask = mask[:, None, None, :]
         n = len(slots)
-        consecutive = slots == list(range(slots[0], slots[0] + n))
+        consecutive = not self.static_steps and slots == list(range(slots[0], slots[0] + n))
         return DecodePlan(
             count=n,
             slots=slots_t.int(),
@@ -497,8 +504,9 @@ class RollingCache:
             return
         if meta.write_src is not None:  # decode writes every token, in order: no selection
             k, v = k.index_select(0, meta.write_src), v.index_select(0, meta.write_src)
-        self.k[layer].index_copy_(0, meta.write_rows, k)
-        self.v[layer].index_copy_(0, meta.write_rows, v)
+        at = (self._layer_ids[layer], meta.write_rows)
+        self.k.index_put_(at, k)
+        self.v.index_put_(at, v)
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer buffers as [n_slots, window, n_kv_heads, head_dim]."""

@@ -161,3 +161,35 @@ def test_token_tree_passes_avoid_the_math_kernel_on_cuda() -> None:
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
         got = gpu.score(random_tokens(2 * W + 1, 8), conts)
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_a_compiled_decode_step_gives_the_eager_tokens(model: Transformer) -> None:
+    eager = Engine(model, max_batch_size=2, score_batch_size=1)
+    compiled = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
+    prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
+    # Past the window, so the spans go through several buckets and the buffers wrap.
+    want = eager.generate(prompts, W + 3, stop_tokens=frozenset())
+    assert compiled.generate(prompts, W + 3, stop_tokens=frozenset()) == want
+    # A lone sequence after a batch of two: another batch size, same tokens.
+    assert compiled.generate(prompts[:1], 4, stop_tokens=frozenset())[0] == want[0][:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_graph_decode_step_gives_the_eager_tokens_with_one_sync() -> None:
+    with torch.device("meta"):
+        m = Transformer(ARGS)
+    m.load_state_dict(random_weights(ARGS, seed=11), assign=True)
+    m = m.to("cuda").eval()
+    eager = Engine(m, max_batch_size=2, score_batch_size=1, backend="sdpa")
+    compiled = Engine(m, max_batch_size=2, score_batch_size=1, backend="sdpa", compile=True)
+    prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
+    want = eager.generate(prompts, W + 3, stop_tokens=frozenset())
+    assert compiled.generate(prompts, W + 3, stop_tokens=frozenset()) == want
+    for p in prompts:
+        compiled.add_request(GenerationRequest(p, 8, stop_tokens=frozenset()))
+    compiled.step()
+    compiled.step()
+    with StepCounter() as counts:
+        compiled.step()
+    assert counts.syncs == 1, dict(counts.sync_reasons)
