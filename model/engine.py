@@ -73,9 +73,11 @@ def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[...
 
     CUDA: inductor with mode="reduce-overhead", which replays each shape as a CUDA graph: one
     launch per step instead of one per op. The cache buffers are marked static so that the
-    graphs write them in place. CPU: inductor was measured slower here than the eager path's
-    oneDNN pre-packed GEMMs (which it cannot lower), so the step is traced with the
-    "aot_eager" backend: the same single graph, run by eager kernels (ENGINE_NOTES.md).
+    graphs write them in place. CPU: inductor cannot lower the oneDNN pre-packed GEMMs of the
+    eager path and was measured slower without them, and "aot_eager" functionalises each cache
+    write into a copy of the whole cache (no re-inplacing pass there), so the step is captured
+    by dynamo alone (backend "eager"): one graph, in-place writes, run by eager kernels
+    without the modules' Python (ENGINE_NOTES.md).
     """
     cache.bucket_spans = True
     cache.static_steps = True
@@ -83,7 +85,7 @@ def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[...
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
         return torch.compile(model.run, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(model.run, backend="aot_eager", fullgraph=True, dynamic=False)
+    return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
 
 
 class Engine(Scoring):
