@@ -2,7 +2,7 @@
 
 from model.args import ModelArgs
 from model.cache import RollingCache
-from model.engine import Engine, GenerationRequest, Prefix, ScoreRequest, TokenEvent
+from model.engine import Engine, GenerationRequest, TokenEvent
 from model.errors import (
     CheckpointError,
     EngineError,
@@ -12,6 +12,7 @@ from model.errors import (
 )
 from model.memory import MemoryPlan
 from model.sampling import SamplingParams
+from model.scoring import Prefix, ScoreRequest
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from model.weights import load_checkpoint, load_model

@@ -3,17 +3,21 @@
 Both see the same inputs (packed queries, keys, values and the pass's ForwardMetadata) and the
 same window semantics: a query at position i attends to keys i-W+1 .. i, itself included.
 
-Two paths, chosen by the plan:
-- decode (every sequence adds one token): write the new key first, then attend to the slot's
+A pass packs its decoding sequences first, then its pre-fill sequences:
+- decode (a sequence adds one token): write the new key first, then attend to the slot's
   buffer as it is. After the write the buffer holds exactly the window, and attention does not
-  care about key order, so the rolling buffer needs no unrolling.
-- pre-fill / mixed: gather each sequence's cached window in position order, append the new
-  keys, attend with a bottom-right-aligned causal band, then write the new keys.
+  care about key order, so the rolling buffer needs no unrolling. Only the filled rows are read
+  (`DecodePlan.span`): before a slot wraps they are a prefix of its rows.
+- pre-fill (chunks, token trees, fresh sequences): gather each sequence's cached window in
+  position order, append the new keys, attend with a bottom-right-aligned causal band. Only
+  these sequences' windows are copied; decoders in the same pass are not.
+Every mask a pass needs is built by `prepare`, before the layers, which only read it.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +44,10 @@ class AttentionBackend(Protocol):
         """Attention output [T, n_heads, head_dim] for packed q [T, n_heads, head_dim]."""
         ...
 
+    def prepare(self, meta: ForwardMetadata, dtype: torch.dtype) -> None:
+        """Build what the layers will read (masks, layouts) into meta, once per pass."""
+        ...
+
 
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Bool [..., Tq, Tk]: a query at position i sees key positions i-W+1 .. i. Positions are
@@ -50,7 +58,8 @@ def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Te
 
 
 def sequence_mask(meta: ForwardMetadata, b: int, q_pos: torch.Tensor) -> torch.Tensor | None:
-    """Mask of sequence b over [its cached window, its new tokens]; None when plain causal."""
+    """Mask of pre-fill sequence b over [its cached window, its new tokens]; None when plain
+    causal."""
     n_cached, n_new, start = meta.cached_lens[b], meta.seqlens[b], meta.start_positions[b]
     tree = meta.trees[b]
     if tree is None and n_cached == 0 and n_new <= meta.window:
@@ -67,23 +76,24 @@ class PaddedLayout:
     """A pre-fill pass as one padded batch: every sequence's queries and keys in a row of their
     own, so that each layer makes one SDPA call instead of one per sequence."""
 
-    q_index: torch.Tensor  # [B * Tq] packed query row of each padded query (0 for padding)
-    k_index: torch.Tensor  # [B * Tk] packed key row of each padded key (0 for padding)
-    out_index: torch.Tensor  # [T] padded query slot of each packed query, in packed order
-    mask: torch.Tensor  # [B, 1, Tq, Tk] bool: window band, token trees, padding
+    q_index: torch.Tensor  # [B * Tq] pre-fill query row of each padded query (0 for padding)
+    k_index: torch.Tensor  # [B * Tk] key row of each padded key (0 for padding)
+    out_index: torch.Tensor  # [T] padded query slot of each pre-fill query, in packed order
+    mask: torch.Tensor  # [B, 1, Tq, Tk] window band, token trees, padding (bool or additive)
     batch: int
     max_q: int
     max_k: int
 
 
 def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
-    """Build the padded form of a pass with tensor ops (no per-sequence attention calls)."""
+    """Build the padded form of a pass's pre-fill sequences with tensor ops on the device, from
+    the plan's uploaded indices (no per-sequence attention calls, no host sync)."""
+    assert meta.lens is not None and meta.token_seq is not None
     device = meta.positions.device
-    seqlens = torch.tensor(meta.seqlens, device=device)
-    cached = torch.tensor(meta.cached_lens, device=device)
-    starts = torch.tensor(meta.start_positions, device=device)
+    seqlens, cached, starts = meta.lens[0], meta.lens[1], meta.lens[2]
     B, Tq = len(meta.seqlens), meta.max_seqlen_q
     Tk = meta.max_seqlen_k
+    positions = meta.positions[meta.n_decode :]
     cu_q = meta.cu_seqlens_q[:-1].long()
     cu_k = meta.cu_seqlens_k[:-1].long()
     jq = torch.arange(Tq, device=device)
@@ -92,12 +102,12 @@ def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
     valid_k = jk[None, :] < (cached + seqlens)[:, None]  # [B, Tk]
     q_index = torch.where(valid_q, cu_q[:, None] + jq[None, :], 0)
     k_index = torch.where(valid_k, cu_k[:, None] + jk[None, :], 0)
-    q_pos = meta.positions[q_index]  # [B, Tq]
+    q_pos = positions[q_index]  # [B, Tq]
     # Key j of sequence b: a cached position (j < cached) or its (j - cached)-th new token.
     is_cached = jk[None, :] < cached[:, None]
     new_row = torch.where(valid_k & ~is_cached, cu_q[:, None] + jk[None, :] - cached[:, None], 0)
     k_pos = torch.where(is_cached, starts[:, None] - cached[:, None] + jk[None, :],
-                        meta.positions[new_row])  # fmt: skip
+                        positions[new_row])  # fmt: skip
     mask = band_mask(q_pos, k_pos, meta.window) & valid_k[:, None, :]
     for b, tree in enumerate(meta.trees):
         if tree is not None:
@@ -105,7 +115,9 @@ def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
             mask[b, :n, c : c + n] &= tree
     # Padding queries see one key so that SDPA has no empty row (their output is dropped).
     mask[:, :, 0] |= ~valid_q
-    out_index = torch.nonzero(valid_q.reshape(-1)).squeeze(-1)
+    # Packed pre-fill token t of sequence b at offset j sits at padded slot b * Tq + j.
+    seq = meta.token_seq
+    out_index = seq * Tq + torch.arange(seq.numel(), device=device) - cu_q[seq]
     return PaddedLayout(
         q_index=q_index.reshape(-1),
         k_index=k_index.reshape(-1),
@@ -114,6 +126,34 @@ def padded_layout(meta: ForwardMetadata) -> PaddedLayout:
         batch=B,
         max_q=Tq,
         max_k=Tk,
+    )
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as the additive float mask the CUDA efficient SDPA kernel takes (converted
+    once per pass here, not by SDPA in every layer)."""
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA over [B, H, L, D] with GQA (k/v have fewer heads). With a mask on CUDA the key/value
+    heads are expanded here: `enable_gqa` with a mask is served only by the math kernel there,
+    expanded heads and an additive mask by the memory-efficient one. On CPU enable_gqa is the
+    faster form."""
+    H, KV = q.shape[1], k.shape[1]
+    if q.is_cuda and mask is not None and H != KV:
+        B, _, L, D = k.shape
+        k = k[:, :, None].expand(B, KV, H // KV, L, D).reshape(B, H, L, D)
+        v = v[:, :, None].expand(B, KV, H // KV, L, D).reshape(B, H, L, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV
     )
 
 
@@ -136,6 +176,36 @@ class SdpaBackend:
             raise ValueError(f"padding must be auto, always or never, not {padding!r}")
         self.padding = padding
 
+    def prepare(self, meta: ForwardMetadata, dtype: torch.dtype) -> None:
+        if meta.prepared:
+            return
+        meta.prepared = True
+        if not meta.seqlens:
+            return
+        cuda = meta.positions.device.type == "cuda"
+        if self._use_padded(meta):
+            lay = padded_layout(meta)
+            if cuda:
+                lay.mask = additive(lay.mask, dtype)
+            meta.padded = lay
+            return
+        offsets = list(itertools.accumulate(meta.seqlens, initial=meta.n_decode))
+        masks = [
+            sequence_mask(meta, b, meta.positions[offsets[b] : offsets[b + 1]])
+            for b in range(len(meta.seqlens))
+        ]
+        meta.masks = [additive(m, dtype) if cuda and m is not None else m for m in masks]
+
+    def _use_padded(self, meta: ForwardMetadata) -> bool:
+        if self.padding == "never" or len(meta.seqlens) == 1:
+            return False
+        if self.padding == "auto":
+            real = sum(n * (n + c) for n, c in zip(meta.seqlens, meta.cached_lens, strict=True))
+            padded = len(meta.seqlens) * meta.max_seqlen_q * meta.max_seqlen_k
+            if padded > self.PAD_WASTE * real:
+                return False
+        return True
+
     def attend(
         self,
         q: torch.Tensor,
@@ -145,30 +215,26 @@ class SdpaBackend:
         cache: RollingCache | None,
         layer: int,
     ) -> torch.Tensor:
-        if cache is not None and meta.decode:
+        if cache is None:
+            return self._prefill(q, k, v, meta)
+        nd = meta.n_decode
+        if nd == q.shape[0]:
             cache.write(layer, k, v, meta)
             return self._decode(q, cache, layer, meta)
-        keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
-        if self._use_padded(meta):
-            out = self._padded(q, keys, values, meta)
-        else:
-            out = self._per_sequence(q, keys, values, meta)
-        if cache is not None:
-            cache.write(layer, k, v, meta)
+        # Pre-fill sequences read their cached windows before this pass's keys are written.
+        keys, values = cache.gather(layer, k[nd:], v[nd:], meta)
+        cache.write(layer, k, v, meta)
+        out = self._prefill(q[nd:], keys, values, meta)
+        if nd:
+            out = torch.cat([self._decode(q[:nd], cache, layer, meta), out])
         return out
 
-    def _use_padded(self, meta: ForwardMetadata) -> bool:
-        if meta.padded is not None:  # decided (and built) by the pass's first layer
-            return True
-        if meta.masks is not None or self.padding == "never" or len(meta.seqlens) == 1:
-            return False
-        if self.padding == "auto":
-            real = sum(n * (n + c) for n, c in zip(meta.seqlens, meta.cached_lens, strict=True))
-            padded = len(meta.seqlens) * meta.max_seqlen_q * meta.max_seqlen_k
-            if padded > self.PAD_WASTE * real:
-                return False
-        meta.padded = padded_layout(meta)
-        return True
+    def _prefill(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: ForwardMetadata
+    ) -> torch.Tensor:
+        if meta.padded is not None:
+            return self._padded(q, keys, values, meta)
+        return self._per_sequence(q, keys, values, meta)
 
     @staticmethod
     def _padded(
@@ -181,20 +247,15 @@ class SdpaBackend:
         qs = q.index_select(0, lay.q_index).view(lay.batch, lay.max_q, H, D).transpose(1, 2)
         ks = keys.index_select(0, lay.k_index).view(lay.batch, lay.max_k, KV, D).transpose(1, 2)
         vs = values.index_select(0, lay.k_index).view(lay.batch, lay.max_k, KV, D).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=lay.mask, enable_gqa=True)
+        o = sdpa(qs, ks, vs, lay.mask)
         return o.transpose(1, 2).reshape(-1, H, D).index_select(0, lay.out_index)
 
     @staticmethod
     def _per_sequence(
         q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: ForwardMetadata
     ) -> torch.Tensor:
+        assert meta.masks is not None, "prepare() builds the masks before the forward"
         out = torch.empty_like(q)
-        if meta.masks is None:  # the same for every layer: build once per pass
-            offsets = meta.cu_seqlens_q.tolist()
-            meta.masks = [
-                sequence_mask(meta, b, meta.positions[offsets[b] : offsets[b + 1]])
-                for b in range(len(meta.seqlens))
-            ]
         q_off = k_off = 0
         for b, (n_new, n_cached) in enumerate(zip(meta.seqlens, meta.cached_lens, strict=True)):
             qs = q[q_off : q_off + n_new].transpose(0, 1)[None]
@@ -202,9 +263,7 @@ class SdpaBackend:
             vs = values[k_off : k_off + n_cached + n_new].transpose(0, 1)[None]
             mask = meta.masks[b]
             # Without a mask the band is plain causal: is_causal lets SDPA skip building one.
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
+            o = sdpa(qs, ks, vs, mask, is_causal=mask is None)
             out[q_off : q_off + n_new] = o[0].transpose(0, 1)
             q_off += n_new
             k_off += n_cached + n_new
@@ -214,20 +273,23 @@ class SdpaBackend:
     def _decode(
         q: torch.Tensor, cache: RollingCache, layer: int, meta: ForwardMetadata
     ) -> torch.Tensor:
+        d = meta.decoding
+        assert d is not None
         kc, vc = cache.slot_view(layer)
-        first, n = meta.slot_range if meta.slot_range is not None else (0, 0)
-        if meta.slot_range is not None:
+        if d.slot_range is not None:
             # Consecutive slots (the usual case): a view, no copy of the buffers.
-            ks, vs = kc[first : first + n], vc[first : first + n]
+            first, n = d.slot_range
+            ks, vs = kc[first : first + n, : d.span], vc[first : first + n, : d.span]
         else:
-            slots = meta.slots.long()
-            ks, vs = kc.index_select(0, slots), vc.index_select(0, slots)
-        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, kv_heads, W, D]
+            ks = kc[:, : d.span].index_select(0, d.slots)
+            vs = vc[:, : d.span].index_select(0, d.slots)
+        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, kv_heads, span, D]
         B, H, D = q.shape
         # GQA for one query token: the query heads sharing a key/value head become that head's
-        # query rows ([B, kv_heads, group, D]); measured 2x faster than enable_gqa here.
+        # query rows ([B, kv_heads, group, D]); measured 2x faster than enable_gqa here, and
+        # on CUDA no head expansion is needed for the efficient kernel.
         qs = q.reshape(B, ks.shape[1], H // ks.shape[1], D)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=meta.decode_mask)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask)
         return o.reshape(B, H, D)
 
 
@@ -245,6 +307,11 @@ class FlashBackend:
         # those passes are a few dozen tokens, so SDPA serves them.
         self._trees = SdpaBackend()
 
+    def prepare(self, meta: ForwardMetadata, dtype: torch.dtype) -> None:
+        if any(t is not None for t in meta.trees):
+            self._trees.prepare(meta, dtype)
+        meta.prepared = True
+
     def attend(
         self,
         q: torch.Tensor,
@@ -254,27 +321,19 @@ class FlashBackend:
         cache: RollingCache | None,
         layer: int,
     ) -> torch.Tensor:
-        if cache is not None and meta.decode:
-            cache.write(layer, k, v, meta)
-            kc, vc = cache.slot_view(layer)
-            # The buffer already holds exactly the window (see module docstring), so no
-            # window_size is needed; cache_batch_idx maps each query to its slot.
-            out = self._kvcache(
-                q[:, None],
-                kc,
-                vc,
-                cache_seqlens=meta.decode_lengths,
-                cache_batch_idx=meta.slots,
-                causal=True,
-            )
-            return out[:, 0]
         if any(t is not None for t in meta.trees):
             return self._trees.attend(q, k, v, meta, cache, layer)
-        keys, values = cache.gather(layer, k, v, meta) if cache is not None else (k, v)
+        nd = meta.n_decode if cache is not None else 0
+        if cache is not None and nd == q.shape[0]:
+            cache.write(layer, k, v, meta)
+            return self._decode(q, cache, layer, meta)
+        keys, values = cache.gather(layer, k[nd:], v[nd:], meta) if cache is not None else (k, v)
+        if cache is not None:
+            cache.write(layer, k, v, meta)
         # causal=True aligns the band bottom-right when keys outnumber queries (flash-attn >= 2.1),
         # which is what a chunk attending to its cached window needs.
         out = self._varlen(
-            q,
+            q[nd:],
             keys,
             values,
             cu_seqlens_q=meta.cu_seqlens_q,
@@ -284,9 +343,29 @@ class FlashBackend:
             causal=True,
             window_size=(meta.window - 1, 0),
         )
-        if cache is not None:
-            cache.write(layer, k, v, meta)
+        if nd:
+            assert cache is not None
+            out = torch.cat([self._decode(q[:nd], cache, layer, meta), out])
         return out
+
+    def _decode(
+        self, q: torch.Tensor, cache: RollingCache, layer: int, meta: ForwardMetadata
+    ) -> torch.Tensor:
+        d = meta.decoding
+        assert d is not None
+        kc, vc = cache.slot_view(layer)
+        # The buffer already holds exactly the window (see module docstring), so no
+        # window_size is needed; cache_batch_idx maps each query to its slot, and the kernel
+        # reads only cache_seqlens rows of it.
+        out = self._kvcache(
+            q[:, None],
+            kc,
+            vc,
+            cache_seqlens=d.lengths,
+            cache_batch_idx=d.slots,
+            causal=True,
+        )
+        return out[:, 0]
 
 
 _log = logging.getLogger(__name__)

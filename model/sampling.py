@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +39,41 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token from a [vocab] row of fp32 logits."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    gens: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row of [B, vocab] fp32 logits, as a [B] tensor on their device.
+
+    Greedy rows take the argmax; the others are sampled together (temperature, top-p) with the
+    exponential-race form of multinomial sampling (argmax of p / E, E ~ Exp(1), as vLLM does),
+    whose noise each row draws from its own generator: a seed reproduces a sequence's tokens
+    whatever it is batched with. Nothing here waits for the device; the caller reads the
+    tokens once per step.
+    """
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    # Python scalars per row: a tensor of temperatures would be one more host-to-device copy.
+    scaled = torch.stack([logits[i] / params[i].temperature for i in rows])
+    probs = torch.softmax(scaled, dim=-1)
+    if any(params[i].top_p < 1.0 for i in rows):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest set whose mass reaches top_p (the first token always stays).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        outside = torch.stack([before[j] > params[i].top_p for j, i in enumerate(rows)])
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0))
+    noise = torch.empty_like(probs)
+    for j, i in enumerate(rows):
+        noise[j].exponential_(generator=gens[i])
+    picked = (probs / noise).argmax(dim=-1)
+    for j, i in enumerate(rows):
+        tokens[i] = picked[j]
+    return tokens
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from a [vocab] row of fp32 logits (sample_batch of one row)."""
+    return int(sample_batch(logits[None], [params], [gen])[0])

@@ -114,18 +114,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Complex rotations e^(i*pos*freq) for each position, shape [T, head_dim // 2]."""
+    """Rotations as real (cos, sin) pairs for each position, shape [T, head_dim // 2, 2].
+
+    Real-valued rather than complex so that a compiled or captured step can fuse it (inductor
+    does not lower complex arithmetic)."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float()
     inv_freq = 1.0 / (theta ** (exponents / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [T, H, D] by freqs [T, D/2]."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    out = torch.view_as_real(xc * freqs[:, None, :]).flatten(-2)
-    return out.type_as(x)
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [T, H, D] by freqs [T, D/2, 2]:
+    (x0 cos - x1 sin, x0 sin + x1 cos), the product of complex numbers written out."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = freqs[:, None, :, :1], freqs[:, None, :, 1:]
+    rotated = torch.stack([-xf[..., 1], xf[..., 0]], dim=-1)  # (x0, x1) -> (-x1, x0)
+    return (xf * cos + rotated * sin).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -228,7 +233,8 @@ class Transformer(nn.Module):
         backend: AttentionBackend | None = None,
         hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (fp32) for packed `tokens`; only at `logits_index` rows (increasing) when given.
+        """Logits (fp32) for packed `tokens`; only at `logits_index` rows, in that order, when
+        given.
         hidden=True returns those rows' final normalised hidden states instead (see `project`).
 
         With a cache, each sequence attends to its cached window plus its new tokens and the
@@ -236,11 +242,24 @@ class Transformer(nn.Module):
         fresh sequences (nothing cached) and the pass is a plain sliding-window forward.
         """
         backend = backend or select_backend("auto", self.device, self.dtype)
+        backend.prepare(meta, self.dtype)  # a no-op when the engine prepared the pass
+        return self.run(tokens, meta, cache, logits_index, backend, hidden)
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        meta: ForwardMetadata,
+        cache: RollingCache | None,
+        logits_index: torch.Tensor | None,
+        backend: AttentionBackend,
+        hidden: bool,
+    ) -> torch.Tensor:
+        """forward() of a prepared pass, without inference mode: what a compiled step runs."""
         h = self.tok_embeddings(tokens)
         freqs = rope_frequencies(meta.positions, self.args.head_dim, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, backend, cache, i)
-        if logits_index is not None and logits_index.numel() != h.shape[0]:
+        if logits_index is not None:
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)
         h = self.norm(h)
