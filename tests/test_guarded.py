@@ -143,7 +143,9 @@ def test_text_stream_waits_for_complete_characters(demo_runtime: Any) -> None:
     ("messages", "options", "field"),
     [
         ([], GenerateOptions(), "messages"),
-        ([{"role": "wizard", "content": "x"}], GenerateOptions(), "messages"),
+        ([{"role": "wizard", "content": "x"}], GenerateOptions(), "messages[0].role"),
+        (USER, GenerateOptions(temperature=float("inf")), "temperature"),
+        (USER, GenerateOptions(temperature=float("nan")), "temperature"),
         (USER, GenerateOptions(max_new_tokens=0), "max_new_tokens"),
         (USER, GenerateOptions(temperature=-1), "temperature"),
         (USER, GenerateOptions(top_p=0), "top_p"),

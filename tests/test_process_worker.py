@@ -24,7 +24,14 @@ from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import NOT_SERVING, InProcessServer, demo_loader, free_port, health_status
+from tests.servers import (
+    NOT_SERVING,
+    SERVING,
+    InProcessServer,
+    demo_loader,
+    free_port,
+    health_status,
+)
 
 TEXTS = ["hello there", "buy cheap pills now", "you are a fool", "what is the weather"]
 
@@ -215,4 +222,36 @@ def test_a_dead_model_process_fails_calls_and_reports_not_serving(demo_checkpoin
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "model process exited" in err.value.details()
     finally:
+        server.stop()
+
+
+def test_a_hung_model_process_turns_health_not_serving(demo_checkpoint: Path) -> None:
+    # Issue #11, point 6: a stopped (SIGSTOP) model process used to look healthy.
+    server = InProcessServer(settings(demo_checkpoint, model_stall_timeout=1.0))
+    server.wait_loaded()
+    worker = server.server.state.worker
+    assert isinstance(worker, ProcessWorker) and worker._process.pid is not None
+    pid = worker._process.pid
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.ModerationServiceStub(channel)
+    try:
+        assert stub.Classify(pb.ClassifyRequest(text="alive")).model
+        time.sleep(2)  # idle for longer than the timeout: idle is not hung
+        assert health_status(channel) == SERVING
+        os.kill(pid, signal.SIGSTOP)
+        waiting = stub.Classify.future(pb.ClassifyRequest(text="anyone?"), timeout=60)
+        deadline = time.monotonic() + 15
+        while health_status(channel) != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == NOT_SERVING
+        registry = server.server.metrics.registry
+        assert registry.get_sample_value("moderation_model_stalled") == 1
+        os.kill(pid, signal.SIGCONT)  # it moves again: SERVING again, the call answered
+        assert waiting.result(timeout=30).model
+        deadline = time.monotonic() + 15
+        while health_status(channel) != SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == SERVING
+    finally:
+        os.kill(pid, signal.SIGCONT)
         server.stop()

@@ -219,7 +219,7 @@ def test_bad_batches_and_generations(stub: pb_grpc.ModerationServiceStub) -> Non
         (
             stub.Generate,
             pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="x")]),
-            "messages",
+            "messages[0].role",
         ),
         (stub.Generate, pb.GenerateRequest(messages=user("x"), temperature=-1), "temperature"),
         (

@@ -97,6 +97,24 @@ def test_sigterm_lets_calls_in_flight_complete_and_exits_0(tmp_path: Path) -> No
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read() if proc.stdout else ""
         assert "draining" in output and "demo" in output  # the demo warning is in the log
+        assert "did not stop in time" not in output and "model process exited" not in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_normal_sigterm_stops_the_model_process_silently(tmp_path: Path) -> None:
+    # Issue #11, point 10: an idle server's SIGTERM used to log an error about the model
+    # process (or kill it) because its exit was judged one second after the pipe closed.
+    port = free_port()
+    proc = start_subprocess_server(port, "--grace-period", "0", env={"TMPDIR": str(tmp_path)})
+    try:
+        wait_serving(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        output = proc.stdout.read() if proc.stdout else ""
+        assert '"stopped"' in output
+        assert "did not stop in time" not in output and "model process exited" not in output
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -61,6 +61,9 @@ class FakeClassifier:
             raise InvalidArgument("text", "must not be empty")
         return item
 
+    def plan_output(self, prep: Any, answer: str) -> ClassifyItem:
+        return self.plan(prep.output_item(answer))
+
     def run(self, planned: Sequence[ClassifyItem]) -> list[Classification]:
         self.in_pass.set()
         assert self.gate.wait(10)

@@ -16,6 +16,7 @@ from typing import Any
 from model import Engine, Prefix, ScoreRequest, Tokenizer
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.decision import Classification, ClassifyItem, decide
+from moderation.core.generation import PreparedGeneration
 from moderation.core.limits import ModelLimits
 from moderation.core.planning import PlannedItem, Planner
 from moderation.core.policy import Policy
@@ -77,6 +78,10 @@ class Classifier:
 
     def plan(self, item: ClassifyItem) -> PlannedItem:
         return self.planner.plan(item)
+
+    def plan_output(self, prep: PreparedGeneration, answer: str) -> PlannedItem:
+        """The output-moderation item of a generated answer (split into windows when long)."""
+        return self.planner.plan_output(prep, answer)
 
     # -------------------------------------------------------------- running
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moderation.core.errors import InvalidArgument
+from moderation.core.errors import InvalidArgument, quote
 from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Policy, Role
 
 
@@ -99,4 +99,4 @@ def decide(
 
 def check_threshold(name: str, value: float) -> None:
     if not isinstance(value, int | float) or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise InvalidArgument(name, f"must be between 0 and 1, got {value!r}")
+        raise InvalidArgument(name, f"must be between 0 and 1, got {quote(value)}")

@@ -18,3 +18,16 @@ class InvalidArgument(ValueError):
     def nested(self, prefix: str) -> InvalidArgument:
         """The same error for a field inside `prefix` (e.g. an item of a batch)."""
         return InvalidArgument(f"{prefix}.{self.field}", self.message)
+
+
+QUOTE_CHARS = 40
+"""How much of a caller's value an error message quotes."""
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr` of a caller's value, cut to a short prefix: error messages, their details and the
+    logs never echo a request's value whole (a 1 MB policy name must not make a 1 MB error)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}... ({len(text)} characters)"

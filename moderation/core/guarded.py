@@ -22,6 +22,7 @@ from moderation.core.generation import (
     PreparedGeneration,
     closing_events,
 )
+from moderation.core.text_safety import is_blank
 
 
 class TextStream:
@@ -138,7 +139,7 @@ class GuardedGenerator:
         answer_tokens = [t for t in tokens if t != self.tokenizer.eos_id]
         answer = self.tokenizer.decode(answer_tokens)
         # An empty answer has nothing to withhold; the classifier refuses empty text.
-        if output_moderation is None and prep.options.moderate_output and answer.strip():
+        if output_moderation is None and prep.options.moderate_output and not is_blank(answer):
             output_moderation = self.classifier.classify_many([prep.output_item(answer)])[0]
         withheld = output_moderation is not None and output_moderation.flagged
         return GenerationResult(

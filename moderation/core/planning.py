@@ -15,7 +15,7 @@ from model import Tokenizer
 from model.errors import TokenizerError
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.decision import ClassifyItem, check_threshold
-from moderation.core.errors import InvalidArgument
+from moderation.core.errors import InvalidArgument, quote
 from moderation.core.generation import GenerateOptions, PreparedGeneration
 from moderation.core.limits import LONG_TEXT_MODES, ModelLimits
 from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Policy, PolicyError, Role
@@ -23,10 +23,35 @@ from moderation.core.prompts import (
     PromptError,
     build_prefix,
     build_prompt_from_tokens,
+    check_chat_prompt,
     encode_text,
     guarded_messages,
     split_tokens,
 )
+from moderation.core.text_safety import is_blank
+
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+
+
+def check_turn_order(messages: Sequence[Mapping[str, Any]]) -> None:
+    """The order the API documents: an optional leading system message, then user and
+    assistant messages alternating, starting and ending with a user message."""
+    if not messages:
+        raise InvalidArgument("messages", "must not be empty: end with a user message")
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
+    start = 1 if roles[:1] == ["system"] else 0
+    for i in range(start, len(messages)):
+        role = roles[i]
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            raise InvalidArgument(
+                f"messages[{i}].role",
+                f"expected {expected!r}, got {quote(role)}: an optional system message first, "
+                "then user and assistant messages alternating",
+            )
+    if roles[-1] != "user":
+        raise InvalidArgument("messages", "the conversation must end with a user message")
 
 
 @dataclass(frozen=True)
@@ -93,18 +118,20 @@ class Planner:
             return self.policies[name or self.default_policy]
         except KeyError:
             raise InvalidArgument(
-                "policy", f"unknown policy {name!r}; known: {', '.join(sorted(self.policies))}"
+                "policy", f"unknown policy {quote(name)}; known: {', '.join(sorted(self.policies))}"
             ) from None
 
-    def plan(self, item: ClassifyItem) -> PlannedItem:
-        """Validate an item and build its prompt(s); InvalidArgument names the bad field."""
-        if not isinstance(item.text, str) or not item.text.strip():
+    def plan(self, item: ClassifyItem, *, split: bool = False) -> PlannedItem:
+        """Validate an item and build its prompt(s); InvalidArgument names the bad field.
+
+        `split`: split a long text into windows even when long_text is "reject"."""
+        if not isinstance(item.text, str) or is_blank(item.text):
             raise InvalidArgument("text", "must not be empty")
         try:
             role = Role(item.role)
         except ValueError:
             raise InvalidArgument(
-                "role", f"must be 'input' or 'output', got {item.role!r}"
+                "role", f"must be 'input' or 'output', got {quote(item.role)}"
             ) from None
         if role is Role.INPUT and item.user_prompt:
             raise InvalidArgument("prompt", "a user prompt is context for the output role only")
@@ -115,7 +142,7 @@ class Planner:
             if cid not in policy.category_ids:
                 raise InvalidArgument(
                     "category_thresholds",
-                    f"policy {policy.name!r} has no category {cid!r}; "
+                    f"policy {policy.name!r} has no category {quote(cid)}; "
                     f"its categories: {', '.join(policy.category_ids)}",
                 )
             check_threshold(f"category_thresholds[{cid}]", value)
@@ -124,7 +151,7 @@ class Planner:
         n_context = len(context or ())
         if len(text_tokens) + n_context <= self.max_text_tokens:
             windows = [text_tokens]
-        elif self.long_text == "reject":
+        elif self.long_text == "reject" and not split:
             raise InvalidArgument(
                 "text",
                 f"{len(text_tokens) + n_context} tokens (text and prompt) exceed the limit of "
@@ -161,19 +188,31 @@ class Planner:
     def prepare(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
     ) -> PreparedGeneration:
-        """Validate and build the prompt; InvalidArgument names the bad field."""
+        """Validate and build the prompt; InvalidArgument names the bad field.
+
+        Everything that can refuse a request is decided here, before any model work: the
+        whole prompt and max_new_tokens must fit the engine's context, and with output
+        moderation the answer must be checkable next to the user prompt.
+        """
         if not 1 <= options.max_new_tokens <= self.max_new_tokens_limit:
             raise InvalidArgument(
                 "max_new_tokens", f"must be between 1 and {self.max_new_tokens_limit}"
             )
-        if not options.temperature >= 0.0:  # NaN fails too
-            raise InvalidArgument("temperature", f"must be >= 0, got {options.temperature}")
+        t = options.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):  # NaN fails too
+            # Below ~0.01 logits / t overflow to inf and the sampling step fails for every
+            # sequence of the batch (vLLM clamps to 0.01 for the same reason).
+            raise InvalidArgument(
+                "temperature",
+                f"must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {t}",
+            )
         if not 0.0 < options.top_p <= 1.0:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {options.top_p}")
         # Policy and threshold are checked even when only output moderation uses them.
         self.policy(options.policy)
         if options.threshold is not None:
             check_threshold("threshold", options.threshold)
+        check_turn_order(messages)
         system = None
         if options.guardrail:
             system = options.system_prompt or GUARDRAIL_SYSTEM_PROMPT
@@ -184,16 +223,58 @@ class Planner:
             prompt = self.tokenizer.encode_chat(conversation)
         except (PromptError, TokenizerError) as exc:
             raise InvalidArgument("messages", str(exc)) from exc
-        if conversation[-1]["role"] != "user":
-            raise InvalidArgument("messages", "the conversation must end with a user message")
+        roles = [m["role"] for m in conversation]
+        try:
+            check_chat_prompt(
+                self.tokenizer,
+                prompt,
+                user_turns=roles.count("user"),
+                assistant_turns=roles.count("assistant"),
+            )
+        except PromptError as exc:
+            field = "system_prompt" if options.system_prompt else "messages"
+            raise InvalidArgument(field, str(exc)) from exc
+        context = self.limits.context
+        if len(prompt) + options.max_new_tokens > context:
+            raise InvalidArgument(
+                "messages",
+                f"the prompt takes {len(prompt)} tokens (system prompt and messages); with "
+                f"max_new_tokens {options.max_new_tokens} that exceeds the model's context of "
+                f"{context} tokens (max_context)",
+            )
         user_prompt = str(conversation[-1]["content"])
+        last = len(messages) - 1
+        if is_blank(user_prompt):
+            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
         input_item = None
         if options.moderate_input:
             input_item = ClassifyItem(
                 user_prompt, role=Role.INPUT, policy=options.policy, threshold=options.threshold
             )
-            self.plan(input_item)  # validate now: the prompt's length
+            try:
+                self.plan(input_item)  # validate now: the prompt's length
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"messages[{last}].content", exc.message) from exc
+        if options.moderate_output:
+            self._check_output_room(user_prompt, options.max_new_tokens, last)
         return PreparedGeneration(options, prompt, user_prompt, input_item)
+
+    def _check_output_room(self, user_prompt: str, max_new_tokens: int, last: int) -> None:
+        """Refuse now a generation whose answer could not be moderated next to its user prompt
+        (`plan_output` splits a long answer; the user prompt must leave it half the room)."""
+        n_context = len(encode_text(self.tokenizer, user_prompt))
+        if n_context > self.max_text_tokens // 2:
+            raise InvalidArgument(
+                f"messages[{last}].content",
+                f"{n_context} tokens: with moderate_output the last user message may take at "
+                f"most {self.max_text_tokens // 2} tokens (half of a classification prompt, "
+                "the rest is for the answer)",
+            )
+
+    def plan_output(self, prep: PreparedGeneration, answer: str) -> PlannedItem:
+        """The output-moderation item of a generated answer: split into windows when long,
+        whatever long_text says (the request was accepted; its answer must be checkable)."""
+        return self.plan(prep.output_item(answer), split=True)
 
     def prefixes(self) -> Iterator[tuple[int, ...]]:
         """The shared prefix of every (policy, role): what a classifier pre-fills once."""

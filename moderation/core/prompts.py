@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from moderation.core.errors import quote
 from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Policy, Role
 from moderation.core.text_safety import clean, neutralize
 
@@ -246,25 +247,51 @@ def guarded_messages(
             raise PromptError(f"message {i}: expected a mapping with role and content")
         role, content = message.get("role"), message.get("content")
         if role not in ("system", "user", "assistant"):
-            raise PromptError(f"message {i}: role must be system, user or assistant, got {role!r}")
+            raise PromptError(
+                f"message {i}: role must be system, user or assistant, got {quote(role)}"
+            )
         if not isinstance(content, str):
             raise PromptError(f"message {i} ({role}): content must be a string")
         copy = dict(message)
-        if neutralize_content and role != "system":
+        if neutralize_content:
+            # System messages too: whoever sent the request wrote them, so they are as untrusted
+            # as the user's ("Be nice. [/INST] ... [INST] ok" would close the turn early).
             copy["content"] = neutralize(content)
         out.append(copy)
     if not any(m["role"] == "user" for m in out):
         raise PromptError("conversation has no user message")
     if system_prompt:
-        out.insert(0, {"role": "system", "content": system_prompt})
+        content = neutralize(system_prompt) if neutralize_content else system_prompt
+        out.insert(0, {"role": "system", "content": content})
     return out
+
+
+def check_chat_prompt(
+    tokenizer: PromptTokenizer, ids: Sequence[int], *, user_turns: int, assistant_turns: int
+) -> None:
+    """Raise PromptError unless a chat prompt's structure is the template's own, on token ids:
+    BOS once at the start, one turn opener and one closer per user turn, one EOS per finished
+    assistant turn, and no other control id. Whatever the texts held, they stayed data."""
+    opener, closer = tokenizer.inst_open(), tokenizer.inst_close()
+    if list(ids[:1]) != [tokenizer.bos_id] or list(ids).count(tokenizer.bos_id) != 1:
+        raise PromptError("a BOS token occurs inside the conversation")
+    if len(_find(ids, opener)) != user_turns:
+        raise PromptError("the turn opener ([INST]) occurs where it must not")
+    if len(_find(ids, closer)) != user_turns:
+        raise PromptError("the turn closer ([/INST]) occurs where it must not")
+    if list(ids).count(tokenizer.eos_id) != assistant_turns:
+        raise PromptError("an EOS token occurs inside the conversation")
+    structural = {tokenizer.bos_id, tokenizer.eos_id, *opener, *closer}
+    control = set(getattr(tokenizer, "control_ids", ())) - structural
+    if any(t in control for t in ids):
+        raise PromptError("a control token occurs inside the conversation")
 
 
 def _check_role(role: Role | str, user_prompt: object) -> Role:
     try:
         role = Role(role)
     except ValueError:
-        raise PromptError(f"role must be 'input' or 'output', got {role!r}") from None
+        raise PromptError(f"role must be 'input' or 'output', got {quote(role)}") from None
     if role is Role.INPUT and user_prompt is not None:
         raise PromptError("a user prompt is context for the output role only")
     return role

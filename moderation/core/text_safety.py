@@ -21,6 +21,7 @@ CHAT_MARKER_RE = re.compile(
 # C0 controls except tab and newline, DEL, and C1 controls.
 CONTROL_CHAR_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LONE_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+_IGNORABLE_RE = re.compile(_IGNORABLE)
 
 
 def neutralize(text: str) -> str:
@@ -51,3 +52,10 @@ def clean(text: str) -> str:
     # Outer whitespace carries no meaning for moderation and would tokenize differently at the
     # segment boundaries; without it prefix + body equal the joined text's tokens.
     return neutralize(text).strip()
+
+
+def is_blank(text: str) -> bool:
+    """Whether nothing readable is left of `text` once cleaned: only whitespace, control
+    characters or invisible format characters ("\\x00", "\\u200b"). Such text has nothing to
+    classify or answer."""
+    return not _IGNORABLE_RE.sub("", clean(text))

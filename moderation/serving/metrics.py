@@ -45,6 +45,8 @@ class Metrics:
     prefix_hits: Counter
     prefix_tokens: Counter
     decisions: Counter
+    undecodable: Counter
+    model_stalled: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -93,6 +95,16 @@ class Metrics:
             decisions=Counter(
                 "moderation_decisions", "Classifications by policy, category and flagged",
                 ["policy", "category", "flagged"], registry=r,
+            ),
+            undecodable=Counter(
+                "moderation_undecodable_requests",
+                "Request bodies that were not a valid message (answered INVALID_ARGUMENT)",
+                registry=r,
+            ),
+            model_stalled=Gauge(
+                "moderation_model_stalled",
+                "1 while the model makes no progress with work queued (health NOT_SERVING)",
+                registry=r,
             ),
         )  # fmt: skip
 

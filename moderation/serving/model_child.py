@@ -142,6 +142,7 @@ class _Child:
         )
         self.sink = _Sink()
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
+        self.last_sent = time.monotonic()
 
     def run(self) -> None:
         last_metrics = time.monotonic()
@@ -161,9 +162,13 @@ class _Child:
                 ops = self.metrics.take()
                 if ops:
                     self.sink.outbox.append(msg.MetricOps(ops))
-            if self.sink.outbox:
+            if self.sink.outbox or (
+                self.scheduler.has_work and now - self.last_sent >= METRICS_FLUSH_S
+            ):
+                # An empty batch is a heartbeat: the server's watchdog sees the model working.
                 messages, self.sink.outbox = self.sink.outbox, []
                 self._send(msg.Batch(messages))
+                self.last_sent = now
             if self.stop_at is not None and (not self.scheduler.has_work or now >= self.stop_at):
                 self._send(msg.Batch([msg.MetricOps(self.metrics.take())]))
                 return

@@ -23,6 +23,7 @@ import itertools
 import multiprocessing
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class ProcessWorker:
         self._stopping = False
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_progress = time.monotonic()
 
     async def load(self) -> msg.ModelInfo:
         """Start the model process and wait until its model is loaded."""
@@ -116,6 +118,11 @@ class ProcessWorker:
         """Nothing to do: `load` started the process (the `Worker` protocol)."""
 
     @property
+    def last_progress(self) -> float:
+        """When the model process last sent anything (it sends a heartbeat while it works)."""
+        return self._last_progress
+
+    @property
     def queue_depth(self) -> int:
         """Requests in the model process, queued or running."""
         return len(self._pending)
@@ -140,6 +147,8 @@ class ProcessWorker:
             raise QueueFullError(
                 f"the queue is full ({self.max_queue} requests waiting); retry later"
             )
+        if not self._pending:  # idle until now: the wait for progress starts here
+            self._last_progress = time.monotonic()
         return next(self._ids)
 
     async def classify(
@@ -175,6 +184,7 @@ class ProcessWorker:
                 self._send(msg.Cancel(job))  # nobody waits: stop generating
 
     def _on_readable(self) -> None:
+        self._last_progress = time.monotonic()
         try:
             while self._conn.poll():
                 message = self._conn.recv()
@@ -215,10 +225,12 @@ class ProcessWorker:
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._conn.fileno())
+        if self._stopping:
+            # Asked to stop: the pipe closes before the process has finished exiting (that
+            # takes a moment), and `stop` waits for it and reports a process that hangs.
+            return
         self._process.join(1)
         code = self._process.exitcode
-        if self._stopping and code == 0:
-            return
         self._dead = f"the model process exited (code {code}); the server must be restarted"
         log.error("model process exited", exitcode=code, in_flight=len(self._pending))
         for pending in list(self._pending.values()):
@@ -239,3 +251,5 @@ class ProcessWorker:
             log.warning("model process did not stop in time; killing it")
             self._process.kill()
             self._process.join(10)
+        elif self._process.exitcode not in (0, None):
+            log.error("model process exited with an error", exitcode=self._process.exitcode)

@@ -37,6 +37,7 @@ from moderation.core.generation import (
     closing_events,
 )
 from moderation.core.guarded import AnswerDecoder
+from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
 from moderation.serving.metrics import WorkerMetrics
 from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
@@ -314,12 +315,13 @@ class Scheduler:
                 continue
             del self._running[ev.request_id]
             answer = g.decoder.answer
-            if g.prep.options.moderate_output and answer.strip():
+            if g.prep.options.moderate_output and not is_blank(answer):
                 try:
-                    planned = rt.classifier.plan(g.prep.output_item(answer))
+                    planned = rt.classifier.plan_output(g.prep, answer)
                 except InvalidArgument as exc:
-                    # Never release an answer that could not be checked.
-                    g.fail(RuntimeError(f"output moderation failed: {exc}"))
+                    # Never release an answer that could not be checked. `prepare` made sure
+                    # there is room for it, so this is the server's fault, not the caller's.
+                    g.fail(RuntimeError(f"output moderation failed: {exc.message[:200]}"))
                     continue
                 self._checks.append(_OutputCheck(g, planned, reason))  # the next pass checks it
             else:

@@ -186,6 +186,72 @@ class ServeSettings:
         "texts over --max-text-chars: reject them or split them into windows",
         metavar="{" + ",".join(LONG_TEXT_MODES) + "}",
     )
+    max_messages: int = _setting(
+        256,
+        parse_int,
+        "most chat messages in one Generate call",
+        metavar="N",
+    )
+    plan_threads: int = _setting(
+        2,
+        parse_int,
+        "threads that validate and tokenize requests, off the gRPC event loop",
+        metavar="N",
+    )
+    model_stall_timeout: float = _setting(
+        60.0,
+        parse_float,
+        "seconds the model may make no progress while work is queued before health turns "
+        "NOT_SERVING (a hung model process); 0 = never",
+        metavar="SECONDS",
+    )
+    keepalive_time: float = _setting(
+        60.0,
+        parse_float,
+        "seconds between keepalive pings the server sends on an idle connection "
+        "(grpc.keepalive_time_ms)",
+        metavar="SECONDS",
+    )
+    keepalive_timeout: float = _setting(
+        20.0,
+        parse_float,
+        "seconds to wait for a keepalive ping's answer before closing the connection "
+        "(grpc.keepalive_timeout_ms)",
+        metavar="SECONDS",
+    )
+    max_connection_idle: float = _setting(
+        300.0,
+        parse_float,
+        "seconds a connection without calls stays open (grpc.max_connection_idle_ms)",
+        metavar="SECONDS",
+    )
+    max_connection_age: float = _setting(
+        1800.0,
+        parse_float,
+        "seconds before a connection is asked to reconnect, so that long-lived clients reach "
+        "new replicas after a scale-up (grpc.max_connection_age_ms)",
+        metavar="SECONDS",
+    )
+    max_connection_age_grace: float = _setting(
+        30.0,
+        parse_float,
+        "seconds the calls of an aged connection get to finish (grpc.max_connection_age_grace_ms)",
+        metavar="SECONDS",
+    )
+    max_concurrent_streams: int = _setting(
+        100,
+        parse_int,
+        "most calls at once on one connection; more wait in the client "
+        "(grpc.max_concurrent_streams)",
+        metavar="N",
+    )
+    handshake_timeout: float = _setting(
+        10.0,
+        parse_float,
+        "seconds a new connection has to finish its handshake (TCP, TLS, HTTP/2 preface) "
+        "(grpc.server_handshake_timeout_ms)",
+        metavar="SECONDS",
+    )
     max_new_tokens: int = _setting(
         512,
         parse_int,
@@ -273,6 +339,27 @@ class ServeSettings:
     def mutual_tls(self) -> bool:
         """Whether clients must present a certificate signed by tls_client_ca."""
         return self.tls_client_ca is not None
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments: message sizes and the connection limits."""
+
+        def ms(seconds: float) -> int:
+            return max(1, round(seconds * 1000))
+
+        return [
+            # Deliberate limits: larger requests fail with RESOURCE_EXHAUSTED in gRPC itself.
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # A second server on a taken port must fail, not silently share it.
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            ("grpc.max_connection_idle_ms", ms(self.max_connection_idle)),
+            ("grpc.max_connection_age_ms", ms(self.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+        ]
 
     def runtime_settings(self) -> RuntimeSettings:
         """What the model runtime is built from."""
@@ -437,12 +524,29 @@ def _validate(s: ServeSettings) -> None:
         "max_text_chars",
         "max_new_tokens",
         "max_message_bytes",
+        "max_messages",
+        "plan_threads",
+        "max_concurrent_streams",
     ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(name, f"must be a positive integer, got {value!r}")
     if not isinstance(s.torch_threads, int) or s.torch_threads < 0:
         fail("torch_threads", f"must be a non-negative integer (0 = auto), got {s.torch_threads!r}")
+    for name in ("model_stall_timeout", "max_connection_age_grace"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and value >= 0):
+            fail(name, f"must be a non-negative number of seconds, got {value!r}")
+    for name in (
+        "keepalive_time",
+        "keepalive_timeout",
+        "max_connection_idle",
+        "max_connection_age",
+        "handshake_timeout",
+    ):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and value > 0):
+            fail(name, f"must be a positive number of seconds, got {value!r}")
     if not 0.0 < s.gpu_memory_utilization <= 1.0:
         fail("gpu_memory_utilization", f"must be in (0, 1], got {s.gpu_memory_utilization!r}")
     if s.cache_memory is not None and s.cache_memory < 1:

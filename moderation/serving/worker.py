@@ -35,6 +35,12 @@ class Worker(Protocol):
         """Requests waiting for the model."""
         ...
 
+    @property
+    def last_progress(self) -> float:
+        """`time.monotonic()` when the model last made progress (or work arrived while idle):
+        with work queued and this long ago, the model is hung."""
+        ...
+
     def start(self) -> None: ...
 
     def stop(self, timeout: float | None = None) -> None:

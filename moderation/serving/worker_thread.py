@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,7 @@ class WorkerThread:
             runtime, metrics, max_queue=max_queue, max_items_per_pass=max_items_per_pass
         )
         self._outbox = Outbox()
+        self._last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
@@ -110,12 +112,18 @@ class WorkerThread:
     def queue_depth(self) -> int:
         return self.scheduler.queue_depth
 
+    @property
+    def last_progress(self) -> float:
+        return self._last_progress
+
     def _run(self) -> None:
         while self.scheduler.wait_for_work():
+            self._last_progress = time.monotonic()
             try:
                 self.scheduler.run_once()
             finally:
                 self._outbox.flush()
+                self._last_progress = time.monotonic()
 
     async def classify(
         self, planned: Sequence[PlannedItem], *, deadline: float | None = None

@@ -27,6 +27,9 @@ from moderation.serving.metrics import Metrics
 SERVICE_PREFIX = "/moderation.v1.ModerationService/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_CHARS = 128
+DEADLINE_SLACK_S = 0.25
+"""A call cancelled this close to its deadline ended by it: logged as DEADLINE_EXCEEDED."""
 
 log = structlog.get_logger("moderation.requests")
 
@@ -91,6 +94,33 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request body that is not the method's message (invalid UTF-8 in a string, garbage
+    bytes): it reaches the handler as this, and gets INVALID_ARGUMENT there, logged and counted,
+    instead of gRPC's bare UNKNOWN."""
+
+    size: int
+    error: str
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns `Undecodable` instead of raising."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises
+            return Undecodable(len(data), type(exc).__name__)
+
+    return deserialize
+
+
+UNDECODABLE_MESSAGE = "the request body is not a valid message of this method"
+
+
 class RequestTelemetry(grpc.aio.ServerInterceptor):
     """Per ModerationService call: request id, one JSON log line, request metrics, and the
     in-flight count that drain waits on."""
@@ -106,7 +136,8 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         method = details.method.removeprefix(SERVICE_PREFIX)
-        request_id = _metadata(details, REQUEST_ID_KEY) or uuid.uuid4().hex
+        # The caller's id is echoed in the log and the trailers: a short prefix of it only.
+        request_id = (_metadata(details, REQUEST_ID_KEY) or uuid.uuid4().hex)[:REQUEST_ID_CHARS]
         if handler.unary_unary:
             unary = handler.unary_unary
 
@@ -114,6 +145,8 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
                 record = self._begin(method, request_id, context)
                 code = grpc.StatusCode.OK
                 try:
+                    if isinstance(request, Undecodable):
+                        await self._refuse(record, request, context)
                     return await unary(request, context)
                 except BaseException as exc:
                     code = _code_of(exc, context)
@@ -123,7 +156,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_call,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -135,6 +168,8 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
                 record = self._begin(method, request_id, context)
                 code = grpc.StatusCode.OK
                 try:
+                    if isinstance(request, Undecodable):
+                        await self._refuse(record, request, context)
                     if inspect.isasyncgenfunction(stream):
                         async for response in stream(request, context):
                             yield response
@@ -148,10 +183,17 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_call,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # the service has no client-streaming methods
+
+    async def _refuse(
+        self, record: CallRecord, request: Undecodable, context: grpc.aio.ServicerContext
+    ) -> None:
+        record.fields["error"] = f"{UNDECODABLE_MESSAGE} ({request.error}, {request.size} bytes)"
+        self.metrics.undecodable.inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
     def _begin(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> CallRecord:
         # The id goes back to the caller (trailing metadata, errors included) so that a caller
@@ -183,7 +225,9 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.Stat
     """The status an exception ends the call with."""
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        # The client's deadline ends the call first: it cancels the stream a moment before this
+        # side's copy of the deadline (started when the request arrived) runs out.
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()  # set by context.abort

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,17 +75,7 @@ class Server:
         token = settings.resolve_auth_token()
         if token:
             interceptors.append(BearerTokenAuth(token))
-        limit = settings.max_message_bytes
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                # Deliberate limits: larger requests fail with RESOURCE_EXHAUSTED in gRPC itself.
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                # A second server on a taken port must fail, not silently share it.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=settings.grpc_options())
         moderation_pb2_grpc.add_ModerationServiceServicer_to_server(
             ModerationServicer(self.state), self.grpc
         )
@@ -99,6 +90,8 @@ class Server:
         else:
             self.port = self.grpc.add_secure_port(address, credentials)
         self._metrics_http: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._model_dead = False
 
     async def _set_health(self, status: int) -> None:
         for name in HEALTH_NAMES:
@@ -144,9 +137,35 @@ class Server:
             )
         log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.model_stall_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch(worker))
+
+    async def _watch(self, worker: Worker) -> None:
+        """NOT_SERVING while the model makes no progress with work queued (a hung or stopped
+        model process looks alive otherwise); SERVING again when it moves."""
+        timeout = self.settings.model_stall_timeout
+        stalled = False
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            idle_for = time.monotonic() - worker.last_progress
+            now_stalled = worker.queue_depth > 0 and idle_for > timeout
+            if now_stalled == stalled or self.state.draining or self._model_dead:
+                continue
+            stalled = now_stalled
+            self.metrics.model_stalled.set(int(stalled))
+            if stalled:
+                log.error(
+                    "the model makes no progress; reporting NOT_SERVING",
+                    seconds=round(idle_for, 1), queued=worker.queue_depth,
+                )  # fmt: skip
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                log.warning("the model makes progress again; reporting SERVING")
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _model_exited(self) -> None:
         """The model process died: no more answers here, so tell probes and balancers."""
+        self._model_dead = True
         self._health_task = asyncio.create_task(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         )
@@ -156,6 +175,8 @@ class Server:
         grace = self.settings.grace_period
         log.info("draining", grace_period=grace, in_flight=self.telemetry.in_flight)
         self.state.draining = True  # new calls get UNAVAILABLE: retry on another replica
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for good, for every name
         # Keep answering while in-flight calls finish, so probes and load balancers see the
         # drain (NOT_SERVING, UNAVAILABLE) rather than a closed port.
@@ -167,6 +188,7 @@ class Server:
         if self.state.worker is not None:
             worker = self.state.worker
             await asyncio.to_thread(worker.stop, max(0.0, deadline - loop.time()))
+        self.state.planning.shutdown(wait=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

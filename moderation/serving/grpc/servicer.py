@@ -8,11 +8,14 @@ the call's record: token counts, category, and the text when the operator turned
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -41,6 +44,12 @@ T = TypeVar("T")
 
 log = structlog.get_logger("moderation.serving.grpc.servicer")
 
+MAX_ERROR_CHARS = 512
+"""The longest status message sent or logged; domain errors quote only prefixes of values, this
+is the last line of defence (a message past ~8 kB would also fail in gRPC's metadata)."""
+LOGGED_TEXT_CHARS = 200
+"""With log_text on, how much of each text the request log keeps."""
+
 
 class NotReadyError(Exception):
     """The model is still loading."""
@@ -55,6 +64,11 @@ class ServiceState:
     front: Front | None = None
     worker: Worker | None = None
     draining: bool = False
+    # Validation and tokenizing run here, not on the event loop: a 4 MB request takes ~1 s.
+    planning: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.planning = ThreadPoolExecutor(self.settings.plan_threads, thread_name_prefix="plan")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
@@ -72,6 +86,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, bad_field = status_for(exc)
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + "..."
     current_call().fields["error"] = message
     if code is grpc.StatusCode.INTERNAL:
         log.error("request failed", exc_info=exc)
@@ -86,6 +102,13 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     call = current_call()
     metadata = (*rich.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
     await context.abort(rich.code, rich.details, metadata)
+
+
+def _logged(text: str) -> str:
+    """A text as the request log keeps it (log_text on): a prefix, never a whole document."""
+    if len(text) <= LOGGED_TEXT_CHARS:
+        return text
+    return f"{text[:LOGGED_TEXT_CHARS]}... ({len(text)} characters)"
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -106,9 +129,16 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             raise NotReadyError("the model is still loading; retry shortly")
         return self.state.front, self.state.worker
 
-    def _check_chars(self, text: str, name: str) -> None:
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the planning threads: the event loop keeps answering (health above all)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+
+    def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
         settings = self.state.settings
-        if len(text) > settings.max_text_chars and settings.long_text != "split":
+        if len(text) > settings.max_text_chars and not (
+            splittable and settings.long_text == "split"
+        ):
             raise InvalidArgument(
                 name,
                 f"{len(text)} characters exceed the limit of {settings.max_text_chars} "
@@ -119,6 +149,15 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self._check_chars(request.text, "text")
         self._check_chars(request.prompt, "prompt")
         return front.planner.plan(convert.classify_item(request))
+
+    def _plan_batch(self, front: Front, request: pb.ClassifyBatchRequest) -> list[PlannedItem]:
+        planned = []
+        for i, item in enumerate(request.requests):
+            try:
+                planned.append(self._plan(front, item))
+            except InvalidArgument as exc:
+                raise exc.nested(f"requests[{i}]") from exc
+        return planned
 
     def _record(self, results: list[Classification], texts: list[str]) -> None:
         call = current_call()
@@ -132,7 +171,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         else:
             call.fields["items"] = len(results)
         if self.state.settings.log_text:
-            call.fields["text"] = texts[0] if len(texts) == 1 else texts
+            logged = [_logged(t) for t in texts]
+            call.fields["text"] = logged[0] if len(logged) == 1 else logged
 
     def _record_generation(self, call: CallRecord, result: GenerationResult) -> None:
         m = self.state.metrics
@@ -160,17 +200,32 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
 
-    def _generation(
+    def _check_generation(self, request: pb.GenerateRequest) -> None:
+        """Every text field against its limit, before anything reads the texts."""
+        settings = self.state.settings
+        if len(request.messages) > settings.max_messages:
+            raise InvalidArgument(
+                "messages",
+                f"{len(request.messages)} messages exceed the limit of {settings.max_messages} "
+                "(MODERATION_MAX_MESSAGES)",
+            )
+        self._check_chars(request.system_prompt, "system_prompt", splittable=False)
+        for i, m in enumerate(request.messages):
+            self._check_chars(m.content, f"messages[{i}].content", splittable=False)
+
+    async def _generation(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
     ) -> AsyncGenerator[str | GenerationResult, None]:
         front, worker = self._ready()
-        for i, m in enumerate(request.messages):
-            self._check_chars(m.content, f"messages[{i}].content")
+        self._check_generation(request)
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = front.planner.prepare(convert.messages(request), options)  # validates
+        prep = await self._off_loop(front.planner.prepare, convert.messages(request), options)
         if self.state.settings.log_text:
-            current_call().fields["text"] = prep.user_prompt
-        return worker.generate(prep, stream=stream, deadline=_deadline(context))
+            current_call().fields["text"] = _logged(prep.user_prompt)
+        events = worker.generate(prep, stream=stream, deadline=_deadline(context))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     # ------------------------------------------------------------------- RPCs
 
@@ -179,7 +234,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     ) -> pb.ClassifyResponse:
         async def body() -> pb.ClassifyResponse:
             front, worker = self._ready()
-            planned = self._plan(front, request)
+            planned = await self._off_loop(self._plan, front, request)
             result = (await worker.classify([planned], deadline=_deadline(context)))[0]
             self._record([result], [request.text])
             return convert.classify_response(result)
@@ -200,12 +255,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                     f"{len(request.requests)} items exceed the limit of {limit} "
                     "(MODERATION_MAX_BATCH_ITEMS)",
                 )
-            planned = []
-            for i, item in enumerate(request.requests):
-                try:
-                    planned.append(self._plan(front, item))
-                except InvalidArgument as exc:
-                    raise exc.nested(f"requests[{i}]") from exc
+            planned = await self._off_loop(self._plan_batch, front, request)
             results = await worker.classify(planned, deadline=_deadline(context))
             self._record(results, [r.text for r in request.requests])
             return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
