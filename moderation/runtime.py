@@ -58,6 +58,7 @@ class RuntimeSettings:
     max_context: int | None = DEFAULT_MAX_CONTEXT
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cache_memory_bytes: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
+    compile: bool = False  # decode steps as compiled graphs (CUDA graphs on CUDA)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def load(settings: RuntimeSettings) -> Runtime:
         max_context=settings.max_context,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cache_memory_bytes=settings.cache_memory_bytes,
+        compile=settings.compile,
     )
     return assemble_runtime(
         engine,

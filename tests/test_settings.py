@@ -185,7 +185,7 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
         model="/models/m", device="cpu", dtype="float32", attention_backend="sdpa",
         policy="mistral-13", policy_files=("a.json",), threshold=0.25, long_text="split",
         max_batch_size=5, max_new_tokens=77, max_context=2048, gpu_memory_utilization=0.5,
-        cache_memory=1 << 30,
+        cache_memory=1 << 30, compile=True,
     )  # fmt: skip
     r = s.runtime_settings()
     assert (r.model, r.device, r.dtype) == ("/models/m", "cpu", "float32")
@@ -194,11 +194,14 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     assert (r.long_text, r.max_batch_size, r.score_batch_size) == ("split", 5, 5)
     assert r.max_new_tokens_limit == 77
     assert (r.max_context, r.gpu_memory_utilization, r.cache_memory_bytes) == (2048, 0.5, 1 << 30)
+    assert r.compile is True
 
 
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:
     s = parse([])
     assert (s.max_context, s.gpu_memory_utilization, s.cache_memory) == (8192, 0.9, None)
+    assert s.compile is False and parse(["--compile"]).compile is True
+    assert settings_from_env({"MODERATION_COMPILE": "true"}).compile is True
     s = parse(["--max-context", "4096", "--cache-memory", "512MiB"])
     assert (s.max_context, s.cache_memory) == (4096, 512 << 20)
     env = {
