@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine
 from model import Engine, GenerationRequest, ModelArgs, load_model
 from model.demo import random_weights
+from model.memory import kv_bytes_per_token
 from model.step_counts import StepCounter
 from model.tokenizer import mistral_common_tokenizer_path
 from model.weights import save_hf
@@ -142,7 +143,18 @@ def main() -> None:
         ours = load_model(folder)
     batches = [int(b) for b in ns.batches.split(",")]
     kwargs = {"compile": True} if ns.compile else {}
-    engine = Engine(ours, max_batch_size=max(batches), score_batch_size=1, **kwargs)
+    # Room for every slot the largest batch needs: the default CPU budget (4 GiB) holds fewer
+    # 4096-row slots, and a batch split over two rounds is not the comparison wanted here.
+    slots = max(batches) + 1
+    cache_bytes = slots * args.window * kv_bytes_per_token(args, ours.dtype)
+    engine = Engine(
+        ours,
+        max_batch_size=max(batches),
+        score_batch_size=1,
+        cache_memory_bytes=cache_bytes,
+        **kwargs,
+    )
+    assert engine.max_batch_size == max(batches), engine.memory.describe()
     print(
         "# decode at the 7B layer structure (32 layers, 32/8 heads, window 4096,"
         f" head_dim {ns.head_dim},"

@@ -8,6 +8,10 @@ the cache and only read here.
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,59 +49,126 @@ class PackedLinear(Linear):
         return super().__getattr__(name)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def packed_linear(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed, or plain where packing
+    was measured slower on this host."""
+    if matrix.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
+    return F.linear(x, matrix)
 
 
-def _pack(*layers: Linear) -> torch.Tensor:
-    """One oneDNN-packed matrix of the layers' weights stacked, which then drop their own."""
-    # Batch-size hint 8: measured best across 1..256 rows. Without no_grad the packed matrix
-    # would carry an autograd graph that keeps the dropped parameters alive.
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    # Batch-size hint 8: measured best across 1..256 rows on the AMD EPYC that chose packing.
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+
+
+def _seconds(fn: Callable[[], object], budget: float = 0.02) -> float:
+    """Median time of fn over a few calls, after one warm-up; at most ~budget seconds."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+_PACKING_PAYS: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
+
+
+def packing_pays(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's packed GEMM beats the default one for this matrix on this host.
+
+    Which is faster depends on the CPU: on the AMD EPYC this engine was first measured on, the
+    packed call ran a decode step's few rows 2-5x faster; on an Intel Xeon (480 MiB L3) the
+    packed call of the 7B structure's small matrices took 30-130 us at one row against 10-50 us
+    for F.linear. So it is measured here, at one row (decode) and 64 (pre-fill chunks and
+    label trees), and packing is kept when the product of the two time ratios favours it.
+    """
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key in _PACKING_PAYS:  # measured once per process (a test suite builds many engines)
+        return _PACKING_PAYS[key]
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(
-            torch.cat([layer.weight for layer in layers]).contiguous(), 8
-        )
+        packed = _reorder(weight)
+        ratio = 1.0
+        for rows in (1, 64):
+            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+            ratio *= _seconds(functools.partial(packed_linear, x, packed)) / _seconds(
+                functools.partial(F.linear, x, weight)
+            )
+    _PACKING_PAYS[key] = ratio < 1.0
+    return ratio < 1.0
+
+
+def _fuse(*layers: Linear, packed: bool) -> torch.Tensor:
+    """One matrix of the layers' weights stacked (oneDNN-packed, or plain), which then drop
+    their own: a plain fused matrix lends each layer a view of its rows as its weight."""
+    # Without no_grad the fused matrix would carry an autograd graph that keeps the dropped
+    # parameters alive.
+    with torch.no_grad():
+        plain = torch.cat([layer.weight for layer in layers]).contiguous()
+        matrix = _reorder(plain) if packed else plain
     start = 0
     for layer in layers:
         end = start + layer.out_features
         del layer.weight
-        layer.__class__ = PackedLinear
-        assert isinstance(layer, PackedLinear)
-        layer.packed_rows = (packed, start, end)
+        if packed:
+            layer.__class__ = PackedLinear
+            assert isinstance(layer, PackedLinear)
+            layer.packed_rows = (matrix, start, end)
+        else:
+            layer.weight = nn.Parameter(matrix[start:end], requires_grad=False)
         start = end
-    return packed
+    return matrix
 
 
-def pack_for_cpu(model: Transformer) -> bool:
-    """Pre-pack linear weights with oneDNN for CPU inference; same values, same results.
+def pack_for_cpu(model: Transformer, *, packed: bool | None = None) -> bool:
+    """Fuse and, where it pays on this host, oneDNN-pack the linear weights for CPU inference;
+    same values, same results.
 
-    Measured on this project's 2-core CPU (bench/engine_bench.py): for the few rows of a decode
-    step, oneDNN's packed GEMM is 2-5x faster than the default path (which loses to memory
-    layout, not arithmetic), and ~1.3x for pre-fill. q/k/v and w1/w3 are packed as one matrix
-    each: every oneDNN call costs ~40us of fixed overhead here, seven per layer per step add
-    up. The plain weights are dropped once packed (a 7B would otherwise need twice its 14.5 GB
-    of bf16), except the output projection's, which scoring reads row by row (token_logits):
-    1.8% of the 7B. A packed model is for CPU inference: its state_dict lacks the dropped
-    weights and .to() does not move the packed ones. Packing twice is a no-op. Returns False
-    (and changes nothing) where oneDNN or a supported dtype is absent.
+    q/k/v and w1/w3 become one matrix each: every GEMM call has a fixed cost (~40 us for a
+    oneDNN call here), seven per layer per step add up. Packing (`packed=None`: measured per
+    matrix shape by `packing_pays`; True/False forces it) changes the GEMM kernel only. Packed
+    layers drop their plain weights (a 7B would otherwise need twice its 14.5 GB of bf16),
+    except the output projection's, which scoring reads row by row (token_logits): 1.8% of the
+    7B. A packed model is for CPU inference: its state_dict lacks the dropped weights and .to()
+    does not move the packed ones. Packing twice is a no-op. Returns False (and changes
+    nothing) where oneDNN or a supported dtype is absent.
     """
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
+    if getattr(model, "cpu_fused", False):
+        return True
+    model.cpu_fused = True
+    decided: dict[tuple[int, int], bool] = {}
+
+    def pays(*layers: Linear) -> bool:
+        shape = (sum(layer.out_features for layer in layers), layers[0].in_features)
+        if shape not in decided:
+            if packed is not None:
+                decided[shape] = packed
+            else:
+                with torch.no_grad():
+                    fused = torch.cat([layer.weight for layer in layers]).contiguous()
+                decided[shape] = packing_pays(fused)
+        return decided[shape]
+
     for layer in model.layers:
         assert isinstance(layer, TransformerBlock)
         attn, ffn = layer.attention, layer.feed_forward
-        if attn.qkv_packed is not None:
-            continue
-        attn.qkv_packed = _pack(attn.wq, attn.wk, attn.wv)
-        attn.wo.packed = _pack(attn.wo)
-        ffn.w13_packed = _pack(ffn.w1, ffn.w3)
-        ffn.w2.packed = _pack(ffn.w2)
-    if model.output.packed is None:
+        attn.qkv_packed = _fuse(attn.wq, attn.wk, attn.wv, packed=pays(attn.wq, attn.wk, attn.wv))
+        if pays(attn.wo):
+            attn.wo.packed = _fuse(attn.wo, packed=True)
+        ffn.w13_packed = _fuse(ffn.w1, ffn.w3, packed=pays(ffn.w1, ffn.w3))
+        if pays(ffn.w2):
+            ffn.w2.packed = _fuse(ffn.w2, packed=True)
+    if model.output.packed is None and pays(model.output):
         with torch.no_grad():
-            model.output.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8)
+            model.output.packed = _reorder(weight.contiguous())
     return True
 
 
@@ -206,6 +277,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    cpu_fused: bool = False  # pack_for_cpu has run
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

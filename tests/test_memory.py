@@ -229,7 +229,7 @@ def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None
     before = weights_bytes(model)
     wk = model.layers[0].attention.wk.weight.detach().clone()
     dropped = weakref.ref(model.layers[0].feed_forward.w2.weight)
-    assert pack_for_cpu(model) and pack_for_cpu(model)  # the second call changes nothing
+    assert pack_for_cpu(model, packed=True) and pack_for_cpu(model)  # the second: no change
     gc.collect()
     assert dropped() is None  # freed, not merely unregistered (nothing else refers to it)
     after = weights_bytes(model)
@@ -243,3 +243,28 @@ def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None
     meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
     torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=2e-2, rtol=2e-2)
     assert torch.equal(model.layers[0].attention.wk.weight, wk)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("packed", [False, None])
+def test_fused_plain_weights_are_views_and_give_the_same_results(packed: bool | None) -> None:
+    """Where packing does not pay (forced here, or as measured on this host), q/k/v and w1/w3
+    are still one matrix each, and each layer's weight is a view of its rows: nothing doubled."""
+    from model.cache import ForwardMetadata
+    from model.transformer import pack_for_cpu
+
+    args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
+    model, plain = tiny_model(args), tiny_model(args)
+    before = weights_bytes(model)
+    wq = model.layers[0].attention.wq.weight.detach().clone()
+    assert pack_for_cpu(model, packed=packed)
+    attn = model.layers[0].attention
+    assert attn.qkv_packed is not None and model.layers[0].feed_forward.w13_packed is not None
+    if packed is False:
+        assert not attn.qkv_packed.is_mkldnn
+        assert attn.wq.weight.untyped_storage().data_ptr() == attn.qkv_packed.data_ptr()
+        assert weights_bytes(model) == before
+    assert torch.equal(attn.wq.weight, wq)
+    tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
+    meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
+    torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=1e-4, rtol=1e-4)
