@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from moderation.core.policy import load_policy_file
+from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_USAGE
 from moderation.serving.settings import (
     DEFAULTS,
     ENV_PREFIX,
@@ -434,7 +435,13 @@ def test_batch_job_is_indexed_and_uses_the_weights_mount() -> None:
     argv = runs(container)
     assert argv[:2] == ["moderation", "batch"]
     assert "--resume" in argv
+    assert "--max-failed-rows" in argv
     assert any("$(JOB_COMPLETION_INDEX)" in a for a in argv[2:4]), argv
+    # Exit codes that a retry cannot fix fail the index at once instead of costing more passes.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    final = [r["onExitCodes"] for r in rules if r["action"] == "FailIndex"]
+    assert final and final[0]["operator"] == "In" and final[0]["containerName"] == "score"
+    assert set(final[0]["values"]) == {EXIT_USAGE, EXIT_FAILED_ROWS}
     output = argv[argv.index("-o") + 1]
     assert "$(JOB_COMPLETION_INDEX)" in output
     out_mount = mount_for(output, container)
