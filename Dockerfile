@@ -101,12 +101,17 @@ RUN if [ "$VARIANT" = gpu ]; then \
         echo "VARIANT must be gpu or cpu, not '$VARIANT'" >&2; exit 1; \
     fi
 WORKDIR /src
+# The other dependencies from the lock file, every file checked against its hash: the same
+# versions in every build (requirements/serve.in says how to regenerate it).
+COPY requirements/serve.lock requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.lock
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY moderation/ moderation/
-# Not editable: the final image holds the installed package, not the sources.
-RUN if [ "$VARIANT" = gpu ]; then pip install --no-cache-dir "./[gpu]"; \
-    else pip install --no-cache-dir ./; fi \
+# Not editable: the final image holds the installed package, not the sources. --no-deps: all
+# of them are installed above (flash-attn, the gpu extra, with torch).
+RUN pip install --no-cache-dir --no-deps ./ \
+    && pip check \
     && python -c "import moderation, model; from moderation.v1 import moderation_pb2_grpc"
 
 # --- test: the suite on the image's torch (docker build --target test) ----------------------
@@ -146,7 +151,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # every `docker run` an empty anonymous volume instead of failing clearly on a missing mount.
 WORKDIR /tmp
 USER 10001:10001
-# 50051: gRPC (ModerationService, health, reflection); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (ModerationService, health, reflection); 9464: Prometheus /metrics.
+EXPOSE 50051 9464
 ENTRYPOINT ["moderation"]
 CMD ["serve"]

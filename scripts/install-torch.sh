@@ -1,5 +1,7 @@
 #!/bin/sh
 # Install torch into a virtual environment unless it already has one, choosing the build:
+#   - a wheel of that version on this machine (pip's find-links, e.g. a CI image's wheel
+#     cache): pip as configured, nothing downloaded;
 #   - an NVIDIA GPU (nvidia-smi lists one): the default index, whose Linux wheels are CUDA builds;
 #   - no NVIDIA GPU: the CPU build from the PyTorch CPU index (about 200 MB instead of the CUDA
 #     build plus ~15 NVIDIA wheels, several GB), or, where that index cannot be reached
@@ -26,9 +28,18 @@ except Exception:
 PY
 }
 
+local_wheel() {
+    "$python" -m pip install --quiet --dry-run --ignore-installed --no-index --no-deps \
+        "torch==$version" \
+        >/dev/null 2>&1
+}
+
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
     why="TORCH_INDEX_URL"
     set -- --index-url "$TORCH_INDEX_URL"
+elif local_wheel; then
+    why="a wheel on this machine (pip's find-links)"
+    set --
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     why="NVIDIA GPU found: the default index (CUDA build)"
     set --

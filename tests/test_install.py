@@ -32,6 +32,8 @@ def choose(tmp_path: Path, *, gpu: bool, cpu_index: str, **env: str) -> str:
         "PATH": f"{fake}:/usr/bin:/bin",
         "TORCH_DRY_RUN": "1",
         "TORCH_CPU_INDEX": cpu_index,
+        # An ordinary machine: no pip configuration, so no local wheels (find-links).
+        "PIP_CONFIG_FILE": os.devnull,
         **env,
     }
     proc = subprocess.run(
@@ -78,6 +80,22 @@ def test_an_unreachable_cpu_index_falls_back_to_the_default_index(tmp_path: Path
     assert command.endswith("pip install --quiet torch==2.13.0")
 
 
+LOCAL_WHEELS = Path("/opt/wheels")
+
+
+@pytest.mark.skipif(
+    not list(LOCAL_WHEELS.glob("torch-2.13.0*.whl")), reason="no local torch wheel here"
+)
+def test_a_local_wheel_comes_first_and_nothing_is_downloaded(tmp_path: Path) -> None:
+    # As on this project's CI machines: a torch wheel in pip's find-links. The CPU index is
+    # reachable (a stand-in would be) but never asked.
+    command = choose(
+        tmp_path, gpu=False, cpu_index="http://127.0.0.1:9/", PIP_CONFIG_FILE="",
+        PIP_FIND_LINKS=str(LOCAL_WHEELS),
+    )  # fmt: skip
+    assert command.endswith("pip install --quiet torch==2.13.0")
+
+
 def test_an_explicit_index_wins(tmp_path: Path, cpu_index: str) -> None:
     mirror = "https://mirror.example.com/pytorch/whl/cpu"
     command = choose(tmp_path, gpu=True, cpu_index=cpu_index, TORCH_INDEX_URL=mirror)
@@ -96,3 +114,33 @@ def test_make_serve_installs_no_dev_tools(tmp_path: Path) -> None:
     installs = [line for line in lines if "pip install" in line and "-e" in line.split()]
     assert installs and all("[dev]" not in line for line in installs), lines
     assert any(line.endswith("moderation serve ") or "moderation serve" in line for line in lines)
+
+
+def test_the_image_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = (ROOT / "requirements" / "serve.lock").read_text()
+    pins: dict[str, str] = {}
+    for block in lock.replace("\\\n", " ").splitlines():
+        line = block.strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, *hashes = line.split("--hash=")
+        name, _, version = spec.strip().partition("==")
+        assert version and hashes, f"not pinned with hashes: {line[:80]}"
+        pins[canonicalize_name(Requirement(name).name)] = version
+    for dependency in project["dependencies"]:
+        req = Requirement(dependency)
+        if req.name == "torch":  # from the PyTorch index of the image's variant
+            assert canonicalize_name(req.name) not in pins
+            continue
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is not in requirements/serve.lock"
+        assert req.specifier.contains(version), f"{req.name}=={version} is not {req.specifier}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements/serve.lock" in dockerfile
+    assert "!requirements/" in (ROOT / ".dockerignore").read_text()

@@ -95,7 +95,7 @@ class ServeSettings:
         metavar="PORT",
     )
     metrics_port: int = _setting(
-        9090,
+        9464,  # the OpenTelemetry Prometheus exporter's port; 9090 is Prometheus's own
         parse_int,
         "Prometheus metrics port; 0 = no metrics endpoint",
         metavar="PORT",
