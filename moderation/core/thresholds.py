@@ -99,7 +99,7 @@ def choose_point(
         best = max(curve, key=lambda p: p.precision if target_precision is not None else p.recall)
         raise ThresholdsError(
             f"no threshold reaches {goal} on this set (best: precision {best.precision:.3f}, "
-            f"recall {best.recall:.3f} at {best.threshold:.4f})"
+            f"recall {best.recall:.3f} at {best.threshold:.4g})"
         )
     return max(ok, key=key)
 

@@ -109,11 +109,11 @@ def calibration_table(c: Calibration) -> str:
         for p in curve:
             mark = "  <- chosen" if p == chosen[name] else ""
             lines.append(
-                f"{'':{len(name) + 1}} {p.threshold:10.4f} {p.precision:9.3f} {p.recall:7.3f}{mark}"
+                f"{'':{len(name) + 1}} {p.threshold:10.4g} {p.precision:9.3f} {p.recall:7.3f}{mark}"
             )
     if c.uncalibrated:
         lines.append(
             f"\nno positive examples for {', '.join(c.uncalibrated)}: they get the overall "
-            f"threshold {c.overall.threshold:.4f}"
+            f"threshold {c.overall.threshold:.4g}"
         )
     return "\n".join(lines)
