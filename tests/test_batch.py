@@ -283,6 +283,14 @@ def test_a_finished_job_resumed_scores_nothing_and_reports_the_earlier_outcome(
     # Without --resume the job starts over and writes the same file.
     run(job(inp, out), scorer)
     assert out.read_bytes() == before
+    # Rows appended to the input since: --resume scores those, as one run of the whole would.
+    with open(inp, "a") as f:
+        f.write("more\nand more\n")
+    grown = run(job(inp, out, resume=True), scorer)
+    assert (grown.rows, grown.failed, grown.complete) == (5, 1, True)
+    whole = tmp_path / "whole.csv"
+    run(job(inp, whole), scorer)
+    assert out.read_bytes() == whole.read_bytes()
 
 
 def test_failed_rows_exit_4_unless_max_failed_rows_allows_them(

@@ -175,6 +175,16 @@ def test_eval_writes_thresholds_that_classify_batch_and_serve_use(
     assert flagged == [r.unsafe_probability >= t for r in results]
     assert sum(flagged) >= 6  # recall >= 0.75 of the 8 unsafe texts
 
+    # A target the model cannot reach: the metrics are still printed, and no file is written.
+    missing = tmp_path / "unreachable.json"
+    code = main(["eval", str(data), *model, "--target-precision", "1.0", "--write-thresholds",
+                 str(missing)])  # fmt: skip
+    if code == EXIT_USAGE:  # (random weights may, by chance, reach it)
+        captured = capsys.readouterr()
+        assert "no threshold reaches precision 1.0" in captured.err
+        assert "area under the precision-recall curve" in captured.out
+        assert not missing.exists()
+    capsys.readouterr()
     assert main(["classify", *model, "--thresholds", str(out), "--policy", "mistral-13", "x"]) == (
         EXIT_USAGE
     )

@@ -73,6 +73,7 @@ class Progress:
     failed: int = 0
     flagged: dict[str, int] = field(default_factory=dict)
     complete: bool = False  # the whole input is in OUT: --resume has nothing left to do
+    input_bytes: int | None = None  # the input's size when it completed
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -188,7 +189,11 @@ def finished(job: BatchJob) -> Progress | None:
     if not path.exists():
         return None
     progress = Progress.load(path)
-    return progress if progress.complete and Path(job.output).exists() else None
+    if not progress.complete or not Path(job.output).exists():
+        return None
+    # Rows appended to the input since: not finished, --resume scores the new rows.
+    size = os.stat(job.input).st_size
+    return progress if progress.input_bytes in (None, size) else None
 
 
 def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = None) -> Progress:
@@ -205,6 +210,7 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     progress = Progress()
     if job.resume and progress_path.exists():
         progress = Progress.load(progress_path)
+        progress.complete = False  # complete before, yet the input grew since
     # Without a progress file nothing was committed: starting over writes the same file an
     # uninterrupted run writes.
 
@@ -296,6 +302,7 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             raw.close()
     if not to_stdout:
         progress.complete = True
+        progress.input_bytes = total
         progress.save(progress_path)
     if reporter is not None:
         reporter.finish()

@@ -199,15 +199,20 @@ def _run(ns: argparse.Namespace) -> int:
             reporter.finish()
         finally:
             scorer.close()
-        calibration = None
-        if target is not None:
-            calibration = calibrate(
-                examples, results, resolved, target, per_category=ns.per_category
-            )
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     report = evaluate(examples, results)
+    calibration = None
+    if target is not None:
+        try:
+            calibration = calibrate(
+                examples, results, resolved, target, per_category=ns.per_category
+            )
+        except PolicyError as exc:  # the target is out of reach: the metrics still count
+            print(json.dumps(report.to_dict(), indent=2) if ns.json else table(report))
+            print(f"moderation eval: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if ns.json:
         data = report.to_dict()
         if calibration is not None:
