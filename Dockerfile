@@ -4,6 +4,12 @@
 #
 #   docker build --build-arg VARIANT=gpu -t mistral-moderation:0.1.0-gpu .   (default)
 #   docker build --build-arg VARIANT=cpu -t mistral-moderation:0.1.0-cpu .
+#   docker build --build-arg VARIANT=gpu --target test .   (the test suite on the image's torch)
+#
+# Package indexes (mirrors, proxies): --build-arg PIP_INDEX_URL=... (and PIP_EXTRA_INDEX_URL,
+# PIP_TRUSTED_HOST) for PyPI, --build-arg TORCH_INDEX_URL=... for the PyTorch wheels (default:
+# download.pytorch.org/whl/cu124 or /cpu). The build needs network access to both (or to the
+# mirrors), and to the CUDA images on Docker Hub (nvidia/cuda) or python:3.11-slim.
 #
 # gpu: CUDA 12.4 runtime on Ubuntu 22.04, Python 3.11 (deadsnakes), torch CUDA wheels and the
 #      project's `gpu` extra (flash-attn). Serves Mistral 7B Instruct from weights mounted at
@@ -63,10 +69,18 @@ FROM python:${PYTHON_VERSION}-slim AS runtime-base-cpu
 # hadolint ignore=DL3006
 FROM build-base-${VARIANT} AS builder
 ARG VARIANT
-# Versions that must match each other: flash-attn ships prebuilt wheels per torch/CUDA/Python.
-ARG TORCH_VERSION=2.5.1
+# Versions that must match each other: flash-attn ships prebuilt wheels per torch/CUDA/Python,
+# so the gpu image keeps the torch that flash-attn 2.7.4.post1 has wheels for; the cpu image
+# runs the torch `make test` runs (2.13.0). `--target test` runs the suite on either.
+ARG TORCH_VERSION_GPU=2.5.1
+ARG TORCH_VERSION_CPU=2.13.0
 ARG TORCH_CUDA=cu124
+ARG TORCH_INDEX_URL
 ARG FLASH_ATTN_VERSION=2.7.4.post1
+# Read by pip when set (mirrors, proxies); unset, pip uses PyPI.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MAX_JOBS=4
@@ -76,24 +90,39 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the PyTorch index of the variant, so the project's `torch` requirement is
 # already satisfied and pip does not pull the default (CUDA) wheel into the CPU image.
 RUN if [ "$VARIANT" = gpu ]; then \
-        pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-            --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+        pip install --no-cache-dir "torch==${TORCH_VERSION_GPU}" \
+            --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_CUDA}}" \
         && pip install --no-cache-dir "packaging==24.2" "wheel==0.45.1" "psutil==6.1.1" \
         && pip install --no-cache-dir --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
     elif [ "$VARIANT" = cpu ]; then \
-        pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-            --index-url https://download.pytorch.org/whl/cpu; \
+        pip install --no-cache-dir "torch==${TORCH_VERSION_CPU}" \
+            --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"; \
     else \
         echo "VARIANT must be gpu or cpu, not '$VARIANT'" >&2; exit 1; \
     fi
 WORKDIR /src
+# The other dependencies from the lock file, every file checked against its hash: the same
+# versions in every build (requirements/serve.in says how to regenerate it).
+COPY requirements/serve.lock requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.lock
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY moderation/ moderation/
-# Not editable: the final image holds the installed package, not the sources.
-RUN if [ "$VARIANT" = gpu ]; then pip install --no-cache-dir "./[gpu]"; \
-    else pip install --no-cache-dir ./; fi \
+# Not editable: the final image holds the installed package, not the sources. --no-deps: all
+# of them are installed above (flash-attn, the gpu extra, with torch).
+RUN pip install --no-cache-dir --no-deps ./ \
+    && pip check \
     && python -c "import moderation, model; from moderation.v1 import moderation_pb2_grpc"
+
+# --- test: the suite on the image's torch (docker build --target test) ----------------------
+# Not part of the final image. The deploy and packaging tests need the repository (kubectl,
+# hadolint, make), so they run with `make test`, not here.
+FROM builder AS test
+COPY tests/ tests/
+RUN pip install --no-cache-dir "./[dev]" \
+    && python -m pytest -q -p no:cacheprovider tests \
+        --ignore=tests/test_deploy.py --ignore=tests/test_install.py \
+        --ignore=tests/test_proto_fresh.py --ignore=tests/test_layout.py
 
 # --- final image ------------------------------------------------------------------------------
 # hadolint ignore=DL3006
@@ -122,7 +151,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # every `docker run` an empty anonymous volume instead of failing clearly on a missing mount.
 WORKDIR /tmp
 USER 10001:10001
-# 50051: gRPC (ModerationService, health, reflection); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (ModerationService, health, reflection); 9464: Prometheus /metrics.
+EXPOSE 50051 9464
 ENTRYPOINT ["moderation"]
 CMD ["serve"]

@@ -1,20 +1,35 @@
-# Each target creates the virtual environment it needs. torch 2.13.0 is installed first where
-# no torch is present, so a plain `torch` requirement never pulls a multi-GB build by surprise.
+# Each target creates the virtual environment it needs: .venv (the project and its dev tools)
+# for tests, lint and benchmarks; .venv-serve (the project alone) for `make serve`. torch
+# $(TORCH_VERSION) is installed first where no torch is present (scripts/install-torch.sh): the
+# CPU build on a machine without an NVIDIA GPU, so a plain `torch` requirement never pulls the
+# multi-GB CUDA build by surprise.
 PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: venv test lint serve demo proto bench clean
+.PHONY: venv serve-venv test lint serve demo proto bench clean
 
 venv: $(STAMP)
+
+serve-venv: $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	sh scripts/install-torch.sh $(BIN)/python $(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	sh scripts/install-torch.sh $(SERVE_VENV)/bin/python $(TORCH_VERSION)
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,11 +44,11 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # The main job: the gRPC server (demo checkpoint unless MODERATION_MODEL or ARGS=--model DIR).
-serve: $(STAMP)
-	$(BIN)/moderation serve $(ARGS)
+serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/moderation serve $(ARGS)
 
-demo: $(STAMP)
-	$(BIN)/python -m model.demo demo-model
+demo: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/python -m model.demo demo-model
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
@@ -45,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/batch_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from model.errors import CheckpointError, EngineError, TokenizerError
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
@@ -28,16 +29,19 @@ from moderation.jobs.options import (
     add_model_options,
     add_policy_option,
     add_role_option,
+    add_threshold_options,
     policy_option,
+    threshold_options,
 )
-from moderation.runtime import Runtime, load_runtime
+from moderation.runtime import Runtime, check_policies, load_runtime
 from moderation.serving.grpc.server import LOADER_THREAD, serve
 from moderation.serving.logs import configure_logging
 from moderation.serving.settings import SettingsError, add_serve_arguments, settings_from_args
 
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
-    runtime = load_runtime(
+    # Loading the demo model logs one warning that says so; nothing to add here.
+    return load_runtime(
         ns.model,
         device=ns.device,
         dtype=ns.dtype,
@@ -45,20 +49,14 @@ def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) ->
         policy_files=policy_files,
         **kwargs,
     )
-    if runtime.demo:
-        print(f"note: using the demo model ({runtime.model_id})", file=sys.stderr)
-    return runtime
 
 
 def _classify(ns: argparse.Namespace) -> int:
     policy, files = policy_option(ns.policy)
+    policy, thresholds = threshold_options(ns, policy)
     runtime = _load(ns, files, long_text=ns.long_text)
     result = runtime.classifier.classify(
-        ns.text,
-        role=ns.role,
-        user_prompt=ns.prompt,
-        policy=policy,
-        threshold=ns.threshold,
+        ns.text, role=ns.role, user_prompt=ns.prompt, policy=policy, **thresholds
     )
     print(json.dumps(result.to_dict(), ensure_ascii=False))
     return EXIT_OK
@@ -87,7 +85,9 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(ns)
         settings.resolve_auth_token()  # fail now on an unreadable token file
-    except SettingsError as exc:
+        # A bad policy name or file fails now, not after minutes of loading the weights.
+        check_policies(settings.runtime_settings())
+    except (SettingsError, PolicyError) as exc:
         print(f"moderation serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level)
@@ -111,7 +111,7 @@ def _register_classify(sub: Any) -> None:
     add_policy_option(p, DEFAULT_POLICY)
     add_role_option(p)
     p.add_argument("--prompt", help="output role: the user prompt the text answers")
-    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    add_threshold_options(p)
     add_long_text_option(p, "reject")
     p.add_argument("text", help="the text to classify")
     p.set_defaults(func=_classify)
@@ -166,9 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("warning", json=False)
     try:
         code: int = ns.func(ns)
-    except (InvalidArgument, PolicyError) as exc:
+    except (InvalidArgument, PolicyError, CheckpointError, TokenizerError) as exc:
+        # Bad arguments or input, a model folder that is not a checkpoint: one line, no trace.
         print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except EngineError as exc:  # e.g. the model does not fit the memory budget
+        print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return code

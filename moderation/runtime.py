@@ -20,12 +20,13 @@ import torch
 from model import Engine, Tokenizer, load_model
 from model.demo import is_demo_checkpoint, write_demo_checkpoint
 from model.memory import DEFAULT_GPU_MEMORY_UTILIZATION
-from moderation.core.builtin_policies import DEFAULT_POLICY
+from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.classifier import Classifier
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import ModelLimits
 from moderation.core.planning import Planner
-from moderation.core.policy import Policy, load_policy_file
+from moderation.core.policy import Policy, PolicyError, load_policy_file
+from moderation.core.thresholds import check_operating_point, load_operating_points
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -46,6 +47,7 @@ class RuntimeSettings:
     dtype: str = "auto"
     attention_backend: str = "auto"
     policy_files: tuple[str, ...] = ()
+    thresholds_files: tuple[str, ...] = ()  # operating points by policy (core.thresholds)
     default_policy: str = DEFAULT_POLICY
     threshold: float = 0.5
     long_text: str = "reject"
@@ -131,6 +133,7 @@ def load(settings: RuntimeSettings) -> Runtime:
     dev = resolve_device(settings.device)
     dt = weights_dtype(settings.dtype, dev)
     policies = load_policies(settings.policy_files)  # a bad policy file fails before the load
+    load_operating_points(settings.thresholds_files)  # so does a bad thresholds file
     transformer = load_model(folder, device=str(dev), dtype=dt)
     tokenizer = Tokenizer.from_file(folder)
     engine = Engine(
@@ -169,6 +172,19 @@ def load_runtime(
     )
 
 
+def check_policies(settings: RuntimeSettings) -> None:
+    """PolicyError (ThresholdsError) unless the policy files, the default policy and the
+    thresholds files are valid together: what a model load would find, without the load."""
+    policies = {**BUILTIN_POLICIES, **load_policies(settings.policy_files)}
+    if settings.default_policy not in policies:
+        raise PolicyError(
+            f"unknown policy {settings.default_policy!r}; known: {', '.join(sorted(policies))} "
+            "(custom policies come from the policy files)"
+        )
+    for point in load_operating_points(settings.thresholds_files).values():
+        check_operating_point(point, policies)
+
+
 def load_policies(paths: Sequence[str | Path]) -> dict[str, Policy]:
     """Custom policy files by policy name."""
     policies: dict[str, Policy] = {}
@@ -194,6 +210,7 @@ def make_planner(
         long_text=settings.long_text,
         max_text_tokens=settings.max_text_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
+        operating_points=load_operating_points(settings.thresholds_files),
     )
 
 

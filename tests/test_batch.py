@@ -18,7 +18,10 @@ import grpc
 import pytest
 
 from moderation.api.client import RemoteOptions, RemoteScorer
-from moderation.jobs.batch import BatchJob, UsageError, run
+from moderation.cli import main
+from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK
+from moderation.jobs.batch import BatchJob, Progress, UsageError, run
+from moderation.jobs.progress import ProgressReporter
 from moderation.jobs.scoring import LocalScorer
 from tests.servers import REPO, free_port, start_subprocess_server, wait_serving
 
@@ -82,7 +85,8 @@ def test_awkward_csv_gives_one_row_per_input_row_in_order(
     ]  # fmt: skip
     assert sum(float(scored[c]) for c in score_columns) == pytest.approx(1.0, abs=1e-5)
     assert progress.failed == 3
-    assert not Path(str(out) + ".progress").exists()  # a finished job leaves no journal
+    # A finished job's journal stays, marked complete: --resume then has nothing to do.
+    assert Progress.load(Path(str(out) + ".progress")).complete
 
 
 def test_a_too_long_text_is_a_row_error_not_a_failed_job(tmp_path: Path, demo_runtime: Any) -> None:
@@ -130,7 +134,6 @@ def test_resume_after_rows_written_but_not_committed(tmp_path: Path, scorer: Loc
     # A crash after a commit: the journal says 9 rows; OUT also holds half-written rows.
     out = tmp_path / "out.csv"
     run(job(inp, out), scorer)
-    from moderation.jobs.batch import Progress
 
     lines = out.read_bytes().split(b"\r\n")
     committed = b"\r\n".join(lines[:10]) + b"\r\n"  # header + 9 rows
@@ -198,7 +201,7 @@ def test_stdin_to_stdout(tmp_path: Path) -> None:
         input="t,n\nhello,1\n,2\n", cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         check=False,
     )  # fmt: skip
-    assert proc.returncode == 1  # one row failed
+    assert proc.returncode == EXIT_FAILED_ROWS  # one row failed
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["n"] for r in rows] == ["1", "2"]
     assert rows[1]["error"] == "text: must not be empty"
@@ -250,3 +253,108 @@ def test_remote_mode_survives_a_server_restart(tmp_path: Path, scorer: LocalScor
         for key in g:
             if key.startswith("score_") and w[key]:
                 assert float(g[key]) == pytest.approx(float(w[key]), abs=2e-6)
+
+
+class NoScoring:
+    """A scorer that must not be used: a finished job is not scored again."""
+
+    def policy(self, name: str | None) -> Any:
+        raise AssertionError("scored again")
+
+    def score(self, items: Any) -> Any:
+        raise AssertionError("scored again")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_finished_job_resumed_scores_nothing_and_reports_the_earlier_outcome(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\nhello\n\nworld\n")  # one empty cell: one failed row
+    out = tmp_path / "out.csv"
+    first = run(job(inp, out), scorer)
+    assert (first.rows, first.failed, first.complete) == (3, 1, True)
+    before = out.read_bytes()
+    again = run(job(inp, out, resume=True), NoScoring())  # type: ignore[arg-type]
+    assert (again.rows, again.failed, again.flagged) == (first.rows, first.failed, first.flagged)
+    assert out.read_bytes() == before
+    # Without --resume the job starts over and writes the same file.
+    run(job(inp, out), scorer)
+    assert out.read_bytes() == before
+    # Rows appended to the input since: --resume scores those, as one run of the whole would.
+    with open(inp, "a") as f:
+        f.write("more\nand more\n")
+    grown = run(job(inp, out, resume=True), scorer)
+    assert (grown.rows, grown.failed, grown.complete) == (5, 1, True)
+    whole = tmp_path / "whole.csv"
+    run(job(inp, whole), scorer)
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_failed_rows_exit_4_unless_max_failed_rows_allows_them(
+    tmp_path: Path, demo_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\n" + "".join(f"row {i}\n" for i in range(9)) + "\n")
+    out = tmp_path / "out.csv"
+    base = ["batch", str(inp), "-o", str(out), "--text-column", "text", "--model",
+            str(demo_checkpoint)]  # fmt: skip
+    assert main(base) == EXIT_FAILED_ROWS
+    assert "10 rows: 9 scored, 1 failed" in capsys.readouterr().err
+    # The Job's retry of a finished shard: nothing scored, the same outcome, in no time.
+    started = time.monotonic()
+    assert main([*base, "--resume"]) == EXIT_FAILED_ROWS
+    err = capsys.readouterr().err
+    assert "already complete" in err and "10 rows: 9 scored, 1 failed" in err
+    assert time.monotonic() - started < 2.0
+    assert main([*base, "--resume", "--max-failed-rows", "1"]) == EXIT_OK
+    assert main([*base, "--resume", "--max-failed-rows", "10%"]) == EXIT_OK
+    assert main([*base, "--resume", "--max-failed-rows", "5%"]) == EXIT_FAILED_ROWS
+    with pytest.raises(SystemExit):
+        main([*base, "--max-failed-rows", "lots"])
+
+
+def test_progress_lines_off_a_terminal_every_interval() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    reporter = ProgressReporter(stream, name="batch", interval=5.0, clock=lambda: now[0])
+    reporter.started(100)  # resumed: 100 rows were done by an earlier run
+    for step in range(1, 21):
+        now[0] = step * 1.0
+        reporter.update(100 + 10 * step, fraction=(100 + 10 * step) / 400)
+    reporter.finish()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4  # at 5, 10, 15 and 20 s
+    assert lines[0] == "batch: 150 rows (38%), 10.0 rows/s, ETA 8s"
+    assert lines[-1] == "batch: 300 rows (75%), 10.0 rows/s, ETA 7s"
+    assert "\r" not in stream.getvalue()
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    reporter = ProgressReporter(stream, name="eval", unit="texts", tty=True, clock=lambda: now[0])
+    reporter.update(0, fraction=0.0)
+    now[0] = 2.0
+    reporter.update(50, fraction=0.5)
+    reporter.finish()
+    text = stream.getvalue()
+    assert text.startswith("\r[") and text.endswith("\n")
+    assert "[" + "#" * 15 + "." * 15 + "] 50 texts (50%), 25.0 texts/s, ETA 2s" in text
+
+
+def test_batch_off_a_terminal_prints_progress_lines(tmp_path: Path) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\n" + "".join(f"row {i}\n" for i in range(12)))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moderation", "batch", str(inp), "-o", str(tmp_path / "o.csv"),
+         "--text-column", "text", "--batch-size", "2", "--progress-interval", "0.000001"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("batch: ")]
+    assert lines and "rows/s" in lines[-1] and "12 rows (100%)" in lines[-1], proc.stderr
+    assert "\r" not in proc.stderr

@@ -13,6 +13,7 @@ from moderation.cli import main
 from moderation.core.generation import GenerateOptions
 from moderation.exit_codes import EXIT_USAGE
 from moderation.runtime import Runtime
+from moderation.serving.logs import use_colour
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
@@ -113,3 +114,63 @@ def test_without_model_the_demo_is_used_and_said_so(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "demo model" in proc.stderr
     assert "demo" in json.loads(proc.stdout)["model"]
+
+
+def test_a_missing_model_folder_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["classify", "--model", str(tmp_path / "nowhere"), "hello"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "checkpoint folder not found" in err
+
+
+def test_an_unknown_policy_lists_the_builtin_ones_before_loading_a_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The model folder does not exist: the policy is refused before any load is tried.
+    code = main(["classify", "--model", str(tmp_path / "nowhere"), "--policy", "nope", "x"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "'nope'" in err and "paper" in err and "mistral-13" in err
+    assert "checkpoint" not in err
+    assert main(["serve", "--policy", "nope", "--model", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "mistral-13, paper" in err
+
+
+def test_the_demo_warning_is_printed_once_without_colour_when_redirected(
+    tmp_path: Path,
+) -> None:
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "FORCE_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moderation", "classify", "hi"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr  # one warning line
+    assert "serving the demo model" in proc.stderr
+    assert "\x1b[" not in proc.stderr
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour(Terminal())
+    assert not use_colour(object())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour(Terminal())
+
+
+def test_readme_commands_run_from_the_venv() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = [line.strip() for line in readme.splitlines()]
+    # A bare `python` is the system's, without torch: the README uses the venv or make.
+    assert not [line for line in lines if line.startswith("python -m")]
+    assert any(line.startswith("make demo") for line in lines)

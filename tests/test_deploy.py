@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from moderation.core.policy import load_policy_file
+from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_USAGE
 from moderation.serving.settings import (
     DEFAULTS,
     ENV_PREFIX,
@@ -64,7 +65,13 @@ def load_yaml_docs(text: str) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator kinds: no schema offline
+
+
 def validate(obj: Obj, where: str) -> None:
+    if obj["apiVersion"].startswith(CRD_GROUPS):
+        check_service_monitor(obj, where)
+        return
     try:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -72,6 +79,19 @@ def validate(obj: Obj, where: str) -> None:
         pytest.fail(f"{where}: {obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
     except kubernetes_validate.SchemaNotFoundError as exc:
         pytest.fail(f"{where}: {exc.message}")
+
+
+def check_service_monitor(obj: Obj, where: str) -> None:
+    """The fields of a ServiceMonitor that matter (its CRD schema is not available offline)."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
+    assert obj["kind"] == "ServiceMonitor", where
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}, where
+    spec = obj["spec"]
+    assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}, where
+    assert spec["selector"]["matchLabels"], where
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}, where
+        assert endpoint["port"] and endpoint["path"].startswith("/"), where
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -434,7 +454,13 @@ def test_batch_job_is_indexed_and_uses_the_weights_mount() -> None:
     argv = runs(container)
     assert argv[:2] == ["moderation", "batch"]
     assert "--resume" in argv
+    assert "--max-failed-rows" in argv
     assert any("$(JOB_COMPLETION_INDEX)" in a for a in argv[2:4]), argv
+    # Exit codes that a retry cannot fix fail the index at once instead of costing more passes.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    final = [r["onExitCodes"] for r in rules if r["action"] == "FailIndex"]
+    assert final and final[0]["operator"] == "In" and final[0]["containerName"] == "score"
+    assert set(final[0]["values"]) == {EXIT_USAGE, EXIT_FAILED_ROWS}
     output = argv[argv.index("-o") + 1]
     assert "$(JOB_COMPLETION_INDEX)" in output
     out_mount = mount_for(output, container)
@@ -490,3 +516,24 @@ def test_hadolint() -> None:
         timeout=60,
     )
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_the_server_service() -> None:
+    (monitor,) = rendered(DEPLOY / "monitoring")
+    base = rendered(DEPLOY / "base")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        o for o in base
+        if o["kind"] == "Service" and selector.items() <= o["metadata"]["labels"].items()
+    ]  # fmt: skip
+    ports = {p["name"]: p["port"] for s in services for p in s["spec"]["ports"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert ports[endpoint["port"]] == DEFAULTS["metrics_port"]
+    assert endpoint["path"] == "/metrics"
+    (deployment,) = (o for o in base if o["kind"] == "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(DEFAULTS["metrics_port"])
+
+
+def test_the_metrics_port_is_not_prometheus_own() -> None:
+    assert DEFAULTS["metrics_port"] != 9090

@@ -359,14 +359,47 @@ def test_metrics_are_scraped_over_http(
 ) -> None:
     stub.Classify(pb.ClassifyRequest(text="count me", policy="paper"))
     stub.Generate(pb.GenerateRequest(messages=user("x"), max_new_tokens=3))
+    registry = served.server.metrics.registry
+    stream_labels = {
+        "grpc_type": "server_stream",
+        "grpc_service": "moderation.v1.ModerationService",
+        "grpc_method": "GenerateStream",
+    }
+
+    def stream_counts() -> list[float]:
+        return [
+            registry.get_sample_value("grpc_server_msg_sent_total", stream_labels) or 0.0,
+            registry.get_sample_value("moderation_time_to_first_token_seconds_count") or 0.0,
+            registry.get_sample_value("moderation_inter_token_latency_seconds_count") or 0.0,
+        ]
+
+    before = stream_counts()
+    events = list(stub.GenerateStream(pb.GenerateRequest(messages=user("y"), max_new_tokens=4)))
+    deltas = sum(e.HasField("delta") for e in events)
+    after = stream_counts()
+    # Every event sent is counted; one time to first token, then one gap per further delta.
+    assert deltas >= 1
+    assert [a - b for a, b in zip(after, before, strict=True)] == [len(events), 1, deltas - 1]
     with pytest.raises(grpc.RpcError):
         stub.Classify(pb.ClassifyRequest(text=""))
     url = f"http://127.0.0.1:{served.settings.metrics_port}/metrics"
     body = urllib.request.urlopen(url, timeout=10).read().decode()
+    svc = 'grpc_method="Classify",grpc_service="moderation.v1.ModerationService",grpc_type="unary"'
     for needle in (
-        'moderation_requests_total{code="OK",method="Classify"}',
-        'moderation_requests_total{code="INVALID_ARGUMENT",method="Classify"}',
-        'moderation_request_latency_seconds_bucket{le="0.005",method="Classify"}',
+        # grpc-ecosystem (go-grpc-prometheus) names and labels, Go's spelling of the codes
+        f"grpc_server_started_total{{{svc}}}",
+        f'grpc_server_handled_total{{grpc_code="OK",{svc}}}',
+        f'grpc_server_handled_total{{grpc_code="InvalidArgument",{svc}}}',
+        f'grpc_server_handling_seconds_bucket{{{svc},le="0.005"}}',
+        f"grpc_server_msg_received_total{{{svc}}}",
+        "moderation_time_to_first_token_seconds_bucket{",
+        "moderation_inter_token_latency_seconds_bucket{",
+        "moderation_build_info{",
+        'moderation_model_info{demo="true",',
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "python_info{",
+        "python_gc_collections_total{",
         "moderation_queue_depth ",
         "moderation_requests_in_flight ",
         "moderation_running_sequences ",
@@ -380,6 +413,7 @@ def test_metrics_are_scraped_over_http(
         "moderation_decisions_total{category=",
     ):
         assert needle in body, needle
+    assert "_created" not in body  # one series per counter, not two
 
 
 def test_request_log_lines_never_contain_the_text(
@@ -435,3 +469,30 @@ def _check_request_log(
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     logged = {line["request_id"]: line["text"] for line in lines if line.get("method")}
     assert logged == {f"c{i}": f"text {i}" for i in range(16)}
+
+
+@pytest.mark.parametrize(
+    ("code", "level"),
+    [
+        (grpc.StatusCode.OK, "info"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "info"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "warning"),
+        (grpc.StatusCode.UNAVAILABLE, "warning"),
+        (grpc.StatusCode.INTERNAL, "error"),
+    ],
+)
+def test_shed_and_refused_calls_are_logged_as_warnings(
+    code: grpc.StatusCode, level: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moderation.serving.grpc.interceptors import CallRecord, RequestTelemetry
+    from moderation.serving.metrics import Metrics
+
+    configure_logging("info")
+    try:
+        telemetry = RequestTelemetry(Metrics.create())
+        telemetry.in_flight = 1
+        telemetry._end(CallRecord("Classify", "r-1"), code)
+    finally:
+        structlog.reset_defaults()
+    (line,) = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    assert (line["level"], line["code"]) == (level, code.name)

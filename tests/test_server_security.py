@@ -57,8 +57,13 @@ def test_calls_without_the_right_token_are_unauthenticated(authed: InProcessServ
 
 
 def unauthenticated(server: InProcessServer) -> float:
-    labels = {"method": "Classify", "code": "UNAUTHENTICATED"}
-    value = server.server.metrics.registry.get_sample_value("moderation_requests_total", labels)
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "moderation.v1.ModerationService",
+        "grpc_method": "Classify",
+        "grpc_code": "Unauthenticated",
+    }
+    value = server.server.metrics.registry.get_sample_value("grpc_server_handled_total", labels)
     return value or 0.0
 
 

@@ -29,7 +29,7 @@ def test_defaults() -> None:
     s = parse([])
     assert s == ServeSettings()
     assert s.model is None
-    assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9090)
+    assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9464)
     assert (s.device, s.dtype, s.attention_backend) == ("auto", "auto", "auto")
     assert (s.policy, s.policy_files, s.threshold) == ("paper", (), 0.5)
     assert (s.max_batch_size, s.max_queue, s.max_batch_items) == (32, 1024, 256)

@@ -29,6 +29,7 @@ from moderation.core.prompts import (
     split_tokens,
 )
 from moderation.core.text_safety import is_blank
+from moderation.core.thresholds import OperatingPoint, check_operating_point
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
@@ -84,6 +85,7 @@ class Planner:
         max_text_tokens: int | None = None,
         window_overlap: int | None = None,
         max_new_tokens_limit: int = 4096,
+        operating_points: Mapping[str, OperatingPoint] | None = None,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
@@ -103,6 +105,9 @@ class Planner:
             window_overlap if window_overlap is not None else self.max_text_tokens // 8
         )
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.operating_points = dict(operating_points or {})
+        for point in self.operating_points.values():
+            check_operating_point(point, self.policies)
 
     def _default_max_text_tokens(self) -> int:
         # What the model can take: its context (the engine's limit without a sliding window),
@@ -137,8 +142,14 @@ class Planner:
             raise InvalidArgument("prompt", "a user prompt is context for the output role only")
         policy = self.policy(item.policy)
         threshold = self.threshold if item.threshold is None else item.threshold
+        category_thresholds = item.category_thresholds
+        point = self.operating_points.get(policy.name)
+        if point is not None and item.threshold is None and not category_thresholds:
+            # The operator's operating point for this policy, unless the caller chose its own.
+            threshold = self.threshold if point.threshold is None else point.threshold
+            category_thresholds = point.category_thresholds
         check_threshold("threshold", threshold)
-        for cid, value in item.category_thresholds.items():
+        for cid, value in category_thresholds.items():
             if cid not in policy.category_ids:
                 raise InvalidArgument(
                     "category_thresholds",
@@ -182,7 +193,7 @@ class Planner:
             bodies=bodies,
             prefix=build_prefix(policy, role, self.tokenizer),
             threshold=threshold,
-            category_thresholds=dict(item.category_thresholds),
+            category_thresholds=dict(category_thresholds),
         )
 
     def prepare(

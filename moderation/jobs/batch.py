@@ -9,7 +9,14 @@ OUT is flushed and fsynced, and then `OUT.progress` (JSON: input rows done, OUT'
 bytes, running counts) is replaced atomically (write a temporary file, os.replace). A kill at
 any moment leaves a progress file that describes a prefix of OUT; `--resume` truncates OUT to
 that length, skips that many input rows and carries on, so the final file equals what one
-uninterrupted run writes. The progress file is removed when the job completes.
+uninterrupted run writes. When the job completes the progress file stays, marked complete:
+`--resume` of a finished job scores nothing and reports the earlier outcome (a retried pod of a
+finished shard costs seconds, not a pass over the shard).
+
+Exit codes: 0 when done, also with up to `--max-failed-rows` failed rows (a count, or a
+percentage of the rows such as `1%`; default 0); 4 (EXIT_FAILED_ROWS) when more rows failed:
+the job ran to the end and rerunning it gives the same rows, so a Kubernetes Job should not
+retry it (deploy/examples/batch maps 2 and 4 to FailIndex).
 
 CSV injection: input columns are copied unchanged (the contract); texts that start with
 `=`, `+`, `-` or `@` can run as formulas if OUT is opened in a spreadsheet. `--escape-formulas`
@@ -24,8 +31,7 @@ import io
 import json
 import os
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,8 +47,11 @@ from moderation.jobs.options import (
     add_policy_option,
     add_remote_options,
     add_role_option,
+    add_threshold_options,
     policy_option,
+    threshold_options,
 )
+from moderation.jobs.progress import DEFAULT_INTERVAL, ProgressReporter
 from moderation.jobs.scoring import Scorer, make_scorer
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -63,6 +72,8 @@ class Progress:
     output_bytes: int = 0
     failed: int = 0
     flagged: dict[str, int] = field(default_factory=dict)
+    complete: bool = False  # the whole input is in OUT: --resume has nothing left to do
+    input_bytes: int | None = None  # the input's size when it completed
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -140,6 +151,7 @@ class BatchJob:
     batch_size: int
     resume: bool
     escape_formulas: bool
+    category_thresholds: Mapping[str, float] = field(default_factory=dict)
 
     def items(self, row: dict[str, str | None]) -> ClassifyItem | str:
         text = row.get(self.text_column)
@@ -156,6 +168,7 @@ class BatchJob:
             user_prompt=prompt or None,
             policy=self.policy,
             threshold=self.threshold,
+            category_thresholds=self.category_thresholds,
         )
 
 
@@ -168,18 +181,38 @@ def _rows(
         yield cells, dict(zip(columns, values, strict=False))
 
 
-def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -> Progress:
-    """Score the whole file; returns the final counts."""
+def finished(job: BatchJob) -> Progress | None:
+    """The earlier outcome when --resume finds a job that already completed, else None."""
+    if not job.resume or job.output == "-" or job.input == "-":
+        return None
+    path = Path(job.output + ".progress")
+    if not path.exists():
+        return None
+    progress = Progress.load(path)
+    if not progress.complete or not Path(job.output).exists():
+        return None
+    # Rows appended to the input since: not finished, --resume scores the new rows.
+    size = os.stat(job.input).st_size
+    return progress if progress.input_bytes in (None, size) else None
+
+
+def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = None) -> Progress:
+    """Score the whole file; returns the final counts (the earlier ones when --resume finds
+    the job complete: nothing is scored again)."""
     to_stdout = job.output == "-"
     if job.resume and (to_stdout or job.input == "-"):
         raise UsageError("--resume needs files for input and output (not stdin or stdout)")
+    done = finished(job)
+    if done is not None:
+        return done
     policy = scorer.policy(job.policy)
     progress_path = Path(job.output + ".progress")
     progress = Progress()
     if job.resume and progress_path.exists():
         progress = Progress.load(progress_path)
-    # Without a progress file nothing was committed (or the job finished and removed it):
-    # starting over writes the same file an uninterrupted run writes.
+        progress.complete = False  # complete before, yet the input grew since
+    # Without a progress file nothing was committed: starting over writes the same file an
+    # uninterrupted run writes.
 
     raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
@@ -228,12 +261,11 @@ def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"{job.input}: {exc}") from exc
 
-    start = time.monotonic()
-    done_here = 0
+    if reporter is not None:
+        reporter.started(progress.rows)
     batch: list[tuple[list[str], ClassifyItem | str]] = []
 
     def flush_batch() -> None:
-        nonlocal done_here
         items = [b[1] for b in batch if isinstance(b[1], ClassifyItem)]
         scored = iter(scorer.score(items)) if items else iter(())
         for cells, item in batch:
@@ -246,11 +278,10 @@ def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -
             elif outcome.flagged:
                 progress.flagged[outcome.category] = progress.flagged.get(outcome.category, 0) + 1
         progress.rows += len(batch)
-        done_here += len(batch)
         commit()
         batch.clear()
-        if progress_out is not None:
-            _report(progress_out, progress.rows, done_here, start, counting.count, total)
+        if reporter is not None:
+            reporter.update(progress.rows, counting.count / total if total else None)
 
     try:
         for cells, row in rows:
@@ -270,7 +301,11 @@ def run(job: BatchJob, scorer: Scorer, *, progress_out: IO[str] | None = None) -
         if raw is not sys.stdin.buffer:
             raw.close()
     if not to_stdout:
-        progress_path.unlink(missing_ok=True)  # complete: the output needs no journal
+        progress.complete = True
+        progress.input_bytes = total
+        progress.save(progress_path)
+    if reporter is not None:
+        reporter.finish()
     return progress
 
 
@@ -278,17 +313,28 @@ def _escape(cell: str) -> str:
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
 
-def _report(
-    stream: IO[str], rows: int, done_here: int, start: float, read: int, total: int | None
-) -> None:
-    elapsed = max(time.monotonic() - start, 1e-9)
-    rate = done_here / elapsed
-    eta = ""
-    if total and read:
-        remaining = elapsed * (total - read) / read
-        eta = f", about {remaining:.0f}s left"
-    stream.write(f"\r{rows} rows, {rate:.1f} rows/s{eta}   ")
-    stream.flush()
+def max_failed_rows(value: str) -> tuple[int, float]:
+    """--max-failed-rows: a count (`10`) or a percentage of the rows (`0.5%`)."""
+    try:
+        if value.endswith("%"):
+            percent = float(value[:-1])
+            if not 0.0 <= percent <= 100.0:
+                raise ValueError
+            return 0, percent
+        count = int(value)
+        if count < 0:
+            raise ValueError
+        return count, 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count of rows (10) or a percentage (1%), got {value!r}"
+        ) from None
+
+
+def too_many_failed(progress: Progress, limit: tuple[int, float]) -> bool:
+    count, percent = limit
+    allowed = max(count, int(progress.rows * percent / 100.0))
+    return progress.failed > allowed
 
 
 def summary(progress: Progress) -> str:
@@ -303,7 +349,8 @@ def summary(progress: Progress) -> str:
 
 def _run(ns: argparse.Namespace) -> int:
     try:
-        policy, policy_files = policy_option(ns.policy)
+        policy, policy_files = policy_option(ns.policy, remote=bool(ns.target))
+        policy, thresholds = threshold_options(ns, policy)
         job = BatchJob(
             input=ns.input,
             output=ns.output,
@@ -311,28 +358,39 @@ def _run(ns: argparse.Namespace) -> int:
             prompt_column=ns.prompt_column,
             role=ns.role,
             policy=policy,
-            threshold=ns.threshold,
             encoding=ns.encoding,
             delimiter=ns.delimiter,
             batch_size=ns.batch_size,
             resume=ns.resume,
             escape_formulas=ns.escape_formulas,
+            **thresholds,
         )
-        scorer = make_scorer(ns, policy_files)
-        try:
-            progress = run(job, scorer, progress_out=sys.stderr if sys.stderr.isatty() else None)
-        finally:
-            scorer.close()
+        earlier = finished(job)
+        if earlier is not None:
+            print(f"{job.output}: already complete (--resume has nothing to do)", file=sys.stderr)
+            progress = earlier
+        else:
+            scorer = make_scorer(ns, policy_files)
+            reporter = ProgressReporter(sys.stderr, name="batch", interval=ns.progress_interval)
+            try:
+                progress = run(job, scorer, reporter=reporter)
+            finally:
+                scorer.close()
     except (UsageError, InvalidArgument, PolicyError, OSError, LookupError) as exc:
         print(f"moderation batch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RemoteError as exc:
         print(f"moderation batch: error: {exc}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_ERROR
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     print(summary(progress), file=sys.stderr)
-    return EXIT_FAILED_ROWS if progress.failed else EXIT_OK
+    if too_many_failed(progress, ns.max_failed_rows):
+        print(
+            f"moderation batch: {progress.failed} rows failed (more than --max-failed-rows "
+            "allows; their `error` column says why); rerunning scores the same rows",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_ROWS
+    return EXIT_OK
 
 
 def register(sub: Any) -> None:
@@ -344,7 +402,7 @@ def register(sub: Any) -> None:
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
     add_role_option(p)
     add_policy_option(p, None)
-    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    add_threshold_options(p)
     add_long_text_option(p, "reject")
     add_model_options(p)
     add_remote_options(p)
@@ -353,7 +411,27 @@ def register(sub: Any) -> None:
         "--encoding", default="utf-8-sig", help="input encoding (default: UTF-8, BOM allowed)"
     )
     p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted job")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted job; a finished one only reports its outcome again",
+    )
+    p.add_argument(
+        "--max-failed-rows",
+        type=max_failed_rows,
+        default=(0, 0.0),
+        metavar="N|P%",
+        help="rows that may fail (empty text, too long...) with exit code 0: a count or a "
+        f"percentage; more exit with {EXIT_FAILED_ROWS} (default 0)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help="off a terminal, a progress line every SECONDS (0: none; default "
+        f"{DEFAULT_INTERVAL:g}); a terminal gets a bar",
+    )
     p.add_argument(
         "--escape-formulas", action="store_true", help="quote copied cells that look like formulas"
     )

@@ -24,14 +24,18 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, PolicyError
 from moderation.exit_codes import EXIT_OK, EXIT_USAGE
+from moderation.jobs.calibration import Target, calibrate, calibration_table
 from moderation.jobs.datasets import UNSAFE, DatasetError, Example, read_dataset
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
     add_policy_option,
     add_remote_options,
+    add_threshold_options,
     policy_option,
+    threshold_options,
 )
+from moderation.jobs.progress import DEFAULT_INTERVAL, ProgressReporter
 from moderation.jobs.scoring import make_scorer
 
 
@@ -158,26 +162,74 @@ def table(report: Report) -> str:
 
 
 def _run(ns: argparse.Namespace) -> int:
+    target = None
+    if ns.target_precision is not None or ns.target_recall is not None:
+        measure = "precision" if ns.target_precision is not None else "recall"
+        target = Target(measure, ns.target_precision or ns.target_recall or 0.0)
+        if not 0.0 < target.value <= 1.0:
+            print(f"moderation eval: error: --target-{measure} must be in (0, 1]", file=sys.stderr)
+            return EXIT_USAGE
+    elif ns.per_category or ns.write_thresholds:
+        print(
+            "moderation eval: error: --per-category and --write-thresholds need "
+            "--target-precision or --target-recall",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
-        policy, policy_files = policy_option(ns.policy)
+        policy, policy_files = policy_option(ns.policy, remote=bool(ns.target))
+        policy, thresholds = threshold_options(ns, policy)
         examples = read_dataset(
             ns.file, ns.format, text_column=ns.text_column, label_column=ns.label_column
         )
         if ns.limit:
             examples = examples[: ns.limit]
         scorer = make_scorer(ns, policy_files)
+        reporter = ProgressReporter(
+            sys.stderr, name="eval", unit="texts", interval=ns.progress_interval
+        )
         try:
-            items = [ClassifyItem(e.text, policy=policy, threshold=ns.threshold) for e in examples]
+            resolved = scorer.policy(policy)
+            items = [ClassifyItem(e.text, policy=policy, **thresholds) for e in examples]
             results = []
+            reporter.started(0)
             for start in range(0, len(items), ns.batch_size):
                 results.extend(scorer.score(items[start : start + ns.batch_size]))
+                reporter.update(len(results), len(results) / max(len(items), 1))
+            reporter.finish()
         finally:
             scorer.close()
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     report = evaluate(examples, results)
-    print(json.dumps(report.to_dict(), indent=2) if ns.json else table(report))
+    calibration = None
+    if target is not None:
+        try:
+            calibration = calibrate(
+                examples, results, resolved, target, per_category=ns.per_category
+            )
+        except PolicyError as exc:  # the target is out of reach: the metrics still count
+            print(json.dumps(report.to_dict(), indent=2) if ns.json else table(report))
+            print(f"moderation eval: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if ns.json:
+        data = report.to_dict()
+        if calibration is not None:
+            data["operating_point"] = calibration.file_data(ns.file, len(examples))
+        print(json.dumps(data, indent=2))
+    else:
+        print(table(report))
+        if calibration is not None:
+            print()
+            print(calibration_table(calibration))
+    if calibration is not None and ns.write_thresholds:
+        try:
+            calibration.write(ns.write_thresholds, ns.file, len(examples))
+        except OSError as exc:
+            print(f"moderation eval: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"thresholds written to {ns.write_thresholds}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -189,7 +241,39 @@ def register(sub: Any) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     add_policy_option(p, None)
-    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    add_threshold_options(p)
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument(
+        "--target-precision",
+        type=float,
+        metavar="P",
+        help="choose the threshold with the highest recall at precision >= P (unsafe positive)",
+    )
+    goal.add_argument(
+        "--target-recall",
+        type=float,
+        metavar="R",
+        help="choose the threshold with the highest precision at recall >= R",
+    )
+    p.add_argument(
+        "--per-category",
+        action="store_true",
+        help="one threshold per category of the policy (on its probability) instead of one "
+        "on P(not acceptable)",
+    )
+    p.add_argument(
+        "--write-thresholds",
+        metavar="FILE",
+        help="write the chosen thresholds, for serve/classify/batch --thresholds FILE",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help=f"off a terminal, a progress line every SECONDS (0: none; default "
+        f"{DEFAULT_INTERVAL:g}); a terminal gets a bar",
+    )
     add_long_text_option(p, "split")
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64, help="texts per engine pass")

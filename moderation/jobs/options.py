@@ -4,10 +4,12 @@ definition of each, so `classify`, `generate`, `batch` and `eval` spell them the
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.limits import LONG_TEXT_MODES
-from moderation.core.policy import Role, is_policy_file, load_policy_file
+from moderation.core.policy import PolicyError, Role, is_policy_file, load_policy_file
+from moderation.core.thresholds import OperatingPoint, ThresholdsError, load_operating_point
 from moderation.runtime import DEFAULT_MAX_CONTEXT, DTYPES
 
 
@@ -43,6 +45,35 @@ def add_policy_option(p: argparse.ArgumentParser, default: str | None) -> None:
     )
 
 
+def add_threshold_options(p: argparse.ArgumentParser) -> None:
+    """--threshold and --thresholds FILE (an operating point from `eval --write-thresholds`)."""
+    p.add_argument("--threshold", type=float, help="flag when P(not acceptable) >= this")
+    p.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="thresholds file written by `moderation eval --write-thresholds` (its policy is "
+        "the default policy; --threshold overrides it)",
+    )
+
+
+def threshold_options(ns: argparse.Namespace, policy: str | None) -> tuple[str | None, Any]:
+    """(policy, ClassifyItem threshold fields) from --policy, --threshold and --thresholds."""
+    point: OperatingPoint | None = None
+    if ns.thresholds is not None:
+        point = load_operating_point(ns.thresholds)
+        if policy is not None and policy != point.policy:
+            raise ThresholdsError(
+                f"{ns.thresholds} holds thresholds for policy {point.policy!r}, not {policy!r}"
+            )
+        policy = point.policy
+    if ns.threshold is not None or point is None:
+        return policy, {"threshold": ns.threshold}
+    return policy, {
+        "threshold": point.threshold,
+        "category_thresholds": dict(point.category_thresholds),
+    }
+
+
 def add_role_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--role",
@@ -66,10 +97,19 @@ def add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="remote: CA certificate to verify the servers (enables TLS)")
 
 
-def policy_option(value: str | None) -> tuple[str | None, tuple[str, ...]]:
-    """A --policy value as (policy name, policy files to load). A name passes through (the
-    runtime or the server knows it, or says it does not); a policy file is loaded to learn
-    its name."""
-    if value is None or value in BUILTIN_POLICIES or not is_policy_file(value):
+def policy_option(
+    value: str | None, *, remote: bool = False
+) -> tuple[str | None, tuple[str, ...]]:
+    """A --policy value as (policy name, policy files to load). A policy file is loaded to
+    learn its name. In this process only the built-in names exist: any other name is an error
+    now, before minutes of loading a model; a server (remote) may know more names."""
+    if value is None or value in BUILTIN_POLICIES:
         return value, ()
-    return load_policy_file(value).name, (value,)
+    if is_policy_file(value):
+        return load_policy_file(value).name, (value,)
+    if remote:
+        return value, ()
+    raise PolicyError(
+        f"unknown policy {value!r}: the built-in policies are {', '.join(sorted(BUILTIN_POLICIES))}"
+        ", or give a policy file (.json or .toml)"
+    )

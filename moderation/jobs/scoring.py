@@ -7,7 +7,6 @@ message for that item; one bad item never fails the others.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +79,4 @@ def make_scorer(ns: argparse.Namespace, policy_files: Sequence[str] = ()) -> Sco
         policy_files=policy_files,
         long_text=ns.long_text,
     )
-    if runtime.demo:
-        print(f"note: using the demo model ({runtime.model_id})", file=sys.stderr)
     return LocalScorer(runtime)

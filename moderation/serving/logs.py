@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -26,10 +27,18 @@ class _ToStructlog(logging.Handler):
         structlog.get_logger().log(record.levelno, record.getMessage(), logger=record.name)
 
 
+def use_colour(stream: object) -> bool:
+    """Colour only for a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     """Route structlog to stderr as JSON lines (or human-readable lines for a terminal)."""
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=use_colour(sys.stderr))
     )
     structlog.configure(
         processors=[

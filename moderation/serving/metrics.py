@@ -1,19 +1,58 @@
 """Prometheus metrics of the service, on a registry of its own (served on the metrics port).
 
 A registry per server (not the global one) so that several servers in one process, as in the
-tests, count separately, and the endpoint shows only what the service defines.
+tests, count separately, and the endpoint shows only what the service defines, plus the
+standard `process_*` and `python_*` collectors.
+
+RPCs are counted under the names of grpc-ecosystem's go-grpc-prometheus (and the Python and
+Java ports), so that the usual gRPC dashboards and alerts work unchanged:
+`grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
+`grpc_server_msg_received_total`, `grpc_server_msg_sent_total` and the histogram
+`grpc_server_handling_seconds`, labelled `grpc_type` (unary, server_stream), `grpc_service`
+and `grpc_method`; `grpc_code` is the Go spelling (OK, InvalidArgument, ResourceExhausted...).
+`*_created` series are not exported (prometheus-client's `disable_created_metrics`): they
+double the series count and no dashboard reads them.
 """
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from moderation.core.decision import Classification
 
+disable_created_metrics()
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
+
+
+def go_code(name: str) -> str:
+    """A status code as Go and go-grpc-prometheus spell it: INVALID_ARGUMENT -> InvalidArgument."""
+    return "OK" if name == "OK" else "".join(w.capitalize() for w in name.split("_"))
+
+
+def version_of(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -35,8 +74,15 @@ WORKER_METRICS: tuple[str, ...] = tuple(WorkerMetrics.__annotations__)
 @dataclass
 class Metrics:
     registry: CollectorRegistry
-    requests: Counter
-    latency: Histogram
+    started: Counter
+    handled: Counter
+    handling_seconds: Histogram
+    msg_received: Counter
+    msg_sent: Counter
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    build_info: Gauge
+    model_info: Gauge
     in_flight: Gauge
     queue_depth: Gauge
     running_sequences: Gauge
@@ -51,15 +97,55 @@ class Metrics:
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # process_* (CPU, memory, fds) and python_* (version, GC)
+        build_info = Gauge(
+            "moderation_build_info", "Versions of the server and its main libraries (always 1)",
+            ["version", "python", "torch", "grpcio"], registry=r,
+        )
+        build_info.labels(
+            version=version_of("mistral-moderation"), python=platform.python_version(),
+            torch=version_of("torch"), grpcio=version_of("grpcio"),
+        ).set(1)
         return cls(
             registry=r,
-            requests=Counter(
-                "moderation_requests", "RPCs by method and status code", ["method", "code"],
-                registry=r,
+            started=Counter(
+                "grpc_server_started", "Total number of RPCs started on the server.",
+                GRPC_LABELS, registry=r,
             ),
-            latency=Histogram(
-                "moderation_request_latency_seconds", "RPC latency by method", ["method"],
+            handled=Counter(
+                "grpc_server_handled",
+                "Total number of RPCs completed on the server, regardless of success or failure.",
+                [*GRPC_LABELS, "grpc_code"], registry=r,
+            ),
+            handling_seconds=Histogram(
+                "grpc_server_handling_seconds",
+                "Histogram of response latency (seconds) of gRPC that had been "
+                "application-level handled by the server.",
+                GRPC_LABELS, buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            msg_received=Counter(
+                "grpc_server_msg_received", "Total number of RPC stream messages received on "
+                "the server.", GRPC_LABELS, registry=r,
+            ),
+            msg_sent=Counter(
+                "grpc_server_msg_sent", "Total number of gRPC stream messages sent by the "
+                "server.", GRPC_LABELS, registry=r,
+            ),
+            time_to_first_token=Histogram(
+                "moderation_time_to_first_token_seconds",
+                "GenerateStream: seconds from the call's start to its first text delta",
                 buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            inter_token_latency=Histogram(
+                "moderation_inter_token_latency_seconds",
+                "GenerateStream: seconds between consecutive text deltas (a delta is usually "
+                "one token)", buckets=TOKEN_BUCKETS, registry=r,
+            ),
+            build_info=build_info,
+            model_info=Gauge(
+                "moderation_model_info", "The model being served (1 once loaded)",
+                ["model", "demo", "device", "dtype"], registry=r,
             ),
             in_flight=Gauge(
                 "moderation_requests_in_flight", "ModerationService RPCs being handled",
@@ -107,6 +193,21 @@ class Metrics:
                 registry=r,
             ),
         )  # fmt: skip
+
+    def record_model(self, model: str, *, demo: bool, device: str, dtype: str) -> None:
+        self.model_info.labels(
+            model=model, demo=str(demo).lower(), device=device, dtype=dtype
+        ).set(1)
+
+    def record_start(self, grpc_type: str, service: str, method: str) -> None:
+        self.started.labels(grpc_type, service, method).inc()
+        self.msg_received.labels(grpc_type, service, method).inc()  # one request message
+
+    def record_end(
+        self, grpc_type: str, service: str, method: str, code: str, seconds: float
+    ) -> None:
+        self.handled.labels(grpc_type, service, method, go_code(code)).inc()
+        self.handling_seconds.labels(grpc_type, service, method).observe(seconds)
 
     def record_decision(self, result: Classification) -> None:
         self.decisions.labels(

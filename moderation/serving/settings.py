@@ -95,7 +95,7 @@ class ServeSettings:
         metavar="PORT",
     )
     metrics_port: int = _setting(
-        9090,
+        9464,  # the OpenTelemetry Prometheus exporter's port; 9090 is Prometheus's own
         parse_int,
         "Prometheus metrics port; 0 = no metrics endpoint",
         metavar="PORT",
@@ -126,7 +126,14 @@ class ServeSettings:
     policy_files: tuple[str, ...] = _setting(
         (),
         parse_list,
-        "comma-separated custom policy files (JSON) to load",
+        "comma-separated custom policy files (JSON or TOML) to load",
+        metavar="PATHS",
+    )
+    thresholds: tuple[str, ...] = _setting(
+        (),
+        parse_list,
+        "comma-separated thresholds files (`moderation eval --write-thresholds`), one per "
+        "policy: the thresholds of requests of that policy that set none",
         metavar="PATHS",
     )
     threshold: float = _setting(
@@ -375,6 +382,7 @@ class ServeSettings:
             dtype=self.dtype,
             attention_backend=self.attention_backend,
             policy_files=self.policy_files,
+            thresholds_files=self.thresholds,
             default_policy=self.policy,
             threshold=self.threshold,
             long_text=self.long_text,
@@ -576,6 +584,8 @@ def _validate(s: ServeSettings) -> None:
         fail("policy", "must not be empty")
     if not isinstance(s.policy_files, tuple):
         fail("policy_files", "must be a tuple of paths")
+    if not isinstance(s.thresholds, tuple):
+        fail("thresholds", "must be a tuple of paths")
     if (s.tls_cert is None) != (s.tls_key is None):
         missing = "tls_key" if s.tls_key is None else "tls_cert"
         other = "tls_cert" if missing == "tls_key" else "tls_key"

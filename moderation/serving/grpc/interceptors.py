@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import hmac
 import inspect
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,8 @@ import structlog
 
 from moderation.serving.metrics import Metrics
 
-SERVICE_PREFIX = "/moderation.v1.ModerationService/"
+SERVICE = "moderation.v1.ModerationService"
+SERVICE_PREFIX = f"/{SERVICE}/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
 REQUEST_ID_CHARS = 128
@@ -42,6 +44,7 @@ class CallRecord:
 
     method: str
     request_id: str
+    grpc_type: str = "unary"  # or "server_stream", as go-grpc-prometheus labels them
     start: float = field(default_factory=time.perf_counter)
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -142,12 +145,14 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             unary = handler.unary_unary
 
             async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                record = self._begin(method, request_id, context)
+                record = self._begin(method, request_id, context, "unary")
                 code = grpc.StatusCode.OK
                 try:
                     if isinstance(request, Undecodable):
                         await self._refuse(record, request, context)
-                    return await unary(request, context)
+                    response = await unary(request, context)
+                    self.metrics.msg_sent.labels("unary", SERVICE, method).inc()
+                    return response
                 except BaseException as exc:
                     code = _code_of(exc, context)
                     raise
@@ -165,13 +170,25 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             async def stream_call(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                record = self._begin(method, request_id, context)
+                record = self._begin(method, request_id, context, "server_stream")
                 code = grpc.StatusCode.OK
+                sent = self.metrics.msg_sent.labels("server_stream", SERVICE, method)
+                last_delta: float | None = None
                 try:
                     if isinstance(request, Undecodable):
                         await self._refuse(record, request, context)
                     if inspect.isasyncgenfunction(stream):
                         async for response in stream(request, context):
+                            if _is_delta(response):
+                                # Time to first token, then between tokens: what a user of a
+                                # stream waits for (deltas are sent as tokens are decoded).
+                                now = time.perf_counter()
+                                if last_delta is None:
+                                    self.metrics.time_to_first_token.observe(now - record.start)
+                                else:
+                                    self.metrics.inter_token_latency.observe(now - last_delta)
+                                last_delta = now
+                            sent.inc()  # handed to gRPC, as go-grpc-prometheus counts it
                             yield response
                     else:  # a coroutine that writes with context.write
                         await stream(request, context)
@@ -195,11 +212,14 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         self.metrics.undecodable.inc()
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
-    def _begin(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> CallRecord:
+    def _begin(
+        self, method: str, request_id: str, context: grpc.aio.ServicerContext, grpc_type: str
+    ) -> CallRecord:
         # The id goes back to the caller (trailing metadata, errors included) so that a caller
         # that did not send one can still quote it when asking about a request in the logs.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        record = CallRecord(method, request_id)
+        record = CallRecord(method, request_id, grpc_type)
+        self.metrics.record_start(grpc_type, SERVICE, method)
         _current.set(record)  # the call runs in its own task, so this stays with the call
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
@@ -209,9 +229,18 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
         latency = time.perf_counter() - record.start
-        self.metrics.requests.labels(method=record.method, code=code.name).inc()
-        self.metrics.latency.labels(method=record.method).observe(latency)
-        log.info(
+        self.metrics.record_end(record.grpc_type, SERVICE, record.method, code.name, latency)
+        # Shed load (RESOURCE_EXHAUSTED) and refusals while loading or draining (UNAVAILABLE)
+        # are what an operator alerts on: warnings, not lines among the info ones.
+        level = (
+            logging.ERROR
+            if code in SERVER_FAULTS
+            else logging.WARNING
+            if code in OVERLOAD
+            else logging.INFO
+        )
+        log.log(
+            level,
             "request",
             request_id=record.request_id,
             method=record.method,
@@ -219,6 +248,15 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             latency_ms=round(latency * 1000, 2),
             **record.fields,
         )
+
+
+OVERLOAD = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def _is_delta(response: Any) -> bool:
+    which = getattr(response, "WhichOneof", None)
+    return which is not None and which("event") == "delta"
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:

@@ -135,6 +135,9 @@ class Server:
                 "pass --model DIR (MODERATION_MODEL) for real weights",
                 model=model.model_id,
             )
+        self.metrics.record_model(
+            model.model_id, demo=model.demo, device=model.device, dtype=model.dtype
+        )
         log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.model_stall_timeout > 0:

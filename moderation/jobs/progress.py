@@ -1,0 +1,96 @@
+"""Progress of a long job on stderr: a bar on a terminal, a line every few seconds elsewhere.
+
+A Job's logs, CI and `nohup` have no terminal; a carriage-return bar there is one endless line
+that appears at the end. Off a terminal the reporter writes a plain line (rows, rate, ETA)
+every `interval` seconds instead, so `kubectl logs` shows that the job is alive and how far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import IO
+
+DEFAULT_INTERVAL = 10.0
+BAR_WIDTH = 30
+REDRAW = 0.2  # seconds between redraws of the terminal bar
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class ProgressReporter:
+    """Reports `done` units (rows, texts) out of an optional total on a stream."""
+
+    def __init__(
+        self,
+        stream: IO[str] | None,
+        *,
+        name: str,
+        unit: str = "rows",
+        interval: float = DEFAULT_INTERVAL,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stream = stream if interval > 0 else None  # 0 turns progress off
+        self.name = name
+        self.unit = unit
+        self.interval = interval
+        self.tty = bool(stream is not None and stream.isatty()) if tty is None else tty
+        self.clock = clock
+        self.start = clock()
+        self.last = self.start
+        self.drawn = False
+        self.done_at_start: int | None = None
+
+    def line(self, done: int, fraction: float | None) -> str:
+        """`1,200 rows (40%), 35.2 rows/s, ETA 1m05s`: the rate counts this run's units only."""
+        if self.done_at_start is None:
+            self.done_at_start = done
+        elapsed = max(self.clock() - self.start, 1e-9)
+        rate = (done - self.done_at_start) / elapsed
+        text = f"{done:,} {self.unit}"
+        if fraction is not None:
+            text += f" ({100 * min(fraction, 1.0):.0f}%)"
+        text += f", {rate:.1f} {self.unit}/s"
+        if fraction is not None and 0 < fraction < 1 and rate > 0:
+            text += f", ETA {_duration(elapsed * (1 - fraction) / fraction)}"
+        return text
+
+    def started(self, done: int) -> None:
+        """Where this run starts (rows already done by an earlier run are not in its rate)."""
+        self.done_at_start = done
+
+    def update(self, done: int, fraction: float | None = None) -> None:
+        if self.stream is None:
+            return
+        now = self.clock()
+        if self.done_at_start is None:
+            self.done_at_start = done
+        if self.tty:
+            if now - self.last < REDRAW and self.drawn:
+                return
+            bar = ""
+            if fraction is not None:
+                filled = int(BAR_WIDTH * min(fraction, 1.0))
+                bar = "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "] "
+            self.stream.write(f"\r{bar}{self.line(done, fraction)}   ")
+            self.drawn = True
+        else:
+            if now - self.last < self.interval:
+                return
+            self.stream.write(f"{self.name}: {self.line(done, fraction)}\n")
+        self.last = now
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """Ends the terminal bar's line, so that what follows starts on a line of its own."""
+        if self.stream is not None and self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
