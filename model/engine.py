@@ -31,6 +31,7 @@ from model.memory import (
 )
 from model.sampling import SamplingParams, make_generator, sample_batch
 from model.scoring import ContinuationTree, Scoring
+from model.stats import EngineStats
 from model.transformer import Transformer, pack_for_cpu
 
 _log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.request.prompt)
-
-
-@dataclass
-class EngineStats:
-    """Counters the service exports as metrics."""
-
-    forward_passes: int = 0
-    tokens_computed: int = 0
-    prefix_tokens_reused: int = 0
 
 
 def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[..., torch.Tensor]:

@@ -13,16 +13,13 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.cache import CacheSnapshot, RollingCache
 from model.errors import RequestError
+from model.stats import EngineStats
 from model.transformer import Transformer
-
-if TYPE_CHECKING:
-    from model.engine import EngineStats
 
 
 @dataclass(frozen=True)
