@@ -242,8 +242,13 @@ def test_undecodable_bodies_are_invalid_argument_and_counted(
     while count() < before + 10 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert count() == before + 10
-    labels = {"method": "Classify", "code": "INVALID_ARGUMENT"}
-    assert (metrics.get_sample_value("moderation_requests_total", labels) or 0) >= 3
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "moderation.v1.ModerationService",
+        "grpc_method": "Classify",
+        "grpc_code": "InvalidArgument",
+    }
+    assert (metrics.get_sample_value("grpc_server_handled_total", labels) or 0) >= 3
 
 
 # ------------------------------------------------ 8. contract gaps
