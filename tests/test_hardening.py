@@ -22,6 +22,7 @@ import structlog
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from model.tokenizer import Tokenizer
 from moderation.core.generation import GenerateOptions
 from moderation.core.prompts import _find
 from moderation.serving.grpc.interceptors import _code_of
@@ -116,7 +117,18 @@ def test_a_prompt_beyond_the_context_is_refused_before_any_model_work(
 # ------------------------------------------------ 2. CPU work per request is off the event loop
 
 
-def test_health_answers_while_big_requests_are_tokenized(demo_checkpoint: Path) -> None:
+def test_health_answers_while_big_requests_are_tokenized(
+    demo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the tokenizing runs: on the planning threads, never on the event loop's.
+    threads: list[str] = []
+    encode_chat = Tokenizer.encode_chat
+
+    def recording(self: Tokenizer, *args: Any, **kwargs: Any) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return encode_chat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", recording)
     settings = ServeSettings(model_process=False,
         host="127.0.0.1", port=free_port(), metrics_port=0, max_text_chars=4_000_000,
         max_message_bytes=16 * 1024 * 1024,
@@ -141,8 +153,11 @@ def test_health_answers_while_big_requests_are_tokenized(demo_checkpoint: Path) 
         for call in calls:
             assert isinstance(call.exception(), grpc.RpcError)  # over the context
             assert call.exception().code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[union-attr]
-        # Measured: ~0.1 s here; 1.3-3.5 s when the requests were tokenized on the loop.
-        assert worst < 1.0, f"health took {worst:.2f} s while big requests were planned"
+        # Health answered every time within its deadline (tests.servers.health_status). The
+        # worst wait is printed, not asserted (timings on a shared CPU are no test): ~0.1 s
+        # measured here, 1.3-3.5 s when the requests were tokenized on the loop.
+        print(f"worst health answer while big requests were planned: {worst:.3f} s")
+        assert len(threads) >= 3 and all(t.startswith("plan") for t in threads), threads
     finally:
         server.stop()
 
