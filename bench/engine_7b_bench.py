@@ -28,25 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine
 from model import Engine, GenerationRequest, ModelArgs, load_model
+from model.args import MISTRAL_7B
 from model.demo import random_weights
 from model.memory import kv_bytes_per_token
 from model.step_counts import StepCounter
 from model.tokenizer import mistral_common_tokenizer_path
 from model.weights import save_hf
 
-STRUCTURE_7B = ModelArgs(
-    dim=256,
-    n_layers=32,
-    head_dim=128,
-    hidden_dim=512,
-    n_heads=32,
-    n_kv_heads=8,
-    norm_eps=1e-5,
-    vocab_size=32000,
-    rope_theta=10000.0,
-    sliding_window=4096,
-    max_seq_len=32768,
-)
+# Mistral 7B v0.1's structure (layers, heads, head_dim, window, vocab) at tiny widths.
+STRUCTURE_7B = dataclasses.replace(MISTRAL_7B, dim=256, hidden_dim=512)
 
 
 def checkpoint(root: Path, args: ModelArgs) -> Path:
