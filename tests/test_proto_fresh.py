@@ -77,3 +77,23 @@ def test_messages_round_trip() -> None:
     assert final.WhichOneof("event") == "final" and final.final.text == "x"
     seeded = pb.GenerateRequest.FromString(pb.GenerateRequest(seed=0).SerializeToString())
     assert seeded.HasField("seed")  # optional: 0 differs from unset, also on the wire
+
+
+def test_every_rpc_has_an_http_rule() -> None:
+    """Envoy / grpc-gateway transcoding and the built-in HTTP listener read these rules."""
+    from google.api import annotations_pb2
+
+    from moderation.v1 import moderation_pb2
+
+    service = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
+    paths = {}
+    for method in service.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        verb = rule.WhichOneof("pattern")
+        assert verb in {"get", "post"}, f"{method.name} has no google.api.http rule"
+        paths[method.name] = (verb, getattr(rule, verb))
+        if verb == "post":
+            assert rule.body == "*", method.name
+    assert len(set(paths.values())) == len(paths), f"two RPCs share a path: {paths}"
+    assert paths["Classify"] == ("post", "/v1/classify")
+    assert paths["GetModelInfo"] == ("get", "/v1/model")

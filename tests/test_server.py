@@ -114,7 +114,7 @@ def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServic
     assert refused.completion_tokens == 0 and refused.input_moderation.flagged
     events = list(
         stub.GenerateStream(
-            pb.GenerateRequest(
+            pb.GenerateStreamRequest(
                 messages=user("hi"), moderate_output=True, threshold=0.0, max_new_tokens=6
             )
         )
@@ -188,7 +188,7 @@ def test_the_request_id_comes_back_in_the_trailing_metadata(
         )
     assert request_id(err.value) == "m3"
     stream = stub.GenerateStream(
-        pb.GenerateRequest(messages=user("hi"), max_new_tokens=2),
+        pb.GenerateStreamRequest(messages=user("hi"), max_new_tokens=2),
         metadata=(("x-request-id", "mine-4"),),
     )
     list(stream)
@@ -234,7 +234,7 @@ def test_bad_batches_and_generations(stub: pb_grpc.ModerationServiceStub) -> Non
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert invalid_field(err.value) == field
     with pytest.raises(grpc.RpcError) as stream_err:
-        list(stub.GenerateStream(pb.GenerateRequest(messages=user("x"), top_p=2.0)))
+        list(stub.GenerateStream(pb.GenerateStreamRequest(messages=user("x"), top_p=2.0)))
     assert stream_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stub.Generate(
         pb.GenerateRequest(messages=user("ok"), max_new_tokens=2)
@@ -374,7 +374,9 @@ def test_metrics_are_scraped_over_http(
         ]
 
     before = stream_counts()
-    events = list(stub.GenerateStream(pb.GenerateRequest(messages=user("y"), max_new_tokens=4)))
+    events = list(
+        stub.GenerateStream(pb.GenerateStreamRequest(messages=user("y"), max_new_tokens=4))
+    )
     deltas = sum(e.HasField("delta") for e in events)
     after = stream_counts()
     # Every event sent is counted; one time to first token, then one gap per further delta.

@@ -46,7 +46,7 @@ def test_calls_without_the_right_token_are_unauthenticated(authed: InProcessServ
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "bearer token" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as stream_err:
-        list(stub.GenerateStream(pb.GenerateRequest(), timeout=10))
+        list(stub.GenerateStream(pb.GenerateStreamRequest(), timeout=10))
     assert stream_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # Refusals are requests too: counted by method and status (once each call is over on the
     # server, which may be just after the client saw the error).

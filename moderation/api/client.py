@@ -94,7 +94,7 @@ class RemoteScorer:
                 raise RemoteError(
                     f"cannot reach {', '.join(self.options.targets)}: {err.details()}"
                 ) from err  # type: ignore[attr-defined]
-            assert isinstance(info, pb.ModelInfo)
+            assert isinstance(info, pb.GetModelInfoResponse)
             wanted = name or info.default_policy
             for p in info.policies:
                 if p.name == wanted:

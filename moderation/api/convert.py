@@ -46,7 +46,11 @@ def classify_response(result: Classification) -> pb.ClassifyResponse:
     )
 
 
-def generate_options(request: pb.GenerateRequest, default_max_new_tokens: int) -> GenerateOptions:
+# GenerateStream's request carries GenerateRequest's fields (the same message on the wire).
+GenerateMessage = pb.GenerateRequest | pb.GenerateStreamRequest
+
+
+def generate_options(request: GenerateMessage, default_max_new_tokens: int) -> GenerateOptions:
     system_prompt = request.system_prompt if request.HasField("system_prompt") else None
     return GenerateOptions(
         max_new_tokens=request.max_new_tokens or default_max_new_tokens,
@@ -63,7 +67,7 @@ def generate_options(request: pb.GenerateRequest, default_max_new_tokens: int) -
     )
 
 
-def messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+def messages(request: GenerateMessage) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in request.messages]
 
 

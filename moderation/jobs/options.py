@@ -97,9 +97,7 @@ def add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="remote: CA certificate to verify the servers (enables TLS)")
 
 
-def policy_option(
-    value: str | None, *, remote: bool = False
-) -> tuple[str | None, tuple[str, ...]]:
+def policy_option(value: str | None, *, remote: bool = False) -> tuple[str | None, tuple[str, ...]]:
     """A --policy value as (policy name, policy files to load). A policy file is loaded to
     learn its name. In this process only the built-in names exist: any other name is an error
     now, before minutes of loading a model; a server (remote) may know more names."""

@@ -53,6 +53,8 @@ def version_of(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -100,12 +102,16 @@ class Metrics:
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # process_* (CPU, memory, fds) and python_* (version, GC)
         build_info = Gauge(
-            "moderation_build_info", "Versions of the server and its main libraries (always 1)",
-            ["version", "python", "torch", "grpcio"], registry=r,
+            "moderation_build_info",
+            "Versions of the server and its main libraries (always 1)",
+            ["version", "python", "torch", "grpcio"],
+            registry=r,
         )
         build_info.labels(
-            version=version_of("mistral-moderation"), python=platform.python_version(),
-            torch=version_of("torch"), grpcio=version_of("grpcio"),
+            version=version_of("mistral-moderation"),
+            python=platform.python_version(),
+            torch=version_of("torch"),
+            grpcio=version_of("grpcio"),
         ).set(1)
         return cls(
             registry=r,
@@ -195,9 +201,9 @@ class Metrics:
         )  # fmt: skip
 
     def record_model(self, model: str, *, demo: bool, device: str, dtype: str) -> None:
-        self.model_info.labels(
-            model=model, demo=str(demo).lower(), device=device, dtype=dtype
-        ).set(1)
+        self.model_info.labels(model=model, demo=str(demo).lower(), device=device, dtype=dtype).set(
+            1
+        )
 
     def record_start(self, grpc_type: str, service: str, method: str) -> None:
         self.started.labels(grpc_type, service, method).inc()

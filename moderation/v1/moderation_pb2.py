@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoderation/v1/moderation.proto\x12\rmoderation.v1\"\x98\x02\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.moderation.v1.Role\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\tthreshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12S\n\x13\x63\x61tegory_thresholds\x18\x06 \x03(\x0b\x32\x36.moderation.v1.ClassifyRequest.CategoryThresholdsEntry\x1a\x39\n\x17\x43\x61tegoryThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\n_threshold\"\xf4\x03\n\x10\x43lassifyResponse\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12;\n\x06scores\x18\x03 \x03(\x0b\x32+.moderation.v1.ClassifyResponse.ScoresEntry\x12\x43\n\ncategories\x18\x04 \x03(\x0b\x32/.moderation.v1.ClassifyResponse.CategoriesEntry\x12\x46\n\x0cpaper_scores\x18\x05 \x03(\x0b\x32\x30.moderation.v1.ClassifyResponse.PaperScoresEntry\x12\x16\n\x0epaper_category\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x0f\n\x07windows\x18\n \x01(\r\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a\x32\n\x10PaperScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"H\n\x14\x43lassifyBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.moderation.v1.ClassifyRequest\"I\n\x15\x43lassifyBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.moderation.v1.ClassifyResponse\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc7\x02\n\x0fGenerateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.moderation.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x64isable_guardrail\x18\x06 \x01(\x08\x12\x1a\n\rsystem_prompt\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0emoderate_input\x18\x08 \x01(\x08\x12\x17\n\x0fmoderate_output\x18\t \x01(\x08\x12\x0e\n\x06policy\x18\n \x01(\t\x12\x16\n\tthreshold\x18\x0b \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x10\n\x0e_system_promptB\x0c\n\n_threshold\"\xae\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07refused\x18\x02 \x01(\x08\x12\x0f\n\x07refusal\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.moderation.v1.FinishReason\x12\x39\n\x10input_moderation\x18\x05 \x01(\x0b\x32\x1f.moderation.v1.ClassifyResponse\x12:\n\x11output_moderation\x18\x06 \x01(\x0b\x32\x1f.moderation.v1.ClassifyResponse\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\"d\n\x16GenerateStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.moderation.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\xdb\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65mo\x18\x02 \x01(\x08\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x05 \x01(\t\x12\x16\n\x0esliding_window\x18\x06 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x08 \x01(\t\x12+\n\x08policies\x18\t \x03(\x0b\x32\x19.moderation.v1.PolicyInfo\"z\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ptable_label\x18\x03 \x01(\t\x12/\n\ncategories\x18\x04 \x03(\x0b\x32\x1b.moderation.v1.CategoryInfo\"V\n\x0c\x43\x61tegoryInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0epaper_category\x18\x04 \x01(\t*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_INPUT\x10\x01\x12\x0f\n\x0bROLE_OUTPUT\x10\x02*\xa2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_INPUT_FLAGGED\x10\x03\x12 \n\x1c\x46INISH_REASON_OUTPUT_FLAGGED\x10\x04\x32\xb2\x03\n\x11ModerationService\x12K\n\x08\x43lassify\x12\x1e.moderation.v1.ClassifyRequest\x1a\x1f.moderation.v1.ClassifyResponse\x12Z\n\rClassifyBatch\x12#.moderation.v1.ClassifyBatchRequest\x1a$.moderation.v1.ClassifyBatchResponse\x12K\n\x08Generate\x12\x1e.moderation.v1.GenerateRequest\x1a\x1f.moderation.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.moderation.v1.GenerateRequest\x1a%.moderation.v1.GenerateStreamResponse0\x01\x12L\n\x0cGetModelInfo\x12\".moderation.v1.GetModelInfoRequest\x1a\x18.moderation.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoderation/v1/moderation.proto\x12\rmoderation.v1\x1a\x1cgoogle/api/annotations.proto\"\xc6\x02\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.moderation.v1.Role\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12,\n\x08messages\x18\x07 \x03(\x0b\x32\x1a.moderation.v1.ChatMessage\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\tthreshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12S\n\x13\x63\x61tegory_thresholds\x18\x06 \x03(\x0b\x32\x36.moderation.v1.ClassifyRequest.CategoryThresholdsEntry\x1a\x39\n\x17\x43\x61tegoryThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\n_threshold\"\xae\x04\n\x10\x43lassifyResponse\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12;\n\x06scores\x18\x03 \x03(\x0b\x32+.moderation.v1.ClassifyResponse.ScoresEntry\x12\x43\n\ncategories\x18\x04 \x03(\x0b\x32/.moderation.v1.ClassifyResponse.CategoriesEntry\x12\x46\n\x0cpaper_scores\x18\x05 \x03(\x0b\x32\x30.moderation.v1.ClassifyResponse.PaperScoresEntry\x12\x16\n\x0epaper_category\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x0f\n\x07windows\x18\n \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0b \x01(\r\x12 \n\x18\x63ontext_messages_dropped\x18\x0c \x01(\r\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a\x32\n\x10PaperScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"H\n\x14\x43lassifyBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.moderation.v1.ClassifyRequest\"I\n\x15\x43lassifyBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.moderation.v1.ClassifyResponse\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe4\x02\n\x0fGenerateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.moderation.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x64isable_guardrail\x18\x06 \x01(\x08\x12\x1a\n\rsystem_prompt\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0emoderate_input\x18\x08 \x01(\x08\x12\x17\n\x0fmoderate_output\x18\t \x01(\x08\x12\x0e\n\x06policy\x18\n \x01(\t\x12\x16\n\tthreshold\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x13stream_check_tokens\x18\x0c \x01(\rB\x07\n\x05_seedB\x10\n\x0e_system_promptB\x0c\n\n_threshold\"\xea\x02\n\x15GenerateStreamRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.moderation.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x64isable_guardrail\x18\x06 \x01(\x08\x12\x1a\n\rsystem_prompt\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0emoderate_input\x18\x08 \x01(\x08\x12\x17\n\x0fmoderate_output\x18\t \x01(\x08\x12\x0e\n\x06policy\x18\n \x01(\t\x12\x16\n\tthreshold\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x13stream_check_tokens\x18\x0c \x01(\rB\x07\n\x05_seedB\x10\n\x0e_system_promptB\x0c\n\n_threshold\"\xc7\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07refused\x18\x02 \x01(\x08\x12\x0f\n\x07refusal\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.moderation.v1.FinishReason\x12\x39\n\x10input_moderation\x18\x05 \x01(\x0b\x32\x1f.moderation.v1.ClassifyResponse\x12:\n\x11output_moderation\x18\x06 \x01(\x0b\x32\x1f.moderation.v1.ClassifyResponse\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\x12\x17\n\x0freleased_tokens\x18\n \x01(\r\"d\n\x16GenerateStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.moderation.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\xe6\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65mo\x18\x02 \x01(\x08\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x05 \x01(\t\x12\x16\n\x0esliding_window\x18\x06 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x08 \x01(\t\x12+\n\x08policies\x18\t \x03(\x0b\x32\x19.moderation.v1.PolicyInfo\"z\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ptable_label\x18\x03 \x01(\t\x12/\n\ncategories\x18\x04 \x03(\x0b\x32\x1b.moderation.v1.CategoryInfo\"V\n\x0c\x43\x61tegoryInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0epaper_category\x18\x04 \x01(\t*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_INPUT\x10\x01\x12\x0f\n\x0bROLE_OUTPUT\x10\x02*\xa2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_INPUT_FLAGGED\x10\x03\x12 \n\x1c\x46INISH_REASON_OUTPUT_FLAGGED\x10\x04\x32\xc7\x04\n\x11ModerationService\x12\x64\n\x08\x43lassify\x12\x1e.moderation.v1.ClassifyRequest\x1a\x1f.moderation.v1.ClassifyResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/classify:\x01*\x12y\n\rClassifyBatch\x12#.moderation.v1.ClassifyBatchRequest\x1a$.moderation.v1.ClassifyBatchResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/classify/batch:\x01*\x12\x64\n\x08Generate\x12\x1e.moderation.v1.GenerateRequest\x1a\x1f.moderation.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12\x7f\n\x0eGenerateStream\x12$.moderation.v1.GenerateStreamRequest\x1a%.moderation.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate/stream:\x01*0\x01\x12j\n\x0cGetModelInfo\x12\".moderation.v1.GetModelInfoRequest\x1a#.moderation.v1.GetModelInfoResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/modelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,42 +40,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE_CATEGORIESENTRY']._serialized_options = b'8\001'
   _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._loaded_options = None
   _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2224
-  _globals['_ROLE']._serialized_end=2285
-  _globals['_FINISHREASON']._serialized_start=2288
-  _globals['_FINISHREASON']._serialized_end=2450
-  _globals['_CLASSIFYREQUEST']._serialized_start=50
-  _globals['_CLASSIFYREQUEST']._serialized_end=330
-  _globals['_CLASSIFYREQUEST_CATEGORYTHRESHOLDSENTRY']._serialized_start=259
-  _globals['_CLASSIFYREQUEST_CATEGORYTHRESHOLDSENTRY']._serialized_end=316
-  _globals['_CLASSIFYRESPONSE']._serialized_start=333
-  _globals['_CLASSIFYRESPONSE']._serialized_end=833
-  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_start=685
-  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_end=730
-  _globals['_CLASSIFYRESPONSE_CATEGORIESENTRY']._serialized_start=732
-  _globals['_CLASSIFYRESPONSE_CATEGORIESENTRY']._serialized_end=781
-  _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._serialized_start=783
-  _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._serialized_end=833
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=835
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=907
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=909
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=982
-  _globals['_CHATMESSAGE']._serialized_start=984
-  _globals['_CHATMESSAGE']._serialized_end=1028
-  _globals['_GENERATEREQUEST']._serialized_start=1031
-  _globals['_GENERATEREQUEST']._serialized_end=1358
-  _globals['_GENERATERESPONSE']._serialized_start=1361
-  _globals['_GENERATERESPONSE']._serialized_end=1663
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1665
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1765
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1767
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1788
-  _globals['_MODELINFO']._serialized_start=1791
-  _globals['_MODELINFO']._serialized_end=2010
-  _globals['_POLICYINFO']._serialized_start=2012
-  _globals['_POLICYINFO']._serialized_end=2134
-  _globals['_CATEGORYINFO']._serialized_start=2136
-  _globals['_CATEGORYINFO']._serialized_end=2222
-  _globals['_MODERATIONSERVICE']._serialized_start=2453
-  _globals['_MODERATIONSERVICE']._serialized_end=2887
+  _globals['_MODERATIONSERVICE'].methods_by_name['Classify']._loaded_options = None
+  _globals['_MODERATIONSERVICE'].methods_by_name['Classify']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/classify:\001*'
+  _globals['_MODERATIONSERVICE'].methods_by_name['ClassifyBatch']._loaded_options = None
+  _globals['_MODERATIONSERVICE'].methods_by_name['ClassifyBatch']._serialized_options = b'\202\323\344\223\002\027\"\022/v1/classify/batch:\001*'
+  _globals['_MODERATIONSERVICE'].methods_by_name['Generate']._loaded_options = None
+  _globals['_MODERATIONSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
+  _globals['_MODERATIONSERVICE'].methods_by_name['GenerateStream']._loaded_options = None
+  _globals['_MODERATIONSERVICE'].methods_by_name['GenerateStream']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/generate/stream:\001*'
+  _globals['_MODERATIONSERVICE'].methods_by_name['GetModelInfo']._loaded_options = None
+  _globals['_MODERATIONSERVICE'].methods_by_name['GetModelInfo']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/model'
+  _globals['_ROLE']._serialized_start=2788
+  _globals['_ROLE']._serialized_end=2849
+  _globals['_FINISHREASON']._serialized_start=2852
+  _globals['_FINISHREASON']._serialized_end=3014
+  _globals['_CLASSIFYREQUEST']._serialized_start=80
+  _globals['_CLASSIFYREQUEST']._serialized_end=406
+  _globals['_CLASSIFYREQUEST_CATEGORYTHRESHOLDSENTRY']._serialized_start=335
+  _globals['_CLASSIFYREQUEST_CATEGORYTHRESHOLDSENTRY']._serialized_end=392
+  _globals['_CLASSIFYRESPONSE']._serialized_start=409
+  _globals['_CLASSIFYRESPONSE']._serialized_end=967
+  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_start=819
+  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_end=864
+  _globals['_CLASSIFYRESPONSE_CATEGORIESENTRY']._serialized_start=866
+  _globals['_CLASSIFYRESPONSE_CATEGORIESENTRY']._serialized_end=915
+  _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._serialized_start=917
+  _globals['_CLASSIFYRESPONSE_PAPERSCORESENTRY']._serialized_end=967
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=969
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=1041
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=1043
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=1116
+  _globals['_CHATMESSAGE']._serialized_start=1118
+  _globals['_CHATMESSAGE']._serialized_end=1162
+  _globals['_GENERATEREQUEST']._serialized_start=1165
+  _globals['_GENERATEREQUEST']._serialized_end=1521
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1524
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1886
+  _globals['_GENERATERESPONSE']._serialized_start=1889
+  _globals['_GENERATERESPONSE']._serialized_end=2216
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2218
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2318
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2320
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2341
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2344
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2574
+  _globals['_POLICYINFO']._serialized_start=2576
+  _globals['_POLICYINFO']._serialized_end=2698
+  _globals['_CATEGORYINFO']._serialized_start=2700
+  _globals['_CATEGORYINFO']._serialized_end=2786
+  _globals['_MODERATIONSERVICE']._serialized_start=3017
+  _globals['_MODERATIONSERVICE']._serialized_end=3600
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -30,7 +31,7 @@ FINISH_REASON_INPUT_FLAGGED: FinishReason
 FINISH_REASON_OUTPUT_FLAGGED: FinishReason
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("text", "role", "prompt", "policy", "threshold", "category_thresholds")
+    __slots__ = ("text", "role", "prompt", "messages", "policy", "threshold", "category_thresholds")
     class CategoryThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,19 +42,21 @@ class ClassifyRequest(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     role: Role
     prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     policy: str
     threshold: float
     category_thresholds: _containers.ScalarMap[str, float]
-    def __init__(self, text: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("category", "flagged", "scores", "categories", "paper_scores", "paper_category", "model", "policy", "prompt_tokens", "windows")
+    __slots__ = ("category", "flagged", "scores", "categories", "paper_scores", "paper_category", "model", "policy", "prompt_tokens", "windows", "context_tokens", "context_messages_dropped")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +88,8 @@ class ClassifyResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_MESSAGES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     category: str
     flagged: bool
     scores: _containers.ScalarMap[str, float]
@@ -95,7 +100,9 @@ class ClassifyResponse(_message.Message):
     policy: str
     prompt_tokens: int
     windows: int
-    def __init__(self, category: _Optional[str] = ..., flagged: _Optional[bool] = ..., scores: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, bool]] = ..., paper_scores: _Optional[_Mapping[str, float]] = ..., paper_category: _Optional[str] = ..., model: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., windows: _Optional[int] = ...) -> None: ...
+    context_tokens: int
+    context_messages_dropped: int
+    def __init__(self, category: _Optional[str] = ..., flagged: _Optional[bool] = ..., scores: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, bool]] = ..., paper_scores: _Optional[_Mapping[str, float]] = ..., paper_category: _Optional[str] = ..., model: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., windows: _Optional[int] = ..., context_tokens: _Optional[int] = ..., context_messages_dropped: _Optional[int] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -118,7 +125,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "max_new_tokens", "temperature", "top_p", "seed", "disable_guardrail", "system_prompt", "moderate_input", "moderate_output", "policy", "threshold")
+    __slots__ = ("messages", "max_new_tokens", "temperature", "top_p", "seed", "disable_guardrail", "system_prompt", "moderate_input", "moderate_output", "policy", "threshold", "stream_check_tokens")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +137,7 @@ class GenerateRequest(_message.Message):
     MODERATE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     max_new_tokens: int
     temperature: float
@@ -141,10 +149,39 @@ class GenerateRequest(_message.Message):
     moderate_output: bool
     policy: str
     threshold: float
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., disable_guardrail: _Optional[bool] = ..., system_prompt: _Optional[str] = ..., moderate_input: _Optional[bool] = ..., moderate_output: _Optional[bool] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    stream_check_tokens: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., disable_guardrail: _Optional[bool] = ..., system_prompt: _Optional[str] = ..., moderate_input: _Optional[bool] = ..., moderate_output: _Optional[bool] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., stream_check_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateStreamRequest(_message.Message):
+    __slots__ = ("messages", "max_new_tokens", "temperature", "top_p", "seed", "disable_guardrail", "system_prompt", "moderate_input", "moderate_output", "policy", "threshold", "stream_check_tokens")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MODERATE_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MODERATE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    disable_guardrail: bool
+    system_prompt: str
+    moderate_input: bool
+    moderate_output: bool
+    policy: str
+    threshold: float
+    stream_check_tokens: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., disable_guardrail: _Optional[bool] = ..., system_prompt: _Optional[str] = ..., moderate_input: _Optional[bool] = ..., moderate_output: _Optional[bool] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., stream_check_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "refused", "refusal", "finish_reason", "input_moderation", "output_moderation", "prompt_tokens", "completion_tokens", "model")
+    __slots__ = ("text", "refused", "refusal", "finish_reason", "input_moderation", "output_moderation", "prompt_tokens", "completion_tokens", "model", "released_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +191,7 @@ class GenerateResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     refused: bool
     refusal: str
@@ -163,7 +201,8 @@ class GenerateResponse(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     model: str
-    def __init__(self, text: _Optional[str] = ..., refused: _Optional[bool] = ..., refusal: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., input_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., output_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    released_tokens: int
+    def __init__(self, text: _Optional[str] = ..., refused: _Optional[bool] = ..., refusal: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., input_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., output_moderation: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., released_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -177,7 +216,7 @@ class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class ModelInfo(_message.Message):
+class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]

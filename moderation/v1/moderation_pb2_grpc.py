@@ -52,13 +52,13 @@ class ModerationServiceStub:
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/moderation.v1.ModerationService/GenerateStream',
-                request_serializer=moderation_dot_v1_dot_moderation__pb2.GenerateRequest.SerializeToString,
+                request_serializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/moderation.v1.ModerationService/GetModelInfo',
                 request_serializer=moderation_dot_v1_dot_moderation__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=moderation_dot_v1_dot_moderation__pb2.ModelInfo.FromString,
+                response_deserializer=moderation_dot_v1_dot_moderation__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -97,13 +97,20 @@ class ModerationServiceServicer:
         The stream is zero or more `delta` events, then exactly one `final` event, then the end of
         the stream. Concatenating the deltas gives `final.text`.
 
-        With moderate_output on, text must be checked before anyone sees it, so no delta is sent
-        until the complete answer has been generated and classified: an acceptable answer then
-        arrives as deltas followed by `final`; a flagged answer sends no delta at all, only a
-        `final` with refused = true and finish_reason = FINISH_REASON_OUTPUT_FLAGGED. With
-        moderate_output off, deltas are sent as tokens are generated.
+        With moderate_output on, text is checked before anyone sees it, progressively: every
+        stream_check_tokens generated tokens (default MODERATION_STREAM_CHECK_TOKENS, 16) the answer
+        so far is classified as ROLE_OUTPUT, incrementally (each check costs the new tokens, not the
+        answer so far), and the tokens a check found acceptable are released as deltas. When a
+        check flags the answer, generation stops and nothing more is sent: the caller has seen
+        exactly the deltas released before the flagging check (final.released_tokens tokens, whose
+        text is the concatenation of the deltas), then a `final` with refused = true,
+        finish_reason = FINISH_REASON_OUTPUT_FLAGGED, text = "" and output_moderation = the
+        flagging check. The caller should discard or hide what it showed. With moderate_output off,
+        deltas are sent as tokens are generated.
         With moderate_input on and the input flagged, the stream is only a `final` with
         finish_reason = FINISH_REASON_INPUT_FLAGGED.
+        Over HTTP the stream is newline-delimited JSON, one {"result": GenerateStreamResponse} per
+        line (grpc-gateway's shape), or one {"error": ...} line when the call fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,13 +143,13 @@ def add_ModerationServiceServicer_to_server(servicer, server):
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=moderation_dot_v1_dot_moderation__pb2.GenerateRequest.FromString,
+                    request_deserializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.FromString,
                     response_serializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=moderation_dot_v1_dot_moderation__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=moderation_dot_v1_dot_moderation__pb2.ModelInfo.SerializeToString,
+                    response_serializer=moderation_dot_v1_dot_moderation__pb2.GetModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -252,7 +259,7 @@ class ModerationService:
             request,
             target,
             '/moderation.v1.ModerationService/GenerateStream',
-            moderation_dot_v1_dot_moderation__pb2.GenerateRequest.SerializeToString,
+            moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.SerializeToString,
             moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
@@ -280,7 +287,7 @@ class ModerationService:
             target,
             '/moderation.v1.ModerationService/GetModelInfo',
             moderation_dot_v1_dot_moderation__pb2.GetModelInfoRequest.SerializeToString,
-            moderation_dot_v1_dot_moderation__pb2.ModelInfo.FromString,
+            moderation_dot_v1_dot_moderation__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

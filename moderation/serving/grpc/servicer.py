@@ -200,7 +200,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
 
-    def _check_generation(self, request: pb.GenerateRequest) -> None:
+    def _check_generation(self, request: convert.GenerateMessage) -> None:
         """Every text field against its limit, before anything reads the texts."""
         settings = self.state.settings
         if len(request.messages) > settings.max_messages:
@@ -214,7 +214,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             self._check_chars(m.content, f"messages[{i}].content", splittable=False)
 
     async def _generation(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool
+        self,
+        request: convert.GenerateMessage,
+        context: grpc.aio.ServicerContext,
+        *,
+        stream: bool,
     ) -> AsyncGenerator[str | GenerationResult, None]:
         front, worker = self._ready()
         self._check_generation(request)
@@ -277,7 +281,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         return await self._guard(context, body)
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             events = self._generation(request, context, stream=True)
@@ -295,12 +299,12 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
-        async def body() -> pb.ModelInfo:
+    ) -> pb.GetModelInfoResponse:
+        async def body() -> pb.GetModelInfoResponse:
             front, _ = self._ready()
             planner, model = front.planner, front.model
             limits = model.limits
-            return pb.ModelInfo(
+            return pb.GetModelInfoResponse(
                 model=model.model_id,
                 demo=model.demo,
                 dtype=model.dtype,
