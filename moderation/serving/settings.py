@@ -100,6 +100,13 @@ class ServeSettings:
         "Prometheus metrics port; 0 = no metrics endpoint",
         metavar="PORT",
     )
+    http_port: int = _setting(
+        0,
+        parse_int,
+        "HTTP/JSON port (every RPC by its google.api.http rule, plus OpenAI's /v1/moderations "
+        "and Mistral's /v1/chat/moderations); same auth, TLS and limits; 0 = off",
+        metavar="PORT",
+    )
     device: str = _setting(
         "auto",
         parse_device,
@@ -522,13 +529,15 @@ def _validate(s: ServeSettings) -> None:
     def fail(name: str, message: str) -> None:
         raise SettingsError(f"{_names(name)}: {message}")
 
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         value = getattr(s, name)
-        low = 0 if name == "metrics_port" else 1
+        low = 0 if name in ("metrics_port", "http_port") else 1
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
             fail(name, f"must be an integer port in [{low}, 65535], got {value!r}")
     if s.metrics_port == s.port:
         fail("metrics_port", f"must differ from the gRPC port ({_names('port')} = {s.port})")
+    if s.http_port and s.http_port in (s.port, s.metrics_port):
+        fail("http_port", f"must differ from {_names('port')} and {_names('metrics_port')}")
     if not s.host:
         fail("host", "must not be empty")
     for name in (

@@ -10,53 +10,48 @@ logged nor counted (probes every few seconds would drown the request log).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
 import inspect
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
 
+from moderation.serving.calls import (
+    OVERLOAD,
+    REQUEST_ID_CHARS,
+    REQUEST_ID_KEY,
+    SERVER_FAULTS,
+    CallRecord,
+    bind_call,
+    current_call,
+    log_level,
+)
 from moderation.serving.metrics import Metrics
+
+__all__ = [
+    "OVERLOAD",
+    "REQUEST_ID_KEY",
+    "SERVER_FAULTS",
+    "BearerTokenAuth",
+    "CallRecord",
+    "RequestTelemetry",
+    "current_call",
+]
 
 SERVICE = "moderation.v1.ModerationService"
 SERVICE_PREFIX = f"/{SERVICE}/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-REQUEST_ID_KEY = "x-request-id"
-REQUEST_ID_CHARS = 128
 DEADLINE_SLACK_S = 0.25
 """A call cancelled this close to its deadline ended by it: logged as DEADLINE_EXCEEDED."""
 
 log = structlog.get_logger("moderation.requests")
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
-
-@dataclass
-class CallRecord:
-    """The facts of one RPC for its log line; the servicer adds fields (tokens, category)."""
-
-    method: str
-    request_id: str
-    grpc_type: str = "unary"  # or "server_stream", as go-grpc-prometheus labels them
-    start: float = field(default_factory=time.perf_counter)
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
-    "moderation_call", default=None
-)
-
-
-def current_call() -> CallRecord:
-    """The record of the RPC being handled (a throwaway one outside an intercepted call)."""
-    return _current.get() or CallRecord(method="", request_id="")
 
 
 def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
@@ -220,7 +215,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         record = CallRecord(method, request_id, grpc_type)
         self.metrics.record_start(grpc_type, SERVICE, method)
-        _current.set(record)  # the call runs in its own task, so this stays with the call
+        bind_call(record)  # the call runs in its own task, so this stays with the call
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         return record
@@ -230,17 +225,8 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         self.metrics.in_flight.set(self.in_flight)
         latency = time.perf_counter() - record.start
         self.metrics.record_end(record.grpc_type, SERVICE, record.method, code.name, latency)
-        # Shed load (RESOURCE_EXHAUSTED) and refusals while loading or draining (UNAVAILABLE)
-        # are what an operator alerts on: warnings, not lines among the info ones.
-        level = (
-            logging.ERROR
-            if code in SERVER_FAULTS
-            else logging.WARNING
-            if code in OVERLOAD
-            else logging.INFO
-        )
         log.log(
-            level,
+            log_level(code),
             "request",
             request_id=record.request_id,
             method=record.method,
@@ -248,10 +234,6 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             latency_ms=round(latency * 1000, 2),
             **record.fields,
         )
-
-
-OVERLOAD = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
-SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
 def _is_delta(response: Any) -> bool:

@@ -28,6 +28,7 @@ from moderation.runtime import Runtime
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
+from moderation.serving.http.server import HttpServer
 from moderation.serving.loader import load_from_settings
 from moderation.serving.metrics import Metrics
 from moderation.serving.model_process import ProcessWorker
@@ -76,8 +77,11 @@ class Server:
         if token:
             interceptors.append(BearerTokenAuth(token))
         self.grpc = grpc.aio.server(interceptors=interceptors, options=settings.grpc_options())
-        moderation_pb2_grpc.add_ModerationServiceServicer_to_server(
-            ModerationServicer(self.state), self.grpc
+        self.servicer = ModerationServicer(self.state)
+        moderation_pb2_grpc.add_ModerationServiceServicer_to_server(self.servicer, self.grpc)
+        # The HTTP/JSON listener answers with the same servicer, hence the same worker.
+        self.http = (
+            HttpServer(settings, self.servicer, self.metrics, token) if settings.http_port else None
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -101,6 +105,8 @@ class Server:
         """Listen at once (NOT_SERVING), load the model, then report SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.settings.metrics_port:
             self._metrics_http = self.metrics.serve_http(
                 self.settings.metrics_port, self.settings.host
@@ -108,6 +114,7 @@ class Server:
         log.info(
             "listening", port=self.port, tls=self.settings.tls,
             mutual_tls=self.settings.mutual_tls, metrics_port=self.settings.metrics_port,
+            http_port=self.settings.http_port,
         )  # fmt: skip
         worker: Worker
         if self.settings.model_process:
@@ -176,7 +183,7 @@ class Server:
     async def stop(self) -> None:
         """Drain: NOT_SERVING, no new work, in-flight calls finish within the grace period."""
         grace = self.settings.grace_period
-        log.info("draining", grace_period=grace, in_flight=self.telemetry.in_flight)
+        log.info("draining", grace_period=grace, in_flight=self.in_flight)
         self.state.draining = True  # new calls get UNAVAILABLE: retry on another replica
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -185,9 +192,11 @@ class Server:
         # drain (NOT_SERVING, UNAVAILABLE) rather than a closed port.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.telemetry.in_flight and loop.time() < deadline:
+        while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.grpc.stop(max(0.0, deadline - loop.time()))
+        if self.http is not None:
+            await self.http.stop()
         if self.state.worker is not None:
             worker = self.state.worker
             await asyncio.to_thread(worker.stop, max(0.0, deadline - loop.time()))
@@ -195,7 +204,12 @@ class Server:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("stopped", in_flight=self.telemetry.in_flight)
+        log.info("stopped", in_flight=self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being handled, over gRPC and HTTP: what the drain waits for."""
+        return self.telemetry.in_flight + (self.http.in_flight if self.http is not None else 0)
 
 
 async def _in_daemon_thread(fn: Callable[[], Runtime]) -> Runtime:

@@ -1,0 +1,367 @@
+"""The HTTP/JSON listener: transcoded RPCs, OpenAI's and Mistral's moderation routes.
+
+Each request is one task on the server's event loop: the middleware opens its call record
+(request id, route), checks the bearer token, and writes the request's log line and metrics;
+the route parses the JSON, calls the servicer in-process and writes the JSON answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+import structlog
+from aiohttp import web
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from moderation.serving.calls import (
+    REQUEST_ID_CHARS,
+    REQUEST_ID_KEY,
+    CallRecord,
+    bind_call,
+    log_level,
+)
+from moderation.serving.http import compat, transcoding
+from moderation.serving.http.context import HttpContext
+from moderation.serving.http.status import CallError
+from moderation.serving.metrics import LATENCY_BUCKETS, Metrics
+from moderation.serving.settings import ServeSettings
+from moderation.v1 import moderation_pb2, moderation_pb2_grpc
+
+log = structlog.get_logger("moderation.requests")
+
+SERVICE = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
+OPENAI_PATH = "/v1/moderations"
+MISTRAL_PATH = "/v1/chat/moderations"
+COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH)
+NDJSON = "application/x-ndjson"
+TIMEOUT_HEADER = "grpc-timeout"
+_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpMetrics:
+    """HTTP requests, under OpenTelemetry's semantic-convention names as Prometheus spells them
+    (http.server.request.duration, http.server.active_requests), on the server's registry. The
+    grpc_server_* series stay gRPC's own: an HTTP request is counted here, not there; what the
+    model did for it (tokens, decisions, queue) is counted where gRPC's calls are."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.duration = Histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP requests (to the last byte of a streamed answer)",
+            ["http_request_method", "http_route", "http_response_status_code"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.active = Gauge(
+            "http_server_active_requests", "HTTP requests being handled", registry=registry
+        )
+
+
+def ssl_context(settings: ServeSettings) -> ssl.SSLContext | None:
+    """The gRPC port's TLS (certificate, key, client CA) for the HTTP port."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.load_verify_locations(cafile=settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def parse_timeout(value: str) -> float:
+    """A `grpc-timeout` header ("5S", "250m"), as grpc-gateway reads it, in seconds."""
+    match = _TIMEOUT.fullmatch(value.strip())
+    if match is None:
+        raise CallError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{TIMEOUT_HEADER} header: expected digits and a unit (H, M, S, m, u, n), e.g. 5S",
+            TIMEOUT_HEADER,
+        )
+    return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+
+
+class HttpServer:
+    """The HTTP listener of one server: same servicer, settings, token and metrics as gRPC."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        servicer: moderation_pb2_grpc.ModerationServiceServicer,
+        metrics: Metrics,
+        token: str | None,
+    ):
+        self.settings = settings
+        self.servicer = servicer
+        self.metrics = metrics
+        self.http_metrics = HttpMetrics(metrics.registry)
+        self._expected = f"Bearer {token}".encode() if token else None
+        self.in_flight = 0  # touched only on the event loop; drain waits on it
+        self.port: int | None = None
+        self.app = web.Application(
+            client_max_size=settings.max_message_bytes, middlewares=[self._middleware]
+        )
+        for route in transcoding.routes(SERVICE):
+            handler = self._stream(route) if route.server_streaming else self._unary(route)
+            self.app.router.add_route(route.verb, route.path, handler)
+        self.app.router.add_post(OPENAI_PATH, self._compat(compat.openai_moderations))
+        self.app.router.add_post(MISTRAL_PATH, self._compat(compat.mistral_chat_moderations))
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that hangs up cancels its request's task, which takes
+        # it out of the model's batch, as a cancelled gRPC call is.
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            self.settings.host,
+            self.settings.http_port,
+            ssl_context=ssl_context(self.settings),
+            shutdown_timeout=self.settings.grace_period,
+        )
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Close the port; requests still running (the drain waited for them) are cancelled."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------ the edge
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._expected is None:
+            return True
+        sent = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(sent, self._expected)  # constant time: no timing oracle
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = (request.headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:REQUEST_ID_CHARS]
+        info = request.match_info
+        resource = info.route.resource if info.http_exception is None else None
+        route = resource.canonical if resource is not None else ""
+        record = CallRecord(method=route, request_id=request_id)
+        bind_call(record)
+        request["record"] = record
+        request["code"] = grpc.StatusCode.OK
+        self.in_flight += 1
+        self.http_metrics.active.inc()
+        status = 500
+        try:
+            response: web.StreamResponse
+            if not self._authorized(request):
+                message = "missing or invalid bearer token (header `Authorization: Bearer <token>`)"
+                response = self._error(request, CallError(grpc.StatusCode.UNAUTHENTICATED, message))
+            elif info.http_exception is not None:
+                response = self._route_error(request, info.http_exception)
+            else:
+                response = await handler(request)
+            if not response.prepared:
+                response.headers[REQUEST_ID_KEY] = request_id
+            status = response.status
+            return response
+        except asyncio.CancelledError:  # the client went away
+            request["code"], status = grpc.StatusCode.CANCELLED, 499
+            raise
+        finally:
+            self.in_flight -= 1
+            self.http_metrics.active.dec()
+            self._end(request, record, route, status)
+
+    def _end(self, request: web.Request, record: CallRecord, route: str, status: int) -> None:
+        latency = time.perf_counter() - record.start
+        self.http_metrics.duration.labels(request.method, route, str(status)).observe(latency)
+        code: grpc.StatusCode = request["code"]
+        log.log(
+            log_level(code),
+            "request",
+            request_id=record.request_id,
+            transport="http",
+            http_method=request.method,
+            route=route or request.path[:200],
+            method=request.get("rpc", ""),
+            status=status,
+            code=code.name,
+            latency_ms=round(latency * 1000, 2),
+            **record.fields,
+        )
+
+    def _error(self, request: web.Request, exc: CallError) -> web.Response:
+        request["code"] = exc.code
+        record: CallRecord = request["record"]
+        record.fields.setdefault("error", exc.message)
+        compatible = request.match_info.http_exception is None and request.path in COMPAT_PATHS
+        body = compat.openai_error(exc) if compatible else exc.body()
+        headers = {REQUEST_ID_KEY: record.request_id}
+        return web.json_response(body, status=exc.status, headers=headers)
+
+    def _route_error(self, request: web.Request, exc: web.HTTPException) -> web.Response:
+        if exc.status == 405:
+            error = CallError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{request.method} is not allowed on {request.path[:200]}",
+                http_status=405,
+            )
+        else:
+            error = CallError(grpc.StatusCode.NOT_FOUND, f"no route {request.path[:200]}")
+        response = self._error(request, error)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+        return response
+
+    async def _json(self, request: web.Request) -> Any:
+        limit = self.settings.max_message_bytes
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise CallError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request body larger than max ({request.content_length or 'more'} vs. {limit} "
+                "bytes, MODERATION_MAX_MESSAGE_BYTES)",
+                http_status=413,
+            ) from exc
+        if not data:
+            return {}
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CallError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not JSON: {exc}"
+            ) from exc
+
+    def _deadline(self, request: web.Request) -> float | None:
+        value = request.headers.get(TIMEOUT_HEADER)
+        return None if value is None else parse_timeout(value)
+
+    # ------------------------------------------------------------- calling
+
+    async def _call(self, rpc: str, message: Message, timeout: float | None) -> Any:
+        """A unary method of the servicer, in this task: its status as a CallError."""
+        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+        method = getattr(self.servicer, rpc)
+        try:
+            async with asyncio.timeout(timeout):
+                return await method(message, cast(grpc.aio.ServicerContext, context))
+        except grpc.aio.AbortError:
+            raise context.error() from None
+        except TimeoutError:
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+
+    async def _request(self, request: web.Request, route: transcoding.Route) -> Message:
+        request["rpc"] = route.rpc
+        if route.body == "":
+            return transcoding.parse_query(request.query, route.request_type)
+        data = await self._json(request)
+        if route.body != "*":
+            data = {route.body: data}
+        return transcoding.parse(data, route.request_type)
+
+    def _unary(self, route: transcoding.Route) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                message = await self._request(request, route)
+                response = await self._call(route.rpc, message, self._deadline(request))
+            except CallError as exc:
+                return self._error(request, exc)
+            return web.json_response(transcoding.to_json(response))
+
+        return handle
+
+    def _compat(
+        self, answer: Callable[[compat.Call, Any, str], Awaitable[dict[str, Any]]]
+    ) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            request["rpc"] = "ClassifyBatch"
+            record: CallRecord = request["record"]
+            try:
+                timeout = self._deadline(request)
+                body = await self._json(request)
+
+                async def call(rpc: str, message: Message) -> Any:
+                    return await self._call(rpc, message, timeout)
+
+                return web.json_response(await answer(call, body, record.request_id))
+            except CallError as exc:
+                return self._error(request, exc)
+
+        return handle
+
+    def _stream(self, route: transcoding.Route) -> Handler:
+        """A server-streaming method as newline-delimited JSON, grpc-gateway's shape: one
+        {"result": message} per line, or {"error": ...} as the last line when the call fails
+        after the first message; before it, the error is an ordinary error answer."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                message = await self._request(request, route)
+                timeout = self._deadline(request)
+            except CallError as exc:
+                return self._error(request, exc)
+            context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+            method = getattr(self.servicer, route.rpc)
+            events: AsyncIterator[Any] = method(message, cast(grpc.aio.ServicerContext, context))
+            response: web.StreamResponse | None = None
+            error: CallError | None = None
+            start, last = time.perf_counter(), None
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in events:
+                        if response is None:
+                            response = web.StreamResponse(
+                                headers={
+                                    "Content-Type": NDJSON,
+                                    REQUEST_ID_KEY: request_id(request),
+                                }
+                            )
+                            await response.prepare(request)
+                        if event.WhichOneof("event") == "delta":  # as the gRPC stream counts it
+                            now = time.perf_counter()
+                            if last is None:
+                                self.metrics.time_to_first_token.observe(now - start)
+                            else:
+                                self.metrics.inter_token_latency.observe(now - last)
+                            last = now
+                        line = json.dumps({"result": transcoding.to_json(event)})
+                        await response.write(line.encode() + b"\n")
+            except grpc.aio.AbortError:
+                error = context.error()
+            except TimeoutError:
+                error = CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            finally:
+                await cast(Any, events).aclose()
+            if response is None:
+                if error is not None:
+                    return self._error(request, error)
+                response = web.StreamResponse(headers={"Content-Type": NDJSON})
+                await response.prepare(request)
+            elif error is not None:
+                request["code"] = error.code
+                request["record"].fields.setdefault("error", error.message)
+                await response.write(json.dumps(error.body()).encode() + b"\n")
+            await response.write_eof()
+            return response
+
+        return handle
+
+
+def request_id(request: web.Request) -> str:
+    record: CallRecord = request["record"]
+    return record.request_id
