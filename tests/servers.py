@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -111,3 +112,46 @@ def start_subprocess_server(
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
+
+
+def http_call(
+    url: str,
+    body: Any = None,
+    *,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    context: Any = None,
+    timeout: float = 60,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with the standard library: (status, headers lower-cased, body), errors
+    included (urllib raises them)."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, _lower(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, _lower(err.headers), err.read()
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def wait_listening(port: int, timeout: float = 60) -> None:
+    """Until something accepts connections on 127.0.0.1:port (a server binds its ports in its
+    start(), which runs on its own loop after the InProcessServer is made)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

@@ -8,6 +8,7 @@ the route parses the JSON, calls the servicer in-process and writes the JSON ans
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import re
@@ -15,6 +16,7 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -125,14 +127,18 @@ class HttpServer:
     async def start(self) -> None:
         # handler_cancellation: a client that hangs up cancels its request's task, which takes
         # it out of the model's batch, as a cancelled gRPC call is.
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,  # the middleware writes the one line per request
+            shutdown_timeout=self.settings.grace_period,
+        )
         await runner.setup()
         site = web.TCPSite(
             runner,
             self.settings.host,
             self.settings.http_port,
             ssl_context=ssl_context(self.settings),
-            shutdown_timeout=self.settings.grace_period,
         )
         await site.start()
         self._runner = runner
@@ -160,8 +166,8 @@ class HttpServer:
         route = resource.canonical if resource is not None else ""
         record = CallRecord(method=route, request_id=request_id)
         bind_call(record)
-        request["record"] = record
-        request["code"] = grpc.StatusCode.OK
+        exchange = Exchange(record)
+        _exchange.set(exchange)  # each request is a task of its own: this stays with it
         self.in_flight += 1
         self.http_metrics.active.inc()
         status = 500
@@ -179,17 +185,17 @@ class HttpServer:
             status = response.status
             return response
         except asyncio.CancelledError:  # the client went away
-            request["code"], status = grpc.StatusCode.CANCELLED, 499
+            exchange.code, status = grpc.StatusCode.CANCELLED, 499
             raise
         finally:
             self.in_flight -= 1
             self.http_metrics.active.dec()
-            self._end(request, record, route, status)
+            self._end(request, exchange, route, status)
 
-    def _end(self, request: web.Request, record: CallRecord, route: str, status: int) -> None:
+    def _end(self, request: web.Request, exchange: Exchange, route: str, status: int) -> None:
+        record, code = exchange.record, exchange.code
         latency = time.perf_counter() - record.start
         self.http_metrics.duration.labels(request.method, route, str(status)).observe(latency)
-        code: grpc.StatusCode = request["code"]
         log.log(
             log_level(code),
             "request",
@@ -197,7 +203,7 @@ class HttpServer:
             transport="http",
             http_method=request.method,
             route=route or request.path[:200],
-            method=request.get("rpc", ""),
+            method=exchange.rpc,
             status=status,
             code=code.name,
             latency_ms=round(latency * 1000, 2),
@@ -205,8 +211,9 @@ class HttpServer:
         )
 
     def _error(self, request: web.Request, exc: CallError) -> web.Response:
-        request["code"] = exc.code
-        record: CallRecord = request["record"]
+        exchange = _exchange.get()
+        exchange.code = exc.code
+        record = exchange.record
         record.fields.setdefault("error", exc.message)
         compatible = request.match_info.http_exception is None and request.path in COMPAT_PATHS
         body = compat.openai_error(exc) if compatible else exc.body()
@@ -266,7 +273,7 @@ class HttpServer:
             raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
     async def _request(self, request: web.Request, route: transcoding.Route) -> Message:
-        request["rpc"] = route.rpc
+        _exchange.get().rpc = route.rpc
         if route.body == "":
             return transcoding.parse_query(request.query, route.request_type)
         data = await self._json(request)
@@ -289,8 +296,9 @@ class HttpServer:
         self, answer: Callable[[compat.Call, Any, str], Awaitable[dict[str, Any]]]
     ) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            request["rpc"] = "ClassifyBatch"
-            record: CallRecord = request["record"]
+            exchange = _exchange.get()
+            exchange.rpc = "ClassifyBatch"
+            record = exchange.record
             try:
                 timeout = self._deadline(request)
                 body = await self._json(request)
@@ -328,7 +336,7 @@ class HttpServer:
                             response = web.StreamResponse(
                                 headers={
                                     "Content-Type": NDJSON,
-                                    REQUEST_ID_KEY: request_id(request),
+                                    REQUEST_ID_KEY: request_id(),
                                 }
                             )
                             await response.prepare(request)
@@ -353,8 +361,9 @@ class HttpServer:
                 response = web.StreamResponse(headers={"Content-Type": NDJSON})
                 await response.prepare(request)
             elif error is not None:
-                request["code"] = error.code
-                request["record"].fields.setdefault("error", error.message)
+                exchange = _exchange.get()
+                exchange.code = error.code
+                exchange.record.fields.setdefault("error", error.message)
                 await response.write(json.dumps(error.body()).encode() + b"\n")
             await response.write_eof()
             return response
@@ -362,6 +371,17 @@ class HttpServer:
         return handle
 
 
-def request_id(request: web.Request) -> str:
-    record: CallRecord = request["record"]
-    return record.request_id
+@dataclass
+class Exchange:
+    """One HTTP request's facts for its log line and metrics, beside its call record."""
+
+    record: CallRecord
+    code: grpc.StatusCode = grpc.StatusCode.OK  # the gRPC status it ended with
+    rpc: str = ""  # the ModerationService method that answered it
+
+
+_exchange: contextvars.ContextVar[Exchange] = contextvars.ContextVar("http_exchange")
+
+
+def request_id() -> str:
+    return _exchange.get().record.request_id
