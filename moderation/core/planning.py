@@ -44,7 +44,7 @@ def check_turn_order(
     """The order the API documents: an optional leading system message, then user and
     assistant messages alternating, starting with a user message and ending with one of `end`
     (a user message for generation; either for a conversation to classify)."""
-    ending = " or ".join(f"{r} message" for r in end)
+    ending = " or ".join(end) + " message"
     if not messages:
         raise InvalidArgument("messages", f"must not be empty: end with a {ending}")
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
