@@ -153,7 +153,7 @@ def prompt_text(
 
 
 def turn_tokens(tokenizer: PromptTokenizer, role: str, content: str) -> list[int]:
-    """Tokens of one earlier turn in a context block: "\n\n{Speaker}: {content}", the content
+    """Tokens of one earlier turn in a context block: "\\n\\n{Speaker}: {content}", the content
     treated as data like any text (a blank one reads "(empty)")."""
     words = encode_text(tokenizer, content) or tokenizer.encode(EMPTY_MESSAGE, bos=False)
     return [*_encode_after_text(tokenizer, f"\n\n{_speaker(role)}"), *words]
