@@ -415,3 +415,64 @@ def test_the_http_port_setting() -> None:
     for bad in ("-1", "70000", "http", "50051"):
         with pytest.raises(SettingsError, match="MODERATION_HTTP_PORT"):
             settings_from_env({"MODERATION_HTTP_PORT": bad})
+
+
+def test_a_client_that_hangs_up_cancels_its_call(
+    served: InProcessServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The request's task is cancelled (aiohttp's handler_cancellation), which takes the
+    generation out of the model's batch, as a cancelled gRPC call is: logged CANCELLED, 499."""
+    import socket
+
+    configure_logging("info")
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "go on"}],
+                           "maxNewTokens": 500}).encode()  # fmt: skip
+        head = (f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"x-request-id: hang-up\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        server = served.server
+        with socket.create_connection(("127.0.0.1", served.settings.http_port)) as sock:
+            sock.sendall(head + body)
+            while not (server.in_flight and generating(served)):
+                threading.Event().wait(0.01)  # until the generation is in the model's hands
+        while server.in_flight:
+            threading.Event().wait(0.01)
+        err = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x.get("request_id") == "hang-up"]
+    assert (line["code"], line["status"]) == ("CANCELLED", 499)
+    assert "completion_tokens" not in line  # it never finished
+
+
+def generating(served: InProcessServer) -> bool:
+    registry = served.server.metrics.registry
+    waiting = registry.get_sample_value("moderation_queue_depth") or 0
+    running = registry.get_sample_value("moderation_running_sequences") or 0
+    return waiting + running > 0
+
+
+def test_grpc_codes_map_to_http_as_grpc_gateway_maps_them() -> None:
+    import asyncio
+
+    from moderation.serving.http.context import HttpContext
+    from moderation.serving.http.status import HTTP_STATUS
+
+    expected = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+                "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500,
+                "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
+    assert {
+        code.name: HTTP_STATUS[code] for code in HTTP_STATUS if code.name in expected
+    } == expected
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    context = HttpContext()
+
+    async def shed() -> None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(shed())
+    error = context.error()
+    assert (error.status, error.body()["error"]["status"]) == (429, "RESOURCE_EXHAUSTED")
