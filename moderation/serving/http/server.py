@@ -184,9 +184,14 @@ class HttpServer:
                 response.headers[REQUEST_ID_KEY] = request_id
             status = response.status
             return response
-        except asyncio.CancelledError:  # the client went away
+        except (asyncio.CancelledError, ConnectionError):  # the client went away
             exchange.code, status = grpc.StatusCode.CANCELLED, 499
             raise
+        except Exception as exc:  # a fault of ours: a JSON 500, logged with its traceback
+            log.error("request failed", exc_info=exc)
+            error = CallError(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
+            status = error.status
+            return self._error(request, error)
         finally:
             self.in_flight -= 1
             self.http_metrics.active.dec()
