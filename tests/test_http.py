@@ -476,3 +476,39 @@ def test_grpc_codes_map_to_http_as_grpc_gateway_maps_them() -> None:
         asyncio.run(shed())
     error = context.error()
     assert (error.status, error.body()["error"]["status"]) == (429, "RESOURCE_EXHAUSTED")
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_line() -> None:
+    """The listener alone, with a servicer double whose stream fails after its first event (as
+    when the model process dies mid-answer): the 200 is sent, so the error is the last line."""
+    import asyncio
+
+    import aiohttp
+
+    from moderation.serving.http.server import HttpServer
+    from moderation.serving.metrics import Metrics
+
+    class FailingMidway(pb_grpc.ModerationServiceServicer):
+        async def GenerateStream(self, request: Any, context: Any) -> Any:  # type: ignore[override]
+            yield pb.GenerateStreamResponse(delta="Once upon")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model process exited")
+
+    async def stream() -> tuple[int, str]:
+        settings = ServeSettings(host="127.0.0.1", port=free_port(), http_port=free_port())
+        server = HttpServer(settings, FailingMidway(), Metrics.create(), None)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{server.port}/v1/generate/stream"
+                body = {"messages": [{"role": "user", "content": "a story"}]}
+                async with session.post(url, json=body) as response:
+                    return response.status, await response.text()
+        finally:
+            await server.stop()
+
+    status, text = asyncio.run(stream())
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert status == 200 and lines[0] == {"result": {"delta": "Once upon"}}
+    error = {"code": 503, "status": "UNAVAILABLE", "message": "the model process exited"}
+    assert lines[1] == {"error": {**error, "field": None}}
+    assert len(lines) == 2
