@@ -17,7 +17,12 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
 from moderation.core.policy import PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from moderation.extras import MissingServerExtra, missing_server_modules, require_server_extra
+from moderation.extras import (
+    SERVER_EXTRA,
+    MissingServerExtra,
+    missing_server_modules,
+    require_server_extra,
+)
 from moderation.jobs import batch, evaluate
 from moderation.jobs.options import (
     add_long_text_option,
@@ -153,9 +158,10 @@ def _register_serve(sub: Any) -> None:
         description="Serve moderation.v1.ModerationService over gRPC (demo model without --model).",
     )
     if missing_server_modules():
-        # Only the light client is installed: its options cannot even be listed (they come
-        # from the server's settings). Take any arguments and say what to install.
-        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        # Only the light client is installed: the options cannot even be listed (they come
+        # from the server's settings). Any arguments are taken (main) and the command says
+        # what to install.
+        p.description = f"{p.description} Needs the server extra: {SERVER_EXTRA}"
         p.set_defaults(func=_serve_needs_extra)
         return
     from moderation.serving.settings import add_serve_arguments
@@ -197,9 +203,15 @@ def _engine_errors(kind: str) -> tuple[type[Exception], ...]:
     return (errors.EngineError,)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    return (InvalidArgument, PolicyError, *_engine_errors("usage"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown and ns.func is not _serve_needs_extra:  # that one says what to install instead
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # The server configures its own logging from its settings; the other commands log only
     # through the engine (the server extra), so without it there is nothing to configure.
     if ns.command != "serve" and not missing_server_modules():
@@ -209,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = ns.func(ns)
     except MissingServerExtra as exc:  # rerunning gives the same result: a usage error
-        print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)  # "moderation serve needs the server extra ..."
         return EXIT_USAGE
-    except _engine_errors("usage") + (InvalidArgument, PolicyError) as exc:
+    except _usage_errors() as exc:
         # Bad arguments or input, a model folder that is not a checkpoint: one line, no trace.
         print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

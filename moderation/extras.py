@@ -32,8 +32,9 @@ class MissingServerExtra(Exception):
 
     def __init__(self, what: str, missing: list[str]):
         self.missing = missing
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         super().__init__(
-            f"{what} needs the server extra ({', '.join(missing)} not installed): {SERVER_EXTRA}"
+            f"{what} needs the server extra ({missing[0]}{more} not installed): {SERVER_EXTRA}"
         )
 
 
