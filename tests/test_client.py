@@ -394,3 +394,15 @@ def test_bad_client_arguments() -> None:
         ModerationClient([])
     with pytest.raises(ValueError, match="negative"):
         ModerationClient("127.0.0.1:1", retries=-1)
+
+
+def test_the_readme_example_runs(
+    double: tuple[Double, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### The Python client") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    assert len(example.strip().splitlines()) == 5
+    _, address = double
+    exec(example.replace("localhost:50051", address), {})
+    assert capsys.readouterr().out.startswith("acceptable False")
