@@ -44,6 +44,7 @@ def served(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # 
         metrics_port=0,
         auth_token_file=str(token_file),
         max_new_tokens=64,
+        max_message_bytes=64 * 1024,
     )
     server = InProcessServer(settings, demo_loader(demo_checkpoint))
     server.wait_loaded()
@@ -147,6 +148,18 @@ def test_invalid_argument_is_raised_at_once_naming_the_field(
     assert retries == []
     with pytest.raises(ValueError, match="role"):
         classify_request("x", role="system")  # type: ignore[arg-type]
+
+
+def test_a_message_over_the_size_limit_is_not_retried(served: InProcessServer) -> None:
+    retries: list[int] = []
+    with ModerationClient(
+        served.address, token=TOKEN, backoff=0.01, on_retry=lambda e, n, d: retries.append(n)
+    ) as c:
+        with pytest.raises(ModerationError) as err:
+            c.classify("x" * 100_000)  # > max_message_bytes (64 KiB)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not err.value.retryable
+        assert retries == [] and err.value.attempts == 1
+        assert c.classify("still serving").model
 
 
 def test_the_token_goes_as_a_bearer_header(served: InProcessServer) -> None:

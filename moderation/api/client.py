@@ -49,6 +49,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 """What a retry can cure: a server not ready (yet) or one whose queue is full right now."""
 
 REQUEST_ID_KEY = "x-request-id"
+_TOO_LARGE = "larger than max"  # gRPC's words for a message over the receiver's size limit
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 RoleName = Literal["input", "output"]
@@ -83,7 +84,9 @@ class ModerationError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE
+        # A message over the server's size limit is refused with RESOURCE_EXHAUSTED too, but
+        # the same request always will be: that one is not worth a retry.
+        return self.code in RETRYABLE and _TOO_LARGE not in self.details
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError, attempts: int = 1) -> ModerationError:
