@@ -170,7 +170,9 @@ def main() -> None:
             print(f"{row} {'(eager step counts)':>32}")
             continue
         counts = step_counts(engine, batch, ns.prompt)
-        print(f"{row} {counts.ops:9d} {counts.views:6d} {counts.syncs:6d} {counts.transfers:9d}")
+        print(
+            f"{row} {counts.ops:9d} {counts.views:6d} {counts.syncs:6d} {counts.transfers:9d}"
+        )
         if counts.syncs:
             print(f"      syncs: {dict(counts.sync_reasons)}")
     print("all targets met" if not failed else "SOME TARGETS MISSED")
