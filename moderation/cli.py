@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
+from moderation.core.planning import check_turn_order
 from moderation.core.policy import PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from moderation.extras import (
@@ -24,6 +25,7 @@ from moderation.extras import (
     require_server_extra,
 )
 from moderation.jobs import batch, evaluate
+from moderation.jobs.conversations import read_messages_file
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -59,11 +61,30 @@ def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) ->
 
 
 def _classify(ns: argparse.Namespace) -> int:
+    if (ns.text is None) == (ns.messages is None):
+        raise InvalidArgument("text", "give either a text or --messages FILE.json, not both")
+    messages = None
+    if ns.messages is not None:
+        # The file is read before the model loads: a bad one fails in a moment.
+        messages = read_messages_file(ns.messages)
+        check_turn_order(messages, end=("user", "assistant"))
+        for given, option in ((ns.role, "--role"), (ns.prompt, "--prompt")):
+            if given is not None:
+                raise InvalidArgument(
+                    "messages",
+                    f"{option} does not go with --messages: the last message is classified, "
+                    "as a user prompt or an answer by its role, after the earlier ones",
+                )
     policy, files = policy_option(ns.policy)
     policy, thresholds = threshold_options(ns, policy)
     runtime = _load(ns, files, long_text=ns.long_text)
     result = runtime.classifier.classify(
-        ns.text, role=ns.role, user_prompt=ns.prompt, policy=policy, **thresholds
+        ns.text or "",
+        role=ns.role,
+        user_prompt=ns.prompt,
+        policy=policy,
+        messages=messages,
+        **thresholds,
     )
     print(json.dumps(result.to_dict(), ensure_ascii=False))
     return EXIT_OK
@@ -128,10 +149,18 @@ def _register_classify(sub: Any) -> None:
     add_model_options(p)
     add_policy_option(p, DEFAULT_POLICY)
     add_role_option(p)
+    p.set_defaults(role=None)  # input, unless given; and not given with --messages
     p.add_argument("--prompt", help="output role: the user prompt the text answers")
+    p.add_argument(
+        "--messages",
+        metavar="FILE.json",
+        help="classify the last message of a conversation in the context of the earlier ones: "
+        'a JSON list of {"role", "content"} (system first if any, then user and assistant '
+        "alternating); instead of TEXT",
+    )
     add_threshold_options(p)
     add_long_text_option(p, "reject")
-    p.add_argument("text", help="the text to classify")
+    p.add_argument("text", nargs="?", help="the text to classify")
     p.set_defaults(func=_classify)
 
 

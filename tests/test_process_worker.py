@@ -108,6 +108,24 @@ def test_answers_equal_the_model_in_the_server_process(
     assert streamed[-1].final.text == b_gen.text
 
 
+def test_a_conversation_crosses_to_the_model_process_with_its_context(
+    process_server: InProcessServer, thread_server: InProcessServer
+) -> None:
+    messages = [
+        pb.ChatMessage(role="system", content="Be brief."),
+        pb.ChatMessage(role="user", content="Bread?"),
+        pb.ChatMessage(role="assistant", content="Knead it."),
+    ]
+    request = pb.ClassifyRequest(messages=messages, policy="mistral-13")
+    a, b = stub_of(thread_server).Classify(request), stub_of(process_server).Classify(request)
+    assert (a.category, a.prompt_tokens, a.context_tokens) == (
+        b.category, b.prompt_tokens, b.context_tokens
+    )  # fmt: skip
+    assert b.context_tokens > 0 and b.context_messages_dropped == 0
+    for key, value in a.scores.items():
+        assert b.scores[key] == pytest.approx(value, abs=1e-5)
+
+
 def test_bad_requests_are_refused_at_the_door_and_the_model_keeps_serving(
     process_server: InProcessServer,
 ) -> None:

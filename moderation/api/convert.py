@@ -19,8 +19,13 @@ _FINISH = {
 
 
 def classify_item(request: pb.ClassifyRequest) -> ClassifyItem:
-    """The domain item; an unknown role number is passed through for the classifier to name."""
-    role: Role | str = _ROLES.get(request.role, f"role number {request.role}")
+    """The domain item; an unknown role number is passed through for the classifier to name.
+
+    An unset role stays None (input for a text): with `messages` only a role actually set is
+    an error."""
+    role: Role | str | None = None
+    if request.role != pb.ROLE_UNSPECIFIED:
+        role = _ROLES.get(request.role, f"role number {request.role}")
     return ClassifyItem(
         text=request.text,
         role=role,
@@ -28,6 +33,7 @@ def classify_item(request: pb.ClassifyRequest) -> ClassifyItem:
         policy=request.policy or None,
         threshold=request.threshold if request.HasField("threshold") else None,
         category_thresholds=dict(request.category_thresholds),
+        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
     )
 
 
@@ -43,6 +49,8 @@ def classify_response(result: Classification) -> pb.ClassifyResponse:
         policy=result.policy,
         prompt_tokens=result.prompt_tokens,
         windows=result.windows,
+        context_tokens=result.context_tokens,
+        context_messages_dropped=result.context_messages_dropped,
     )
 
 
@@ -115,8 +123,11 @@ def classify_request(item: ClassifyItem) -> pb.ClassifyRequest:
     """The request a remote client sends for an item (the inverse of classify_item)."""
     request = pb.ClassifyRequest(
         text=item.text,
-        role=_ROLE_NUMBERS[Role(item.role)],
+        role=pb.ROLE_UNSPECIFIED if item.role is None else _ROLE_NUMBERS[Role(item.role)],
         prompt=item.user_prompt or "",
+        messages=[
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in item.messages or ()
+        ],
         policy=item.policy or "",
         category_thresholds=dict(item.category_thresholds),
     )
@@ -138,6 +149,8 @@ def classification(response: pb.ClassifyResponse) -> Classification:
         model=response.model,
         prompt_tokens=response.prompt_tokens,
         windows=response.windows,
+        context_tokens=response.context_tokens,
+        context_messages_dropped=response.context_messages_dropped,
     )
 
 

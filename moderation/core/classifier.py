@@ -85,8 +85,8 @@ class Classifier:
 
     # -------------------------------------------------------------- running
 
-    def classify(self, text: str, **kwargs: Any) -> Classification:
-        """Classify one text; keyword arguments are ClassifyItem fields."""
+    def classify(self, text: str = "", **kwargs: Any) -> Classification:
+        """Classify one text (or `messages=`); keyword arguments are ClassifyItem fields."""
         return self.classify_many([ClassifyItem(text, **kwargs)])[0]
 
     def classify_many(self, items: Sequence[ClassifyItem]) -> list[Classification]:
@@ -122,7 +122,14 @@ class Classifier:
             # The most severe window speaks for a split text.
             worst = max(results, key=lambda r: r.unsafe_probability)
             prompt_tokens = sum(r.prompt_tokens for r in results)
-            out.append(_with_tokens(worst, prompt_tokens))
+            out.append(
+                dataclasses.replace(
+                    worst,
+                    prompt_tokens=prompt_tokens,
+                    context_tokens=p.context_tokens,
+                    context_messages_dropped=p.context_messages_dropped,
+                )
+            )
         return out
 
     def _labels(self, policy: Policy) -> list[tuple[int, ...]]:
@@ -142,7 +149,3 @@ class Classifier:
         if self.reuse_prefix:
             for prefix in self.planner.prefixes():
                 self._prefix(prefix)
-
-
-def _with_tokens(result: Classification, prompt_tokens: int) -> Classification:
-    return dataclasses.replace(result, prompt_tokens=prompt_tokens)

@@ -14,14 +14,20 @@ from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Policy, Ro
 
 @dataclass(frozen=True)
 class ClassifyItem:
-    """One text to classify and how."""
+    """One text, or the last message of a conversation, to classify and how.
 
-    text: str
-    role: Role | str = Role.INPUT
+    `messages` (ChatMessage-like mappings with role and content) is the alternative to `text`:
+    its last message is classified in the context of the earlier ones, and `text`,
+    `user_prompt` and `role` must then be left unset ("", None, None).
+    """
+
+    text: str = ""
+    role: Role | str | None = None  # None = input for a text; from the last message otherwise
     user_prompt: str | None = None  # context for output moderation
     policy: str | None = None  # None = the classifier's default
     threshold: float | None = None  # None = the classifier's default
     category_thresholds: Mapping[str, float] = field(default_factory=dict)
+    messages: Sequence[Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class Classification:
     model: str
     prompt_tokens: int  # tokens of the prompt(s) scored, shared prefix included
     windows: int = 1  # >1 when a long text was split; the most severe window is reported
+    context_tokens: int = 0  # tokens of the context kept: the user prompt, or earlier turns
+    context_messages_dropped: int = 0  # earlier turns dropped, oldest first, to fit
 
     @property
     def unsafe_probability(self) -> float:

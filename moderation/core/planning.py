@@ -24,9 +24,12 @@ from moderation.core.prompts import (
     build_prefix,
     build_prompt_from_tokens,
     check_chat_prompt,
+    context_block,
+    context_overhead,
     encode_text,
     guarded_messages,
     split_tokens,
+    turn_tokens,
 )
 from moderation.core.text_safety import is_blank
 from moderation.core.thresholds import OperatingPoint, check_operating_point
@@ -35,11 +38,15 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 
 
-def check_turn_order(messages: Sequence[Mapping[str, Any]]) -> None:
+def check_turn_order(
+    messages: Sequence[Mapping[str, Any]], *, end: tuple[str, ...] = ("user",)
+) -> None:
     """The order the API documents: an optional leading system message, then user and
-    assistant messages alternating, starting and ending with a user message."""
+    assistant messages alternating, starting with a user message and ending with one of `end`
+    (a user message for generation; either for a conversation to classify)."""
+    ending = " or ".join(end) + " message"
     if not messages:
-        raise InvalidArgument("messages", "must not be empty: end with a user message")
+        raise InvalidArgument("messages", f"must not be empty: end with a {ending}")
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
     start = 1 if roles[:1] == ["system"] else 0
     for i in range(start, len(messages)):
@@ -51,8 +58,8 @@ def check_turn_order(messages: Sequence[Mapping[str, Any]]) -> None:
                 f"expected {expected!r}, got {quote(role)}: an optional system message first, "
                 "then user and assistant messages alternating",
             )
-    if roles[-1] != "user":
-        raise InvalidArgument("messages", "the conversation must end with a user message")
+    if roles[-1] not in end:
+        raise InvalidArgument("messages", f"the conversation must end with a {ending}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ class PlannedItem:
     prefix: tuple[int, ...]
     threshold: float
     category_thresholds: Mapping[str, float]
+    context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
+    context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
 
 
 class Planner:
@@ -130,33 +139,19 @@ class Planner:
         """Validate an item and build its prompt(s); InvalidArgument names the bad field.
 
         `split`: split a long text into windows even when long_text is "reject"."""
+        if item.messages is not None:
+            return self._plan_conversation(item, split=split)
         if not isinstance(item.text, str) or is_blank(item.text):
             raise InvalidArgument("text", "must not be empty")
         try:
-            role = Role(item.role)
+            role = Role(item.role or Role.INPUT)
         except ValueError:
             raise InvalidArgument(
                 "role", f"must be 'input' or 'output', got {quote(item.role)}"
             ) from None
         if role is Role.INPUT and item.user_prompt:
             raise InvalidArgument("prompt", "a user prompt is context for the output role only")
-        policy = self.policy(item.policy)
-        threshold = self.threshold if item.threshold is None else item.threshold
-        category_thresholds = item.category_thresholds
-        point = self.operating_points.get(policy.name)
-        if point is not None and item.threshold is None and not category_thresholds:
-            # The operator's operating point for this policy, unless the caller chose its own.
-            threshold = self.threshold if point.threshold is None else point.threshold
-            category_thresholds = point.category_thresholds
-        check_threshold("threshold", threshold)
-        for cid, value in category_thresholds.items():
-            if cid not in policy.category_ids:
-                raise InvalidArgument(
-                    "category_thresholds",
-                    f"policy {policy.name!r} has no category {quote(cid)}; "
-                    f"its categories: {', '.join(policy.category_ids)}",
-                )
-            check_threshold(f"category_thresholds[{cid}]", value)
+        policy, threshold, category_thresholds = self._decision(item)
         text_tokens = encode_text(self.tokenizer, item.text)
         context = encode_text(self.tokenizer, item.user_prompt) if item.user_prompt else None
         n_context = len(context or ())
@@ -177,7 +172,7 @@ class Planner:
                     f"the user prompt takes {n_context} of the {self.max_text_tokens} tokens "
                     "a prompt may have; shorten it",
                 )
-            windows = split_tokens(text_tokens, budget, min(self.window_overlap, budget - 1))
+            windows = self._windows(text_tokens, budget)
         try:
             bodies = [
                 build_prompt_from_tokens(
@@ -194,7 +189,111 @@ class Planner:
             prefix=build_prefix(policy, role, self.tokenizer),
             threshold=threshold,
             category_thresholds=dict(category_thresholds),
+            context_tokens=n_context,
         )
+
+    def _plan_conversation(self, item: ClassifyItem, *, split: bool) -> PlannedItem:
+        """The last message classified after the earlier turns that fit, newest kept first.
+
+        The last message has the room a text has (max_text_tokens) and follows the long-text
+        policy; the earlier turns get what it leaves, or half the room when it is split. They
+        are dropped oldest first, whole: a suffix of the conversation is kept. A leading
+        system message is dropped like any turn: the most recent turns say what the last
+        message replies to, and whoever wrote the system message wrote the rest too.
+        """
+        for name, given in (("text", item.text), ("prompt", item.user_prompt)):
+            if given:
+                raise InvalidArgument(name, "must not be set together with messages")
+        if item.role is not None:
+            raise InvalidArgument(
+                "role",
+                "must not be set together with messages: the last message's role says it "
+                "(user: input, assistant: output)",
+            )
+        messages = _conversation(item.messages)
+        last = len(messages) - 1
+        speaker, text = messages[last]
+        if is_blank(text):
+            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
+        role = Role.INPUT if speaker == "user" else Role.OUTPUT
+        policy, threshold, category_thresholds = self._decision(item)
+        tok, limit = self.tokenizer, self.max_text_tokens
+        text_tokens = encode_text(tok, text)
+        if len(text_tokens) <= limit:
+            room = limit - len(text_tokens)
+        elif self.long_text == "reject" and not split:
+            raise InvalidArgument(
+                f"messages[{last}].content",
+                f"{len(text_tokens)} tokens exceed the limit of {limit}; long texts are "
+                "rejected (long_text=reject)",
+            )
+        else:
+            room = limit // 2
+        earlier = messages[:last]
+        # For an answer, the user message it replies to fills the output layout's user prompt.
+        answered = encode_text(tok, earlier.pop()[1]) if role is Role.OUTPUT else None
+        kept: list[list[int]] = []
+        if answered is not None and len(answered) > room:
+            answered = None
+        else:
+            used = len(answered or ()) + context_overhead(tok, role)
+            for r, content in reversed(earlier):  # newest first; older ones are not encoded
+                turn = turn_tokens(tok, r, content)
+                if used + len(turn) > room:
+                    break
+                used += len(turn)
+                kept.append(turn)
+            kept.reverse()
+        block = context_block(tok, role, kept)
+        n_context = len(block) + len(answered or ())
+        dropped = last - len(kept) - (answered is not None)
+        if len(text_tokens) + n_context <= limit:
+            windows = [text_tokens]
+        else:
+            windows = self._windows(text_tokens, limit - n_context)
+        try:
+            bodies = [
+                build_prompt_from_tokens(
+                    policy, role, tok, w, user_prompt_tokens=answered, context=block
+                ).body
+                for w in windows
+            ]
+        except PromptError as exc:
+            raise InvalidArgument("messages", str(exc)) from exc
+        return PlannedItem(
+            policy=policy,
+            role=role,
+            bodies=bodies,
+            prefix=build_prefix(policy, role, tok),
+            threshold=threshold,
+            category_thresholds=dict(category_thresholds),
+            context_tokens=n_context,
+            context_messages_dropped=dropped,
+        )
+
+    def _decision(self, item: ClassifyItem) -> tuple[Policy, float, Mapping[str, float]]:
+        """The policy and thresholds an item is decided with (the operator's operating point
+        for the policy unless the caller chose its own)."""
+        policy = self.policy(item.policy)
+        threshold = self.threshold if item.threshold is None else item.threshold
+        category_thresholds = item.category_thresholds
+        point = self.operating_points.get(policy.name)
+        if point is not None and item.threshold is None and not category_thresholds:
+            threshold = self.threshold if point.threshold is None else point.threshold
+            category_thresholds = point.category_thresholds
+        check_threshold("threshold", threshold)
+        for cid, value in category_thresholds.items():
+            if cid not in policy.category_ids:
+                raise InvalidArgument(
+                    "category_thresholds",
+                    f"policy {policy.name!r} has no category {quote(cid)}; "
+                    f"its categories: {', '.join(policy.category_ids)}",
+                )
+            check_threshold(f"category_thresholds[{cid}]", value)
+        return policy, threshold, category_thresholds
+
+    def _windows(self, tokens: list[int], budget: int) -> list[list[int]]:
+        return split_tokens(tokens, budget, min(self.window_overlap, budget - 1))
 
     def prepare(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
@@ -292,3 +391,17 @@ class Planner:
         for policy in self.policies.values():
             for role in Role:
                 yield build_prefix(policy, role, self.tokenizer)
+
+
+def _conversation(messages: Any) -> list[tuple[str, str]]:
+    """A conversation to classify as (role, content) pairs, checked: objects with a string
+    content, in the documented turn order, ending with a user or an assistant message."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise InvalidArgument("messages", "must be a list of messages with role and content")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidArgument(f"messages[{i}]", "expected an object with role and content")
+        if not isinstance(message.get("content"), str):
+            raise InvalidArgument(f"messages[{i}].content", "must be a string")
+    check_turn_order(messages, end=("user", "assistant"))
+    return [(str(m["role"]), str(m["content"])) for m in messages]

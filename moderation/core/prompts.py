@@ -7,6 +7,18 @@ tokens); "|" marks where the shared prefix ends and the body begins:
     output:  <s>[INST] {instruction}\n\n{OUTPUT_NOTE}\n\nUser prompt:| {user prompt, or
              "(not given)"}\n\nAnswer: {answer} [/INST]
 
+A conversation (ClassifyRequest.messages) classifies its last message with the same two
+prefixes; the earlier turns kept go in the body, before the classified text, as a block of fixed
+wording around the untrusted contents (shown for a last user message; for a last assistant
+message the block ends with "The last user message:" then the output layout's slot, and the
+last user message itself is the slot's user prompt):
+
+    input:   ...Text:| Earlier in the conversation, as context only:\n\nUser: {u1}\n\n
+             Assistant: {a1}\n\nThe last user message, the text to classify: {text} [/INST]
+
+Without earlier turns the block is absent, so [user T] is exactly text=T and [user P,
+assistant A] is exactly text=A, role=output, prompt=P: the same tokens, the same scores.
+
 The prefix (BOS, the turn opener, the instruction up to the last marker) depends only on the
 policy and role, so its KV is computed once and reused. The body holds the untrusted text (for
 the output role also the fixed "Answer:" marker between its two segments) and the turn closer.
@@ -65,6 +77,15 @@ TEXT_MARKER = "Text:"
 USER_PROMPT_MARKER = "User prompt:"
 ANSWER_MARKER = "Answer:"
 NO_USER_PROMPT = "(not given)"
+# A conversation's earlier turns, in the body: the block's head, a speaker per message, and the
+# line that introduces the last user message after the block (per role, see the module doc).
+CONTEXT_HEAD = "Earlier in the conversation, as context only:"
+SPEAKERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+CONTEXT_END = {
+    "input": "The last user message, the text to classify:",
+    "output": "The last user message:",
+}
+EMPTY_MESSAGE = "(empty)"
 OUTPUT_NOTE = (
     'The text to classify is the answer of an AI assistant, shown after "Answer:". '
     'The user prompt it answers is shown before it, after "User prompt:", as context only.'
@@ -105,12 +126,23 @@ def instruction_text(policy: Policy, role: Role | str) -> str:
 
 
 def prompt_text(
-    policy: Policy, role: Role | str, text: str, *, user_prompt: str | None = None
+    policy: Policy,
+    role: Role | str,
+    text: str,
+    *,
+    user_prompt: str | None = None,
+    earlier: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The user-turn content as plain text: what `build_prompt` tokenizes, for logs or other
-    engines. `chat template([user: prompt_text(...)])` gives the same tokens as `build_prompt`."""
+    engines. `chat template([user: prompt_text(...)])` gives the same tokens as `build_prompt`.
+
+    `earlier`: a conversation's earlier turns kept as context, (role, content) oldest first (for
+    the output role without the last user message, which is `user_prompt`)."""
     role = _check_role(role, user_prompt)
     parts = [instruction_text(policy, role)]
+    if earlier:
+        turns = "".join(f"\n\n{_speaker(r)} {clean(c) or EMPTY_MESSAGE}" for r, c in earlier)
+        parts.append(f"{CONTEXT_HEAD}{turns}\n\n{CONTEXT_END[role]}")
     if role is Role.OUTPUT:
         parts.append(f"{clean(user_prompt or '') or NO_USER_PROMPT}\n\n{ANSWER_MARKER}")
     # Joined with a space only when the text is not empty, as the body tokens are.
@@ -118,6 +150,43 @@ def prompt_text(
     if cleaned:
         parts.append(cleaned)
     return " ".join(parts)
+
+
+def turn_tokens(tokenizer: PromptTokenizer, role: str, content: str) -> list[int]:
+    """Tokens of one earlier turn in a context block: "\\n\\n{Speaker}: {content}", the content
+    treated as data like any text (a blank one reads "(empty)")."""
+    words = encode_text(tokenizer, content) or tokenizer.encode(EMPTY_MESSAGE, bos=False)
+    return [*_encode_after_text(tokenizer, f"\n\n{_speaker(role)}"), *words]
+
+
+def context_block(
+    tokenizer: PromptTokenizer, role: Role | str, turns: Sequence[Sequence[int]]
+) -> list[int]:
+    """The block of earlier turns (each made by `turn_tokens`) that opens a body; none, no
+    block."""
+    if not turns:
+        return []
+    head, end = _context_wording(tokenizer, _check_role(role, None))
+    return [*head, *(t for turn in turns for t in turn), *end]
+
+
+def context_overhead(tokenizer: PromptTokenizer, role: Role | str) -> int:
+    """Tokens a context block takes besides its turns (its head and its last line)."""
+    head, end = _context_wording(tokenizer, _check_role(role, None))
+    return len(head) + len(end)
+
+
+def _context_wording(tokenizer: PromptTokenizer, role: Role) -> tuple[list[int], list[int]]:
+    # The head follows the prefix's last marker after a space, as a text would.
+    head = tokenizer.encode(CONTEXT_HEAD, bos=False)
+    return head, _encode_after_text(tokenizer, f"\n\n{CONTEXT_END[role]}")
+
+
+def _speaker(role: str) -> str:
+    try:
+        return SPEAKERS[role]
+    except KeyError:
+        raise PromptError(f"role must be system, user or assistant, got {quote(role)}") from None
 
 
 def build_prefix(policy: Policy, role: Role | str, tokenizer: PromptTokenizer) -> tuple[int, ...]:
@@ -151,13 +220,22 @@ def build_prompt(
     text: str,
     *,
     user_prompt: str | None = None,
+    earlier: Sequence[tuple[str, str]] = (),
 ) -> ModerationPrompt:
     """The prompt that classifies `text`: a user prompt (input role) or an assistant answer
-    (output role, with the `user_prompt` it answers as optional context)."""
+    (output role, with the `user_prompt` it answers as optional context), after a
+    conversation's `earlier` turns when given ((role, content), oldest first; see
+    `prompt_text`)."""
     role = _check_role(role, user_prompt)
     context = None if user_prompt is None else encode_text(tokenizer, user_prompt)
+    block = context_block(tokenizer, role, [turn_tokens(tokenizer, r, c) for r, c in earlier])
     return build_prompt_from_tokens(
-        policy, role, tokenizer, encode_text(tokenizer, text), user_prompt_tokens=context
+        policy,
+        role,
+        tokenizer,
+        encode_text(tokenizer, text),
+        user_prompt_tokens=context,
+        context=block,
     )
 
 
@@ -168,17 +246,19 @@ def build_prompt_from_tokens(
     text_tokens: Sequence[int],
     *,
     user_prompt_tokens: Sequence[int] | None = None,
+    context: Sequence[int] = (),
 ) -> ModerationPrompt:
-    """`build_prompt` from tokens made by `encode_text` (or windows of them, see split_tokens).
+    """`build_prompt` from tokens made by `encode_text` (or windows of them, see split_tokens),
+    after a `context` block made by `context_block` (none by default).
 
     The tokens are checked like any body: no BOS, EOS, control id or turn marker.
     """
     role = _check_role(role, user_prompt_tokens)
     prefix = build_prefix(policy, role, tokenizer)
-    body: list[int] = []
+    body: list[int] = list(context)
     if role is Role.OUTPUT:
-        context = list(user_prompt_tokens or ()) or tokenizer.encode(NO_USER_PROMPT, bos=False)
-        body += context + _encode_after_text(tokenizer, f"\n\n{ANSWER_MARKER}")
+        answered = list(user_prompt_tokens or ()) or tokenizer.encode(NO_USER_PROMPT, bos=False)
+        body += answered + _encode_after_text(tokenizer, f"\n\n{ANSWER_MARKER}")
     body += [*text_tokens, *tokenizer.inst_close()]
     _check_structure(tokenizer, tuple(body), structural=0, closed=True)
     return ModerationPrompt(prefix=prefix, body=tuple(body))

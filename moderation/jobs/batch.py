@@ -4,6 +4,11 @@ Output: every input column unchanged, then `category`, `flagged`, `paper_categor
 `score_<category id>` column per category of the policy (and `score_acceptable`), and `error`.
 One output row per input row, in input order; a row that cannot be scored gets `error` set.
 
+With `--messages-column` each cell of that column is a conversation, a JSON list of
+{"role", "content"} messages whose last message is classified (as ClassifyRequest.messages);
+the output then also has `context_tokens` and `context_messages_dropped`. A cell that is not
+such a list is an error row like any other.
+
 Resume protocol. Rows are scored in batches; after each batch the rows are appended to OUT,
 OUT is flushed and fsynced, and then `OUT.progress` (JSON: input rows done, OUT's length in
 bytes, running counts) is replaced atomically (write a temporary file, os.replace). A kill at
@@ -41,6 +46,7 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
+from moderation.jobs.conversations import parse_messages
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -92,13 +98,20 @@ class Progress:
             raise UsageError(f"cannot resume: {path} is unreadable ({exc})") from exc
 
 
-def output_columns(input_columns: list[str], policy: Policy) -> list[str]:
+CONTEXT_COLUMNS = ("context_tokens", "context_messages_dropped")
+"""Added after the scores when the rows are conversations."""
+
+
+def output_columns(
+    input_columns: list[str], policy: Policy, *, conversations: bool = False
+) -> list[str]:
     added = [
         "category",
         "flagged",
         "paper_category",
         *(f"score_{c}" for c in policy.category_ids),
         f"score_{ACCEPTABLE_ID}",
+        *(CONTEXT_COLUMNS if conversations else ()),
         "error",
     ]
     clash = sorted(set(added) & set(input_columns))
@@ -107,15 +120,20 @@ def output_columns(input_columns: list[str], policy: Policy) -> list[str]:
     return [*input_columns, *added]
 
 
-def result_cells(outcome: Classification | str, policy: Policy) -> list[str]:
+def result_cells(
+    outcome: Classification | str, policy: Policy, *, conversations: bool = False
+) -> list[str]:
     ids = [*policy.category_ids, ACCEPTABLE_ID]
+    context = len(CONTEXT_COLUMNS) if conversations else 0
     if isinstance(outcome, str):
-        return ["", "", "", *([""] * len(ids)), outcome]
+        return ["", "", "", *([""] * (len(ids) + context)), outcome]
+    counts = [str(outcome.context_tokens), str(outcome.context_messages_dropped)]
     return [
         outcome.category,
         "true" if outcome.flagged else "false",
         outcome.paper_category,
         *(f"{outcome.scores.get(i, 0.0):.6f}" for i in ids),
+        *(counts if conversations else ()),
         "",
     ]
 
@@ -141,7 +159,7 @@ class CountingReader(io.RawIOBase):
 class BatchJob:
     input: str
     output: str
-    text_column: str
+    text_column: str | None  # exactly one of text_column and messages_column
     prompt_column: str | None
     role: str
     policy: str | None
@@ -152,8 +170,18 @@ class BatchJob:
     resume: bool
     escape_formulas: bool
     category_thresholds: Mapping[str, float] = field(default_factory=dict)
+    messages_column: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns the job reads."""
+        named = (self.text_column, self.prompt_column, self.messages_column)
+        return [c for c in named if c is not None]
 
     def items(self, row: dict[str, str | None]) -> ClassifyItem | str:
+        if self.messages_column is not None:
+            return self._conversation(row, self.messages_column)
+        assert self.text_column is not None
         text = row.get(self.text_column)
         if text is None:
             return f"missing column {self.text_column!r} in this row"
@@ -166,6 +194,21 @@ class BatchJob:
             text,
             role=self.role,
             user_prompt=prompt or None,
+            policy=self.policy,
+            threshold=self.threshold,
+            category_thresholds=self.category_thresholds,
+        )
+
+    def _conversation(self, row: dict[str, str | None], column: str) -> ClassifyItem | str:
+        cell = row.get(column)
+        if cell is None:
+            return f"missing column {column!r} in this row"
+        try:
+            messages = parse_messages(cell)
+        except InvalidArgument as exc:
+            return str(exc)
+        return ClassifyItem(
+            messages=messages,
             policy=self.policy,
             threshold=self.threshold,
             category_thresholds=self.category_thresholds,
@@ -225,12 +268,13 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
         raise UsageError(f"{job.input}: empty file, no header row") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
-    missing = [c for c in (job.text_column, job.prompt_column) if c is not None and c not in header]
+    missing = [c for c in job.columns if c not in header]
     if missing:
         raise UsageError(
             f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(header)}"
         )
-    columns = output_columns(header, policy)
+    conversations = job.messages_column is not None
+    columns = output_columns(header, policy, conversations=conversations)
 
     if to_stdout:
         out: IO[str] = sys.stdout
@@ -272,7 +316,7 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             outcome = next(scored) if isinstance(item, ClassifyItem) else item
             copied = [_escape(c) for c in cells] if job.escape_formulas else cells
             padded = copied + [""] * (len(header) - len(copied))
-            writer.writerow([*padded, *result_cells(outcome, policy)])
+            writer.writerow([*padded, *result_cells(outcome, policy, conversations=conversations)])
             if isinstance(outcome, str):
                 progress.failed += 1
             elif outcome.flagged:
@@ -347,8 +391,23 @@ def summary(progress: Progress) -> str:
     )
 
 
+def check_columns(ns: argparse.Namespace) -> None:
+    """Exactly one of --text-column and --messages-column; a conversation says its own roles
+    and context, so --role and --prompt-column do not go with it."""
+    if (ns.text_column is None) == (ns.messages_column is None):
+        raise UsageError("give one of --text-column and --messages-column")
+    if ns.messages_column is not None:
+        for given, option in ((ns.prompt_column, "--prompt-column"), (ns.role, "--role")):
+            if given is not None:
+                raise UsageError(
+                    f"{option} does not go with --messages-column: each conversation's last "
+                    "message is classified by its role, after the earlier ones"
+                )
+
+
 def _run(ns: argparse.Namespace) -> int:
     try:
+        check_columns(ns)
         policy, policy_files = policy_option(ns.policy, remote=bool(ns.target))
         policy, thresholds = threshold_options(ns, policy)
         job = BatchJob(
@@ -356,7 +415,8 @@ def _run(ns: argparse.Namespace) -> int:
             output=ns.output,
             text_column=ns.text_column,
             prompt_column=ns.prompt_column,
-            role=ns.role,
+            messages_column=ns.messages_column,
+            role=ns.role or "input",
             policy=policy,
             encoding=ns.encoding,
             delimiter=ns.delimiter,
@@ -398,9 +458,16 @@ def register(sub: Any) -> None:
     p = sub.add_parser("batch", help="score a CSV file (resumable)")
     p.add_argument("input", help="input CSV file, or - for stdin")
     p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
-    p.add_argument("--text-column", required=True, help="column with the text to classify")
+    p.add_argument("--text-column", help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
+    p.add_argument(
+        "--messages-column",
+        metavar="NAME",
+        help="instead of --text-column: column whose cells are conversations, JSON lists of "
+        '{"role", "content"}; the last message of each is classified after the earlier ones',
+    )
     add_role_option(p)
+    p.set_defaults(role=None)  # input, unless given; and not given with --messages-column
     add_policy_option(p, None)
     add_threshold_options(p)
     add_long_text_option(p, "reject")

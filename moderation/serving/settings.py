@@ -202,7 +202,7 @@ class ServeSettings:
     max_messages: int = _setting(
         256,
         parse_int,
-        "most chat messages in one Generate call",
+        "most chat messages in one Generate call or one conversation to classify",
         metavar="N",
     )
     plan_threads: int = _setting(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -111,6 +111,11 @@ def _logged(text: str) -> str:
     return f"{text[:LOGGED_TEXT_CHARS]}... ({len(text)} characters)"
 
 
+def _classified_text(request: pb.ClassifyRequest) -> str:
+    """The text a request classifies: `text`, or the last message of `messages`."""
+    return request.messages[-1].content if request.messages else request.text
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -148,6 +153,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def _plan(self, front: Front, request: pb.ClassifyRequest) -> PlannedItem:
         self._check_chars(request.text, "text")
         self._check_chars(request.prompt, "prompt")
+        self._check_messages(request.messages, last_splittable=True)
         return front.planner.plan(convert.classify_item(request))
 
     def _plan_batch(self, front: Front, request: pb.ClassifyBatchRequest) -> list[PlannedItem]:
@@ -200,18 +206,23 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
 
-    def _check_generation(self, request: convert.GenerateMessage) -> None:
-        """Every text field against its limit, before anything reads the texts."""
-        settings = self.state.settings
-        if len(request.messages) > settings.max_messages:
+    def _check_messages(self, messages: Sequence[pb.ChatMessage], *, last_splittable: bool) -> None:
+        """A conversation's size against the limits: how many messages, and each one's length
+        (the last one of a conversation to classify may be split, as a text)."""
+        limit = self.state.settings.max_messages
+        if len(messages) > limit:
             raise InvalidArgument(
                 "messages",
-                f"{len(request.messages)} messages exceed the limit of {settings.max_messages} "
-                "(MODERATION_MAX_MESSAGES)",
+                f"{len(messages)} messages exceed the limit of {limit} (MODERATION_MAX_MESSAGES)",
             )
+        for i, m in enumerate(messages):
+            splittable = last_splittable and i == len(messages) - 1
+            self._check_chars(m.content, f"messages[{i}].content", splittable=splittable)
+
+    def _check_generation(self, request: convert.GenerateMessage) -> None:
+        """Every text field against its limit, before anything reads the texts."""
+        self._check_messages(request.messages, last_splittable=False)
         self._check_chars(request.system_prompt, "system_prompt", splittable=False)
-        for i, m in enumerate(request.messages):
-            self._check_chars(m.content, f"messages[{i}].content", splittable=False)
 
     async def _generation(
         self,
@@ -240,7 +251,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             front, worker = self._ready()
             planned = await self._off_loop(self._plan, front, request)
             result = (await worker.classify([planned], deadline=_deadline(context)))[0]
-            self._record([result], [request.text])
+            self._record([result], [_classified_text(request)])
             return convert.classify_response(result)
 
         return await self._guard(context, body)
@@ -261,7 +272,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 )
             planned = await self._off_loop(self._plan_batch, front, request)
             results = await worker.classify(planned, deadline=_deadline(context))
-            self._record(results, [r.text for r in request.requests])
+            self._record(results, [_classified_text(r) for r in request.requests])
             return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
 
         return await self._guard(context, body)
