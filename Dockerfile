@@ -108,18 +108,20 @@ RUN pip install --no-cache-dir --require-hashes -r requirements/serve.lock
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY moderation/ moderation/
-# Not editable: the final image holds the installed package, not the sources. --no-deps: all
-# of them are installed above (flash-attn, the gpu extra, with torch).
-RUN pip install --no-cache-dir --no-deps ./ \
+# Not editable: the final image holds the installed package, not the sources. The server
+# extra (the engine and the server; the base distribution is only the light client) and the
+# gpu one are installed above from the lock and the PyTorch index, hence --no-deps; the import
+# proves the server's modules are all there.
+RUN pip install --no-cache-dir --no-deps "./[server]" \
     && pip check \
-    && python -c "import moderation, model; from moderation.v1 import moderation_pb2_grpc"
+    && python -c "import moderation.cli, moderation.serving.grpc.server, model"
 
 # --- test: the suite on the image's torch (docker build --target test) ----------------------
 # Not part of the final image. The deploy and packaging tests need the repository (kubectl,
 # hadolint, make), so they run with `make test`, not here.
 FROM builder AS test
 COPY tests/ tests/
-RUN pip install --no-cache-dir "./[dev]" \
+RUN pip install --no-cache-dir "./[server,dev]" \
     && python -m pytest -q -p no:cacheprovider tests \
         --ignore=tests/test_deploy.py --ignore=tests/test_install.py \
         --ignore=tests/test_proto_fresh.py --ignore=tests/test_layout.py

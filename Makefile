@@ -1,5 +1,6 @@
-# Each target creates the virtual environment it needs: .venv (the project and its dev tools)
-# for tests, lint and benchmarks; .venv-serve (the project alone) for `make serve`. torch
+# Each target creates the virtual environment it needs: .venv (the project with its server
+# extra and dev tools) for tests, lint and benchmarks; .venv-serve (the project with its server
+# extra, no dev tools) for `make serve`. The base distribution alone is the light client. torch
 # $(TORCH_VERSION) is installed first where no torch is present (scripts/install-torch.sh): the
 # CPU build on a machine without an NVIDIA GPU, so a plain `torch` requirement never pulls the
 # multi-GB CUDA build by surprise.
@@ -21,14 +22,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	sh scripts/install-torch.sh $(BIN)/python $(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	sh scripts/install-torch.sh $(SERVE_VENV)/bin/python $(TORCH_VERSION)
-	$(SERVE_VENV)/bin/python -m pip install --quiet -e .
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[server]"
 	touch $(SERVE_STAMP)
 
 test: $(STAMP)

@@ -21,7 +21,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_checkpoint, machine
-from moderation.api.client import RemoteOptions, RemoteScorer
+from moderation.api.remote import RemoteOptions, RemoteScorer
 from moderation.jobs.batch import BatchJob, run
 from moderation.jobs.scoring import LocalScorer
 from moderation.runtime import load_runtime

@@ -6,24 +6,24 @@ The one place that wires serving and the jobs into commands.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from model.errors import CheckpointError, EngineError, TokenizerError
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
 from moderation.core.planning import check_turn_order
 from moderation.core.policy import PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from moderation.extras import (
+    SERVER_EXTRA,
+    MissingServerExtra,
+    missing_server_modules,
+    require_server_extra,
+)
 from moderation.jobs import batch, evaluate
 from moderation.jobs.conversations import read_messages_file
 from moderation.jobs.options import (
@@ -35,13 +35,20 @@ from moderation.jobs.options import (
     policy_option,
     threshold_options,
 )
-from moderation.runtime import Runtime, check_policies, load_runtime
-from moderation.serving.grpc.server import LOADER_THREAD, serve
-from moderation.serving.logs import configure_logging
-from moderation.serving.settings import SettingsError, add_serve_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
+
+# The engine, the server and their logging come with the `server` extra: they are imported by
+# the commands that use them, so that the light client's install (`pip install
+# mistral-moderation`) still runs `moderation batch --target ...` and says what to install for
+# the rest.
 
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
+    require_server_extra(f"moderation {ns.command}")
+    from moderation.runtime import load_runtime
+
     # Loading the demo model logs one warning that says so; nothing to add here.
     return load_runtime(
         ns.model,
@@ -103,6 +110,17 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import threading
+
+    import structlog
+
+    from moderation.runtime import check_policies
+    from moderation.serving.grpc.server import LOADER_THREAD, serve
+    from moderation.serving.logs import configure_logging
+    from moderation.serving.settings import SettingsError, settings_from_args
+
     try:
         settings = settings_from_args(ns)
         settings.resolve_auth_token()  # fail now on an unreadable token file
@@ -168,8 +186,22 @@ def _register_serve(sub: Any) -> None:
         help="run the gRPC moderation server",
         description="Serve moderation.v1.ModerationService over gRPC (demo model without --model).",
     )
+    if missing_server_modules():
+        # Only the light client is installed: the options cannot even be listed (they come
+        # from the server's settings). Any arguments are taken (main) and the command says
+        # what to install.
+        p.description = f"{p.description} Needs the server extra: {SERVER_EXTRA}"
+        p.set_defaults(func=_serve_needs_extra)
+        return
+    from moderation.serving.settings import add_serve_arguments
+
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
+
+
+def _serve_needs_extra(ns: argparse.Namespace) -> int:
+    require_server_extra("moderation serve")
+    raise AssertionError("the server extra is installed after all")  # checked when registered
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,18 +220,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_errors(kind: str) -> tuple[type[Exception], ...]:
+    """The engine's errors of a kind ("usage": a bad checkpoint or tokenizer; "error": the
+    engine failed). Looked up only when an exception is being matched, and only if the engine
+    was imported: an engine that never ran raised nothing, and importing it costs torch."""
+    errors = sys.modules.get("model.errors")
+    if errors is None:
+        return ()
+    if kind == "usage":
+        return (errors.CheckpointError, errors.TokenizerError)
+    return (errors.EngineError,)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    return (InvalidArgument, PolicyError, *_engine_errors("usage"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.command != "serve":  # the server configures its own logging from its settings
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown and ns.func is not _serve_needs_extra:  # that one says what to install instead
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # The server configures its own logging from its settings; the other commands log only
+    # through the engine (the server extra), so without it there is nothing to configure.
+    if ns.command != "serve" and not missing_server_modules():
+        from moderation.serving.logs import configure_logging
+
         configure_logging("warning", json=False)
     try:
         code: int = ns.func(ns)
-    except (InvalidArgument, PolicyError, CheckpointError, TokenizerError) as exc:
+    except MissingServerExtra as exc:  # rerunning gives the same result: a usage error
+        print(exc, file=sys.stderr)  # "moderation serve needs the server extra ..."
+        return EXIT_USAGE
+    except _usage_errors() as exc:
         # Bad arguments or input, a model folder that is not a checkpoint: one line, no trace.
         print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except EngineError as exc:  # e.g. the model does not fit the memory budget
+    except _engine_errors("error") as exc:  # e.g. the model does not fit the memory budget
         print(f"moderation {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -23,17 +23,14 @@ from model.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.classifier import Classifier
 from moderation.core.guarded import GuardedGenerator
-from moderation.core.limits import ModelLimits
+from moderation.core.limits import DEFAULT_MAX_CONTEXT, ModelLimits
+from moderation.core.limits import DTYPES as DTYPES  # where the server's settings look for it
 from moderation.core.planning import Planner
 from moderation.core.policy import Policy, PolicyError, load_policy_file
 from moderation.core.thresholds import check_operating_point, load_operating_points
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
-DEFAULT_MAX_CONTEXT = 8192
-"""Tokens per sequence unless the operator says otherwise: room for any classification prompt
-and a long chat, at 1 GiB of cache per slot for the 7B (vLLM's max_model_len plays this part)."""
 
 log = structlog.get_logger(__name__)
 

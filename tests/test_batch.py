@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.api.client import RemoteOptions, RemoteScorer
+from moderation.api.remote import RemoteOptions, RemoteScorer
 from moderation.cli import main
 from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK
 from moderation.jobs.batch import BatchJob, Progress, UsageError, run

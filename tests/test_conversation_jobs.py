@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moderation.api.client import RemoteOptions, RemoteScorer
+from moderation.api.remote import RemoteOptions, RemoteScorer
 from moderation.cli import main
 from moderation.core.decision import ClassifyItem
 from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE

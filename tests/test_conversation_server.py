@@ -181,3 +181,24 @@ def test_the_remote_request_of_a_conversation_item_round_trips() -> None:
     assert request.role == pb.ROLE_UNSPECIFIED and not request.text
     assert [(x.role, x.content) for x in request.messages] == [("user", "a")]
     assert convert.classify_item(request) == item
+
+
+def test_with_long_text_split_only_the_last_message_may_pass_the_character_limit(
+    demo_checkpoint: Path,
+) -> None:
+    settings = ServeSettings(model_process=False,
+        host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_text_chars=MAX_CHARS,
+        max_context=MAX_CONTEXT, long_text="split",
+    )  # fmt: skip
+    server = InProcessServer(settings, demo_loader(demo_checkpoint))
+    try:
+        server.wait_loaded()
+        stub = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
+        long = "many words here " * 100  # over the character limit and over the token room
+        r = stub.Classify(pb.ClassifyRequest(messages=[m("user", "Hi."), m("assistant", long)]))
+        assert r.windows > 1 and r.context_tokens > 0 and r.context_messages_dropped == 0
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(messages=[m("user", long), m("assistant", "ok")]))
+        assert invalid_field(err.value) == "messages[0].content"
+    finally:
+        server.stop()

@@ -112,7 +112,8 @@ def test_make_serve_installs_no_dev_tools(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert any("scripts/install-torch.sh" in line for line in lines)
     installs = [line for line in lines if "pip install" in line and "-e" in line.split()]
-    assert installs and all("[dev]" not in line for line in installs), lines
+    assert installs and all("dev]" not in line for line in installs), lines
+    assert all("[server]" in line for line in installs), lines  # the engine and the server
     assert any(line.endswith("moderation serve ") or "moderation serve" in line for line in lines)
 
 
@@ -133,7 +134,8 @@ def test_the_image_lock_pins_every_runtime_dependency_with_hashes() -> None:
         name, _, version = spec.strip().partition("==")
         assert version and hashes, f"not pinned with hashes: {line[:80]}"
         pins[canonicalize_name(Requirement(name).name)] = version
-    for dependency in project["dependencies"]:
+    # The image serves: the base dependencies (the client) and the server extra.
+    for dependency in project["dependencies"] + project["optional-dependencies"]["server"]:
         req = Requirement(dependency)
         if req.name == "torch":  # from the PyTorch index of the image's variant
             assert canonicalize_name(req.name) not in pins

@@ -15,10 +15,30 @@ def _modules_after(imports: str) -> set[str]:
     return set(out.split())
 
 
+SERVER_EXTRA = ("torch", "numpy", "sentencepiece", "safetensors", "structlog", "prometheus_client")
+
+
 def test_the_light_client_runs_without_torch_or_the_engine() -> None:
     loaded = _modules_after("import moderation.api.client, moderation.api.convert")
     assert "moderation.api.client" in loaded
     assert not {m for m in loaded if m == "torch" or m.startswith(("torch.", "model"))}
+
+
+def test_the_client_loads_only_grpc_protobuf_and_the_stubs() -> None:
+    loaded = _modules_after("import moderation.api.client")
+    ours = {m for m in loaded if m.split(".")[0] in ("moderation", "model")}
+    stubs = {"moderation.v1", "moderation.v1.moderation_pb2", "moderation.v1.moderation_pb2_grpc"}
+    assert ours == {"moderation", "moderation.api", "moderation.api.client", *stubs}
+    assert not {m for m in loaded if m.split(".")[0] in SERVER_EXTRA}
+
+
+def test_the_command_and_remote_scoring_load_no_engine() -> None:
+    # `moderation batch --target` runs where only the light client is installed. (Building
+    # the parser here loads the server's settings, for `serve`'s options: the server extra is
+    # installed in this environment. Without it, tests/test_client_install.py.)
+    loaded = _modules_after("import moderation.cli, moderation.jobs.scoring, moderation.api.remote")
+    assert "moderation.cli" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in (*SERVER_EXTRA, "model")}
 
 
 def test_the_domain_core_runs_without_grpc_or_an_event_loop() -> None:

@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 LONG_TEXT_MODES = ("reject", "split")
 """What to do with a text longer than a prompt may take: reject it, or split it into windows."""
 
+DEFAULT_MAX_CONTEXT = 8192
+"""Tokens per sequence unless the operator says otherwise: room for any classification prompt
+and a long chat, at 1 GiB of cache per slot for the 7B (vLLM's max_model_len plays this part).
+Here, not in `runtime`, so that the command-line options are built without torch."""
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The dtypes a model may be loaded in (`auto`: what the device does best)."""
+
 PLANNING_CONTEXT_CAP = 8192
 """Without a context limit of the engine, prompts are planned for at most this many tokens."""
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from moderation.api.client import RemoteError
+from moderation.api.remote import RemoteError
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError

@@ -7,10 +7,9 @@ import argparse
 from typing import Any
 
 from moderation.core.builtin_policies import BUILTIN_POLICIES
-from moderation.core.limits import LONG_TEXT_MODES
+from moderation.core.limits import DEFAULT_MAX_CONTEXT, DTYPES, LONG_TEXT_MODES
 from moderation.core.policy import PolicyError, Role, is_policy_file, load_policy_file
 from moderation.core.thresholds import OperatingPoint, ThresholdsError, load_operating_point
-from moderation.runtime import DEFAULT_MAX_CONTEXT, DTYPES
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from moderation.api.client import Outcome, RemoteOptions, RemoteScorer
+from moderation.api.remote import Outcome, RemoteOptions, RemoteScorer
 from moderation.core.decision import ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import Policy
-from moderation.runtime import Runtime, load_runtime
+from moderation.extras import require_server_extra
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 
 class Scorer(Protocol):
@@ -71,6 +74,11 @@ def make_scorer(ns: argparse.Namespace, policy_files: Sequence[str] = ()) -> Sco
                 tls_ca=ns.tls_ca,
             )
         )
+    # The engine only now: remote scoring runs where only the light client is installed.
+    command = getattr(ns, "command", None) or "batch"
+    require_server_extra(f"moderation {command} without --target")
+    from moderation.runtime import load_runtime
+
     runtime = load_runtime(
         ns.model,
         device=ns.device,
