@@ -23,6 +23,7 @@ SERVER_EXTRA_MODULES = (
     "grpc_reflection",
     "grpc_status",
     "mistral_common",
+    "aiohttp",
 )
 """The top-level modules the `server` extra's distributions provide (pyproject.toml)."""
 
