@@ -33,6 +33,8 @@ from moderation.serving.calls import (
 )
 from moderation.serving.metrics import Metrics
 
+# The call record moved to moderation.serving.calls (the HTTP listener shares it); its names stay
+# importable from here, where the servicer and the tests import them.
 __all__ = [
     "OVERLOAD",
     "REQUEST_ID_KEY",
