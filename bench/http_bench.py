@@ -4,7 +4,8 @@ Starts `moderation serve` as a subprocess on the demo model with both ports (log
 warning) and sends, one caller at a time and interleaved call by call, the same request over a
 kept-alive HTTP/1.1 connection (POST /v1/classify, JSON) and over a gRPC channel (Classify,
 protobuf), so both see the same machine at the same moment. GetModelInfo (GET /v1/model), which
-does no model work, is timed the same way: there the difference is the transport alone.
+does no model work, is timed the same way: there the difference is the transport alone. Then
+the server's CPU per call for each, and Classify throughput with --callers concurrent callers.
 
     python bench/http_bench.py [--requests N] [--rounds N] [--no-model-process]
 """
@@ -12,6 +13,7 @@ does no model work, is timed the same way: there the difference is the transport
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -58,11 +60,46 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+async def concurrent(port: int, http_port: int, callers: int, calls: int) -> dict[str, float]:
+    """Classify decisions per second with `callers` concurrent asyncio callers, each sending its
+    next call when the last is answered: gRPC (one channel, multiplexed) vs HTTP (aiohttp's
+    client, a kept-alive connection per caller)."""
+    import aiohttp
+
+    request = pb.ClassifyRequest(text=TEXT, policy="paper")
+    body = {"text": TEXT, "policy": "paper"}
+    rates = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ModerationServiceStub(channel)
+
+        async def grpc_caller() -> None:
+            for _ in range(calls // callers):
+                await stub.Classify(request, timeout=60)
+
+        connector = aiohttp.TCPConnector(limit=callers)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = f"http://127.0.0.1:{http_port}/v1/classify"
+
+            async def http_caller() -> None:
+                for _ in range(calls // callers):
+                    async with session.post(url, json=body) as response:
+                        assert response.status == 200
+                        await response.json()
+
+            for name, caller in (("gRPC", grpc_caller), ("HTTP", http_caller)):
+                await asyncio.gather(*(caller() for _ in range(callers)))  # warm-up
+                start = time.perf_counter()
+                await asyncio.gather(*(caller() for _ in range(callers)))
+                rates[name] = (calls // callers * callers) / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="calls per transport per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-model-process", action="store_true")
+    parser.add_argument("--callers", type=int, default=8, help="concurrent callers (last part)")
     ns = parser.parse_args()
     port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,6 +170,16 @@ def main() -> None:
                 g, h = cpu["gRPC"] * 1e3, cpu["HTTP"] * 1e3
                 print(f"{name:>13} server CPU per call: gRPC {g:.2f} ms, HTTP {h:.2f} ms "
                       f"({h / g:.2f}x)")  # fmt: skip
+            # Concurrent callers, the transports in turn, rounds interleaved.
+            rounds = [
+                asyncio.run(concurrent(port, http_port, ns.callers, ns.requests))
+                for _ in range(ns.rounds)
+            ]
+            g = statistics.median(r["gRPC"] for r in rounds)
+            h = statistics.median(r["HTTP"] for r in rounds)
+            print(f"{ns.callers} concurrent callers, Classify decisions/s (median of {ns.rounds} "
+                  f"rounds): gRPC {g:.1f}, HTTP {h:.1f} ({h / g:.2f}x); rounds "
+                  + ", ".join(f"{r['HTTP'] / r['gRPC']:.2f}" for r in rounds))  # fmt: skip
             print(f"load average after the run: {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()
