@@ -33,33 +33,10 @@ from moderation.core.prompts import (
 )
 from moderation.core.text_safety import is_blank
 from moderation.core.thresholds import OperatingPoint, check_operating_point
+from moderation.core.turns import check_turn_order
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
-
-
-def check_turn_order(
-    messages: Sequence[Mapping[str, Any]], *, end: tuple[str, ...] = ("user",)
-) -> None:
-    """The order the API documents: an optional leading system message, then user and
-    assistant messages alternating, starting with a user message and ending with one of `end`
-    (a user message for generation; either for a conversation to classify)."""
-    ending = " or ".join(end) + " message"
-    if not messages:
-        raise InvalidArgument("messages", f"must not be empty: end with a {ending}")
-    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
-    start = 1 if roles[:1] == ["system"] else 0
-    for i in range(start, len(messages)):
-        role = roles[i]
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if role != expected:
-            raise InvalidArgument(
-                f"messages[{i}].role",
-                f"expected {expected!r}, got {quote(role)}: an optional system message first, "
-                "then user and assistant messages alternating",
-            )
-    if roles[-1] not in end:
-        raise InvalidArgument("messages", f"the conversation must end with a {ending}")
 
 
 @dataclass(frozen=True)
