@@ -45,9 +45,18 @@ def verdict(text: str, flagged: bool) -> Classification:
     )  # fmt: skip
 
 
+class FakeOutputStream:
+    def __init__(self) -> None:
+        self.checked: list[int] = []
+
+
 class FakeClassifier:
     """Plans an item as itself; flags texts starting with "bad" (and every answer when
-    `flag_outputs`); records each pass. `gate` holds the next pass until set."""
+    `flag_outputs`); records each pass. `gate` holds the next pass until set.
+
+    Answers are checked as they grow (a scripted check: flags an answer once it has more than
+    `flag_after` tokens); each check pass is recorded as (tokens each check covers, whether
+    the engine was still generating)."""
 
     def __init__(self) -> None:
         self.passes: list[list[str]] = []
@@ -55,6 +64,32 @@ class FakeClassifier:
         self.gate = threading.Event()
         self.gate.set()
         self.flag_outputs = False
+        self.flag_after: int | None = None
+        self.engine: FakeEngine | None = None
+        self.check_passes: list[tuple[list[int], bool]] = []
+        self.open_streams: set[FakeOutputStream] = set()
+
+    def open_output_stream(self, prep: Any) -> FakeOutputStream:
+        stream = FakeOutputStream()
+        self.open_streams.add(stream)
+        return stream
+
+    def close_output_stream(self, stream: FakeOutputStream) -> None:
+        self.open_streams.discard(stream)
+
+    def check_outputs(
+        self, checks: Sequence[tuple[FakeOutputStream, Sequence[int]]]
+    ) -> list[Classification]:
+        assert self.engine is not None
+        self.check_passes.append(([len(t) for _, t in checks], bool(self.engine.running)))
+        out = []
+        for stream, tokens in checks:
+            stream.checked.extend(tokens)
+            flagged = self.flag_outputs or (
+                self.flag_after is not None and len(stream.checked) > self.flag_after
+            )
+            out.append(verdict("x" * len(stream.checked), flagged))
+        return out
 
     def plan(self, item: ClassifyItem) -> ClassifyItem:
         if not item.text:
@@ -96,6 +131,7 @@ class FakeEngine:
         self.added: list[int] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self.classifier: FakeClassifier | None = None
 
     def add_request(self, request: GenerationRequest) -> int:
         if len(request.prompt) > 100:
@@ -116,6 +152,11 @@ class FakeEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        checks = len(self.classifier.open_streams) if self.classifier else 0
+        return self.max_batch_size - len(self.running) - checks
 
     def step(self) -> list[TokenEvent]:
         while self.waiting and len(self.running) < self.max_batch_size:
@@ -138,6 +179,7 @@ def make_worker(
     step_delay: float = 0.0, **kwargs: Any
 ) -> tuple[WorkerThread, FakeEngine, FakeClassifier]:
     engine, classifier, tokenizer = FakeEngine(step_delay), FakeClassifier(), FakeTokenizer()
+    engine.classifier, classifier.engine = classifier, engine
     generator = GuardedGenerator(engine, tokenizer, classifier, model_id="fake")  # type: ignore[arg-type]
     runtime = Runtime("fake", False, "cpu", "float32", engine, tokenizer, classifier, generator)  # type: ignore[arg-type]
     worker = WorkerThread(runtime, Metrics.create(), **kwargs)
@@ -421,7 +463,10 @@ def test_output_moderation_is_batched_and_nothing_unchecked_is_sent(parts: Any) 
     result = events[0]
     assert result.refused and result.finish_reason == "output_flagged" and result.text == ""
     assert result.output_moderation.flagged and result.completion_tokens == 5
-    assert ["defgh"] in classifier.passes  # the answer went through a classifier pass
+    assert result.released_tokens == 0
+    # The answer (5 tokens, fewer than a check's 16) went through one check, at its end.
+    assert classifier.check_passes == [([5], False)]
+    assert not classifier.open_streams  # its check slot was given back
 
 
 def test_an_engine_refusal_fails_only_that_generation(parts: Any) -> None:
