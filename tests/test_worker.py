@@ -479,3 +479,81 @@ def test_an_engine_refusal_fails_only_that_generation(parts: Any) -> None:
         return await collect(worker, prep(max_new_tokens=2))
 
     assert run(scenario)[-1].completion_tokens == 2
+
+
+# ------------------------------------------------------- output checked as it grows
+
+
+def test_checked_chunks_are_released_before_the_answer_ends(parts: Any) -> None:
+    worker, _, classifier = parts
+    events = run(lambda: collect(worker, prep("q", moderate_output=True, stream_check_tokens=2,
+                                              max_new_tokens=7)))  # fmt: skip
+    *deltas, result = events
+    # Tokens 3..9 are "defghij": released two tokens at a time, each after its check.
+    assert deltas == ["de", "fg", "hi", "j"]
+    assert "".join(deltas) == result.text == "defghij"
+    assert not result.refused and result.finish_reason == "length"
+    assert result.released_tokens == result.completion_tokens == 7
+    # The first checks ran while the answer was still being generated; the tail after it.
+    assert classifier.check_passes == [([2], True), ([2], True), ([2], True), ([1], False)]
+    assert not classifier.open_streams
+
+
+def test_a_flagging_check_stops_generation_and_releases_nothing_after_it(parts: Any) -> None:
+    worker, engine, classifier = parts
+    classifier.flag_after = 4  # the check covering tokens 5 and 6 flags the answer
+    events = run(lambda: collect(worker, prep("q", moderate_output=True, stream_check_tokens=2,
+                                              max_new_tokens=50)))  # fmt: skip
+    *deltas, result = events
+    assert deltas == ["de", "fg"]  # what the two acceptable checks covered, nothing after
+    assert result.refused and result.finish_reason == "output_flagged" and result.text == ""
+    assert result.output_moderation.flagged
+    assert result.released_tokens == 4
+    assert result.completion_tokens == 6  # generation stopped at the flagging check
+    assert engine.cancelled and not engine.running  # the sequence left the engine
+    assert not classifier.open_streams
+
+
+def test_concurrent_answers_share_one_check_pass(parts: Any) -> None:
+    worker, _, classifier = parts
+
+    async def scenario() -> list[list[Any]]:
+        return await asyncio.gather(*(
+            collect(worker, prep(f"q{i}", moderate_output=True, stream_check_tokens=3,
+                                 max_new_tokens=6))
+            for i in range(2)
+        ))  # fmt: skip
+
+    results = run(scenario)
+    assert [r[-1].text for r in results] == ["defghi", "defghi"]
+    assert [r[:-1] for r in results] == [["def", "ghi"], ["def", "ghi"]]
+    # Both answers' checks ran together, in one pass per tick.
+    assert classifier.check_passes == [([3, 3], True), ([3, 3], False)]
+
+
+def test_unary_generate_stops_at_the_first_flagging_check(parts: Any) -> None:
+    worker, _, classifier = parts
+    classifier.flag_after = 0
+
+    async def scenario() -> list[Any]:
+        p = prep("q", moderate_output=True, stream_check_tokens=4, max_new_tokens=100)
+        return [e async for e in worker.generate(p, stream=False)]
+
+    [result] = run(scenario)
+    assert result.finish_reason == "output_flagged" and result.completion_tokens == 4
+    assert result.released_tokens == 0
+
+
+def test_answers_wait_for_a_slot_for_their_checks(parts: Any) -> None:
+    worker, engine, classifier = parts  # 4 slots: two checked answers at a time
+
+    async def scenario() -> list[list[Any]]:
+        return await asyncio.gather(*(
+            collect(worker, prep(f"q{i}", moderate_output=True, max_new_tokens=3))
+            for i in range(3)
+        ))  # fmt: skip
+
+    results = run(scenario)
+    assert [r[-1].text for r in results] == ["def"] * 3
+    assert max(len(s) for s in engine.steps) == 2  # the third waited: no deadlock, no overlap
+    assert not classifier.open_streams
