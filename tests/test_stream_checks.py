@@ -46,16 +46,23 @@ def answer_tokens(n: int, seed: int) -> list[int]:
 
 
 def from_scratch(engine: Any, prompt: list[int], labels: Any) -> list[float]:
+    """Scores of the labels after a whole prompt, nothing cached."""
     return engine.score_batch([ScoreRequest(prompt, labels)], relative=True)[0]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 @pytest.mark.parametrize("length", [20, 100])  # shorter and longer than the 32-token window
-@pytest.mark.parametrize("reuse_prefix", [True, False])
 def test_each_check_equals_classifying_the_answer_so_far_from_scratch(
-    demo_runtime: Any, chunk: int, length: int, reuse_prefix: bool
+    demo_runtime: Any, chunk: int, length: int
 ) -> None:
-    rt = demo_runtime
+    check_equals_from_scratch(demo_runtime, chunk, length, reuse_prefix=True)
+
+
+def test_a_stream_without_a_reused_prefix_checks_the_same(demo_runtime: Any) -> None:
+    check_equals_from_scratch(demo_runtime, 7, 100, reuse_prefix=False)
+
+
+def check_equals_from_scratch(rt: Any, chunk: int, length: int, *, reuse_prefix: bool) -> None:
     engine = rt.engine
     prefix, body = output_prompt(rt)
     labels = label_continuations(rt.classifier.policy(None), rt.tokenizer)
@@ -67,19 +74,25 @@ def test_each_check_equals_classifying_the_answer_so_far_from_scratch(
     else:
         stream = engine.open_stream([*prefix, *body])
     assert stream is not None and engine.free_slots == free - 1
+    ends = list(range(chunk, length + chunk, chunk))
     try:
-        checks = 0
-        for end in range(chunk, length + chunk, chunk):
-            new = answer[end - chunk : end]
-            got = engine.check_streams([StreamCheck(stream, new, closer, labels)], relative=True)
-            want = from_scratch(engine, [*prefix, *body, *answer[:end], *closer], labels)
-            assert got[0] == pytest.approx(want, abs=TOL), (end, chunk)
-            checks += 1
+        got = [
+            engine.check_streams(
+                [StreamCheck(stream, answer[end - chunk : end], closer, labels)], relative=True
+            )[0]
+            for end in ends
+        ]
         assert engine.stream_length(stream) == len(prefix) + len(body) + length
-        assert checks == -(-length // chunk)
     finally:
         assert engine.close_stream(stream)
     assert engine.free_slots == free and not engine.close_stream(stream)
+    # From scratch: each answer so far in a whole prompt, nothing cached (batched, to be quick).
+    want = engine.score_batch(
+        [ScoreRequest([*prefix, *body, *answer[:end], *closer], labels) for end in ends],
+        relative=True,
+    )
+    for end, g, w in zip(ends, got, want, strict=True):
+        assert g == pytest.approx(w, abs=TOL), (end, chunk)
 
 
 def test_checks_of_many_streams_in_one_pass_equal_checks_one_at_a_time(demo_runtime: Any) -> None:
