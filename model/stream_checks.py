@@ -190,9 +190,7 @@ class StreamChecks:
         return len(self._stream_checks[c.stream_id].pending) + len(c.tokens) + len(c.closer)
 
     @torch.inference_mode()
-    def _check_group(
-        self, checks: Sequence[StreamCheck], *, relative: bool
-    ) -> list[list[float]]:
+    def _check_group(self, checks: Sequence[StreamCheck], *, relative: bool) -> list[list[float]]:
         streams = [self._stream_checks[c.stream_id] for c in checks]
         slots = [s.slot for s in streams]
         chunks: list[list[int]] = []

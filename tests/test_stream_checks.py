@@ -28,7 +28,9 @@ from moderation.serving.worker_thread import WorkerThread
 TOL = 1e-4
 
 
-def output_prompt(rt: Any, user_prompt: str = "Tell me a story") -> tuple[tuple[int, ...], list[int]]:
+def output_prompt(
+    rt: Any, user_prompt: str = "Tell me a story"
+) -> tuple[tuple[int, ...], list[int]]:
     """The output-role prompt up to the answer: (policy prefix, body up to "Answer:")."""
     tok = rt.tokenizer
     policy = rt.classifier.policy(None)
@@ -227,7 +229,7 @@ def test_a_flagging_check_stops_generation_mid_answer(
         return results
 
     monkeypatch.setattr(rt.classifier, "check_outputs", spy)
-    *all_deltas, full = rt.generator.stream(messages, options)
+    *_, full = rt.generator.stream(messages, options)
     assert isinstance(full, GenerationResult) and full.completion_tokens == 60
     # The first check whose score is above all earlier ones flags at a threshold between.
     k = next(i for i in range(1, len(verdicts)) if verdicts[i] > max(verdicts[:i]))
