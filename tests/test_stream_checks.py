@@ -284,3 +284,19 @@ def test_concurrent_streams_get_the_same_verdicts_as_one_at_a_time(demo_runtime:
         for key, value in rb.output_moderation.scores.items():
             assert ra.output_moderation.scores[key] == pytest.approx(value, abs=TOL)
     assert rt.engine.open_streams == 0
+
+
+def test_with_one_generation_slot_the_answer_is_checked_once_at_the_end(
+    demo_checkpoint: Any,
+) -> None:
+    from moderation.runtime import load_runtime
+
+    rt = load_runtime(demo_checkpoint, device="cpu", dtype="float32", max_batch_size=1)
+    assert rt.engine.max_batch_size == 1
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    options = GenerateOptions(max_new_tokens=12, moderate_output=True, threshold=1.0,
+                              stream_check_tokens=4)  # fmt: skip
+    *deltas, result = rt.generator.stream(messages, options)
+    assert isinstance(result, GenerationResult) and not result.refused
+    assert deltas == [result.text]  # no slot for checks: the whole answer, once checked
+    assert result.output_moderation is not None and rt.engine.open_streams == 0

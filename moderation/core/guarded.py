@@ -247,8 +247,8 @@ class GuardedGenerator:
     def open_checks(self, prep: PreparedGeneration) -> OutputStream | None:
         """Progressive output moderation for this generation, when it asks for output
         moderation and the engine can hold its check (see Classifier.open_output_stream)."""
-        if not prep.options.moderate_output:
-            return None
+        if not prep.options.moderate_output or self.engine.max_batch_size < 2:
+            return None  # one generation slot: the answer's sequence needs it
         return self.classifier.open_output_stream(prep)
 
     def close_checks(self, decoder: AnswerDecoder) -> None:
@@ -278,7 +278,9 @@ class GuardedGenerator:
         if input_moderation is not None and input_moderation.flagged:
             yield self.refuse_input(prep, input_moderation)
             return
-        checks = self.open_checks(prep)
+        # The checks take a slot only when the answer's sequence will still find one.
+        room = engine.free_slots - engine.num_waiting >= 2
+        checks = self.open_checks(prep) if room else None
         decoder = AnswerDecoder(self.tokenizer, prep, checks=checks)
         request_id = -1
         try:

@@ -313,7 +313,7 @@ class Scheduler:
             # The answer's checks hold a slot of their own as long as the answer runs: admit
             # it only when its sequence will find a slot too, or two waiting generations could
             # each hold one slot and wait for the other's forever. (With one generation slot,
-            # the answer is checked once, at the end.)
+            # open_checks declines: the answer is checked once, at the end.)
             if self.engine.free_slots - self.engine.num_waiting < 2:
                 self._slot_wait.append(g)
                 return
