@@ -121,11 +121,12 @@ def main() -> None:
 
     modes = {"generation alone": alone, "incremental checks": incremental, "whole answer": whole}
     best: dict[str, Run] = {}
-    for mode in modes.values():
-        mode()  # warm-up
+    for name, mode in modes.items():
+        print(f"  (warm-up {name}: {mode().total * 1e3:.0f} ms)", flush=True)
     for _ in range(ns.repeats):
         for name, mode in modes.items():  # interleaved: a load change hits every mode alike
             run = mode()
+            print(f"  ({name}: {run.total * 1e3:.0f} ms)", flush=True)
             if name not in best or run.total < best[name].total:
                 best[name] = run
     for name, run in best.items():
