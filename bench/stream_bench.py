@@ -16,7 +16,7 @@ time to the first check's answer. Prints best-of-N times, per-check costs and th
 Targets from the issue: checks add at most 30% to generation alone, and beat whole-answer
 re-classification by at least 3x at 256 tokens.
 
-    python bench/stream_bench.py [--repeats N] [--new-tokens N] [--every N]
+    python bench/stream_bench.py [--repeats N] [--new-tokens N] [--every N] [--threads N]
 """
 
 from __future__ import annotations
@@ -79,7 +79,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--every", type=int, default=16)
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads (0: torch's default); 1 is steadier on a CPU other jobs share",
+    )  # fmt: skip
     ns = parser.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = bench_checkpoint(Path(tmp))
@@ -137,6 +143,11 @@ def main() -> None:
             f"{run.total * 1e3:8.1f} ms, checks {checks * 1e3:7.1f} ms in {len(run.checks)}{last}"
         )
     gen, inc, whole_run = best["generation alone"], best["incremental checks"], best["whole answer"]
+    # Within one run, checks against the generation steps around them: immune to the speed
+    # drift of a shared machine between runs.
+    for name, run in (("incremental", inc), ("whole answer", whole_run)):
+        own = sum(run.checks) / (run.total - sum(run.checks))
+        print(f"{name}: checks add {own:.1%} to the generation steps of the same run")
     print(f"incremental / generation alone, total time: {inc.total / gen.total:.3f}x "
           "(target <= 1.30)")  # fmt: skip
     print(f"whole answer / incremental, total time: {whole_run.total / inc.total:.2f}x")
