@@ -151,9 +151,10 @@ class Classifier:
         engine = self.engine
         body = planned.bodies[0]
         if engine.max_context is not None:
-            longest = max(len(c) for c in self._labels(planned.policy))
+            # A check's pass holds every label token (their tree's nodes) after the answer.
+            labels = sum(len(c) for c in self._labels(planned.policy))
             closer = len(self.tokenizer.inst_close())
-            n = len(planned.prefix) + len(body) + prep.options.max_new_tokens + closer + longest
+            n = len(planned.prefix) + len(body) + prep.options.max_new_tokens + closer + labels
             if n > engine.max_context:
                 return None
         if not engine.free_slots:
