@@ -13,6 +13,7 @@ from model.errors import (
 from model.memory import MemoryPlan
 from model.sampling import SamplingParams
 from model.scoring import Prefix, ScoreRequest
+from model.stream_checks import StreamCheck
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from model.weights import load_checkpoint, load_model
@@ -30,6 +31,7 @@ __all__ = [
     "RollingCache",
     "SamplingParams",
     "ScoreRequest",
+    "StreamCheck",
     "TokenEvent",
     "Tokenizer",
     "TokenizerError",

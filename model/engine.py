@@ -32,6 +32,7 @@ from model.memory import (
 from model.sampling import SamplingParams, make_generator, sample_batch
 from model.scoring import ContinuationTree, Scoring
 from model.stats import EngineStats
+from model.stream_checks import StreamChecks, _CheckStream
 from model.transformer import Transformer, pack_for_cpu
 
 _log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[...
     return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
 
 
-class Engine(Scoring):
+class Engine(Scoring, StreamChecks):
     """Batched generation and scoring over a rolling-buffer cache.
 
     `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
@@ -196,6 +197,9 @@ class Engine(Scoring):
         self._ids = itertools.count()
         self.stats = EngineStats()
         self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
+        # Check streams (model/stream_checks.py): a growing text checked as it grows.
+        self._stream_checks: dict[int, _CheckStream] = {}
+        self._stream_ids = itertools.count()
         # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
         # captured as CUDA graphs on CUDA (see compile_decode_step).
         self.compile = compile

@@ -103,6 +103,7 @@ def _generate(ns: argparse.Namespace) -> int:
         moderate_input=ns.moderate_input,
         moderate_output=ns.moderate_output,
         policy=policy,
+        stream_check_tokens=ns.stream_check_tokens,
     )
     result = runtime.generator.generate([{"role": "user", "content": ns.prompt}], options)
     print(json.dumps(asdict(result), ensure_ascii=False))
@@ -171,6 +172,11 @@ def _register_generate(sub: Any) -> None:
     p.add_argument("--system-prompt", help="replace the guardrail system prompt")
     p.add_argument("--moderate-input", action="store_true", help="refuse flagged prompts")
     p.add_argument("--moderate-output", action="store_true", help="withhold flagged answers")
+    p.add_argument(
+        "--stream-check-tokens", type=int, metavar="N",
+        help="with --moderate-output, check the answer every N tokens and stop at the first "
+        "flagging check (default 16)",
+    )  # fmt: skip
     add_policy_option(p, DEFAULT_POLICY)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)

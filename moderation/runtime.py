@@ -22,6 +22,7 @@ from model.demo import is_demo_checkpoint, write_demo_checkpoint
 from model.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.classifier import Classifier
+from moderation.core.generation import DEFAULT_STREAM_CHECK_TOKENS
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import DEFAULT_MAX_CONTEXT, ModelLimits
 from moderation.core.limits import DTYPES as DTYPES  # where the server's settings look for it
@@ -52,6 +53,7 @@ class RuntimeSettings:
     max_batch_size: int = 8  # generation slots asked for (fewer when the memory budget is short)
     score_batch_size: int = 16  # scoring slots asked for, likewise
     max_new_tokens_limit: int = 4096
+    stream_check_tokens: int = DEFAULT_STREAM_CHECK_TOKENS  # moderate_output: check every N tokens
     # The longest sequence served. For a model without a sliding window (v0.2/v0.3) it is also
     # the cache rows per slot: sized from the model's 32k instead, one slot costs 4 GiB (7B).
     max_context: int | None = DEFAULT_MAX_CONTEXT
@@ -207,6 +209,7 @@ def make_planner(
         long_text=settings.long_text,
         max_text_tokens=settings.max_text_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
+        stream_check_tokens=settings.stream_check_tokens,
         operating_points=load_operating_points(settings.thresholds_files),
     )
 

@@ -105,6 +105,25 @@ def test_generate_prints_the_guarded_result(
     assert result["completion_tokens"] <= 5
 
 
+def test_generate_checks_the_answer_every_n_tokens(
+    capsys: pytest.CaptureFixture[str], demo_checkpoint: Path
+) -> None:
+    # The random demo model's answers are flagged at the default threshold: the first check,
+    # after 3 tokens, stops the generation.
+    code, result, _ = run_cli(
+        capsys, "generate", "--model", str(demo_checkpoint), "--moderate-output",
+        "--stream-check-tokens", "3", "--max-new-tokens", "20", "Tell me a joke",
+    )  # fmt: skip
+    assert code == 0
+    assert result["finish_reason"] == "output_flagged" and result["text"] == ""
+    assert result["completion_tokens"] == 3 and result["released_tokens"] == 0
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(demo_checkpoint), "--moderate-output",
+        "--stream-check-tokens", "0", "Tell me a joke",
+    )  # fmt: skip
+    assert code == EXIT_USAGE and "stream_check_tokens" in err
+
+
 def test_without_model_the_demo_is_used_and_said_so(tmp_path: Path) -> None:
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(

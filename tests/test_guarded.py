@@ -164,13 +164,35 @@ def test_bad_generation_requests_name_the_field(
     assert err.value.field == field
 
 
-class ScriptedClassifier:
-    """Test double: flags exactly the texts it is told to."""
+class ScriptedStream:
+    def __init__(self, prep: Any):
+        self.prep = prep
+        self.checked: list[int] = []
 
-    def __init__(self, flag: set[str], planner: Any):
+
+class ScriptedClassifier:
+    """Test double: flags exactly the texts it is told to. An answer checked as it grows is
+    classified as the text of the tokens checked so far."""
+
+    def __init__(self, flag: set[str], planner: Any, tokenizer: Any = None):
         self.flag = flag
         self.planner = planner  # prompts are validated and built for real
+        self.tokenizer = tokenizer
         self.seen: list[ClassifyItem] = []
+        self.closed = 0
+
+    def open_output_stream(self, prep: Any) -> ScriptedStream:
+        return ScriptedStream(prep)
+
+    def close_output_stream(self, stream: ScriptedStream) -> None:
+        self.closed += 1
+
+    def check_outputs(self, checks: list[tuple[ScriptedStream, list[int]]]) -> list[Any]:
+        items = []
+        for stream, tokens in checks:
+            stream.checked.extend(tokens)
+            items.append(stream.prep.output_item(self.tokenizer.decode(stream.checked)))
+        return self.classify_many(items)
 
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)
@@ -193,7 +215,7 @@ class ScriptedClassifier:
 
 
 def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
-    scripted = ScriptedClassifier({"bad question"}, demo_runtime.planner)
+    scripted = ScriptedClassifier({"bad question"}, demo_runtime.planner, demo_runtime.tokenizer)
     generator = GuardedGenerator(
         demo_runtime.engine,
         demo_runtime.tokenizer,

@@ -106,6 +106,15 @@ def test_answers_equal_the_model_in_the_server_process(
     streamed = list(there.GenerateStream(chat))
     assert "".join(m.delta for m in streamed if m.delta) == b_gen.text
     assert streamed[-1].final.text == b_gen.text
+    # Checked as it grows: the same chunks released at the same checks in both.
+    checked = pb.GenerateStreamRequest(
+        messages=[pb.ChatMessage(role="user", content="Tell me a story")],
+        max_new_tokens=12, moderate_output=True, threshold=1.0, stream_check_tokens=3,
+    )  # fmt: skip
+    a_events, b_events = list(here.GenerateStream(checked)), list(there.GenerateStream(checked))
+    assert [e.delta for e in a_events[:-1]] == [e.delta for e in b_events[:-1]]
+    assert len(b_events) > 2
+    assert a_events[-1].final.released_tokens == b_events[-1].final.released_tokens > 0
 
 
 def test_a_conversation_crosses_to_the_model_process_with_its_context(

@@ -124,6 +124,59 @@ def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServic
     assert events[0].final.text == "" and events[0].final.output_moderation.flagged
 
 
+def test_stream_releases_checked_chunks_before_the_end(
+    stub: pb_grpc.ModerationServiceStub,
+) -> None:
+    plain = stub.Generate(pb.GenerateRequest(messages=user("Tell me a story"), max_new_tokens=24))
+    # threshold 1.0: the random demo model's checks all pass.
+    request = pb.GenerateStreamRequest(
+        messages=user("Tell me a story"), moderate_output=True, threshold=1.0,
+        max_new_tokens=24, stream_check_tokens=4,
+    )  # fmt: skip
+    events = list(stub.GenerateStream(request))
+    final = events[-1].final
+    deltas = [e.delta for e in events[:-1]]
+    assert all(e.WhichOneof("event") == "delta" for e in events[:-1])
+    # Released chunk by chunk, a check at a time, not as one piece at the end.
+    assert len(deltas) > 1 and len(deltas) <= -(-final.completion_tokens // 4)
+    assert "".join(deltas) == final.text == plain.text  # greedy: the same answer
+    assert not final.refused and final.output_moderation.prompt_tokens > 0
+    assert final.released_tokens == final.completion_tokens == plain.completion_tokens
+
+
+def test_a_flagging_check_ends_the_stream(stub: pb_grpc.ModerationServiceStub) -> None:
+    request = pb.GenerateStreamRequest(
+        messages=user("Tell me a story"), moderate_output=True, threshold=0.0,
+        max_new_tokens=40, stream_check_tokens=3,
+    )  # fmt: skip
+    events = list(stub.GenerateStream(request))
+    assert [e.WhichOneof("event") for e in events] == ["final"]  # the first check flagged
+    final = events[0].final
+    assert final.finish_reason == pb.FINISH_REASON_OUTPUT_FLAGGED and final.refused
+    assert final.text == "" and final.output_moderation.flagged
+    assert final.released_tokens == 0
+    assert final.completion_tokens == 3  # generation stopped at the flagging check
+    unary = stub.Generate(pb.GenerateRequest(
+        messages=user("Tell me a story"), moderate_output=True, threshold=0.0,
+        max_new_tokens=40, stream_check_tokens=3,
+    ))  # fmt: skip
+    assert unary.finish_reason == pb.FINISH_REASON_OUTPUT_FLAGGED
+    assert unary.completion_tokens == 3 and unary.released_tokens == 0
+
+
+def test_stream_check_tokens_is_validated(stub: pb_grpc.ModerationServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(messages=user("x"), moderate_output=True,
+                                         stream_check_tokens=4097))  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid_field(err.value) == "stream_check_tokens"
+    with pytest.raises(grpc.RpcError) as stream_err:
+        list(stub.GenerateStream(pb.GenerateStreamRequest(messages=user("x"),
+                                                          stream_check_tokens=5000)))  # fmt: skip
+    assert stream_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid_field(stream_err.value) == "stream_check_tokens"
+
+
 def test_model_info_describes_model_and_policies(stub: pb_grpc.ModerationServiceStub) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.demo and "demo" in info.model

@@ -140,6 +140,8 @@ def test_uses_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ([], {"MODERATION_TLS_KEY": "/tls/tls.key"}, "tls_cert"),
         (["--tls-client-ca", "/tls/ca.crt"], {}, "tls_client_ca"),
         (["--auth-token", "a", "--auth-token-file", "/t"], {}, "auth_token"),
+        (["--stream-check-tokens", "0"], {}, "stream_check_tokens"),
+        ([], {"MODERATION_STREAM_CHECK_TOKENS": "4097"}, "stream_check_tokens"),
     ],
 )
 def test_invalid_values_name_option_and_env_var(
@@ -151,6 +153,14 @@ def test_invalid_values_name_option_and_env_var(
     assert flag in str(info.value)
     assert env_name in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_stream_check_tokens_reaches_the_planner_default() -> None:
+    assert parse([]).stream_check_tokens == 16
+    s = parse(["--stream-check-tokens", "8"], {"MODERATION_STREAM_CHECK_TOKENS": "32"})
+    assert s.stream_check_tokens == 8  # the command line beats the environment
+    assert settings_from_env({"MODERATION_STREAM_CHECK_TOKENS": "32"}).stream_check_tokens == 32
+    assert s.runtime_settings().stream_check_tokens == 8
 
 
 def test_direct_construction_is_validated() -> None:

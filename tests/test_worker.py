@@ -45,9 +45,18 @@ def verdict(text: str, flagged: bool) -> Classification:
     )  # fmt: skip
 
 
+class FakeOutputStream:
+    def __init__(self) -> None:
+        self.checked: list[int] = []
+
+
 class FakeClassifier:
     """Plans an item as itself; flags texts starting with "bad" (and every answer when
-    `flag_outputs`); records each pass. `gate` holds the next pass until set."""
+    `flag_outputs`); records each pass. `gate` holds the next pass until set.
+
+    Answers are checked as they grow (a scripted check: flags an answer once it has more than
+    `flag_after` tokens); each check pass is recorded as (tokens each check covers, whether
+    the engine was still generating)."""
 
     def __init__(self) -> None:
         self.passes: list[list[str]] = []
@@ -55,6 +64,32 @@ class FakeClassifier:
         self.gate = threading.Event()
         self.gate.set()
         self.flag_outputs = False
+        self.flag_after: int | None = None
+        self.engine: FakeEngine | None = None
+        self.check_passes: list[tuple[list[int], bool]] = []
+        self.open_streams: set[FakeOutputStream] = set()
+
+    def open_output_stream(self, prep: Any) -> FakeOutputStream:
+        stream = FakeOutputStream()
+        self.open_streams.add(stream)
+        return stream
+
+    def close_output_stream(self, stream: FakeOutputStream) -> None:
+        self.open_streams.discard(stream)
+
+    def check_outputs(
+        self, checks: Sequence[tuple[FakeOutputStream, Sequence[int]]]
+    ) -> list[Classification]:
+        assert self.engine is not None
+        self.check_passes.append(([len(t) for _, t in checks], bool(self.engine.running)))
+        out = []
+        for stream, tokens in checks:
+            stream.checked.extend(tokens)
+            flagged = self.flag_outputs or (
+                self.flag_after is not None and len(stream.checked) > self.flag_after
+            )
+            out.append(verdict("x" * len(stream.checked), flagged))
+        return out
 
     def plan(self, item: ClassifyItem) -> ClassifyItem:
         if not item.text:
@@ -96,6 +131,7 @@ class FakeEngine:
         self.added: list[int] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self.classifier: FakeClassifier | None = None
 
     def add_request(self, request: GenerationRequest) -> int:
         if len(request.prompt) > 100:
@@ -116,6 +152,11 @@ class FakeEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        checks = len(self.classifier.open_streams) if self.classifier else 0
+        return self.max_batch_size - len(self.running) - checks
 
     def step(self) -> list[TokenEvent]:
         while self.waiting and len(self.running) < self.max_batch_size:
@@ -138,6 +179,7 @@ def make_worker(
     step_delay: float = 0.0, **kwargs: Any
 ) -> tuple[WorkerThread, FakeEngine, FakeClassifier]:
     engine, classifier, tokenizer = FakeEngine(step_delay), FakeClassifier(), FakeTokenizer()
+    engine.classifier, classifier.engine = classifier, engine
     generator = GuardedGenerator(engine, tokenizer, classifier, model_id="fake")  # type: ignore[arg-type]
     runtime = Runtime("fake", False, "cpu", "float32", engine, tokenizer, classifier, generator)  # type: ignore[arg-type]
     worker = WorkerThread(runtime, Metrics.create(), **kwargs)
@@ -421,7 +463,10 @@ def test_output_moderation_is_batched_and_nothing_unchecked_is_sent(parts: Any) 
     result = events[0]
     assert result.refused and result.finish_reason == "output_flagged" and result.text == ""
     assert result.output_moderation.flagged and result.completion_tokens == 5
-    assert ["defgh"] in classifier.passes  # the answer went through a classifier pass
+    assert result.released_tokens == 0
+    # The answer (5 tokens, fewer than a check's 16) went through one check, at its end.
+    assert classifier.check_passes == [([5], False)]
+    assert not classifier.open_streams  # its check slot was given back
 
 
 def test_an_engine_refusal_fails_only_that_generation(parts: Any) -> None:
@@ -434,3 +479,81 @@ def test_an_engine_refusal_fails_only_that_generation(parts: Any) -> None:
         return await collect(worker, prep(max_new_tokens=2))
 
     assert run(scenario)[-1].completion_tokens == 2
+
+
+# ------------------------------------------------------- output checked as it grows
+
+
+def test_checked_chunks_are_released_before_the_answer_ends(parts: Any) -> None:
+    worker, _, classifier = parts
+    events = run(lambda: collect(worker, prep("q", moderate_output=True, stream_check_tokens=2,
+                                              max_new_tokens=7)))  # fmt: skip
+    *deltas, result = events
+    # Tokens 3..9 are "defghij": released two tokens at a time, each after its check.
+    assert deltas == ["de", "fg", "hi", "j"]
+    assert "".join(deltas) == result.text == "defghij"
+    assert not result.refused and result.finish_reason == "length"
+    assert result.released_tokens == result.completion_tokens == 7
+    # The first checks ran while the answer was still being generated; the tail after it.
+    assert classifier.check_passes == [([2], True), ([2], True), ([2], True), ([1], False)]
+    assert not classifier.open_streams
+
+
+def test_a_flagging_check_stops_generation_and_releases_nothing_after_it(parts: Any) -> None:
+    worker, engine, classifier = parts
+    classifier.flag_after = 4  # the check covering tokens 5 and 6 flags the answer
+    events = run(lambda: collect(worker, prep("q", moderate_output=True, stream_check_tokens=2,
+                                              max_new_tokens=50)))  # fmt: skip
+    *deltas, result = events
+    assert deltas == ["de", "fg"]  # what the two acceptable checks covered, nothing after
+    assert result.refused and result.finish_reason == "output_flagged" and result.text == ""
+    assert result.output_moderation.flagged
+    assert result.released_tokens == 4
+    assert result.completion_tokens == 6  # generation stopped at the flagging check
+    assert engine.cancelled and not engine.running  # the sequence left the engine
+    assert not classifier.open_streams
+
+
+def test_concurrent_answers_share_one_check_pass(parts: Any) -> None:
+    worker, _, classifier = parts
+
+    async def scenario() -> list[list[Any]]:
+        return await asyncio.gather(*(
+            collect(worker, prep(f"q{i}", moderate_output=True, stream_check_tokens=3,
+                                 max_new_tokens=6))
+            for i in range(2)
+        ))  # fmt: skip
+
+    results = run(scenario)
+    assert [r[-1].text for r in results] == ["defghi", "defghi"]
+    assert [r[:-1] for r in results] == [["def", "ghi"], ["def", "ghi"]]
+    # Both answers' checks ran together, in one pass per tick.
+    assert classifier.check_passes == [([3, 3], True), ([3, 3], False)]
+
+
+def test_unary_generate_stops_at_the_first_flagging_check(parts: Any) -> None:
+    worker, _, classifier = parts
+    classifier.flag_after = 0
+
+    async def scenario() -> list[Any]:
+        p = prep("q", moderate_output=True, stream_check_tokens=4, max_new_tokens=100)
+        return [e async for e in worker.generate(p, stream=False)]
+
+    [result] = run(scenario)
+    assert result.finish_reason == "output_flagged" and result.completion_tokens == 4
+    assert result.released_tokens == 0
+
+
+def test_answers_wait_for_a_slot_for_their_checks(parts: Any) -> None:
+    worker, engine, classifier = parts  # 4 slots: two checked answers at a time
+
+    async def scenario() -> list[list[Any]]:
+        return await asyncio.gather(*(
+            collect(worker, prep(f"q{i}", moderate_output=True, max_new_tokens=3))
+            for i in range(3)
+        ))  # fmt: skip
+
+    results = run(scenario)
+    assert [r[-1].text for r in results] == ["def"] * 3
+    assert max(len(s) for s in engine.steps) == 2  # the third waited: no deadlock, no overlap
+    assert not classifier.open_streams

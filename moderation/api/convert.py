@@ -72,6 +72,7 @@ def generate_options(request: GenerateMessage, default_max_new_tokens: int) -> G
         moderate_output=request.moderate_output,
         policy=request.policy or None,
         threshold=request.threshold if request.HasField("threshold") else None,
+        stream_check_tokens=request.stream_check_tokens or None,  # 0: the server's default
     )
 
 
@@ -88,6 +89,7 @@ def generate_response(result: GenerationResult) -> pb.GenerateResponse:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         model=result.model,
+        released_tokens=result.released_tokens,
     )
     if result.input_moderation is not None:
         response.input_moderation.CopyFrom(classify_response(result.input_moderation))

@@ -11,16 +11,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from model import Engine, Prefix, ScoreRequest, Tokenizer
+from model import Engine, Prefix, ScoreRequest, StreamCheck, Tokenizer
 from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.decision import Classification, ClassifyItem, decide
 from moderation.core.generation import PreparedGeneration
 from moderation.core.limits import ModelLimits
 from moderation.core.planning import PlannedItem, Planner
 from moderation.core.policy import Policy
-from moderation.core.prompts import label_continuations
+from moderation.core.prompts import checkable_answer_tokens, label_continuations
+
+
+@dataclass(eq=False)
+class OutputStream:
+    """An answer's output moderation while it is generated: the output-role prompt up to the
+    answer so far, kept in an engine check stream (`Classifier.open_output_stream`)."""
+
+    planned: PlannedItem  # its one body is the user prompt and "Answer:"
+    stream_id: int
+    checked: list[int] = field(default_factory=list)  # answer tokens the checks have covered
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the prompt the last check classified (the turn closer included)."""
+        return len(self.planned.prefix) + len(self.planned.bodies[0]) + len(self.checked)
 
 
 class Classifier:
@@ -131,6 +147,64 @@ class Classifier:
                 )
             )
         return out
+
+    # ----------------------------------------------------- checks as it grows
+
+    def open_output_stream(self, prep: PreparedGeneration) -> OutputStream | None:
+        """Start checking a generation's answer as it grows (`check_outputs`); None when the
+        engine has no free slot now, or when the whole answer could not fit the context of a
+        model without a sliding window (then check the answer once, at the end)."""
+        planned = self.planner.plan_stream_output(prep)
+        engine = self.engine
+        body = planned.bodies[0]
+        if engine.max_context is not None:
+            # A check's pass holds every label token (their tree's nodes) after the answer.
+            labels = sum(len(c) for c in self._labels(planned.policy))
+            closer = len(self.tokenizer.inst_close())
+            n = len(planned.prefix) + len(body) + prep.options.max_new_tokens + closer + labels
+            if n > engine.max_context:
+                return None
+        if not engine.free_slots:
+            return None
+        prefix = self._prefix(planned.prefix) if self.reuse_prefix else None
+        prompt = body if prefix is not None else planned.prefix + body
+        stream_id = engine.open_stream(prompt, prefix)
+        return None if stream_id is None else OutputStream(planned, stream_id)
+
+    def check_outputs(
+        self, checks: Sequence[tuple[OutputStream, Sequence[int]]]
+    ) -> list[Classification]:
+        """Append each answer's new tokens (generated ids, made checkable) to its stream and
+        classify the answer so far: one engine pass for all, costing the new tokens, the turn
+        closer and the labels. Equal to classifying prefix + body + the answer tokens checked
+        so far + closer from scratch."""
+        closer = self.tokenizer.inst_close()
+        requests: list[StreamCheck] = []
+        for stream, tokens in checks:
+            safe = checkable_answer_tokens(self.tokenizer, tokens, stream.checked)
+            labels = self._labels(stream.planned.policy)
+            requests.append(StreamCheck(stream.stream_id, safe, closer, labels))
+        scores = self.engine.check_streams(requests, relative=True)
+        out: list[Classification] = []
+        for (stream, _), request, s in zip(checks, requests, scores, strict=True):
+            stream.checked.extend(request.tokens)
+            p = stream.planned
+            out.append(
+                decide(
+                    p.policy,
+                    s,
+                    threshold=p.threshold,
+                    category_thresholds=p.category_thresholds,
+                    model_id=self.model_id,
+                    prompt_tokens=stream.prompt_tokens + len(closer),
+                    windows=1,
+                )
+            )
+        return out
+
+    def close_output_stream(self, stream: OutputStream) -> None:
+        """Free the stream's engine slot (safe to call twice)."""
+        self.engine.close_stream(stream.stream_id)
 
     def _labels(self, policy: Policy) -> list[tuple[int, ...]]:
         if policy.name not in self._continuations:

@@ -11,6 +11,11 @@ from moderation.core.policy import Role
 INPUT_REFUSAL = "I'm sorry, but I can't help with that request."
 OUTPUT_REFUSAL = "I'm sorry, but I can't share that answer."
 
+# With moderate_output the answer is checked every this many generated tokens (the server's
+# default; a request may ask for its own, up to the maximum).
+DEFAULT_STREAM_CHECK_TOKENS = 16
+MAX_STREAM_CHECK_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class GenerateOptions:
@@ -24,6 +29,9 @@ class GenerateOptions:
     moderate_output: bool = False  # withhold a flagged answer
     policy: str | None = None
     threshold: float | None = None
+    # moderate_output: check the answer every this many tokens; None = the server's default
+    # (a prepared generation always has it set).
+    stream_check_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,9 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    # Tokens released to the caller before the end: with the answer flagged by a check, those
+    # the earlier checks found acceptable; otherwise completion_tokens.
+    released_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,12 @@ class PreparedGeneration:
 
 
 def closing_events(
-    prep: PreparedGeneration, result: GenerationResult
+    prep: PreparedGeneration, result: GenerationResult, *, progressive: bool = False
 ) -> list[str | GenerationResult]:
-    """The last events of a generation. With output moderation on nothing was sent before the
-    answer was checked, so a released answer goes out whole, as one delta, before the result."""
-    if prep.options.moderate_output and result.text:
+    """The last events of a generation. With output moderation on and no progressive checks
+    (`progressive`: the answer was released chunk by chunk as checks passed), nothing was sent
+    before the answer was checked, so a released answer goes out whole, as one delta, before
+    the result."""
+    if prep.options.moderate_output and result.text and not progressive:
         return [result.text, result]
     return [result]

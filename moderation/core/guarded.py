@@ -4,6 +4,11 @@ moderation around the model's answer (paper, section 5).
 `AnswerDecoder` is the one token loop: the engine's token events of one generation in, the text
 that may be sent now out. The in-process generator (`GuardedGenerator.stream`, the CLI) and the
 server's scheduler both decode through it.
+
+Output moderation is progressive: every `stream_check_tokens` generated tokens the answer so
+far is classified (an `OutputStream`: each check costs the new tokens, not the answer so far),
+and only the tokens a check found acceptable are released. A flagging check stops the
+generation; nothing after it is released.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from model import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
-from moderation.core.classifier import Classifier
+from moderation.core.classifier import Classifier, OutputStream
 from moderation.core.decision import Classification
 from moderation.core.generation import (
+    DEFAULT_STREAM_CHECK_TOKENS,
     INPUT_REFUSAL,
     OUTPUT_REFUSAL,
     GenerateOptions,
@@ -53,16 +59,30 @@ class TextStream:
 class AnswerDecoder:
     """One generation's token events -> the text deltas that may be sent now.
 
-    Nothing is released while output moderation is on (the answer goes out whole once checked,
-    see `closing_events`), nor when the caller wants only the result (`stream=False`).
+    With output moderation on, `push` releases nothing: with `checks` (progressive moderation)
+    the text of the tokens each acceptable check covered is released by `checked`; without,
+    the answer goes out whole once checked at the end (see `closing_events`). Nothing is
+    released when the caller wants only the result (`stream=False`).
     """
 
-    def __init__(self, tokenizer: Tokenizer, prep: PreparedGeneration, *, stream: bool = True):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prep: PreparedGeneration,
+        *,
+        stream: bool = True,
+        checks: OutputStream | None = None,
+    ):
         self.eos = tokenizer.eos_id
         self.text = TextStream(tokenizer)
+        self.stream = stream
         self.release = stream and not prep.options.moderate_output
         self.tokens: list[int] = []  # every token generated, the end-of-sequence one included
         self.finish_reason: str | None = None  # set by the last event
+        self.checks = checks
+        self.every = prep.options.stream_check_tokens or DEFAULT_STREAM_CHECK_TOKENS
+        self.released = TextStream(tokenizer)  # the text of the checked, acceptable tokens
+        self.last_check: Classification | None = None
 
     def push(self, event: TokenEvent) -> str:
         self.tokens.append(event.token)
@@ -76,6 +96,50 @@ class AnswerDecoder:
     @property
     def answer(self) -> str:
         return self.text.text()
+
+    @property
+    def answer_tokens(self) -> list[int]:
+        """The answer's tokens: what was generated, less the end-of-sequence token."""
+        return self.text.tokens
+
+    @property
+    def flagged(self) -> bool:
+        return self.last_check is not None and self.last_check.flagged
+
+    @property
+    def released_tokens(self) -> int:
+        """Answer tokens covered by acceptable checks (their text was released)."""
+        return len(self.released.tokens)
+
+    def check_due(self) -> bool:
+        """Whether the answer needs a check now: `every` unchecked tokens, or the tail once
+        generation has finished."""
+        if self.checks is None or self.flagged:
+            return False
+        unchecked = len(self.answer_tokens) - len(self.checks.checked)
+        return unchecked >= self.every or (self.finish_reason is not None and unchecked > 0)
+
+    def unchecked(self) -> list[int]:
+        """The answer tokens the next check covers."""
+        assert self.checks is not None
+        return self.answer_tokens[len(self.checks.checked) :]
+
+    def checked(self, result: Classification) -> str:
+        """A check covering the answer up to `checks.checked` came back: the text of its tokens
+        to release now (none when it flagged the answer). A character whose bytes the check
+        split is held back until the next check covers the rest."""
+        assert self.checks is not None
+        self.last_check = result
+        if result.flagged:
+            return ""
+        covered = self.answer_tokens[self.released_tokens : len(self.checks.checked)]
+        delta = "".join(self.released.push(t) for t in covered)
+        return delta if self.stream else ""
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to generate or check: finished and checked, or flagged."""
+        return self.flagged or (self.finish_reason is not None and not self.check_due())
 
 
 class GuardedGenerator:
@@ -133,9 +197,13 @@ class GuardedGenerator:
         finish_reason: str,
         input_moderation: Classification | None,
         output_moderation: Classification | None = None,
+        *,
+        released_tokens: int = 0,
     ) -> GenerationResult:
         """Assemble the result, running output moderation on the answer when asked (unless the
-        caller already ran it, batched with other work, and passes `output_moderation`)."""
+        caller already ran it, batched with other work or check by check, and passes
+        `output_moderation`). `released_tokens`: the tokens released before a flagging check
+        (when the answer is withheld)."""
         answer_tokens = [t for t in tokens if t != self.tokenizer.eos_id]
         answer = self.tokenizer.decode(answer_tokens)
         # An empty answer has nothing to withhold; the classifier refuses empty text.
@@ -152,7 +220,47 @@ class GuardedGenerator:
             prompt_tokens=len(prep.prompt),
             completion_tokens=len(tokens),
             model=self.model_id,
+            released_tokens=released_tokens if withheld else len(tokens),
         )
+
+    def finish_decoded(
+        self,
+        prep: PreparedGeneration,
+        decoder: AnswerDecoder,
+        input_moderation: Classification | None,
+        output_moderation: Classification | None = None,
+    ) -> list[str | GenerationResult]:
+        """The closing events of a decoded generation: its result (and, when the answer was
+        checked only at the end, the answer as one delta before it)."""
+        if decoder.checks is not None:
+            output_moderation = decoder.last_check
+        result = self.finish(
+            prep,
+            decoder.tokens,
+            decoder.finish_reason or "length",
+            input_moderation,
+            output_moderation,
+            released_tokens=decoder.released_tokens,
+        )
+        return closing_events(prep, result, progressive=decoder.checks is not None)
+
+    def open_checks(self, prep: PreparedGeneration) -> OutputStream | None:
+        """Progressive output moderation for this generation, when it asks for output
+        moderation and the engine can hold its check (see Classifier.open_output_stream)."""
+        if not prep.options.moderate_output or self.engine.max_batch_size < 2:
+            return None  # one generation slot: the answer's sequence needs it
+        return self.classifier.open_output_stream(prep)
+
+    def close_checks(self, decoder: AnswerDecoder) -> None:
+        if decoder.checks is not None:
+            self.classifier.close_output_stream(decoder.checks)
+
+    def run_checks(self, decoders: Sequence[AnswerDecoder]) -> list[str]:
+        """One check for each decoder (those whose `check_due`), in one engine pass: the text
+        each releases."""
+        pairs = [(d.checks, d.unchecked()) for d in decoders if d.checks is not None]
+        results = self.classifier.check_outputs(pairs)
+        return [d.checked(r) for d, r in zip(decoders, results, strict=True)]
 
     def moderate_input(self, prep: PreparedGeneration) -> Classification | None:
         if prep.input_item is None:
@@ -163,24 +271,31 @@ class GuardedGenerator:
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
     ) -> Iterator[str | GenerationResult]:
         """Text deltas, then the result. With output moderation on, no text is yielded before
-        the whole answer has been checked."""
+        a check has covered it; a flagging check stops the generation."""
         engine = self.engine
         prep = self.prepare(messages, options)
         input_moderation = self.moderate_input(prep)
         if input_moderation is not None and input_moderation.flagged:
             yield self.refuse_input(prep, input_moderation)
             return
-        request_id = engine.add_request(self.request(prep))
-        decoder = AnswerDecoder(self.tokenizer, prep)
+        # The checks take a slot only when the answer's sequence will still find one.
+        room = engine.free_slots - engine.num_waiting >= 2
+        checks = self.open_checks(prep) if room else None
+        decoder = AnswerDecoder(self.tokenizer, prep, checks=checks)
+        request_id = -1
         try:
-            while decoder.finish_reason is None:
-                for event in engine.step():
-                    if event.request_id == request_id and (delta := decoder.push(event)):
-                        yield delta
+            request_id = engine.add_request(self.request(prep))
+            while not decoder.done:
+                if decoder.finish_reason is None:
+                    for event in engine.step():
+                        if event.request_id == request_id and (delta := decoder.push(event)):
+                            yield delta
+                if decoder.check_due() and (delta := self.run_checks([decoder])[0]):
+                    yield delta
         finally:
             engine.cancel(request_id)
-        result = self.finish(prep, decoder.tokens, decoder.finish_reason, input_moderation)
-        yield from closing_events(prep, result)
+            self.close_checks(decoder)
+        yield from self.finish_decoded(prep, decoder, input_moderation)
 
     def generate(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions | None = None

@@ -7,6 +7,7 @@ process reports. No engine here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,16 @@ from model.errors import TokenizerError
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.decision import ClassifyItem, check_threshold
 from moderation.core.errors import InvalidArgument, quote
-from moderation.core.generation import GenerateOptions, PreparedGeneration
+from moderation.core.generation import (
+    DEFAULT_STREAM_CHECK_TOKENS,
+    MAX_STREAM_CHECK_TOKENS,
+    GenerateOptions,
+    PreparedGeneration,
+)
 from moderation.core.limits import LONG_TEXT_MODES, ModelLimits
 from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Policy, PolicyError, Role
 from moderation.core.prompts import (
+    ANSWER_MARKER,
     PromptError,
     build_prefix,
     build_prompt_from_tokens,
@@ -71,6 +78,7 @@ class Planner:
         max_text_tokens: int | None = None,
         window_overlap: int | None = None,
         max_new_tokens_limit: int = 4096,
+        stream_check_tokens: int = DEFAULT_STREAM_CHECK_TOKENS,
         operating_points: Mapping[str, OperatingPoint] | None = None,
     ):
         self.tokenizer = tokenizer
@@ -91,6 +99,7 @@ class Planner:
             window_overlap if window_overlap is not None else self.max_text_tokens // 8
         )
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.stream_check_tokens = stream_check_tokens
         self.operating_points = dict(operating_points or {})
         for point in self.operating_points.values():
             check_operating_point(point, self.policies)
@@ -344,6 +353,16 @@ class Planner:
                 raise InvalidArgument(f"messages[{last}].content", exc.message) from exc
         if options.moderate_output:
             self._check_output_room(user_prompt, options.max_new_tokens, last)
+        every = options.stream_check_tokens
+        if every is None:
+            every = self.stream_check_tokens
+        elif not 1 <= every <= MAX_STREAM_CHECK_TOKENS:
+            raise InvalidArgument(
+                "stream_check_tokens",
+                f"must be between 1 and {MAX_STREAM_CHECK_TOKENS} (0 = the server's default "
+                f"{self.stream_check_tokens}), got {every}",
+            )
+        options = dataclasses.replace(options, stream_check_tokens=every)
         return PreparedGeneration(options, prompt, user_prompt, input_item)
 
     def _check_output_room(self, user_prompt: str, max_new_tokens: int, last: int) -> None:
@@ -362,6 +381,19 @@ class Planner:
         """The output-moderation item of a generated answer: split into windows when long,
         whatever long_text says (the request was accepted; its answer must be checkable)."""
         return self.plan(prep.output_item(answer), split=True)
+
+    def plan_stream_output(self, prep: PreparedGeneration) -> PlannedItem:
+        """The output-moderation prompt of an answer checked while it is generated: its one
+        body is the user prompt and the "Answer:" marker; the answer's own tokens and the turn
+        closer follow it, check by check (`Classifier.open_output_stream`)."""
+        # Policy and thresholds are resolved as for any output item (the text is a stand-in).
+        planned = self.plan(prep.output_item(ANSWER_MARKER), split=True)
+        context = encode_text(self.tokenizer, prep.user_prompt) if prep.user_prompt else None
+        body = build_prompt_from_tokens(
+            planned.policy, Role.OUTPUT, self.tokenizer, [], user_prompt_tokens=context
+        ).body
+        closer = len(self.tokenizer.inst_close())
+        return dataclasses.replace(planned, bodies=[body[:-closer]])
 
     def prefixes(self) -> Iterator[tuple[int, ...]]:
         """The shared prefix of every (policy, role): what a classifier pre-fills once."""

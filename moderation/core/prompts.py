@@ -427,3 +427,31 @@ def _check_structure(
     special |= set(getattr(tokenizer, "control_ids", ()))
     if any(t in special for t in ids[structural:end]):
         raise PromptError("a BOS, EOS or control token occurs inside the prompt text")
+
+
+def checkable_answer_tokens(
+    tokenizer: PromptTokenizer, tokens: Sequence[int], before: Sequence[int] = ()
+) -> list[int]:
+    """Generated answer tokens made safe to sit in an output-role prompt as they are (no
+    re-tokenising: a check must cover exactly the tokens it releases).
+
+    A BOS, EOS or control id becomes a plain token (the encoding of "?"), and so does the last
+    token of a turn opener or closer the answer spells out, so that a generated `[/INST]`
+    cannot close the classifier's turn and write its verdict. `before` is what the answer
+    already had (only its last few tokens matter), for a marker split across two checks.
+    One token out for each token in: positions stay those of the generated tokens.
+    """
+    special = {tokenizer.bos_id, tokenizer.eos_id}
+    special |= set(getattr(tokenizer, "control_ids", ()))
+    markers = [list(m) for m in (tokenizer.inst_open(), tokenizer.inst_close()) if m]
+    plain = tokenizer.encode("?", bos=False)[-1]
+    keep = max((len(m) for m in markers), default=1) - 1
+    history = list(before[len(before) - keep :]) if keep else []
+    out: list[int] = []
+    for t in tokens:
+        t = plain if t in special else t
+        history.append(t)
+        if any(history[-len(m) :] == m for m in markers):
+            t = history[-1] = plain
+        out.append(t)
+    return out

@@ -9,7 +9,10 @@ tick
 2. runs one classifier pass for every classification due: queued Classify/ClassifyBatch items,
    the input moderation of new generations and the output moderation of finished answers;
 3. admits new generations into the engine and runs one engine step for all running sequences
-   (continuous batching: sequences join and leave between steps).
+   (continuous batching: sequences join and leave between steps);
+4. runs one check pass for every answer whose output moderation is due (every
+   `stream_check_tokens` tokens, and its tail once finished): the text a check passes is sent,
+   an answer a check flags stops at once.
 
 The scheduler never waits to fill a batch: under load, requests queue up while a pass runs and
 the next pass takes them all, so batches grow with the load and a lone request runs at once.
@@ -34,7 +37,6 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import (
     GenerationResult,
     PreparedGeneration,
-    closing_events,
 )
 from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
@@ -116,6 +118,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._running: dict[int, GenerateJob] = {}  # engine request id -> job
         self._checks: list[_OutputCheck] = []
+        # Generations with output moderation waiting for two free slots (the answer's and its
+        # check's), admitted first at the next tick.
+        self._slot_wait: list[GenerateJob] = []
         self._engine_waiting = 0  # admitted generations waiting for an engine slot
         self._stopping = False
 
@@ -124,7 +129,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for the model: queued jobs and generations waiting for a slot."""
-        return len(self._pending) + self._engine_waiting
+        return len(self._pending) + self._engine_waiting + len(self._slot_wait)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -164,7 +169,7 @@ class Scheduler:
     # ------------------------------------------------------ the ticking thread
 
     def _busy(self) -> bool:
-        return bool(self._running or self._checks)
+        return bool(self._running or self._checks or self._slot_wait)
 
     @property
     def has_work(self) -> bool:
@@ -210,15 +215,17 @@ class Scheduler:
         self._drop_stopped(now)
         generations = [j for j in live if isinstance(j, GenerateJob)]
         self._classifier_pass([j for j in live if isinstance(j, ClassifyJob)], generations)
-        for g in generations:
+        waiting, self._slot_wait = self._slot_wait, []
+        for g in [*waiting, *generations]:
             self._admit(g)
-        if self.engine.has_unfinished():
+        if self.engine.has_unfinished() or self._running:
             try:
                 self._step()
+                self._check_pass()
             except Exception as exc:  # fail the batch, keep the server
                 log.exception("engine step failed")
                 for engine_id, g in list(self._running.items()):
-                    self.engine.cancel(engine_id)
+                    self._stop(engine_id, g)
                     g.fail(exc)
                 self._running.clear()
         self._engine_waiting = self.engine.num_waiting
@@ -231,11 +238,22 @@ class Scheduler:
         """Cancelled or expired generations leave the engine before the next step."""
         for engine_id, g in list(self._running.items()):
             if g.cancelled or g.expired(now):
-                self.engine.cancel(engine_id)
+                self._stop(engine_id, g)
                 del self._running[engine_id]
                 if not g.cancelled:
                     g.fail(DeadlineExpiredError("the deadline passed during generation"))
         self._checks = [c for c in self._checks if not c.job.cancelled]
+        for g in list(self._slot_wait):
+            if g.cancelled or g.expired(now):
+                self._slot_wait.remove(g)
+                if not g.cancelled:
+                    g.fail(DeadlineExpiredError("the deadline passed while the request waited"))
+
+    def _stop(self, engine_id: int, g: GenerateJob) -> None:
+        """Take a generation out of the engine: its sequence and its output checks' slot."""
+        self.engine.cancel(engine_id)
+        if g.decoder is not None:
+            self.runtime.generator.close_checks(g.decoder)
 
     def _classifier_pass(self, classify: list[ClassifyJob], generations: list[GenerateJob]) -> None:
         """One classifier pass for every classification due this tick."""
@@ -290,12 +308,28 @@ class Scheduler:
         if moderation is not None and moderation.flagged:
             g.emit(rt.generator.refuse_input(g.prep, moderation))
             return
+        checks = None
+        if g.prep.options.moderate_output and self.engine.max_batch_size >= 2:
+            # The answer's checks hold a slot of their own as long as the answer runs: admit
+            # it only when its sequence will find a slot too, or two waiting generations could
+            # each hold one slot and wait for the other's forever. (With one generation slot,
+            # open_checks declines: the answer is checked once, at the end.)
+            if self.engine.free_slots - self.engine.num_waiting < 2:
+                self._slot_wait.append(g)
+                return
+            try:
+                checks = rt.generator.open_checks(g.prep)
+            except InvalidArgument as exc:
+                g.fail(RuntimeError(f"output moderation failed: {exc.message[:200]}"))
+                return
+        decoder = AnswerDecoder(rt.tokenizer, g.prep, stream=g.stream, checks=checks)
         try:
             engine_id = self.engine.add_request(rt.generator.request(g.prep))
         except RequestError as exc:  # e.g. prompt + max_new_tokens beyond the context
+            rt.generator.close_checks(decoder)
             g.fail(InvalidArgument("messages", str(exc)))
             return
-        g.decoder = AnswerDecoder(rt.tokenizer, g.prep, stream=g.stream)
+        g.decoder = decoder
         self._running[engine_id] = g
 
     def _step(self) -> None:
@@ -311,8 +345,8 @@ class Scheduler:
             if delta:
                 g.emit(delta)
             reason = g.decoder.finish_reason
-            if reason is None:
-                continue
+            if reason is None or g.decoder.checks is not None:
+                continue  # answers checked as they grow finish in the check pass
             del self._running[ev.request_id]
             answer = g.decoder.answer
             if g.prep.options.moderate_output and not is_blank(answer):
@@ -327,11 +361,32 @@ class Scheduler:
             else:
                 self._finish(g, reason, None)
 
+    def _check_pass(self) -> None:
+        """One pass checking every answer due; sends what passed, stops what was flagged, and
+        finishes the answers that are done."""
+        gen = self.runtime.generator
+        due = [g for g in self._running.values() if g.decoder and g.decoder.check_due()]
+        if due:
+            deltas = gen.run_checks([g.decoder for g in due if g.decoder is not None])
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(kind="stream_check").observe(len(due))
+            for g, delta in zip(due, deltas, strict=True):
+                if delta:
+                    g.emit(delta)
+        for engine_id, g in list(self._running.items()):
+            d = g.decoder
+            if d is None or d.checks is None or not d.done:
+                continue
+            del self._running[engine_id]
+            self._stop(engine_id, g)  # a flagged answer leaves the engine before its end
+            self._finish(g, d.finish_reason or "length", None)
+
     def _finish(self, g: GenerateJob, reason: str, output: Classification | None) -> None:
         assert g.prep is not None and g.decoder is not None
-        result = self.runtime.generator.finish(
-            g.prep, g.decoder.tokens, reason, g.input_moderation, output_moderation=output
+        g.decoder.finish_reason = g.decoder.finish_reason or reason
+        events = self.runtime.generator.finish_decoded(
+            g.prep, g.decoder, g.input_moderation, output
         )
-        for event in closing_events(g.prep, result):
+        for event in events:
             if g.stream or isinstance(event, GenerationResult):
                 g.emit(event)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moderation.core.generation import MAX_STREAM_CHECK_TOKENS
 from moderation.core.limits import LONG_TEXT_MODES
 from moderation.runtime import (
     ATTENTION_BACKENDS,
@@ -278,6 +279,14 @@ class ServeSettings:
         "default and maximum tokens generated per request",
         metavar="N",
     )
+    stream_check_tokens: int = _setting(
+        16,
+        parse_int,
+        "with moderate_output, check the answer every N generated tokens (a request's "
+        "stream_check_tokens overrides it); GenerateStream releases text only after a check, "
+        "so N trades time to the first text against checking cost (1..4096)",
+        metavar="N",
+    )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024,
         parse_int,
@@ -396,6 +405,7 @@ class ServeSettings:
             max_batch_size=self.max_batch_size,
             score_batch_size=self.max_batch_size,
             max_new_tokens_limit=self.max_new_tokens,
+            stream_check_tokens=self.stream_check_tokens,
             max_context=self.max_context,
             gpu_memory_utilization=self.gpu_memory_utilization,
             cache_memory_bytes=self.cache_memory,
@@ -555,6 +565,11 @@ def _validate(s: ServeSettings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(name, f"must be a positive integer, got {value!r}")
+    if not 1 <= s.stream_check_tokens <= MAX_STREAM_CHECK_TOKENS:
+        fail(
+            "stream_check_tokens",
+            f"must be between 1 and {MAX_STREAM_CHECK_TOKENS}, got {s.stream_check_tokens!r}",
+        )
     if not isinstance(s.torch_threads, int) or s.torch_threads < 0:
         fail("torch_threads", f"must be a non-negative integer (0 = auto), got {s.torch_threads!r}")
     for name in ("model_stall_timeout", "max_connection_age_grace"):

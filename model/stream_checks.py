@@ -1,0 +1,319 @@
+"""Stream checks: label scores of a growing text, each check at the cost of its new tokens.
+
+A check stream holds a prompt that ends with a growing text (a classifier prompt whose answer
+is being generated) in a cache slot of its own. Each check appends the text's new tokens to
+the slot and scores every continuation after a closer (e.g. `[/INST]`), all in one pass: the
+new tokens, the closer and the continuations' token tree form one read-only token tree whose
+first tokens are a chain (so they attend exactly as a pre-filled chunk would, window band
+included), and only the new tokens' keys and values are written to the slot. The closer and
+the continuations never touch the cache, so the slot holds exactly the prompt and text so far,
+and a check costs the new tokens plus the closer and the labels, never the text so far. Past
+the window the rolling buffer drops the oldest positions, so memory stays fixed for any
+length. Checks of many streams share one pass.
+
+A check equals scoring prompt + text + closer from scratch (`Engine.score_batch`): the same
+positions, the same keys in each token's window.
+
+Check streams take their slots from the generation slots (a stream being checked is also being
+generated, so both hold one slot for as long as it runs).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model import transfer
+from model.attention import AttentionBackend
+from model.cache import ForwardMetadata, RollingCache
+from model.errors import RequestError
+from model.scoring import ContinuationTree, Prefix
+from model.stats import EngineStats
+from model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class StreamCheck:
+    """One check: append `tokens` to stream `stream_id`, then score each continuation after
+    the stream so far + `closer`."""
+
+    stream_id: int
+    tokens: Sequence[int]
+    closer: Sequence[int]
+    continuations: Sequence[Sequence[int]]
+
+
+@dataclass
+class _CheckStream:
+    slot: int
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet in the slot
+    length: int = 0  # tokens of prompt + text in the slot (or pending)
+
+
+class StreamChecks:
+    """Engine.open_stream, check_streams and close_stream (see the module docstring)."""
+
+    model: Transformer
+    backend: AttentionBackend
+    cache: RollingCache
+    stats: EngineStats
+    chunk_size: int
+    max_step_tokens: int
+    max_context: int | None
+    _free_slots: list[int]
+    _stream_checks: dict[int, _CheckStream]
+    _stream_ids: itertools.count[int]
+
+    def _forward(
+        self,
+        slots: list[int],
+        chunks: list[Sequence[int]],
+        *,
+        logits_rows: list[int],
+        write: list[bool] | None = None,
+        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
+        raise NotImplementedError
+
+    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
+        raise NotImplementedError
+
+    def _check_length(self, n: int, what: str) -> None:
+        raise NotImplementedError
+
+    def _tree(self, continuations: Sequence[Sequence[int]]) -> ContinuationTree:
+        raise NotImplementedError
+
+    def _log_probs(
+        self, hidden: torch.Tensor, nodes: list[int], tokens: list[int], normalised: list[bool]
+    ) -> list[float]:
+        raise NotImplementedError
+
+    @property
+    def free_slots(self) -> int:
+        """Generation slots free now (a check stream takes one)."""
+        return len(self._free_slots)
+
+    def open_stream(self, prompt: Sequence[int], prefix: Prefix | None = None) -> int | None:
+        """Start a check stream on prefix.tokens + prompt; None when no slot is free now.
+
+        The prefix's cached window is restored into the slot; the prompt is fed with the first
+        check (or before it, when too long to share its pass).
+        """
+        self._check_tokens(prompt, "stream prompt")
+        if not self._free_slots:
+            return None
+        slot = self._free_slots.pop(0)
+        self.cache.reset(slot)
+        if prefix is not None:
+            self.cache.restore_many([slot], prefix.snapshot)
+            self.stats.prefix_tokens_reused += len(prefix.tokens)
+        stream_id = next(self._stream_ids)
+        self._stream_checks[stream_id] = _CheckStream(
+            slot, list(prompt), self.cache.lengths[slot] + len(prompt)
+        )
+        return stream_id
+
+    def close_stream(self, stream_id: int) -> bool:
+        """Free a check stream's slot; False if unknown (already closed)."""
+        stream = self._stream_checks.pop(stream_id, None)
+        if stream is None:
+            return False
+        self.cache.reset(stream.slot)
+        bisect.insort(self._free_slots, stream.slot)
+        return True
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._stream_checks)
+
+    def stream_length(self, stream_id: int) -> int:
+        """Tokens of prompt + text the stream holds (its last check's coverage)."""
+        return self._stream_checks[stream_id].length
+
+    def check_streams(
+        self, checks: Sequence[StreamCheck], *, relative: bool = False
+    ) -> list[list[float]]:
+        """Append each check's tokens to its stream and score its continuations after the
+        closer: one pass for as many checks as `max_step_tokens` allows (see score_batch for
+        `relative`)."""
+        seen: set[int] = set()
+        for i, c in enumerate(checks):
+            if c.stream_id not in self._stream_checks:
+                raise RequestError(f"check {i}: unknown stream {c.stream_id}")
+            if c.stream_id in seen:
+                raise RequestError(f"check {i}: stream {c.stream_id} is checked twice")
+            seen.add(c.stream_id)
+            if not c.closer:
+                raise RequestError(f"check {i}: the closer is empty")
+            if not c.continuations or any(len(x) == 0 for x in c.continuations):
+                raise RequestError(f"check {i}: continuations must be non-empty token lists")
+            self._check_tokens(c.tokens, f"check {i} tokens")
+            self._check_tokens(c.closer, f"check {i} closer")
+            for x in c.continuations:
+                self._check_tokens(x, f"check {i} continuation")
+            n = self._stream_checks[c.stream_id].length + len(c.tokens) + len(c.closer)
+            self._check_length(n + max(len(x) for x in c.continuations) - 1, f"check {i}")
+        # A prompt too long to share a check's pass is pre-filled first, in chunks.
+        long = [
+            s
+            for s in (self._stream_checks[c.stream_id] for c in checks)
+            if len(s.pending) > self.chunk_size
+        ]
+        if long:
+            self._prefill([s.slot for s in long], [s.pending for s in long])
+            for s in long:
+                s.pending = []
+        results: list[list[float]] = []
+        group: list[StreamCheck] = []
+        size = 0
+        for c in checks:
+            n = self._chain_tokens(c) + len(self._tree(c.continuations).tokens) - 1
+            if group and size + n > self.max_step_tokens:
+                results.extend(self._check_group(group, relative=relative))
+                group, size = [], 0
+            group.append(c)
+            size += n
+        if group:
+            results.extend(self._check_group(group, relative=relative))
+        return results
+
+    def _chain_tokens(self, c: StreamCheck) -> int:
+        return len(self._stream_checks[c.stream_id].pending) + len(c.tokens) + len(c.closer)
+
+    @torch.inference_mode()
+    def _check_group(self, checks: Sequence[StreamCheck], *, relative: bool) -> list[list[float]]:
+        streams = [self._stream_checks[c.stream_id] for c in checks]
+        slots = [s.slot for s in streams]
+        chunks: list[list[int]] = []
+        tree_specs: list[tuple[list[int], torch.Tensor] | None] = []
+        trees: list[ContinuationTree] = []
+        written: list[int] = []  # leading tokens of each chain that stay in the slot
+        rows: list[int] = []  # packed rows whose hidden states score the labels
+        offset = 0
+        for c, s in zip(checks, streams, strict=True):
+            tree = self._tree(c.continuations)
+            chain = [*s.pending, *c.tokens, *c.closer]
+            chunk = chain + tree.tokens[1:]
+            depths = list(range(len(chain))) + [len(chain) - 1 + d for d in tree.depths[1:]]
+            tree_specs.append((depths, _chain_tree_mask(len(chain), tree)))
+            chunks.append(chunk)
+            trees.append(tree)
+            written.append(len(s.pending) + len(c.tokens))
+            # The tree's node j is packed row len(chain) - 1 + j (node 0 is the closer's last).
+            rows.extend(offset + len(chain) - 1 + j for j in range(len(tree.tokens)))
+            offset += len(chunk)
+        hidden = self._forward_appending(slots, chunks, written, tree_specs, rows)
+        for c, s in zip(checks, streams, strict=True):
+            s.pending = []
+            s.length += len(c.tokens)
+        nodes: list[int] = []
+        tokens: list[int] = []
+        normalised: list[bool] = []
+        base = 0
+        for t in trees:
+            for path in t.paths:
+                nodes.extend(base + node for node, _ in path)
+                tokens.extend(tok for _, tok in path)
+                normalised.extend(node != 0 or not relative for node, _ in path)
+            base += len(t.tokens)
+        terms = self._log_probs(hidden, nodes, tokens, normalised)
+        out: list[list[float]] = []
+        pos = 0
+        for t in trees:
+            scores = []
+            for path in t.paths:
+                scores.append(sum(terms[pos : pos + len(path)]))
+                pos += len(path)
+            out.append(scores)
+        return out
+
+    def _forward_appending(
+        self,
+        slots: list[int],
+        chunks: list[list[int]],
+        written: list[int],
+        trees: list[tuple[list[int], torch.Tensor] | None],
+        rows: list[int],
+    ) -> torch.Tensor:
+        """One pass of read-only token trees, then the keys and values of each tree's first
+        `written[b]` tokens (a chain at positions length .. length + written - 1) written to
+        its slot, as a pre-filled chunk's would be. Attention reads each sequence's cached
+        window before this pass's keys are written (model.attention), so the trees see the
+        slot as it was plus their own tokens."""
+        cache = self.cache
+        W = cache.window
+        lengths = [cache.lengths[s] for s in slots]
+        meta = cache.plan(
+            slots,
+            [len(c) for c in chunks],
+            tokens=list(itertools.chain.from_iterable(chunks)),
+            logits_rows=rows,
+            write=[False] * len(slots),
+            trees=trees,
+        )
+        _add_writes(meta, slots, lengths, [len(c) for c in chunks], written, W)
+        for s, n in zip(slots, written, strict=True):
+            cache.lengths[s] += n
+        return self._run_planned(meta)
+
+    def _run_planned(self, meta: ForwardMetadata) -> torch.Tensor:
+        """The forward of an already planned pass, returning the hidden states of
+        `meta.logits_index` (Engine._forward, after its plan)."""
+        self.backend.prepare(meta, self.model.dtype)
+        self.stats.forward_passes += 1
+        assert meta.tokens is not None
+        self.stats.tokens_computed += int(meta.tokens.numel())
+        return self.model(
+            meta.tokens,
+            meta,
+            self.cache,
+            logits_index=meta.logits_index,
+            backend=self.backend,
+            hidden=True,
+        )
+
+
+def _add_writes(
+    meta: ForwardMetadata,
+    slots: list[int],
+    lengths: list[int],
+    seqlens: list[int],
+    written: list[int],
+    window: int,
+) -> None:
+    """Make a planned pass of pre-fill sequences (no decoders) also write the first
+    `written[b]` tokens of each: the last `window` of them survive, as in a pre-fill chunk."""
+    src: list[int] = []
+    dst: list[int] = []
+    start = 0
+    for slot, n, seqlen, k in zip(slots, lengths, seqlens, written, strict=True):
+        first = max(0, k - window)
+        for j in range(first, k):
+            src.append(start + j)
+            dst.append(slot * window + (n + j) % window)
+        start += seqlen
+    device = meta.positions.device
+    both = transfer.upload(torch.tensor(dst + src, dtype=torch.long), device)
+    meta.write_rows = both[: len(dst)]
+    meta.write_src = both[len(dst) :]
+
+
+def _chain_tree_mask(chain: int, tree: ContinuationTree) -> torch.Tensor:
+    """Ancestor mask of `chain` tokens in a row (each sees those before it) followed by the
+    tree's nodes 1.. (each sees the whole chain, whose last token is the tree's root, and its
+    own ancestors)."""
+    n = chain + len(tree.tokens) - 1
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:chain, :chain] = torch.ones(chain, chain, dtype=torch.bool).tril()
+    mask[chain:, :chain] = True
+    mask[chain:, chain:] = tree.ancestors[1:, 1:]
+    return mask
