@@ -97,3 +97,17 @@ def test_every_rpc_has_an_http_rule() -> None:
     assert len(set(paths.values())) == len(paths), f"two RPCs share a path: {paths}"
     assert paths["Classify"] == ("post", "/v1/classify")
     assert paths["GetModelInfo"] == ("get", "/v1/model")
+
+
+def test_buf_lint_standard_is_clean() -> None:
+    """gRPC's conventions as buf checks them (protos/buf.yaml: STANDARD, the vendored googleapis
+    files excepted). `.ci/run` installs buf from npm."""
+    import shutil
+
+    buf = shutil.which("buf")
+    if buf is None:
+        pytest.skip("buf is not installed (`.ci/run` installs it with npm: @bufbuild/buf)")
+    result = subprocess.run(
+        [buf, "lint"], cwd=ROOT / "protos", capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"buf lint findings:\n{result.stdout}{result.stderr}"
