@@ -82,7 +82,7 @@ def main() -> None:
     ours_rate = len(items) / (time.perf_counter() - start)
     tokens_with_prefix = (engine.stats.tokens_computed - before) / len(items)
 
-    plain = Classifier(engine, tok, model_id=runtime.model_id, reuse_prefix=False)
+    plain = Classifier(engine, tok, runtime.planner, model_id=runtime.model_id, reuse_prefix=False)
     before = engine.stats.tokens_computed
     start = time.perf_counter()
     plain.classify_many(items)

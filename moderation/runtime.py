@@ -227,7 +227,7 @@ def assemble_runtime(
 ) -> Runtime:
     """Policies, planner, classifier and generator around a loaded engine."""
     planner = make_planner(tokenizer, ModelLimits.of(engine), settings, policies)
-    classifier = Classifier(engine, tokenizer, model_id=model_id, planner=planner)
+    classifier = Classifier(engine, tokenizer, planner, model_id=model_id)
     generator = GuardedGenerator(engine, tokenizer, classifier, model_id=model_id)
     return Runtime(
         model_id=model_id,

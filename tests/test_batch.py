@@ -91,10 +91,13 @@ def test_awkward_csv_gives_one_row_per_input_row_in_order(
 
 def test_a_too_long_text_is_a_row_error_not_a_failed_job(tmp_path: Path, demo_runtime: Any) -> None:
     from moderation.core.classifier import Classifier
+    from moderation.core.limits import ModelLimits
+    from moderation.core.planning import Planner
 
-    short = Classifier(
-        demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=64
+    planner = Planner(
+        demo_runtime.tokenizer, ModelLimits.of(demo_runtime.engine), max_text_tokens=64
     )
+    short = Classifier(demo_runtime.engine, demo_runtime.tokenizer, planner, model_id="d")
     runtime = type(demo_runtime)(**{**demo_runtime.__dict__, "classifier": short})
     inp = tmp_path / "in.csv"
     inp.write_text("text\nshort one\n" + "word " * 500 + "\nanother\n")

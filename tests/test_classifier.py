@@ -13,6 +13,8 @@ from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.classifier import Classifier
 from moderation.core.decision import ClassifyItem, decide
 from moderation.core.errors import InvalidArgument
+from moderation.core.limits import ModelLimits
+from moderation.core.planning import Planner
 from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Category, Policy, Role
 from moderation.core.prompts import build_prefix, build_prompt, label_continuations
 
@@ -110,10 +112,20 @@ def test_fine_grained_scores_sum_onto_the_papers_categories() -> None:
 # ------------------------------------------------------------ engine passes
 
 
+def classifier_with(runtime: Any, **planning: Any) -> Classifier:
+    """The demo runtime's engine, planned with other settings (the model id "d")."""
+    planner = Planner(runtime.tokenizer, ModelLimits.of(runtime.engine), **planning)
+    return Classifier(runtime.engine, runtime.tokenizer, planner, model_id="d")
+
+
 def test_prefix_reuse_gives_the_same_results_as_no_reuse(demo_runtime: Any) -> None:
     reuse = demo_runtime.classifier
     plain = Classifier(
-        demo_runtime.engine, demo_runtime.tokenizer, model_id="demo", reuse_prefix=False
+        demo_runtime.engine,
+        demo_runtime.tokenizer,
+        demo_runtime.planner,
+        model_id="demo",
+        reuse_prefix=False,
     )
     items = [ClassifyItem(t, policy=p) for t in TEXTS for p in ("paper", "mistral-13")]
     items.append(ClassifyItem("I am fine.", role="output", user_prompt="How are you?"))
@@ -197,9 +209,7 @@ def test_untrusted_text_stays_data_in_the_tokens_sent_to_the_engine(
 
 
 def test_long_texts_are_rejected_by_default(demo_runtime: Any) -> None:
-    strict = Classifier(
-        demo_runtime.engine, demo_runtime.tokenizer, model_id="d", max_text_tokens=32
-    )
+    strict = classifier_with(demo_runtime, max_text_tokens=32)
     with pytest.raises(InvalidArgument) as err:
         strict.classify("word " * 100)
     assert err.value.field == "text"
@@ -208,9 +218,7 @@ def test_long_texts_are_rejected_by_default(demo_runtime: Any) -> None:
 
 def test_long_texts_can_be_split_and_the_most_severe_window_reported(demo_runtime: Any) -> None:
     engine, tok = demo_runtime.engine, demo_runtime.tokenizer
-    split = Classifier(
-        engine, tok, model_id="d", max_text_tokens=24, window_overlap=4, long_text="split"
-    )
+    split = classifier_with(demo_runtime, max_text_tokens=24, window_overlap=4, long_text="split")
     text = " ".join(TEXTS * 3)
     result = split.classify(text, policy="mistral-13")
     planned = split.plan(ClassifyItem(text, policy="mistral-13"))
@@ -260,9 +268,7 @@ def test_custom_policies_are_scored_with_their_own_labels(demo_runtime: Any) -> 
             Category("rude", "rude", "Insults.", "hateful_harassing_violent"),
         ),
     )
-    custom = Classifier(
-        demo_runtime.engine, demo_runtime.tokenizer, model_id="d", policies={"tiny": policy}
-    )
+    custom = classifier_with(demo_runtime, policies={"tiny": policy})
     result = custom.classify("buy cheap watches", policy="tiny")
     assert set(result.scores) == {"spam", "rude", ACCEPTABLE_ID}
     assert result.policy == "tiny"

@@ -10,15 +10,13 @@ once and reused by every request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from model import Engine, Prefix, ScoreRequest, StreamCheck, Tokenizer
-from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.decision import Classification, ClassifyItem, decide
 from moderation.core.generation import PreparedGeneration
-from moderation.core.limits import ModelLimits
 from moderation.core.planning import PlannedItem, Planner
 from moderation.core.policy import Policy
 from moderation.core.prompts import checkable_answer_tokens, label_continuations
@@ -43,38 +41,23 @@ class Classifier:
     """Classifies texts with a loaded model; every call is one batched engine pass.
 
     Not thread-safe: the engine it drives is not. The service calls it from its model worker.
-    It plans through `planner` (built from the keyword arguments and the engine's limits when
-    not given).
+    It plans through `planner` (`runtime.make_planner` maps the settings to one; tests build
+    one from the engine's limits with `Planner(tokenizer, ModelLimits.of(engine), ...)`).
     """
 
     def __init__(
         self,
         engine: Engine,
         tokenizer: Tokenizer,
+        planner: Planner,
         *,
         model_id: str,
-        planner: Planner | None = None,
-        policies: Mapping[str, Policy] | None = None,
-        default_policy: str = DEFAULT_POLICY,
-        threshold: float = 0.5,
-        long_text: str = "reject",
-        max_text_tokens: int | None = None,
-        window_overlap: int | None = None,
         reuse_prefix: bool = True,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.planner = planner or Planner(
-            tokenizer,
-            ModelLimits.of(engine),
-            policies=policies,
-            default_policy=default_policy,
-            threshold=threshold,
-            long_text=long_text,
-            max_text_tokens=max_text_tokens,
-            window_overlap=window_overlap,
-        )
+        self.planner = planner
         self.reuse_prefix = reuse_prefix
         self._prefixes: dict[tuple[int, ...], Prefix] = {}
         self._continuations: dict[str, list[tuple[int, ...]]] = {}
