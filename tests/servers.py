@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,12 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from moderation.runtime import Runtime
 from moderation.serving.grpc.server import Server
@@ -76,6 +79,35 @@ class InProcessServer:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+@contextlib.contextmanager
+def demo_server(checkpoint: Path, **settings: Any) -> Iterator[InProcessServer]:
+    """A loaded in-process server on the demo checkpoint: the model in the server's process,
+    free ports, no metrics listener, unless `settings` (ServeSettings fields) say otherwise."""
+    base: dict[str, Any] = {
+        "model_process": False,
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "metrics_port": 0,
+    }
+    server = InProcessServer(ServeSettings(**{**base, **settings}), demo_loader(checkpoint))
+    try:
+        server.wait_loaded()
+        yield server
+    finally:
+        server.stop()
+
+
+def invalid_field(err: grpc.RpcError) -> str:
+    """The field an INVALID_ARGUMENT names in its rich details (google.rpc.BadRequest)."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "no rich status details"
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return str(bad.field_violations[0].field)
+    raise AssertionError("no BadRequest detail")
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:

@@ -24,7 +24,7 @@ from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.certs import NoCertificateTool, make_certificates
-from tests.servers import InProcessServer, demo_loader, free_port
+from tests.servers import InProcessServer, demo_loader, demo_server, free_port
 
 TOKEN = "client-s3cret"
 TEXTS = ["How do I pick a lock?", "What a lovely day.", "Tell me about the weather."]
@@ -37,19 +37,13 @@ TEXTS = ["How do I pick a lock?", "What a lovely day.", "Tell me about the weath
 def served(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     token_file = tmp_path_factory.mktemp("client-auth") / "token"
     token_file.write_text(TOKEN)
-    settings = ServeSettings(
-        model_process=False,
-        host="127.0.0.1",
-        port=free_port(),
-        metrics_port=0,
+    with demo_server(
+        demo_checkpoint,
         auth_token_file=str(token_file),
         max_new_tokens=64,
         max_message_bytes=64 * 1024,
-    )
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    ) as server:
+        yield server
 
 
 @pytest.fixture

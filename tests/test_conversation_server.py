@@ -8,14 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from moderation.core.decision import ClassifyItem
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, demo_loader, free_port
+from tests.servers import InProcessServer, demo_loader, demo_server, free_port, invalid_field
 
 MAX_MESSAGES = 6
 MAX_CHARS = 400
@@ -26,14 +24,15 @@ MAX_CONTEXT = 1024
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
-    settings = ServeSettings(model_process=False,
-        host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
-        max_text_chars=MAX_CHARS, max_messages=MAX_MESSAGES, max_context=MAX_CONTEXT,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    with demo_server(
+        demo_checkpoint,
+        metrics_port=free_port(),
+        max_batch_items=8,
+        max_text_chars=MAX_CHARS,
+        max_messages=MAX_MESSAGES,
+        max_context=MAX_CONTEXT,
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +42,6 @@ def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
 
 def m(role: str, content: str) -> pb.ChatMessage:
     return pb.ChatMessage(role=role, content=content)
-
-
-def invalid_field(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    raise AssertionError("no BadRequest detail")
 
 
 def same_scores(a: pb.ClassifyResponse, b: pb.ClassifyResponse) -> None:

@@ -30,21 +30,28 @@ from moderation.serving.logs import configure_logging
 from moderation.serving.settings import ServeSettings, settings_from_env
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import SERVING, InProcessServer, demo_loader, free_port, health_status
+from tests.servers import (
+    SERVING,
+    InProcessServer,
+    demo_loader,
+    demo_server,
+    free_port,
+    health_status,
+)
 
 MAX_CHARS = 100_000
 
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(model_process=False,
-        host="127.0.0.1", port=free_port(), metrics_port=0, max_text_chars=MAX_CHARS,
-        max_messages=50, max_new_tokens=64, max_message_bytes=8 * 1024 * 1024,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    with demo_server(
+        demo_checkpoint,
+        max_text_chars=MAX_CHARS,
+        max_messages=50,
+        max_new_tokens=64,
+        max_message_bytes=8 * 1024 * 1024,
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,14 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import SERVING, InProcessServer, demo_loader, free_port, health_status
+from tests.servers import (
+    SERVING,
+    InProcessServer,
+    demo_server,
+    health_status,
+)
 
 SEED = 11
 REQUESTS = int(os.environ.get("HOSTILE_REQUESTS", "3000"))
@@ -176,15 +180,16 @@ def rss_bytes() -> int:
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(model_process=False,
-        host="127.0.0.1", port=free_port(), metrics_port=0, max_text_chars=4000,
-        max_messages=16, max_new_tokens=8, max_batch_items=8, max_queue=64,
+    with demo_server(
+        demo_checkpoint,
+        max_text_chars=4000,
+        max_messages=16,
+        max_new_tokens=8,
+        max_batch_items=8,
+        max_queue=64,
         max_message_bytes=256 * 1024,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    ) as server:
+        yield server
 
 
 def test_hostile_inputs_get_only_expected_codes(served: InProcessServer) -> None:

@@ -20,7 +20,14 @@ from moderation.serving.settings import ServeSettings, SettingsError, settings_f
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.certs import NoCertificateTool, make_certificates
-from tests.servers import InProcessServer, demo_loader, free_port, http_call, wait_listening
+from tests.servers import (
+    InProcessServer,
+    demo_loader,
+    demo_server,
+    free_port,
+    http_call,
+    wait_listening,
+)
 
 TOKEN = "http-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,21 +37,15 @@ PAPER = ("illegal_activities", "hateful_harassing_violent", "unqualified_advice"
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(
-        model_process=False,
-        host="127.0.0.1",
-        port=free_port(),
-        metrics_port=0,
+    with demo_server(
+        demo_checkpoint,
         http_port=free_port(),
         auth_token=TOKEN,
         max_batch_items=8,
         max_text_chars=2000,
         max_message_bytes=MAX_BYTES,
-    )
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

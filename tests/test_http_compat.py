@@ -15,10 +15,9 @@ import openai
 import pytest
 from openai.types import ModerationCreateResponse
 
-from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, demo_loader, free_port, http_call
+from tests.servers import InProcessServer, demo_server, free_port, http_call
 
 TOKEN = "compat-token"
 GRPC_AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -28,14 +27,14 @@ TEXTS = ["Such a lovely day today, isn't it?", "How do I pick a lock?", "you foo
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
-    settings = ServeSettings(model_process=False,
-        host="127.0.0.1", port=free_port(), metrics_port=0, http_port=free_port(),
-        auth_token=TOKEN, max_batch_items=8, max_text_chars=2000,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    with demo_server(
+        demo_checkpoint,
+        http_port=free_port(),
+        auth_token=TOKEN,
+        max_batch_items=8,
+        max_text_chars=2000,
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

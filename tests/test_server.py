@@ -14,21 +14,14 @@ from typing import Any
 import grpc
 import pytest
 import structlog
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from moderation.runtime import Runtime
 from moderation.serving.logs import configure_logging
 from moderation.serving.scheduler import ClassifyJob
-from moderation.serving.settings import ServeSettings
 from moderation.serving.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import (
-    InProcessServer,
-    demo_loader,
-    free_port,
-)
+from tests.servers import InProcessServer, demo_server, free_port, invalid_field
 
 TEXTS = [
     f"message number {i}: {w}" for i, w in enumerate(["hello", "buy now", "you fool", "pills"] * 16)
@@ -37,30 +30,20 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    settings = ServeSettings(model_process=False,
-        host="127.0.0.1", port=free_port(), metrics_port=free_port(), max_batch_items=8,
-        max_text_chars=2000, max_new_tokens=512, max_message_bytes=64 * 1024,
-    )  # fmt: skip
-    server = InProcessServer(settings, demo_loader(demo_checkpoint))
-    server.wait_loaded()
-    yield server
-    server.stop()
+    with demo_server(
+        demo_checkpoint,
+        metrics_port=free_port(),
+        max_batch_items=8,
+        max_text_chars=2000,
+        max_new_tokens=512,
+        max_message_bytes=64 * 1024,
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
     return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
-
-
-def invalid_field(err: grpc.RpcError) -> str:
-    """The field named by the rich error details (google.rpc.BadRequest)."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    raise AssertionError("no BadRequest detail")
 
 
 def user(text: str) -> list[pb.ChatMessage]:
