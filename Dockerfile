@@ -153,7 +153,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # every `docker run` an empty anonymous volume instead of failing clearly on a missing mount.
 WORKDIR /tmp
 USER 10001:10001
-# 50051: gRPC (ModerationService, health, reflection); 9464: Prometheus /metrics.
-EXPOSE 50051 9464
+# 50051: gRPC (ModerationService, health, reflection); 9464: Prometheus /metrics; 8080: HTTP/JSON
+# when MODERATION_HTTP_PORT=8080 (off by default).
+EXPOSE 50051 9464 8080
 ENTRYPOINT ["moderation"]
 CMD ["serve"]

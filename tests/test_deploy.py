@@ -327,6 +327,10 @@ def test_server_containers_agree_with_settings(name: str, path: Path) -> None:
         assert ports.get("grpc") == settings.port, f"{where}: grpc port != MODERATION_PORT"
         if settings.metrics_port:
             assert ports.get("metrics") == settings.metrics_port, f"{where}: metrics port"
+        if settings.http_port:
+            assert ports.get("http") == settings.http_port, f"{where}: http != MODERATION_HTTP_PORT"
+        else:
+            assert "http" not in ports, f"{where}: an http port, but MODERATION_HTTP_PORT is off"
 
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container.get(kind)
@@ -399,12 +403,15 @@ def test_base_services_and_policies_agree_with_settings() -> None:
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports["grpc"]["port"] == settings.port
         assert ports["grpc"]["targetPort"] in ("grpc", settings.port)
+    ports = {p["name"]: p for s in selected for p in s["spec"]["ports"]}
+    assert settings.http_port and ports["http"]["port"] == settings.http_port
+    assert ports["http"]["targetPort"] in ("http", settings.http_port)
     headless = next(s for s in selected if s["metadata"]["name"] == "moderation-headless")
     assert headless["spec"]["clusterIP"] == "None"
 
     (policy,) = (o for o in objects if o["kind"] == "NetworkPolicy")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert allowed == {settings.port, settings.metrics_port}
+    assert allowed == {settings.port, settings.metrics_port, settings.http_port}
     (hpa,) = (o for o in objects if o["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     (pdb,) = (o for o in objects if o["kind"] == "PodDisruptionBudget")
@@ -488,7 +495,9 @@ def test_sidecar_is_native() -> None:
 def test_dockerfile_agrees_with_settings() -> None:
     text = DOCKERFILE.read_text()
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-    assert exposed == {DEFAULTS["port"], DEFAULTS["metrics_port"]}
+    # The HTTP listener is off by default; the image exposes the port the base deploys it on.
+    http_port = settings_from_env(parse_env_file(DEPLOY / "base" / "settings.env")).http_port
+    assert exposed == {DEFAULTS["port"], DEFAULTS["metrics_port"], http_port}
     assert re.search(r'^ENTRYPOINT \["moderation"\]\s*$', text, re.M)
     assert re.search(r'^CMD \["serve"\]\s*$', text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
