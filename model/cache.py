@@ -154,9 +154,7 @@ def _reorder(
     if tokens is not None:
         tokens = [t for b in order for t in tokens[cu[b] : cu[b + 1]]]
     if rows is not None:
-        rows = [
-            new_start[b] + r - cu[b] for r in rows for b in (bisect.bisect_right(cu, r) - 1,)
-        ]
+        rows = [new_start[b] + r - cu[b] for r in rows for b in (bisect.bisect_right(cu, r) - 1,)]
     return tokens, rows
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import select_backend
-from model.cache import RollingCache
+from model.cache import RollingCache, decode_span
 from model.errors import RequestError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -70,7 +70,9 @@ class _Sequence:
         return self.fed < len(self.request.prompt)
 
 
-def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[..., torch.Tensor]:
+def compile_decode_step(
+    model: Transformer, cache: RollingCache, max_batch_size: int
+) -> Callable[..., torch.Tensor]:
     """The forward of a decode pass as one compiled graph (`fullgraph`: no Python between
     ops), specialised per batch size and decode span bucket.
 
@@ -84,6 +86,14 @@ def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[...
     """
     cache.bucket_spans = True
     cache.static_steps = True
+    # One graph per (batch size, span bucket, span mask or none), all of them of the one
+    # function `Transformer.run` whatever the engine: dynamo's default of 8 per function would
+    # stop a fullgraph step with a hard error at the 9th shape. Each engine adds its own.
+    buckets = len({decode_span(n, cache.window, True) for n in range(1, cache.window + 1)})
+    graphs = 2 * max_batch_size * buckets
+    config = torch._dynamo.config
+    config.recompile_limit += graphs
+    config.accumulated_recompile_limit += graphs
     if cache.device.type == "cuda":
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
@@ -121,6 +131,7 @@ class Engine(Scoring):
         backend: str = "auto",
         eos_id: int = 2,
         compile: bool = False,
+        compile_on_cpu: bool = False,
     ):
         self.model = model
         self.args = model.args
@@ -197,9 +208,20 @@ class Engine(Scoring):
         self.stats = EngineStats()
         self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
         # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
-        # captured as CUDA graphs on CUDA (see compile_decode_step).
+        # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
+        # was measured slower than eager (the eager kernels it keeps, plus dynamo's guards; no
+        # launch overhead for a graph to remove), so compile=True declines there and says so;
+        # compile_on_cpu=True compiles anyway (tests of the compiled step on a CPU machine).
+        if compile and model.device.type == "cpu" and not compile_on_cpu:
+            _log.warning(
+                "compile: ignored on CPU, where the compiled decode step is slower than eager "
+                "(it removes GPU launch overhead; docs/benchmarks.md); running eager"
+            )
+            compile = False
         self.compile = compile
-        self._decode_step = compile_decode_step(model, self.cache) if compile else None
+        self._decode_step = (
+            compile_decode_step(model, self.cache, max_batch_size) if compile else None
+        )
         # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
         self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
 
@@ -269,7 +291,6 @@ class Engine(Scoring):
     def _check_length(self, n: int, what: str) -> None:
         if self.max_context is not None and n > self.max_context:
             raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
-
 
     # -------------------------------------------------------------- generation
 

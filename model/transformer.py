@@ -25,13 +25,14 @@ class Linear(nn.Linear):
     """nn.Linear (no bias) that can use a oneDNN pre-packed weight on CPU; see `pack_for_cpu`."""
 
     packed: torch.Tensor | None = None
+    mkldnn: bool = False  # `packed` is oneDNN-packed (else a plain column-major matrix)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return packed_linear(x, self.packed)
+            return packed_linear(x, self.packed, self.mkldnn)
         return F.linear(x, self.weight)
 
 
@@ -49,10 +50,11 @@ class PackedLinear(Linear):
         return super().__getattr__(name)
 
 
-def packed_linear(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed, or plain where packing
-    was measured slower on this host."""
-    if matrix.is_mkldnn:
+def packed_linear(x: torch.Tensor, matrix: torch.Tensor, mkldnn: bool) -> torch.Tensor:
+    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed (`mkldnn`, the matrix's
+    is_mkldnn: a plain bool so that a traced step does not ask a fake tensor, which answers
+    False), or plain where packing was measured slower on this host."""
+    if mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
     return F.linear(x, matrix)
 
@@ -104,7 +106,7 @@ def packing_pays(weight: torch.Tensor) -> bool:
         ratio = 1.0
         for rows in (1, 64):
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            ratio *= _seconds(functools.partial(packed_linear, x, packed)) / _seconds(
+            ratio *= _seconds(functools.partial(packed_linear, x, packed, True)) / _seconds(
                 functools.partial(F.linear, x, plain)
             )
     _PACKING_PAYS[key] = ratio < 1.0
@@ -176,9 +178,14 @@ def pack_for_cpu(model: Transformer, *, packed: bool | None = None) -> bool:
         attn.wo.packed = _fuse(attn.wo, packed=pays(attn.wo))
         ffn.w13_packed = _fuse(ffn.w1, ffn.w3, packed=pays(ffn.w1, ffn.w3))
         ffn.w2.packed = _fuse(ffn.w2, packed=pays(ffn.w2))
+        attn.qkv_mkldnn = attn.qkv_packed.is_mkldnn
+        attn.wo.mkldnn = attn.wo.packed.is_mkldnn
+        ffn.w13_mkldnn = ffn.w13_packed.is_mkldnn
+        ffn.w2.mkldnn = ffn.w2.packed.is_mkldnn
     if pays(model.output):
         with torch.no_grad():
             model.output.packed = _reorder(weight.contiguous())
+            model.output.mkldnn = True
     else:  # scoring reads its rows: kept as a parameter, in the faster layout
         model.output.weight = nn.Parameter(column_major(weight.detach()), requires_grad=False)
     return True
@@ -245,6 +252,7 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.qkv_packed: torch.Tensor | None = None  # set by pack_for_cpu
+        self.qkv_mkldnn = False
 
     def forward(
         self,
@@ -259,7 +267,9 @@ class Attention(nn.Module):
         H, KV = self.n_heads, self.n_kv_heads
         if self.qkv_packed is not None:
             # One projection for q, k and v, then one RoPE call over the q and k heads.
-            qkv = packed_linear(x, self.qkv_packed).view(T, H + 2 * KV, self.head_dim)
+            qkv = packed_linear(x, self.qkv_packed, self.qkv_mkldnn).view(
+                T, H + 2 * KV, self.head_dim
+            )
             qk = apply_rope(qkv[:, : H + KV], freqs)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         else:
@@ -277,10 +287,11 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.hidden_dim, args.dim)
         self.w3 = Linear(args.dim, args.hidden_dim)
         self.w13_packed: torch.Tensor | None = None  # set by pack_for_cpu
+        self.w13_mkldnn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13_packed is not None:
-            gate, up = packed_linear(x, self.w13_packed).chunk(2, dim=-1)
+            gate, up = packed_linear(x, self.w13_packed, self.w13_mkldnn).chunk(2, dim=-1)
             return self.w2.forward(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

@@ -6,6 +6,8 @@ no GPU, so `model.step_counts.StepCounter` also flags what would synchronise on 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from model import Engine, GenerationRequest, ModelArgs, SamplingParams
 from model.cache import ForwardMetadata
 from model.demo import random_weights
 from model.step_counts import StepCounter
-from model.transformer import Transformer
+from model.transformer import Transformer, pack_for_cpu
 
 W = 16
 ARGS = ModelArgs(
@@ -163,9 +165,32 @@ def test_token_tree_passes_avoid_the_math_kernel_on_cuda() -> None:
     assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_a_compiled_decode_step_gives_the_eager_tokens(model: Transformer) -> None:
+def test_compile_declines_on_cpu_with_a_warning(
+    model: Transformer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.engine"):
+        engine = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
+    assert not engine.compile and engine._decode_step is None
+    assert any("compile: ignored on CPU" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("packed", [None, True, False])
+def test_a_compiled_decode_step_gives_the_eager_tokens(
+    model: Transformer, packed: bool | None
+) -> None:
+    """Whatever pack_for_cpu chose for this host (None), and both choices forced: a traced
+    step once took oneDNN-packed matrices for plain ones."""
+    if packed is not None:
+        model = Transformer(ARGS)
+        model.load_state_dict(random_weights(ARGS, seed=11))
+        model.eval()
+        assert pack_for_cpu(model, packed=packed)
     eager = Engine(model, max_batch_size=2, score_batch_size=1)
-    compiled = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
+    # Forced: on CPU compile=True alone declines (slower than eager there).
+    compiled = Engine(
+        model, max_batch_size=2, score_batch_size=1, compile=True, compile_on_cpu=True
+    )
+    assert compiled._decode_step is not None
     prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
     # Past the window, so the spans go through several buckets and the buffers wrap.
     want = eager.generate(prompts, W + 3, stop_tokens=frozenset())
