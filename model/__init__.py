@@ -8,6 +8,7 @@ from model.errors import (
     EngineError,
     MemoryBudgetError,
     RequestError,
+    SamplingError,
     TokenizerError,
 )
 from model.memory import MemoryPlan
@@ -28,6 +29,7 @@ __all__ = [
     "Prefix",
     "RequestError",
     "RollingCache",
+    "SamplingError",
     "SamplingParams",
     "ScoreRequest",
     "TokenEvent",

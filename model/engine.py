@@ -20,7 +20,7 @@ import torch
 
 from model.attention import select_backend
 from model.cache import RollingCache, decode_span
-from model.errors import RequestError
+from model.errors import RequestError, SamplingError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     activation_bytes,
@@ -29,7 +29,7 @@ from model.memory import (
     plan_memory,
     weights_bytes,
 )
-from model.sampling import SamplingParams, make_generator, sample_batch
+from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
 from model.scoring import ContinuationTree, Scoring
 from model.stats import EngineStats
 from model.transformer import Transformer, pack_for_cpu
@@ -52,7 +52,10 @@ class TokenEvent:
     request_id: int
     token: int
     finished: bool
-    finish_reason: str | None = None  # "stop" (a stop token) or "length" (the token budget)
+    # "stop" (a stop token), "length" (the token budget) or "error" (no token could be
+    # sampled for this sequence: `error` says why, `token` is INVALID; the others go on).
+    finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -380,23 +383,57 @@ class Engine(Scoring):
                 sampled.append(seq)
                 rows.append(n_tokens - 1)
         logits = self._forward(slots, chunks, logits_rows=rows)
-        # One batched sampling call and one read of its tokens: the step's only sync.
-        new_tokens = sample_batch(
-            logits, [q.request.sampling for q in sampled], [q.gen for q in sampled]
-        ).tolist()
+        new_tokens, errors = self._sample(logits, sampled)
         events: list[TokenEvent] = []
-        for seq, token in zip(sampled, new_tokens, strict=True):
-            seq.generated.append(token)
+        for seq, token, error in zip(sampled, new_tokens, errors, strict=True):
             reason = None
-            if token in seq.stop:
-                reason = "stop"
-            elif len(seq.generated) >= seq.request.max_new_tokens:
-                reason = "length"
+            if error is not None:
+                reason = "error"
+            else:
+                seq.generated.append(token)
+                if token in seq.stop:
+                    reason = "stop"
+                elif len(seq.generated) >= seq.request.max_new_tokens:
+                    reason = "length"
             if reason is not None:
                 del self._running[seq.id]
                 self._release(seq)
-            events.append(TokenEvent(seq.id, token, reason is not None, reason))
+            events.append(TokenEvent(seq.id, token, reason is not None, reason, error))
         return events
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Sequence]
+    ) -> tuple[list[int], list[str | None]]:
+        """Each sequence's next token, or why it has none: one sequence's failure ends that
+        sequence only. One batched sampling call and one read of its tokens (the step's only
+        sync); when the batched call raises, each row is sampled alone to find which fail."""
+        params = [q.request.sampling for q in seqs]
+        gens = [q.gen for q in seqs]
+        try:
+            tokens = sample_batch(logits, params, gens).tolist()
+        except Exception:
+            _log.exception("sampling a batch of %d failed; sampling each row alone", len(seqs))
+            tokens = []
+            failed: dict[int, str] = {}
+            for i in range(len(seqs)):
+                try:
+                    tokens.append(int(sample_batch(logits[i : i + 1], params[i:i + 1],
+                                                   gens[i:i + 1])[0]))  # fmt: skip
+                except Exception as exc:
+                    tokens.append(INVALID)
+                    failed[i] = f"sampling failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return tokens, [failed.get(i) for i in range(len(seqs))]
+        errors: list[str | None] = [None] * len(seqs)
+        for i, token in enumerate(tokens):
+            if token == INVALID:
+                errors[i] = (
+                    "sampling failed: the model's logits for this sequence are not finite "
+                    "(NaN or infinity), or its temperature scales them out of range"
+                )
+        if any(errors):
+            _log.warning("sampling failed for %d of %d sequences: non-finite logits",
+                         sum(e is not None for e in errors), len(seqs))  # fmt: skip
+        return tokens, errors
 
     def generate(
         self,
@@ -415,7 +452,13 @@ class Engine(Scoring):
             for p in prompts
         ]
         out: dict[int, list[int]] = {i: [] for i in ids}
+        errors: list[str] = []
         while self.has_unfinished():
             for ev in self.step():
-                out[ev.request_id].append(ev.token)
+                if ev.error is not None:
+                    errors.append(ev.error)
+                else:
+                    out[ev.request_id].append(ev.token)
+        if errors:  # the others ran to their end; a list of lists has no place for an error
+            raise SamplingError(f"{len(errors)} of {len(ids)} sequences failed: {errors[0]}")
         return [out[i] for i in ids]
