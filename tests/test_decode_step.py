@@ -317,5 +317,5 @@ def test_a_sampler_that_raises_fails_only_the_rows_that_raise(
     assert tokens_of(got[0]) == tokens_of(alone[0])
     assert tokens_of(got[2]) == tokens_of(alone[1])
     # generate() has no place for an error in its lists of tokens: it raises, naming it.
-    with pytest.raises(SamplingError, match="2 of 2 sequences failed: .*sampler exploded"):
+    with pytest.raises(SamplingError, match=r"2 of 2 sequences failed: .*sampler exploded"):
         engine.generate([random_tokens(5, 51), random_tokens(6, 52)], 3, seed=666, temperature=0.5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from model import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
+from model import Engine, GenerationRequest, SamplingError, SamplingParams, TokenEvent, Tokenizer
 from moderation.core.classifier import Classifier
 from moderation.core.decision import Classification
 from moderation.core.generation import (
@@ -63,8 +63,13 @@ class AnswerDecoder:
         self.release = stream and not prep.options.moderate_output
         self.tokens: list[int] = []  # every token generated, the end-of-sequence one included
         self.finish_reason: str | None = None  # set by the last event
+        # Why the engine ended this generation without a token (finish_reason "error").
+        self.error: str | None = None
 
     def push(self, event: TokenEvent) -> str:
+        if event.error is not None:  # no token: the engine could not sample one
+            self.finish_reason, self.error = "error", event.error
+            return ""
         self.tokens.append(event.token)
         delta = ""
         if not (event.finish_reason == "stop" and event.token == self.eos):
@@ -179,6 +184,8 @@ class GuardedGenerator:
                         yield delta
         finally:
             engine.cancel(request_id)
+        if decoder.error is not None:
+            raise SamplingError(f"generation failed: {decoder.error}")
         result = self.finish(prep, decoder.tokens, decoder.finish_reason, input_moderation)
         yield from closing_events(prep, result)
 

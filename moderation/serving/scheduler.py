@@ -40,7 +40,12 @@ from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
 from moderation.serving.metrics import WorkerMetrics
-from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from moderation.serving.worker import (
+    DeadlineExpiredError,
+    GenerationFailedError,
+    QueueFullError,
+    WorkerStoppedError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -314,6 +319,9 @@ class Scheduler:
             if reason is None:
                 continue
             del self._running[ev.request_id]
+            if g.decoder.error is not None:  # this generation only; the others go on
+                g.fail(GenerationFailedError(f"generation failed: {g.decoder.error}"))
+                continue
             answer = g.decoder.answer
             if g.prep.options.moderate_output and not is_blank(answer):
                 try:
