@@ -74,7 +74,9 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _seconds(fn: Callable[[], object], budget: float = 0.02) -> float:
-    """Median time of fn over a few calls, after one warm-up; at most ~budget seconds."""
+    """Shortest time of fn over a few calls, after one warm-up; at most ~budget seconds. The
+    shortest rather than the median: on a shared machine noise only ever adds time, and a
+    median taken while another process runs can flip the choice."""
     fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def _seconds(fn: Callable[[], object], budget: float = 0.02) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 _PACKING_PAYS: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
