@@ -112,16 +112,23 @@ def packing_pays(weight: torch.Tensor) -> bool:
     key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
     if key in _PACKING_PAYS:  # measured once per process (a test suite builds many engines)
         return _PACKING_PAYS[key]
-    with torch.no_grad():
-        packed = _reorder(weight)
-        plain = column_major(weight)  # the layout a matrix that is not packed gets
-        ratio = 1.0
-        for rows in (1, 64):
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            ratio *= _ratio(
-                functools.partial(packed_linear, x, packed, True),
-                functools.partial(F.linear, x, plain),
-            )
+    threads = torch.get_num_threads()
+    # On one thread: with more, a parallel GEMM waits for a core another process holds, and
+    # which kernel won then depended on the neighbours' load, not on the kernels.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            packed = _reorder(weight)
+            plain = column_major(weight)  # the layout a matrix that is not packed gets
+            ratio = 1.0
+            for rows in (1, 64):
+                x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+                ratio *= _ratio(
+                    functools.partial(packed_linear, x, packed, True),
+                    functools.partial(F.linear, x, plain),
+                )
+    finally:
+        torch.set_num_threads(threads)
     # A clear margin: where the two are close (this Intel Xeon at 64 rows), noise would pick
     # either, and the plain matrix is the one every backend (and inductor) can run.
     _PACKING_PAYS[key] = ratio < PACKING_MARGIN
