@@ -63,8 +63,8 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     """weight [out, in] with its storage transposed ([in, out] contiguous): same values, same
     shape. F.linear(x, w) is x @ w.T, and with this layout w.T is a contiguous matrix, which
     the default CPU GEMM runs 1.3-2x faster for a decode step's few rows than the [out, in]
-    layout nn.Linear keeps (measured on the Intel Xeon of docs/benchmarks.md: 10 vs 21 us for
-    the 7B structure's fused q/k/v at one row, 12.8 vs 29.8 ms for the real 7B's)."""
+    layout nn.Linear keeps (measured on the Intel Xeon of docs/benchmarks.md, one thread, one
+    row: 35 vs 55 us for the 7B structure's fused q/k/v, 5 vs 11 us for its w2)."""
     return weight.t().contiguous().t()
 
 
@@ -94,7 +94,8 @@ def _ratio(a: Callable[[], object], b: Callable[[], object], budget: float = 0.2
 
 PACKING_MARGIN = 0.8
 """Packing is kept when its time ratio (packed / plain, product over 1 and 64 rows) is below
-this: about 0.1-0.4 on the AMD EPYC that chose packing, 1.2-2.3 on this Intel Xeon."""
+this. The AMD EPYC that first chose packing ran decode rows 2-5x faster packed; the Intel
+Xeon of docs/benchmarks.md gives products of 1.5-3 for the 7B structure's matrices."""
 
 _PACKING_PAYS: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
 
