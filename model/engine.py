@@ -140,7 +140,9 @@ class Engine(Scoring):
         self.args = model.args
         self.eos_id = eos_id
         self.backend = select_backend(backend, model.device, model.dtype)
-        weights = weights_bytes(model)  # before pack_for_cpu, which does not add to it
+        # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
+        # of a 7B).
+        weights = weights_bytes(model)
         if model.device.type == "cpu":
             pack_for_cpu(model)
         rows = cache_rows(model.args, max_context)[0]
