@@ -8,6 +8,7 @@ from model.errors import (
     EngineError,
     MemoryBudgetError,
     RequestError,
+    SamplingError,
     TokenizerError,
 )
 from model.memory import MemoryPlan
@@ -29,6 +30,7 @@ __all__ = [
     "Prefix",
     "RequestError",
     "RollingCache",
+    "SamplingError",
     "SamplingParams",
     "ScoreRequest",
     "StreamCheck",

@@ -275,15 +275,13 @@ class SdpaBackend:
     ) -> torch.Tensor:
         d = meta.decoding
         assert d is not None
-        kc, vc = cache.slot_view(layer)
-        if d.slot_range is not None:
+        if d.views is not None:
             # Consecutive slots (the usual case): a view, no copy of the buffers.
-            first, n = d.slot_range
-            ks, vs = kc[first : first + n, : d.span], vc[first : first + n, : d.span]
+            ks, vs = d.views[0][layer], d.views[1][layer]  # [B, kv_heads, span, D]
         else:
-            ks = kc[:, : d.span].index_select(0, d.slots)
-            vs = vc[:, : d.span].index_select(0, d.slots)
-        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, kv_heads, span, D]
+            kc, vc = cache.slot_view(layer)
+            ks = kc[:, : d.span].index_select(0, d.slots).transpose(1, 2)
+            vs = vc[:, : d.span].index_select(0, d.slots).transpose(1, 2)
         B, H, D = q.shape
         # GQA for one query token: the query heads sharing a key/value head become that head's
         # query rows ([B, kv_heads, group, D]); measured 2x faster than enable_gqa here, and

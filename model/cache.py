@@ -41,6 +41,9 @@ class DecodePlan:
     # (first, count) when the sequences sit in consecutive slots, in order: the buffers are
     # then read as a view instead of copied.
     slot_range: tuple[int, int] | None
+    # With slot_range: every layer's keys and values as views [layers, count, kv_heads, span,
+    # head_dim] of the buffers, made once per pass (not ten views per layer).
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -151,9 +154,7 @@ def _reorder(
     if tokens is not None:
         tokens = [t for b in order for t in tokens[cu[b] : cu[b + 1]]]
     if rows is not None:
-        rows = [
-            new_start[b] + r - cu[b] for r in rows for b in (bisect.bisect_right(cu, r) - 1,)
-        ]
+        rows = [new_start[b] + r - cu[b] for r in rows for b in (bisect.bisect_right(cu, r) - 1,)]
     return tokens, rows
 
 
@@ -332,6 +333,14 @@ class RollingCache:
             mask = mask[:, None, None, :]
         n = len(slots)
         consecutive = not self.static_steps and slots == list(range(slots[0], slots[0] + n))
+        views = None
+        if consecutive:
+            first = slots[0]
+            shape = (self.k.shape[0], self.n_slots, self.window, *self.k.shape[2:])
+            views = (
+                self.k.view(shape)[:, first : first + n, :span].transpose(2, 3),
+                self.v.view(shape)[:, first : first + n, :span].transpose(2, 3),
+            )
         return DecodePlan(
             count=n,
             slots=slots_t.int(),
@@ -339,6 +348,7 @@ class RollingCache:
             span=span,
             mask=mask,
             slot_range=(slots[0], n) if consecutive else None,
+            views=views,
         )
 
     def _plan_decode(

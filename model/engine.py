@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import select_backend
-from model.cache import RollingCache
-from model.errors import RequestError
+from model.cache import RollingCache, decode_span
+from model.errors import RequestError, SamplingError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     activation_bytes,
@@ -29,7 +29,7 @@ from model.memory import (
     plan_memory,
     weights_bytes,
 )
-from model.sampling import SamplingParams, make_generator, sample_batch
+from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
 from model.scoring import ContinuationTree, Scoring
 from model.stats import EngineStats
 from model.stream_checks import StreamChecks, _CheckStream
@@ -53,7 +53,10 @@ class TokenEvent:
     request_id: int
     token: int
     finished: bool
-    finish_reason: str | None = None  # "stop" (a stop token) or "length" (the token budget)
+    # "stop" (a stop token), "length" (the token budget) or "error" (no token could be
+    # sampled for this sequence: `error` says why, `token` is INVALID; the others go on).
+    finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -71,7 +74,9 @@ class _Sequence:
         return self.fed < len(self.request.prompt)
 
 
-def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[..., torch.Tensor]:
+def compile_decode_step(
+    model: Transformer, cache: RollingCache, max_batch_size: int
+) -> Callable[..., torch.Tensor]:
     """The forward of a decode pass as one compiled graph (`fullgraph`: no Python between
     ops), specialised per batch size and decode span bucket.
 
@@ -85,6 +90,14 @@ def compile_decode_step(model: Transformer, cache: RollingCache) -> Callable[...
     """
     cache.bucket_spans = True
     cache.static_steps = True
+    # One graph per (batch size, span bucket, span mask or none), all of them of the one
+    # function `Transformer.run` whatever the engine: dynamo's default of 8 per function would
+    # stop a fullgraph step with a hard error at the 9th shape. Each engine adds its own.
+    buckets = len({decode_span(n, cache.window, True) for n in range(1, cache.window + 1)})
+    graphs = 2 * max_batch_size * buckets
+    config = torch._dynamo.config
+    config.recompile_limit += graphs
+    config.accumulated_recompile_limit += graphs
     if cache.device.type == "cuda":
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
@@ -122,12 +135,15 @@ class Engine(Scoring, StreamChecks):
         backend: str = "auto",
         eos_id: int = 2,
         compile: bool = False,
+        compile_on_cpu: bool = False,
     ):
         self.model = model
         self.args = model.args
         self.eos_id = eos_id
         self.backend = select_backend(backend, model.device, model.dtype)
-        weights = weights_bytes(model)  # before pack_for_cpu, which does not add to it
+        # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
+        # of a 7B).
+        weights = weights_bytes(model)
         if model.device.type == "cpu":
             pack_for_cpu(model)
         rows = cache_rows(model.args, max_context)[0]
@@ -201,9 +217,20 @@ class Engine(Scoring, StreamChecks):
         self._stream_checks: dict[int, _CheckStream] = {}
         self._stream_ids = itertools.count()
         # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
-        # captured as CUDA graphs on CUDA (see compile_decode_step).
+        # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
+        # was measured slower than eager (the eager kernels it keeps, plus dynamo's guards; no
+        # launch overhead for a graph to remove), so compile=True declines there and says so;
+        # compile_on_cpu=True compiles anyway (tests of the compiled step on a CPU machine).
+        if compile and model.device.type == "cpu" and not compile_on_cpu:
+            _log.warning(
+                "compile: ignored on CPU, where the compiled decode step is slower than eager "
+                "(it removes GPU launch overhead; docs/benchmarks.md); running eager"
+            )
+            compile = False
         self.compile = compile
-        self._decode_step = compile_decode_step(model, self.cache) if compile else None
+        self._decode_step = (
+            compile_decode_step(model, self.cache, max_batch_size) if compile else None
+        )
         # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
         self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
 
@@ -273,7 +300,6 @@ class Engine(Scoring, StreamChecks):
     def _check_length(self, n: int, what: str) -> None:
         if self.max_context is not None and n > self.max_context:
             raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
-
 
     # -------------------------------------------------------------- generation
 
@@ -363,23 +389,57 @@ class Engine(Scoring, StreamChecks):
                 sampled.append(seq)
                 rows.append(n_tokens - 1)
         logits = self._forward(slots, chunks, logits_rows=rows)
-        # One batched sampling call and one read of its tokens: the step's only sync.
-        new_tokens = sample_batch(
-            logits, [q.request.sampling for q in sampled], [q.gen for q in sampled]
-        ).tolist()
+        new_tokens, errors = self._sample(logits, sampled)
         events: list[TokenEvent] = []
-        for seq, token in zip(sampled, new_tokens, strict=True):
-            seq.generated.append(token)
+        for seq, token, error in zip(sampled, new_tokens, errors, strict=True):
             reason = None
-            if token in seq.stop:
-                reason = "stop"
-            elif len(seq.generated) >= seq.request.max_new_tokens:
-                reason = "length"
+            if error is not None:
+                reason = "error"
+            else:
+                seq.generated.append(token)
+                if token in seq.stop:
+                    reason = "stop"
+                elif len(seq.generated) >= seq.request.max_new_tokens:
+                    reason = "length"
             if reason is not None:
                 del self._running[seq.id]
                 self._release(seq)
-            events.append(TokenEvent(seq.id, token, reason is not None, reason))
+            events.append(TokenEvent(seq.id, token, reason is not None, reason, error))
         return events
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Sequence]
+    ) -> tuple[list[int], list[str | None]]:
+        """Each sequence's next token, or why it has none: one sequence's failure ends that
+        sequence only. One batched sampling call and one read of its tokens (the step's only
+        sync); when the batched call raises, each row is sampled alone to find which fail."""
+        params = [q.request.sampling for q in seqs]
+        gens = [q.gen for q in seqs]
+        try:
+            tokens = sample_batch(logits, params, gens).tolist()
+        except Exception:
+            _log.exception("sampling a batch of %d failed; sampling each row alone", len(seqs))
+            tokens = []
+            failed: dict[int, str] = {}
+            for i in range(len(seqs)):
+                try:
+                    tokens.append(int(sample_batch(logits[i : i + 1], params[i:i + 1],
+                                                   gens[i:i + 1])[0]))  # fmt: skip
+                except Exception as exc:
+                    tokens.append(INVALID)
+                    failed[i] = f"sampling failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return tokens, [failed.get(i) for i in range(len(seqs))]
+        errors: list[str | None] = [None] * len(seqs)
+        for i, token in enumerate(tokens):
+            if token == INVALID:
+                errors[i] = (
+                    "sampling failed: the model's logits for this sequence are not finite "
+                    "(NaN or infinity), or its temperature scales them out of range"
+                )
+        if any(errors):
+            _log.warning("sampling failed for %d of %d sequences: non-finite logits",
+                         sum(e is not None for e in errors), len(seqs))  # fmt: skip
+        return tokens, errors
 
     def generate(
         self,
@@ -398,7 +458,13 @@ class Engine(Scoring, StreamChecks):
             for p in prompts
         ]
         out: dict[int, list[int]] = {i: [] for i in ids}
+        errors: list[str] = []
         while self.has_unfinished():
             for ev in self.step():
-                out[ev.request_id].append(ev.token)
+                if ev.error is not None:
+                    errors.append(ev.error)
+                else:
+                    out[ev.request_id].append(ev.token)
+        if errors:  # the others ran to their end; a list of lists has no place for an error
+            raise SamplingError(f"{len(errors)} of {len(ids)} sequences failed: {errors[0]}")
         return [out[i] for i in ids]

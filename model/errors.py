@@ -19,3 +19,8 @@ class RequestError(EngineError):
 
 class MemoryBudgetError(EngineError):
     """The weights and at least two cache slots do not fit the memory budget."""
+
+
+class SamplingError(EngineError):
+    """One sequence's next token could not be sampled (non-finite logits, a failing sampler);
+    that sequence ends with finish_reason "error", the others of its step go on."""

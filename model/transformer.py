@@ -25,13 +25,17 @@ class Linear(nn.Linear):
     """nn.Linear (no bias) that can use a oneDNN pre-packed weight on CPU; see `pack_for_cpu`."""
 
     packed: torch.Tensor | None = None
+    mkldnn: bool = False  # `packed` is oneDNN-packed (else a plain column-major matrix)
+    # Calls of fewer rows use the plain weight instead of `packed` (the output projection,
+    # whose plain weight scoring keeps anyway; see pack_for_cpu).
+    packed_from_rows: int = 0
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return packed_linear(x, self.packed)
+        if self.packed is not None and x.shape[0] >= self.packed_from_rows:
+            return packed_linear(x, self.packed, self.mkldnn)
         return F.linear(x, self.weight)
 
 
@@ -49,12 +53,22 @@ class PackedLinear(Linear):
         return super().__getattr__(name)
 
 
-def packed_linear(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed, or plain where packing
-    was measured slower on this host."""
-    if matrix.is_mkldnn:
+def packed_linear(x: torch.Tensor, matrix: torch.Tensor, mkldnn: bool) -> torch.Tensor:
+    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed (`mkldnn`, the matrix's
+    is_mkldnn: a plain bool so that a traced step does not ask a fake tensor, which answers
+    False), or plain where packing was measured slower on this host."""
+    if mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
     return F.linear(x, matrix)
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] with its storage transposed ([in, out] contiguous): same values, same
+    shape. F.linear(x, w) is x @ w.T, and with this layout w.T is a contiguous matrix, which
+    the default CPU GEMM runs 1.3-2x faster for a decode step's few rows than the [out, in]
+    layout nn.Linear keeps (measured on the Intel Xeon of docs/benchmarks.md, one thread, one
+    row: 35 vs 55 us for the 7B structure's fused q/k/v, 5 vs 11 us for its w2)."""
+    return weight.t().contiguous().t()
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -62,17 +76,29 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
 
 
-def _seconds(fn: Callable[[], object], budget: float = 0.02) -> float:
-    """Median time of fn over a few calls, after one warm-up; at most ~budget seconds."""
-    fn()
-    times: list[float] = []
+def _ratio(a: Callable[[], object], b: Callable[[], object], budget: float = 0.25) -> float:
+    """Shortest time of a over shortest time of b, the two timed in alternation (at least 7
+    calls each, after a warm-up; up to ~budget seconds for more). Alternating and the
+    shortest: on a shared machine noise only ever adds time, and timing one after the other
+    let a burst of another process's work land on one side only (it once chose packing for
+    most matrices here, which made a decode step 50% slower)."""
+    a()
+    b()
+    ta: list[float] = []
+    tb: list[float] = []
     start = time.perf_counter()
-    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    while len(ta) < 7 or (len(ta) < 200 and time.perf_counter() - start < budget):
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta) / min(tb)
 
+
+PACKING_MARGIN = 0.8
+"""Packing is kept when its time ratio (packed / plain, product over 1 and 64 rows) is below
+this. The AMD EPYC that first chose packing ran decode rows 2-5x faster packed; the Intel
+Xeon of docs/benchmarks.md gives products of 1.5-3 for the 7B structure's matrices."""
 
 _PACKING_PAYS: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
 
@@ -84,21 +110,33 @@ def packing_pays(weight: torch.Tensor) -> bool:
     packed call ran a decode step's few rows 2-5x faster; on an Intel Xeon (480 MiB L3) the
     packed call of the 7B structure's small matrices took 30-130 us at one row against 10-50 us
     for F.linear. So it is measured here, at one row (decode) and 64 (pre-fill chunks and
-    label trees), and packing is kept when the product of the two time ratios favours it.
+    label trees), and packing is kept when the product of the two time ratios favours it
+    clearly (PACKING_MARGIN).
     """
     key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
     if key in _PACKING_PAYS:  # measured once per process (a test suite builds many engines)
         return _PACKING_PAYS[key]
-    with torch.no_grad():
-        packed = _reorder(weight)
-        ratio = 1.0
-        for rows in (1, 64):
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            ratio *= _seconds(functools.partial(packed_linear, x, packed)) / _seconds(
-                functools.partial(F.linear, x, weight)
-            )
-    _PACKING_PAYS[key] = ratio < 1.0
-    return ratio < 1.0
+    threads = torch.get_num_threads()
+    # On one thread: with more, a parallel GEMM waits for a core another process holds, and
+    # which kernel won then depended on the neighbours' load, not on the kernels.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            packed = _reorder(weight)
+            plain = column_major(weight)  # the layout a matrix that is not packed gets
+            ratio = 1.0
+            for rows in (1, 64):
+                x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+                ratio *= _ratio(
+                    functools.partial(packed_linear, x, packed, True),
+                    functools.partial(F.linear, x, plain),
+                )
+    finally:
+        torch.set_num_threads(threads)
+    # A clear margin: where the two are close (this Intel Xeon at 64 rows), noise would pick
+    # either, and the plain matrix is the one every backend (and inductor) can run.
+    _PACKING_PAYS[key] = ratio < PACKING_MARGIN
+    return ratio < PACKING_MARGIN
 
 
 def _fuse(*layers: Linear, packed: bool) -> torch.Tensor:
@@ -107,8 +145,8 @@ def _fuse(*layers: Linear, packed: bool) -> torch.Tensor:
     # Without no_grad the fused matrix would carry an autograd graph that keeps the dropped
     # parameters alive.
     with torch.no_grad():
-        plain = torch.cat([layer.weight for layer in layers]).contiguous()
-        matrix = _reorder(plain) if packed else plain
+        plain = torch.cat([layer.weight for layer in layers])
+        matrix = _reorder(plain) if packed else column_major(plain)
     start = 0
     for layer in layers:
         end = start + layer.out_features
@@ -163,14 +201,28 @@ def pack_for_cpu(model: Transformer, *, packed: bool | None = None) -> bool:
         assert isinstance(layer, TransformerBlock)
         attn, ffn = layer.attention, layer.feed_forward
         attn.qkv_packed = _fuse(attn.wq, attn.wk, attn.wv, packed=pays(attn.wq, attn.wk, attn.wv))
-        if pays(attn.wo):
-            attn.wo.packed = _fuse(attn.wo, packed=True)
+        attn.wo.packed = _fuse(attn.wo, packed=pays(attn.wo))
         ffn.w13_packed = _fuse(ffn.w1, ffn.w3, packed=pays(ffn.w1, ffn.w3))
-        if pays(ffn.w2):
-            ffn.w2.packed = _fuse(ffn.w2, packed=True)
-    if model.output.packed is None and pays(model.output):
+        ffn.w2.packed = _fuse(ffn.w2, packed=pays(ffn.w2))
+        attn.qkv_mkldnn = attn.qkv_packed.is_mkldnn
+        attn.wo.mkldnn = attn.wo.packed.is_mkldnn
+        ffn.w13_mkldnn = ffn.w13_packed.is_mkldnn
+        ffn.w2.mkldnn = ffn.w2.packed.is_mkldnn
+    if pays(model.output):
         with torch.no_grad():
             model.output.packed = _reorder(weight.contiguous())
+            model.output.mkldnn = True
+    else:  # scoring reads its rows: kept as a parameter, in the faster layout
+        model.output.weight = nn.Parameter(column_major(weight.detach()), requires_grad=False)
+        if packed is None:
+            # Both forms of the largest matrix (1.8% of a 7B; the plain one is kept for
+            # scoring anyway): packed for 8 rows and more, where the engine ran it faster
+            # with the weights streaming from memory although timed hot it loses (60M model,
+            # 8 sequences: 373 against 456 ms; one sequence, plain, unchanged).
+            with torch.no_grad():
+                model.output.packed = _reorder(weight.detach().contiguous())
+            model.output.mkldnn = True
+            model.output.packed_from_rows = 8
     return True
 
 
@@ -181,8 +233,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference (bf16 variance loses too much precision), with
-        # the fused kernel rather than four elementwise passes.
+        # The fused kernel rather than four elementwise passes; in fp32 with the weight inside
+        # it (one op: a decode step is mostly per-op overhead). Half precision normalises in
+        # fp32 like the reference (a bf16 variance loses too much precision), then rounds
+        # before the weight, as the reference does.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -197,9 +253,23 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> to
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
+def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """The rotations of rope_frequencies as complex numbers, [T, 1, head_dim // 2]: what
+    apply_rope takes in eager passes, where the rotation is then one complex product (one op
+    instead of six, per layer; a decode step is mostly per-op overhead)."""
+    freqs = rope_frequencies(positions, head_dim, theta)
+    return torch.view_as_complex(freqs)[:, None]
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [T, H, D] by freqs [T, D/2, 2]:
-    (x0 cos - x1 sin, x0 sin + x1 cos), the product of complex numbers written out."""
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [T, H, D] by freqs: (x0 cos - x1 sin,
+    x0 sin + x1 cos), the product of complex numbers. `freqs` complex [T, 1, D/2]
+    (rope_rotations: one complex product) or real [T, D/2, 2] (rope_frequencies: the product
+    written out, which inductor can lower and fuse)."""
+    if freqs.is_complex():
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        out = torch.view_as_real(xc * freqs).flatten(-2)
+        return out if x.dtype == torch.float32 else out.type_as(x)  # type_as is an op even so
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
     cos, sin = freqs[:, None, :, :1], freqs[:, None, :, 1:]
     rotated = torch.stack([-xf[..., 1], xf[..., 0]], dim=-1)  # (x0, x1) -> (-x1, x0)
@@ -217,6 +287,7 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.qkv_packed: torch.Tensor | None = None  # set by pack_for_cpu
+        self.qkv_mkldnn = False
 
     def forward(
         self,
@@ -231,7 +302,9 @@ class Attention(nn.Module):
         H, KV = self.n_heads, self.n_kv_heads
         if self.qkv_packed is not None:
             # One projection for q, k and v, then one RoPE call over the q and k heads.
-            qkv = packed_linear(x, self.qkv_packed).view(T, H + 2 * KV, self.head_dim)
+            qkv = packed_linear(x, self.qkv_packed, self.qkv_mkldnn).view(
+                T, H + 2 * KV, self.head_dim
+            )
             qk = apply_rope(qkv[:, : H + KV], freqs)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         else:
@@ -239,7 +312,7 @@ class Attention(nn.Module):
             k = apply_rope(self.wk(x).view(T, KV, self.head_dim), freqs)
             v = self.wv(x).view(T, KV, self.head_dim)
         out = backend.attend(q, k, v, meta, cache, layer)
-        return self.wo(out.reshape(T, self.n_heads * self.head_dim))
+        return self.wo.forward(out.reshape(T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -249,11 +322,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.hidden_dim, args.dim)
         self.w3 = Linear(args.dim, args.hidden_dim)
         self.w13_packed: torch.Tensor | None = None  # set by pack_for_cpu
+        self.w13_mkldnn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13_packed is not None:
-            gate, up = packed_linear(x, self.w13_packed).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
+            gate, up = packed_linear(x, self.w13_packed, self.w13_mkldnn).chunk(2, dim=-1)
+            return self.w2.forward(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -274,8 +348,11 @@ class TransformerBlock(nn.Module):
         cache: RollingCache | None,
         layer: int,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, meta, backend, cache, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # .forward: see Transformer.run.
+        a = self.attention.forward(self.attention_norm.forward(x), freqs, meta, backend, cache,
+                                   layer)  # fmt: skip
+        h = x + a
+        return h + self.feed_forward.forward(self.ffn_norm.forward(h))
 
 
 class Transformer(nn.Module):
@@ -331,9 +408,14 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """forward() of a prepared pass, without inference mode: what a compiled step runs."""
         h = self.tok_embeddings(tokens)
-        freqs = rope_frequencies(meta.positions, self.args.head_dim, self.args.rope_theta)
+        # Real-valued rotations where a compiler traces the pass (inductor does not lower
+        # complex arithmetic), complex ones (one op per layer) in eager passes.
+        rope = rope_frequencies if torch.compiler.is_compiling() else rope_rotations
+        freqs = rope(meta.positions, self.args.head_dim, self.args.rope_theta)
+        # .forward: the layers' own code, without nn.Module.__call__'s hook dispatch, which
+        # is paid per module per layer per step (a decode step is mostly such overhead).
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, meta, backend, cache, i)
+            h = layer.forward(h, freqs, meta, backend, cache, i)
         if logits_index is not None:
             # Skip the vocabulary projection for rows nobody reads (most of a pre-fill).
             h = h.index_select(0, logits_index)

@@ -6,14 +6,16 @@ no GPU, so `model.step_counts.StepCounter` also flags what would synchronise on 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from model import Engine, GenerationRequest, ModelArgs, SamplingParams
+from model import Engine, GenerationRequest, ModelArgs, SamplingError, SamplingParams, TokenEvent
 from model.cache import ForwardMetadata
 from model.demo import random_weights
 from model.step_counts import StepCounter
-from model.transformer import Transformer
+from model.transformer import Transformer, pack_for_cpu
 
 W = 16
 ARGS = ModelArgs(
@@ -163,9 +165,32 @@ def test_token_tree_passes_avoid_the_math_kernel_on_cuda() -> None:
     assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_a_compiled_decode_step_gives_the_eager_tokens(model: Transformer) -> None:
+def test_compile_declines_on_cpu_with_a_warning(
+    model: Transformer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.engine"):
+        engine = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
+    assert not engine.compile and engine._decode_step is None
+    assert any("compile: ignored on CPU" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("packed", [None, True, False])
+def test_a_compiled_decode_step_gives_the_eager_tokens(
+    model: Transformer, packed: bool | None
+) -> None:
+    """Whatever pack_for_cpu chose for this host (None), and both choices forced: a traced
+    step once took oneDNN-packed matrices for plain ones."""
+    if packed is not None:
+        model = Transformer(ARGS)
+        model.load_state_dict(random_weights(ARGS, seed=11))
+        model.eval()
+        assert pack_for_cpu(model, packed=packed)
     eager = Engine(model, max_batch_size=2, score_batch_size=1)
-    compiled = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
+    # Forced: on CPU compile=True alone declines (slower than eager there).
+    compiled = Engine(
+        model, max_batch_size=2, score_batch_size=1, compile=True, compile_on_cpu=True
+    )
+    assert compiled._decode_step is not None
     prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
     # Past the window, so the spans go through several buckets and the buffers wrap.
     want = eager.generate(prompts, W + 3, stop_tokens=frozenset())
@@ -193,3 +218,104 @@ def test_a_cuda_graph_decode_step_gives_the_eager_tokens_with_one_sync() -> None
     with StepCounter() as counts:
         compiled.step()
     assert counts.syncs == 1, dict(counts.sync_reasons)
+
+
+# ------------------------------------------------------ one sequence's sampling fails
+
+
+def run_all(engine: Engine, requests: list[GenerationRequest]) -> dict[int, list[TokenEvent]]:
+    ids = [engine.add_request(r) for r in requests]
+    events: dict[int, list[TokenEvent]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            events[ev.request_id].append(ev)
+    return {n: events[i] for n, i in enumerate(ids)}
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    return [ev.token for ev in events if ev.error is None]
+
+
+def test_non_finite_logits_end_only_their_sequence(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    requests = [
+        GenerationRequest(random_tokens(5, 31), 9, stop_tokens=frozenset()),
+        GenerationRequest(random_tokens(7, 32), 9, stop_tokens=frozenset()),
+        GenerationRequest(random_tokens(W + 3, 33), 9, seeded, stop_tokens=frozenset()),
+    ]
+    alone = run_all(Engine(model, max_batch_size=3, score_batch_size=1),
+                    [requests[0], requests[2]])  # fmt: skip
+    engine = Engine(model, max_batch_size=3, score_batch_size=1)
+    real_forward = engine._forward
+    steps = 0
+
+    def forward(*args: object, **kwargs: object) -> torch.Tensor:
+        nonlocal steps
+        logits = real_forward(*args, **kwargs)  # type: ignore[arg-type]
+        steps += 1
+        if steps == 4:  # a decode step of all three: the second one's row goes NaN
+            logits = logits.clone()
+            logits[1, 17] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    got = run_all(engine, requests)
+    failed = got[1][-1]
+    assert failed.finished and failed.finish_reason == "error"
+    assert failed.error is not None and "not finite" in failed.error
+    assert len(tokens_of(got[1])) == 3  # the three tokens before the failing step
+    assert all(ev.error is None for ev in got[1][:-1])
+    # The others ran to their end with the tokens they get without the failing sequence.
+    assert tokens_of(got[0]) == tokens_of(alone[0]) and len(tokens_of(got[0])) == 9
+    assert tokens_of(got[2]) == tokens_of(alone[1]) and len(tokens_of(got[2])) == 9
+    # Its slot was freed: the engine serves new work.
+    assert engine.num_running == 0
+    assert engine.generate([random_tokens(4, 34)], 3, stop_tokens=frozenset())[0]
+
+
+def test_a_temperature_that_overflows_the_logits_fails_its_sequence_only(
+    model: Transformer,
+) -> None:
+    requests = [
+        GenerationRequest(random_tokens(5, 41), 6, stop_tokens=frozenset()),
+        GenerationRequest(random_tokens(6, 42), 6, SamplingParams(temperature=1e-45, seed=1),
+                          stop_tokens=frozenset()),
+    ]  # fmt: skip
+    alone = run_all(Engine(model, max_batch_size=2, score_batch_size=1), requests[:1])
+    got = run_all(Engine(model, max_batch_size=2, score_batch_size=1), requests)
+    assert [ev.finish_reason for ev in got[1]] == ["error"]
+    assert tokens_of(got[0]) == tokens_of(alone[0]) and len(tokens_of(got[0])) == 6
+
+
+def test_a_sampler_that_raises_fails_only_the_rows_that_raise(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import model.engine as engine_module
+
+    real = engine_module.sample_batch
+
+    def sample_batch(logits, params, gens):  # type: ignore[no-untyped-def]
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("sampler exploded")
+        return real(logits, params, gens)
+
+    monkeypatch.setattr(engine_module, "sample_batch", sample_batch)
+    doomed = SamplingParams(temperature=0.7, seed=666)
+    requests = [
+        GenerationRequest(random_tokens(5, 51), 5, stop_tokens=frozenset()),
+        GenerationRequest(random_tokens(6, 52), 5, doomed, stop_tokens=frozenset()),
+        GenerationRequest(random_tokens(4, 53), 5, stop_tokens=frozenset()),
+    ]
+    alone = run_all(Engine(model, max_batch_size=3, score_batch_size=1),
+                    [requests[0], requests[2]])  # fmt: skip
+    engine = Engine(model, max_batch_size=3, score_batch_size=1)
+    got = run_all(engine, requests)
+    assert len(got[1]) == 1 and got[1][0].finish_reason == "error"
+    assert got[1][0].error is not None and "sampler exploded" in got[1][0].error
+    assert tokens_of(got[0]) == tokens_of(alone[0])
+    assert tokens_of(got[2]) == tokens_of(alone[1])
+    # generate() has no place for an error in its lists of tokens: it raises, naming it.
+    with pytest.raises(SamplingError, match=r"2 of 2 sequences failed: .*sampler exploded"):
+        engine.generate([random_tokens(5, 51), random_tokens(6, 52)], 3, seed=666, temperature=0.5)

@@ -265,6 +265,10 @@ def test_fused_plain_weights_are_views_and_give_the_same_results(packed: bool | 
         assert attn.wq.weight.untyped_storage().data_ptr() == attn.qkv_packed.data_ptr()
         assert weights_bytes(model) == before
     assert torch.equal(attn.wq.weight, wq)
-    tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
-    meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
-    torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=1e-4, rtol=1e-4)
+    if packed is None:  # the output projection: packed (copy) for 8 rows and more at least
+        assert model.output.packed is not None and model.output.packed.is_mkldnn
+        assert model.output.packed_from_rows in (0, 8)
+    # 40 rows (the packed output projection, where there is one) and 1 row (the plain one).
+    for tokens in (torch.tensor([5, 9, 100, 7, 3] * 8), torch.tensor([42])):
+        meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
+        torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=1e-4, rtol=1e-4)

@@ -21,7 +21,12 @@ from moderation.serving.model_child import RecordingMetrics
 from moderation.serving.model_process import ProcessWorker, replay
 from moderation.serving.process_messages import WireError
 from moderation.serving.settings import ServeSettings
-from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from moderation.serving.worker import (
+    DeadlineExpiredError,
+    GenerationFailedError,
+    QueueFullError,
+    WorkerStoppedError,
+)
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import (
@@ -151,6 +156,7 @@ def test_errors_cross_the_pipe_as_the_same_exceptions() -> None:
         QueueFullError("full"),
         DeadlineExpiredError("late"),
         WorkerStoppedError("stopping"),
+        GenerationFailedError("generation failed: not finite"),
         RuntimeError("boom"),
     ):
         back = WireError.of(exc).exception()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -357,6 +358,86 @@ def test_concurrent_generations_are_batched_and_equal_alone(
     more_steps, more_sequence_steps = _decode_steps(served)
     # Serially each step would decode one sequence; batched, steps decode several at once.
     assert more_steps - steps < more_sequence_steps - sequence_steps
+
+
+def test_a_generation_whose_sampling_fails_errs_alone(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real engine's sampling of one sequence fails (its logits row turned NaN, as a
+    numerical blow-up would) in a step it shares with another: that call gets INTERNAL saying
+    so, the other gets the answer it gets alone, and the server carries on."""
+    runtime = served.server.runtime
+    assert runtime is not None
+    engine = runtime.engine
+    ok = pb.GenerateRequest(messages=user("a story"), max_new_tokens=24)
+    # Long enough to be still running when the other call arrives: it fails once they share
+    # a step.
+    doomed = pb.GenerateRequest(messages=user("another story"), max_new_tokens=500)
+    alone = stub.Generate(ok).text
+    real_sample = engine._sample
+    doomed_running = threading.Event()
+    poisoned_steps = []
+
+    def sample(logits, seqs):  # type: ignore[no-untyped-def]
+        doomed_rows = [i for i, s in enumerate(seqs) if s.request.max_new_tokens == 500]
+        if doomed_rows and len(seqs) == 1:
+            doomed_running.set()
+            time.sleep(0.002)  # more margin for the other call to arrive
+        elif doomed_rows:
+            poisoned_steps.append(len(seqs))
+            logits = logits.clone()
+            logits[doomed_rows[0], 100] = float("nan")
+        return real_sample(logits, seqs)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(stub.Generate, doomed)
+        assert doomed_running.wait(10)
+        answer = pool.submit(stub.Generate, ok)
+        with pytest.raises(grpc.RpcError) as err:
+            failing.result()
+        assert answer.result().text == alone
+    assert poisoned_steps == [2]  # it failed in a step shared with the other call
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "generation failed" in err.value.details() and "not finite" in err.value.details()
+    assert _engine_idle(runtime)
+    monkeypatch.undo()
+    assert stub.Generate(ok).text == alone
+
+
+def test_a_checked_answer_whose_sampling_fails_errs_and_frees_its_check_slot(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With output checks the answer holds a second slot (its checks): a sampling failure
+    mid-answer fails the call with INTERNAL, sends no unchecked text, and frees both slots."""
+    runtime = served.server.runtime
+    assert runtime is not None
+    engine = runtime.engine
+    real_sample = engine._sample
+    steps = []
+
+    def sample(logits, seqs):  # type: ignore[no-untyped-def]
+        steps.append(len(seqs))
+        if len(steps) == 20:  # after the first checks ran (every 4 tokens)
+            logits = logits.clone()
+            logits[0, 100] = float("nan")
+        return real_sample(logits, seqs)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    request = pb.GenerateStreamRequest(
+        messages=user("a long story"), max_new_tokens=64, moderate_output=True,
+        threshold=1.0, stream_check_tokens=4,
+    )  # fmt: skip
+    events = []
+    with pytest.raises(grpc.RpcError) as err:
+        for event in stub.GenerateStream(request):
+            events.append(event)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "generation failed" in err.value.details()
+    released = "".join(e.delta for e in events)
+    assert all(e.HasField("delta") for e in events) and released  # checked chunks went out
+    assert _engine_idle(runtime) and engine.open_streams == 0
+    monkeypatch.undo()
 
 
 def _engine_idle(runtime: Runtime, timeout: float = 10) -> bool:

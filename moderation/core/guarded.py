@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from model import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
+from model import Engine, GenerationRequest, SamplingError, SamplingParams, TokenEvent, Tokenizer
 from moderation.core.classifier import Classifier, OutputStream
 from moderation.core.decision import Classification
 from moderation.core.generation import (
@@ -83,8 +83,13 @@ class AnswerDecoder:
         self.every = prep.options.stream_check_tokens or DEFAULT_STREAM_CHECK_TOKENS
         self.released = TextStream(tokenizer)  # the text of the checked, acceptable tokens
         self.last_check: Classification | None = None
+        # Why the engine ended this generation without a token (finish_reason "error").
+        self.error: str | None = None
 
     def push(self, event: TokenEvent) -> str:
+        if event.error is not None:  # no token: the engine could not sample one
+            self.finish_reason, self.error = "error", event.error
+            return ""
         self.tokens.append(event.token)
         delta = ""
         if not (event.finish_reason == "stop" and event.token == self.eos):
@@ -114,7 +119,7 @@ class AnswerDecoder:
     def check_due(self) -> bool:
         """Whether the answer needs a check now: `every` unchecked tokens, or the tail once
         generation has finished."""
-        if self.checks is None or self.flagged:
+        if self.checks is None or self.flagged or self.error is not None:
             return False
         unchecked = len(self.answer_tokens) - len(self.checks.checked)
         return unchecked >= self.every or (self.finish_reason is not None and unchecked > 0)
@@ -295,6 +300,8 @@ class GuardedGenerator:
         finally:
             engine.cancel(request_id)
             self.close_checks(decoder)
+        if decoder.error is not None:
+            raise SamplingError(f"generation failed: {decoder.error}")
         yield from self.finish_decoded(prep, decoder, input_moderation)
 
     def generate(

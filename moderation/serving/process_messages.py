@@ -12,7 +12,12 @@ from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
-from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from moderation.serving.worker import (
+    DeadlineExpiredError,
+    GenerationFailedError,
+    QueueFullError,
+    WorkerStoppedError,
+)
 
 # ------------------------------------------------------------- server -> model process
 
@@ -88,7 +93,7 @@ class Event:
 
 @dataclass(frozen=True)
 class WireError:
-    kind: str  # "invalid", "queue_full", "deadline", "stopped" or "internal"
+    kind: str  # "invalid", "queue_full", "deadline", "stopped", "generation_failed", "internal"
     message: str
     field: str | None = None
 
@@ -96,6 +101,7 @@ class WireError:
         "queue_full": QueueFullError,
         "deadline": DeadlineExpiredError,
         "stopped": WorkerStoppedError,
+        "generation_failed": GenerationFailedError,
     }
 
     @classmethod

@@ -42,7 +42,12 @@ from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
 from moderation.serving.metrics import WorkerMetrics
-from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
+from moderation.serving.worker import (
+    DeadlineExpiredError,
+    GenerationFailedError,
+    QueueFullError,
+    WorkerStoppedError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -348,6 +353,9 @@ class Scheduler:
             if reason is None or g.decoder.checks is not None:
                 continue  # answers checked as they grow finish in the check pass
             del self._running[ev.request_id]
+            if g.decoder.error is not None:  # this generation only; the others go on
+                g.fail(GenerationFailedError(f"generation failed: {g.decoder.error}"))
+                continue
             answer = g.decoder.answer
             if g.prep.options.moderate_output and not is_blank(answer):
                 try:
@@ -379,6 +387,9 @@ class Scheduler:
                 continue
             del self._running[engine_id]
             self._stop(engine_id, g)  # a flagged answer leaves the engine before its end
+            if d.error is not None:  # sampling failed: this generation only, nothing more sent
+                g.fail(GenerationFailedError(f"generation failed: {d.error}"))
+                continue
             self._finish(g, d.finish_reason or "length", None)
 
     def _finish(self, g: GenerateJob, reason: str, output: Classification | None) -> None:

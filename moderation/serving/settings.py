@@ -181,7 +181,8 @@ class ServeSettings:
         False,
         parse_bool,
         "compile the decode step (torch.compile; captured as CUDA graphs on CUDA), which removes "
-        "the per-step launch overhead at the cost of a slower start",
+        "the per-step launch overhead at the cost of a slower start; ignored (with a warning) "
+        "on CPU, where the compiled step is slower than eager",
     )
     max_queue: int = _setting(
         1024,

@@ -27,6 +27,11 @@ class DeadlineExpiredError(Exception):
     """The caller's deadline passed before the work was done."""
 
 
+class GenerationFailedError(Exception):
+    """The engine could not continue this one generation (its next token could not be
+    sampled); the other generations of its batch went on. The message says why."""
+
+
 class Worker(Protocol):
     """Runs planned classifications and prepared generations on the model, batched."""
 

@@ -33,6 +33,7 @@ from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     DeadlineExpiredError,
+    GenerationFailedError,
     QueueFullError,
     Worker,
     WorkerStoppedError,
@@ -81,6 +82,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.UNAVAILABLE, str(exc), None
     if isinstance(exc, DeadlineExpiredError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), None
+    if isinstance(exc, GenerationFailedError):  # the server's fault, said plainly
+        return grpc.StatusCode.INTERNAL, str(exc), None
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", None
 
 
