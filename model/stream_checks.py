@@ -9,7 +9,9 @@ included), and only the new tokens' keys and values are written to the slot. The
 the continuations never touch the cache, so the slot holds exactly the prompt and text so far,
 and a check costs the new tokens plus the closer and the labels, never the text so far. Past
 the window the rolling buffer drops the oldest positions, so memory stays fixed for any
-length. Checks of many streams share one pass.
+length. Checks of many streams share one pass, and that pass can be a generation step's
+(`Engine.step_with_checks`): the decoders' tokens and the checks' trees packed together read
+the weights once, which is most of what a small pass costs.
 
 A check equals scoring prompt + text + closer from scratch (`Engine.score_batch`): the same
 positions, the same keys in each token's window.
