@@ -7,6 +7,9 @@ ways:
 - generation alone: no moderation;
 - incremental checks (issue #14): every --every tokens (default 16) the new tokens are appended
   to the answer's check slot and the closer + labels scored in one pass;
+- fused checks: the same checks, each riding in the forward pass of the next generation step
+  (`Engine.step_with_checks`, as the service runs them), so the weights are read once for
+  both; a check's cost is its fused step's time less the run's median plain step;
 - whole-answer re-classification: every --every tokens the answer so far is classified again
   from its text (the policy prefix reused from its cache, as the classifier does), which is
   what a checker without an incremental slot pays.
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,6 +74,44 @@ def generate(
             if not run.first:
                 run.first = time.perf_counter() - start
     run.total = time.perf_counter() - start
+    assert not engine.has_unfinished()
+    return run
+
+
+def generate_fused(rt: Runtime, prep: PreparedGeneration, new: int, every: int, stream: Any) -> Run:
+    """One answer of `new` tokens, its check every `every` tokens riding in the next step's
+    pass (the last check, after the last token, runs alone)."""
+    engine, classifier = rt.engine, rt.classifier
+    run = Run()
+    start = time.perf_counter()
+    rid = engine.add_request(GenerationRequest(prep.prompt, new, stop_tokens=frozenset()))
+    tokens: list[int] = []
+    checked = 0
+    plain: list[float] = []
+    fused: list[float] = []
+    while len(tokens) < new or checked < len(tokens):
+        t0 = time.perf_counter()
+        if len(tokens) - checked >= every or len(tokens) == new:
+            events: list[Any] = []
+
+            def step(requests: list[Any], events: list[Any] = events) -> list[list[float]]:
+                stepped, scores = engine.step_with_checks(requests, relative=True)
+                events.extend(stepped)
+                return scores
+
+            classifier.check_outputs([(stream, tokens[checked:])], run=step)
+            checked = len(tokens)
+            fused.append(time.perf_counter() - t0)
+            if not run.first:
+                run.first = time.perf_counter() - start  # released after the pass
+        else:
+            events = engine.step()
+            plain.append(time.perf_counter() - t0)
+        tokens.extend(ev.token for ev in events if ev.request_id == rid)
+    run.total = time.perf_counter() - start
+    step_time = sorted(plain)[len(plain) // 2]
+    # The last check has no step to ride in: its whole time is the check's.
+    run.checks = [t - step_time for t in fused[:-1]] + fused[-1:]
     assert not engine.has_unfinished()
     return run
 
@@ -118,6 +160,14 @@ def main() -> None:
         finally:
             classifier.close_output_stream(stream)
 
+    def fused() -> Run:
+        stream = classifier.open_output_stream(prep)
+        assert stream is not None
+        try:
+            return generate_fused(rt, prep, ns.new_tokens, ns.every, stream)
+        finally:
+            classifier.close_output_stream(stream)
+
     def whole() -> Run:
         def check(tokens: list[int], _new: list[int]) -> None:
             answer = rt.tokenizer.decode(tokens)
@@ -125,7 +175,12 @@ def main() -> None:
 
         return generate(rt, prep, ns.new_tokens, ns.every, check)
 
-    modes = {"generation alone": alone, "incremental checks": incremental, "whole answer": whole}
+    modes = {
+        "generation alone": alone,
+        "incremental checks": incremental,
+        "fused checks": fused,
+        "whole answer": whole,
+    }
     best: dict[str, Run] = {}
     for name, mode in modes.items():
         print(f"  (warm-up {name}: {mode().total * 1e3:.0f} ms)", flush=True)
@@ -142,20 +197,24 @@ def main() -> None:
             f"{name:<20} first released token {run.first * 1e3:8.1f} ms, total "
             f"{run.total * 1e3:8.1f} ms, checks {checks * 1e3:7.1f} ms in {len(run.checks)}{last}"
         )
-    gen, inc, whole_run = best["generation alone"], best["incremental checks"], best["whole answer"]
+    gen, whole_run = best["generation alone"], best["whole answer"]
     # Within one run, checks against the generation steps around them: immune to the speed
     # drift of a shared machine between runs.
-    for name, run in (("incremental", inc), ("whole answer", whole_run)):
+    for name in ("incremental checks", "fused checks", "whole answer"):
+        run = best[name]
         own = sum(run.checks) / (run.total - sum(run.checks))
         print(f"{name}: checks add {own:.1%} to the generation steps of the same run")
-    print(f"incremental / generation alone, total time: {inc.total / gen.total:.3f}x "
-          "(target <= 1.30)")  # fmt: skip
-    print(f"whole answer / incremental, total time: {whole_run.total / inc.total:.2f}x")
-    in_checks = sum(whole_run.checks) / sum(inc.checks)
-    print(f"whole answer / incremental, time in checks: {in_checks:.2f}x (target >= 3)")
-    print(f"whole answer / incremental, the check at {ns.new_tokens} tokens: "
-          f"{whole_run.checks[-1] / inc.checks[-1]:.2f}x")  # fmt: skip
-    print(f"whole answer / incremental, first released token: {whole_run.first / inc.first:.2f}x")
+    for name in ("incremental checks", "fused checks"):
+        inc = best[name]
+        print(f"{name} / generation alone, total time: {inc.total / gen.total:.3f}x "
+              "(target <= 1.30)")  # fmt: skip
+        print(f"whole answer / {name}, total time: {whole_run.total / inc.total:.2f}x")
+        in_checks = sum(whole_run.checks) / sum(inc.checks)
+        print(f"whole answer / {name}, time in checks: {in_checks:.2f}x (target >= 3)")
+        print(f"whole answer / {name}, first released token: {whole_run.first / inc.first:.2f}x")
+    inc, fus = best["incremental checks"], best["fused checks"]
+    print(f"fused / incremental, total time: {fus.total / inc.total:.3f}x; time in checks: "
+          f"{sum(fus.checks) / sum(inc.checks):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from model.memory import (
 from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
 from model.scoring import ContinuationTree, Scoring
 from model.stats import EngineStats
-from model.stream_checks import StreamChecks, _CheckStream
+from model.stream_checks import StreamCheck, StreamChecks, _CheckStream
 from model.transformer import Transformer, pack_for_cpu
 
 _log = logging.getLogger(__name__)
@@ -352,13 +352,57 @@ class Engine(Scoring, StreamChecks):
 
     def step(self) -> list[TokenEvent]:
         """Run one forward pass over the running batch and return one event per sampled token."""
+        self._admit()
+        if not self._running:
+            return []
+        slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens)
+        logits = self._forward(slots, chunks, logits_rows=rows)
+        return self._step_events(logits, sampled)
+
+    def step_with_checks(
+        self, checks: Sequence[StreamCheck], *, relative: bool = False
+    ) -> tuple[list[TokenEvent], list[list[float]]]:
+        """`step()` and `check_streams(checks)` in one forward pass: the decoders' tokens and
+        the checks' chains and label trees are packed together, so the weights are read once
+        for both (on CPU a check pass alone costs as much as a decode step: both are bound by
+        reading the weights). The results equal running the two apart: the checks' slots are
+        not the decoders', and each sequence of a pass attends only to its own slot.
+
+        Falls back to two passes where one cannot hold both: nothing to step, checks larger
+        than the step's token budget, or a compiled decode step (its graph holds decoders
+        only, and on CUDA it is the faster path)."""
+        if not checks:
+            return self.step(), []
+        self._validate_checks(checks)
+        self._admit()
+        self._prefill_long_prompts(checks)
+        check_tokens = sum(self._check_size(c) for c in checks)
+        decoders = sum(1 for q in self._running.values() if not q.prefilling)
+        if (
+            not self._running
+            or self._decode_step is not None
+            or decoders + check_tokens > self.max_step_tokens
+        ):
+            return self.step(), self.check_streams(checks, relative=relative)
+        with torch.inference_mode():
+            slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens - check_tokens)
+            hidden, trees = self._forward_with_checks(slots, chunks, rows, checks)
+            events = self._step_events(self.model.project(hidden[: len(rows)]), sampled)
+            scores = self._check_scores(hidden[len(rows) :], trees, relative=relative)
+        return events, scores
+
+    def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
             seq.slot = self._free_slots.pop(0)
             self.cache.reset(seq.slot)
             self._running[seq.id] = seq
-        if not self._running:
-            return []
+
+    def _step_batch(
+        self, max_tokens: int
+    ) -> tuple[list[int], list[Sequence[int]], list[_Sequence], list[int]]:
+        """The running batch's slots and new tokens for one pass of at most `max_tokens`
+        (decoders always advance), which sequences sample a token, and their packed rows."""
         slots: list[int] = []
         chunks: list[Sequence[int]] = []
         sampled: list[_Sequence] = []
@@ -368,7 +412,7 @@ class Engine(Scoring, StreamChecks):
         # decode path; consecutive slots read the cache as a view); pre-fill chunks share what
         # is left of the budget (at least one chunk per step, so a long prompt never starves).
         running = sorted(self._running.values(), key=lambda q: (q.prefilling, q.slot))
-        budget = self.max_step_tokens - sum(1 for q in running if not q.prefilling)
+        budget = max_tokens - sum(1 for q in running if not q.prefilling)
         prefill_started = False
         for seq in running:
             if seq.prefilling:
@@ -388,7 +432,9 @@ class Engine(Scoring, StreamChecks):
                 # The last prompt chunk and every decode token yield the next token.
                 sampled.append(seq)
                 rows.append(n_tokens - 1)
-        logits = self._forward(slots, chunks, logits_rows=rows)
+        return slots, chunks, sampled, rows
+
+    def _step_events(self, logits: torch.Tensor, sampled: list[_Sequence]) -> list[TokenEvent]:
         new_tokens, errors = self._sample(logits, sampled)
         events: list[TokenEvent] = []
         for seq, token, error in zip(sampled, new_tokens, errors, strict=True):

@@ -9,7 +9,9 @@ included), and only the new tokens' keys and values are written to the slot. The
 the continuations never touch the cache, so the slot holds exactly the prompt and text so far,
 and a check costs the new tokens plus the closer and the labels, never the text so far. Past
 the window the rolling buffer drops the oldest positions, so memory stays fixed for any
-length. Checks of many streams share one pass.
+length. Checks of many streams share one pass, and that pass can be a generation step's
+(`Engine.step_with_checks`): the decoders' tokens and the checks' trees packed together read
+the weights once, which is most of what a small pass costs.
 
 A check equals scoring prompt + text + closer from scratch (`Engine.score_batch`): the same
 positions, the same keys in each token's window.
@@ -144,7 +146,24 @@ class StreamChecks:
     ) -> list[list[float]]:
         """Append each check's tokens to its stream and score its continuations after the
         closer: one pass for as many checks as `max_step_tokens` allows (see score_batch for
-        `relative`)."""
+        `relative`). `Engine.step_with_checks` runs them in a generation step's pass."""
+        self._validate_checks(checks)
+        self._prefill_long_prompts(checks)
+        results: list[list[float]] = []
+        group: list[StreamCheck] = []
+        size = 0
+        for c in checks:
+            n = self._check_size(c)
+            if group and size + n > self.max_step_tokens:
+                results.extend(self._check_group(group, relative=relative))
+                group, size = [], 0
+            group.append(c)
+            size += n
+        if group:
+            results.extend(self._check_group(group, relative=relative))
+        return results
+
+    def _validate_checks(self, checks: Sequence[StreamCheck]) -> None:
         seen: set[int] = set()
         for i, c in enumerate(checks):
             if c.stream_id not in self._stream_checks:
@@ -162,7 +181,9 @@ class StreamChecks:
                 self._check_tokens(x, f"check {i} continuation")
             n = self._stream_checks[c.stream_id].length + len(c.tokens) + len(c.closer)
             self._check_length(n + max(len(x) for x in c.continuations) - 1, f"check {i}")
-        # A prompt too long to share a check's pass is pre-filled first, in chunks.
+
+    def _prefill_long_prompts(self, checks: Sequence[StreamCheck]) -> None:
+        """A prompt too long to share a check's pass is pre-filled first, in chunks."""
         long = [
             s
             for s in (self._stream_checks[c.stream_id] for c in checks)
@@ -172,49 +193,90 @@ class StreamChecks:
             self._prefill([s.slot for s in long], [s.pending for s in long])
             for s in long:
                 s.pending = []
-        results: list[list[float]] = []
-        group: list[StreamCheck] = []
-        size = 0
-        for c in checks:
-            n = self._chain_tokens(c) + len(self._tree(c.continuations).tokens) - 1
-            if group and size + n > self.max_step_tokens:
-                results.extend(self._check_group(group, relative=relative))
-                group, size = [], 0
-            group.append(c)
-            size += n
-        if group:
-            results.extend(self._check_group(group, relative=relative))
-        return results
+
+    def _check_size(self, c: StreamCheck) -> int:
+        """Tokens a check adds to a pass: its chain, then its label tree less the root."""
+        return self._chain_tokens(c) + len(self._tree(c.continuations).tokens) - 1
 
     def _chain_tokens(self, c: StreamCheck) -> int:
         return len(self._stream_checks[c.stream_id].pending) + len(c.tokens) + len(c.closer)
 
     @torch.inference_mode()
     def _check_group(self, checks: Sequence[StreamCheck], *, relative: bool) -> list[list[float]]:
+        hidden, trees = self._forward_with_checks([], [], [], checks)
+        return self._check_scores(hidden, trees, relative=relative)
+
+    def _forward_with_checks(
+        self,
+        slots: list[int],
+        chunks: list[Sequence[int]],
+        rows: list[int],
+        checks: Sequence[StreamCheck],
+    ) -> tuple[torch.Tensor, list[ContinuationTree]]:
+        """One pass of the written sequences `chunks` (a generation step's decoders and
+        pre-fill chunks, their hidden states wanted at packed `rows`) and the checks' read-only
+        token trees: the hidden states of `rows`, then of every check's tree nodes, in order.
+
+        Each check's chain (pending prompt, new tokens, closer) and label tree form one token
+        tree; only the first `written` tokens of it (prompt and new tokens) are written to its
+        slot, as a pre-filled chunk's would be. Attention reads each pre-fill sequence's cached
+        window before this pass's keys are written (model.attention), so the trees see the
+        slot as it was plus their own tokens; the decoders write first and read their own
+        slots only, which no check touches."""
         streams = [self._stream_checks[c.stream_id] for c in checks]
-        slots = [s.slot for s in streams]
-        chunks: list[list[int]] = []
+        check_slots = [s.slot for s in streams]
+        check_chunks: list[list[int]] = []
         tree_specs: list[tuple[list[int], torch.Tensor] | None] = []
         trees: list[ContinuationTree] = []
         written: list[int] = []  # leading tokens of each chain that stay in the slot
-        rows: list[int] = []  # packed rows whose hidden states score the labels
-        offset = 0
+        check_rows: list[int] = []  # packed rows whose hidden states score the labels
+        offset = sum(len(c) for c in chunks)  # the checks are packed after the step's tokens
         for c, s in zip(checks, streams, strict=True):
             tree = self._tree(c.continuations)
             chain = [*s.pending, *c.tokens, *c.closer]
             chunk = chain + tree.tokens[1:]
             depths = list(range(len(chain))) + [len(chain) - 1 + d for d in tree.depths[1:]]
             tree_specs.append((depths, _chain_tree_mask(len(chain), tree)))
-            chunks.append(chunk)
+            check_chunks.append(chunk)
             trees.append(tree)
             written.append(len(s.pending) + len(c.tokens))
             # The tree's node j is packed row len(chain) - 1 + j (node 0 is the closer's last).
-            rows.extend(offset + len(chain) - 1 + j for j in range(len(tree.tokens)))
+            check_rows.extend(offset + len(chain) - 1 + j for j in range(len(tree.tokens)))
             offset += len(chunk)
-        hidden = self._forward_appending(slots, chunks, written, tree_specs, rows)
+        cache = self.cache
+        lengths = [cache.lengths[s] for s in check_slots]
+        all_chunks = [*chunks, *check_chunks]
+        no_trees: list[tuple[list[int], torch.Tensor] | None] = [None] * len(slots)
+        meta = cache.plan(
+            [*slots, *check_slots],
+            [len(c) for c in all_chunks],
+            tokens=list(itertools.chain.from_iterable(all_chunks)),
+            logits_rows=[*rows, *check_rows],
+            write=[True] * len(slots) + [False] * len(checks),
+            trees=no_trees + tree_specs,
+        )
+        # Check sequences are never decoders (they are trees), so the plan keeps them last, in
+        # order, after the step's tokens.
+        _add_writes(
+            meta,
+            check_slots,
+            lengths,
+            [len(c) for c in check_chunks],
+            written,
+            cache.window,
+            start=sum(len(c) for c in chunks),
+        )
+        for slot, n in zip(check_slots, written, strict=True):
+            cache.lengths[slot] += n
         for c, s in zip(checks, streams, strict=True):
             s.pending = []
             s.length += len(c.tokens)
+        return self._run_planned(meta), trees
+
+    def _check_scores(
+        self, hidden: torch.Tensor, trees: list[ContinuationTree], *, relative: bool
+    ) -> list[list[float]]:
+        """Each check's continuation scores from the hidden states of its tree's nodes."""
         nodes: list[int] = []
         tokens: list[int] = []
         normalised: list[bool] = []
@@ -235,35 +297,6 @@ class StreamChecks:
                 pos += len(path)
             out.append(scores)
         return out
-
-    def _forward_appending(
-        self,
-        slots: list[int],
-        chunks: list[list[int]],
-        written: list[int],
-        trees: list[tuple[list[int], torch.Tensor] | None],
-        rows: list[int],
-    ) -> torch.Tensor:
-        """One pass of read-only token trees, then the keys and values of each tree's first
-        `written[b]` tokens (a chain at positions length .. length + written - 1) written to
-        its slot, as a pre-filled chunk's would be. Attention reads each sequence's cached
-        window before this pass's keys are written (model.attention), so the trees see the
-        slot as it was plus their own tokens."""
-        cache = self.cache
-        W = cache.window
-        lengths = [cache.lengths[s] for s in slots]
-        meta = cache.plan(
-            slots,
-            [len(c) for c in chunks],
-            tokens=list(itertools.chain.from_iterable(chunks)),
-            logits_rows=rows,
-            write=[False] * len(slots),
-            trees=trees,
-        )
-        _add_writes(meta, slots, lengths, [len(c) for c in chunks], written, W)
-        for s, n in zip(slots, written, strict=True):
-            cache.lengths[s] += n
-        return self._run_planned(meta)
 
     def _run_planned(self, meta: ForwardMetadata) -> torch.Tensor:
         """The forward of an already planned pass, returning the hidden states of
@@ -289,22 +322,32 @@ def _add_writes(
     seqlens: list[int],
     written: list[int],
     window: int,
+    *,
+    start: int = 0,
 ) -> None:
-    """Make a planned pass of pre-fill sequences (no decoders) also write the first
-    `written[b]` tokens of each: the last `window` of them survive, as in a pre-fill chunk."""
+    """Make a planned pass also write the first `written[b]` tokens of each of its read-only
+    sequences packed from row `start` on: the last `window` of them survive, as in a pre-fill
+    chunk. The pass's own writes (a step's decoders and chunks) come first."""
     src: list[int] = []
     dst: list[int] = []
-    start = 0
     for slot, n, seqlen, k in zip(slots, lengths, seqlens, written, strict=True):
         first = max(0, k - window)
         for j in range(first, k):
             src.append(start + j)
             dst.append(slot * window + (n + j) % window)
         start += seqlen
+    if not dst:
+        return
     device = meta.positions.device
     both = transfer.upload(torch.tensor(dst + src, dtype=torch.long), device)
-    meta.write_rows = both[: len(dst)]
-    meta.write_src = both[len(dst) :]
+    rows, srcs = both[: len(dst)], both[len(dst) :]
+    if meta.write_rows.numel():
+        # write_src of a pass with written sequences is never None: a plan leaves it None
+        # only for a pass of decoders alone, and this pass holds checks.
+        assert meta.write_src is not None
+        rows = torch.cat([meta.write_rows, rows])
+        srcs = torch.cat([meta.write_src, srcs])
+    meta.write_rows, meta.write_src = rows, srcs
 
 
 def _chain_tree_mask(chain: int, tree: ContinuationTree) -> torch.Tensor:

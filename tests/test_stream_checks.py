@@ -10,9 +10,12 @@ import random
 from typing import Any
 
 import pytest
+import torch
 
-from model import Prefix, ScoreRequest, StreamCheck
+from model import Engine, GenerationRequest, ModelArgs, Prefix, ScoreRequest, StreamCheck
+from model.demo import random_weights
 from model.errors import RequestError
+from model.transformer import Transformer
 from moderation.core.classifier import Classifier
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerateOptions, GenerationResult
@@ -134,6 +137,153 @@ def test_checks_of_many_streams_in_one_pass_equal_checks_one_at_a_time(demo_runt
             assert s is not None and engine.close_stream(s)
 
 
+def step_and_check(rt: Any, *, fused: bool) -> tuple[list[list[int]], list[list[Any]], int, int]:
+    """Three generations and three check streams, each stream checking one generation's own
+    tokens every 5, as the service does: with `fused`, each tick's checks ride in its step's
+    pass (`step_with_checks`); otherwise a step, then a check pass. The answers (45 tokens)
+    and the streams outgrow the 32-token window; one prompt (50 tokens) pre-fills over two
+    steps while checks share its passes; one stream's prompt is pre-filled first (too long
+    to share a pass). Returns the tokens, each stream's scores, the passes run and the ticks
+    whose checks had a step to ride in."""
+    engine = rt.engine
+    prefix, body = output_prompt(rt)
+    snapshot = engine.prefill_prefix(prefix)
+    labels = label_continuations(rt.classifier.policy(None), rt.tokenizer)
+    closer = rt.tokenizer.inst_close()
+    every, new_tokens = 5, 45
+    streams = [
+        engine.open_stream(body, snapshot),
+        engine.open_stream([*prefix, *body]),
+        engine.open_stream(body, snapshot),
+    ]
+    prompts = [answer_tokens(n, seed=200 + n) for n in (5, 12, 50)]
+    ids = [
+        engine.add_request(GenerationRequest(p, new_tokens, stop_tokens=frozenset()))
+        for p in prompts
+    ]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    checked = [0] * len(ids)
+    scores: list[list[Any]] = [[] for _ in ids]
+    passes = engine.stats.forward_passes
+    shared = 0
+    try:
+        while True:
+            due = [
+                k
+                for k, i in enumerate(ids)
+                if len(tokens[i]) - checked[k] >= every
+                or (len(tokens[i]) == new_tokens and checked[k] < new_tokens)
+            ]
+            if not due and not engine.has_unfinished():
+                break
+            checks = [
+                StreamCheck(streams[k], tokens[ids[k]][checked[k] :], closer, labels) for k in due
+            ]
+            shared += bool(checks) and engine.has_unfinished()
+            if fused:
+                events, got = engine.step_with_checks(checks, relative=True)
+            else:
+                events = engine.step()
+                got = engine.check_streams(checks, relative=True) if checks else []
+            for k, c, s in zip(due, checks, got, strict=True):
+                checked[k] += len(c.tokens)
+                scores[k].append(s)
+            for ev in events:
+                assert ev.error is None
+                tokens[ev.request_id].append(ev.token)
+        passes = engine.stats.forward_passes - passes
+    finally:
+        for stream in streams:
+            assert stream is not None and engine.close_stream(stream)
+    return [tokens[i] for i in ids], scores, passes, shared
+
+
+def test_checks_fused_into_a_step_equal_a_step_then_a_check_pass(demo_runtime: Any) -> None:
+    apart_tokens, apart_scores, apart_passes, shared = step_and_check(demo_runtime, fused=False)
+    fused_tokens, fused_scores, fused_passes, _ = step_and_check(demo_runtime, fused=True)
+    assert fused_tokens == apart_tokens  # greedy decoding: exactly the same tokens
+    assert all(len(t) == 45 for t in fused_tokens)
+    assert [len(s) for s in fused_scores] == [len(s) for s in apart_scores] == [9, 9, 9]
+    for fused, apart in zip(fused_scores, apart_scores, strict=True):
+        for f, a in zip(fused, apart, strict=True):
+            assert f == pytest.approx(a, abs=TOL)
+    # Each tick whose checks found a step to ride in saved their pass (the others, after
+    # the generations ended, checked alone).
+    assert shared >= 9 and apart_passes - fused_passes == shared
+
+
+def test_a_fused_step_is_one_pass_and_a_tick_without_generation_checks_alone(
+    demo_runtime: Any,
+) -> None:
+    rt = demo_runtime
+    engine = rt.engine
+    prefix, body = output_prompt(rt)
+    labels = label_continuations(rt.classifier.policy(None), rt.tokenizer)
+    closer = rt.tokenizer.inst_close()
+    stream = engine.open_stream(body, engine.prefill_prefix(prefix))
+    assert stream is not None
+    rid = engine.add_request(GenerationRequest(answer_tokens(6, 1), 3, stop_tokens=frozenset()))
+    try:
+        engine.step()  # pre-fill, first token
+        passes = engine.stats.forward_passes
+        events, scores = engine.step_with_checks(
+            [StreamCheck(stream, answer_tokens(4, 2), closer, labels)], relative=True
+        )
+        assert [e.request_id for e in events] == [rid] and len(scores[0]) == len(labels)
+        assert engine.stats.forward_passes == passes + 1
+        engine.step()  # the last token: the generation is done
+        assert not engine.has_unfinished()
+        events, scores = engine.step_with_checks(
+            [StreamCheck(stream, answer_tokens(3, 3), closer, labels)], relative=True
+        )
+        assert events == [] and len(scores) == 1
+        assert engine.stats.forward_passes == passes + 3
+        with pytest.raises(RequestError):
+            engine.step_with_checks([StreamCheck(stream + 999, [5], closer, labels)])
+    finally:
+        assert engine.close_stream(stream)
+
+
+def test_checks_too_large_for_the_step_budget_run_in_a_pass_of_their_own() -> None:
+    """An engine whose passes hold 8 tokens: a check of 9 (6 new tokens, a 2-token closer, one
+    label node) cannot share the step's pass with a decoder, so step_with_checks runs the
+    step and the check apart, with the same results."""
+    args = ModelArgs(
+        dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2,
+        norm_eps=1e-5, vocab_size=512, sliding_window=16, max_seq_len=4096,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(random_weights(args, seed=5), assign=True)
+    model.eval()
+
+    def run(fused: bool) -> tuple[list[int], list[list[float]], int]:
+        engine = Engine(model, max_batch_size=4, score_batch_size=1, max_step_tokens=8)
+        stream = engine.open_stream([7, 8, 9])
+        assert stream is not None
+        rid = engine.add_request(GenerationRequest([3, 4, 5], 6, stop_tokens=frozenset()))
+        tokens: list[int] = []
+        scores: list[list[float]] = []
+        passes = 0
+        while engine.has_unfinished():
+            check = StreamCheck(stream, [10 + len(tokens)] * 6, [1, 2], [[20], [21, 22]])
+            before = engine.stats.forward_passes
+            if fused:
+                events, got = engine.step_with_checks([check])
+            else:
+                events, got = engine.step(), engine.check_streams([check])
+            passes += engine.stats.forward_passes - before
+            tokens.extend(e.token for e in events if e.request_id == rid)
+            scores.extend(got)
+        return tokens, scores, passes
+
+    apart, fused = run(False), run(True)
+    assert fused[0] == apart[0] and len(fused[0]) == 6
+    for f, a in zip(fused[1], apart[1], strict=True):
+        assert f == pytest.approx(a, abs=TOL)
+    assert (fused[2], apart[2]) == (12, 12)  # two passes a tick: nothing fused
+
+
 def test_streams_take_generation_slots_and_give_them_back(demo_runtime: Any) -> None:
     engine = demo_runtime.engine
     free = engine.free_slots
@@ -185,8 +335,8 @@ def test_guarded_stream_releases_checked_chunks_with_verdicts_equal_to_from_scra
     seen: list[tuple[list[int], Classification]] = []
     check = classifier.check_outputs
 
-    def spy(checks: Any) -> list[Classification]:
-        results = check(checks)
+    def spy(checks: Any, **kwargs: Any) -> list[Classification]:
+        results = check(checks, **kwargs)
         seen.extend((list(s.checked), r) for (s, _), r in zip(checks, results, strict=True))
         return results
 
@@ -223,8 +373,8 @@ def test_a_flagging_check_stops_generation_mid_answer(
     verdicts: list[float] = []
     check = rt.classifier.check_outputs
 
-    def spy(checks: Any) -> list[Classification]:
-        results = check(checks)
+    def spy(checks: Any, **kwargs: Any) -> list[Classification]:
+        results = check(checks, **kwargs)
         verdicts.extend(r.unsafe_probability for r in results)
         return results
 

@@ -78,10 +78,15 @@ class FakeClassifier:
         self.open_streams.discard(stream)
 
     def check_outputs(
-        self, checks: Sequence[tuple[FakeOutputStream, Sequence[int]]]
+        self,
+        checks: Sequence[tuple[FakeOutputStream, Sequence[int]]],
+        *,
+        run: Callable[[list[Any]], list[list[float]]] | None = None,
     ) -> list[Classification]:
         assert self.engine is not None
         self.check_passes.append(([len(t) for _, t in checks], bool(self.engine.running)))
+        if run is not None:  # the checks ride in an engine step: take that step
+            run([])
         out = []
         for stream, tokens in checks:
             stream.checked.extend(tokens)
@@ -157,6 +162,11 @@ class FakeEngine:
     def free_slots(self) -> int:
         checks = len(self.classifier.open_streams) if self.classifier else 0
         return self.max_batch_size - len(self.running) - checks
+
+    def step_with_checks(
+        self, checks: Sequence[Any], *, relative: bool = False
+    ) -> tuple[list[TokenEvent], list[list[float]]]:
+        return self.step(), [[] for _ in checks]
 
     def step(self) -> list[TokenEvent]:
         while self.waiting and len(self.running) < self.max_batch_size:

@@ -10,7 +10,7 @@ once and reused by every request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,19 +155,28 @@ class Classifier:
         return None if stream_id is None else OutputStream(planned, stream_id)
 
     def check_outputs(
-        self, checks: Sequence[tuple[OutputStream, Sequence[int]]]
+        self,
+        checks: Sequence[tuple[OutputStream, Sequence[int]]],
+        *,
+        run: Callable[[list[StreamCheck]], list[list[float]]] | None = None,
     ) -> list[Classification]:
         """Append each answer's new tokens (generated ids, made checkable) to its stream and
         classify the answer so far: one engine pass for all, costing the new tokens, the turn
         closer and the labels. Equal to classifying prefix + body + the answer tokens checked
-        so far + closer from scratch."""
+        so far + closer from scratch.
+
+        `run` scores the engine checks (relative scores) in place of `Engine.check_streams`:
+        GuardedGenerator.step passes one that runs them in a generation step's pass."""
         closer = self.tokenizer.inst_close()
         requests: list[StreamCheck] = []
         for stream, tokens in checks:
             safe = checkable_answer_tokens(self.tokenizer, tokens, stream.checked)
             labels = self._labels(stream.planned.policy)
             requests.append(StreamCheck(stream.stream_id, safe, closer, labels))
-        scores = self.engine.check_streams(requests, relative=True)
+        if run is None:
+            scores = self.engine.check_streams(requests, relative=True)
+        else:
+            scores = run(requests)
         out: list[Classification] = []
         for (stream, _), request, s in zip(checks, requests, scores, strict=True):
             stream.checked.extend(request.tokens)

@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from model import Engine, GenerationRequest, SamplingError, SamplingParams, TokenEvent, Tokenizer
+from model import (
+    Engine,
+    GenerationRequest,
+    SamplingError,
+    SamplingParams,
+    StreamCheck,
+    TokenEvent,
+    Tokenizer,
+)
 from moderation.core.classifier import Classifier, OutputStream
 from moderation.core.decision import Classification
 from moderation.core.generation import (
@@ -87,6 +95,11 @@ class AnswerDecoder:
         self.error: str | None = None
 
     def push(self, event: TokenEvent) -> str:
+        if self.flagged:
+            # With checks riding in a step's pass (GuardedGenerator.step), the step whose check
+            # flags the answer has generated one more token: it is dropped, as if generation
+            # had stopped at the flag.
+            return ""
         if event.error is not None:  # no token: the engine could not sample one
             self.finish_reason, self.error = "error", event.error
             return ""
@@ -267,6 +280,28 @@ class GuardedGenerator:
         results = self.classifier.check_outputs(pairs)
         return [d.checked(r) for d, r in zip(decoders, results, strict=True)]
 
+    def step(self, decoders: Sequence[AnswerDecoder]) -> tuple[list[TokenEvent], list[str]]:
+        """One engine step, with the check of each decoder in `decoders` (those whose
+        `check_due`) riding in the step's forward pass (`Engine.step_with_checks`): the
+        weights are read once for both. Returns the step's token events and the text each
+        decoder's check releases.
+
+        A check covers the tokens generated before this step, so the text it releases was
+        checked; push the events after them: a flagged answer takes no token from the step it
+        was flagged in (AnswerDecoder.push)."""
+        pairs = [(d.checks, d.unchecked()) for d in decoders if d.checks is not None]
+        if not pairs:
+            return self.engine.step(), []
+        events: list[TokenEvent] = []
+
+        def run(requests: list[StreamCheck]) -> list[list[float]]:
+            stepped, scores = self.engine.step_with_checks(requests, relative=True)
+            events.extend(stepped)
+            return scores
+
+        results = self.classifier.check_outputs(pairs, run=run)
+        return events, [d.checked(r) for d, r in zip(decoders, results, strict=True)]
+
     def moderate_input(self, prep: PreparedGeneration) -> Classification | None:
         if prep.input_item is None:
             return None
@@ -291,12 +326,19 @@ class GuardedGenerator:
         try:
             request_id = engine.add_request(self.request(prep))
             while not decoder.done:
+                due = [decoder] if decoder.check_due() else []
                 if decoder.finish_reason is None:
-                    for event in engine.step():
+                    # The check of the tokens so far rides in the pass that generates the next
+                    # one; its text goes out first, then the step's token is pushed (dropped if
+                    # the check flagged the answer).
+                    events, deltas = self.step(due)
+                    if deltas and deltas[0]:
+                        yield deltas[0]
+                    for event in events:
                         if event.request_id == request_id and (delta := decoder.push(event)):
                             yield delta
-                if decoder.check_due() and (delta := self.run_checks([decoder])[0]):
-                    yield delta
+                elif due and (delta := self.run_checks(due)[0]):
+                    yield delta  # the tail, once generation has finished
         finally:
             engine.cancel(request_id)
             self.close_checks(decoder)

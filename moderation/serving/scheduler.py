@@ -226,7 +226,7 @@ class Scheduler:
         if self.engine.has_unfinished() or self._running:
             try:
                 self._step()
-                self._check_pass()
+                self._finish_checked()
             except Exception as exc:  # fail the batch, keep the server
                 log.exception("engine step failed")
                 for engine_id, g in list(self._running.items()):
@@ -338,8 +338,16 @@ class Scheduler:
         self._running[engine_id] = g
 
     def _step(self) -> None:
+        """One engine step, with the checks of every answer due riding in its pass (they
+        cover the tokens generated before it): sends what passed, then the step's tokens."""
         rt = self.runtime
-        events = self.engine.step()
+        due = [g for g in self._running.values() if g.decoder and g.decoder.check_due()]
+        events, deltas = rt.generator.step([g.decoder for g in due if g.decoder is not None])
+        if self.metrics is not None and due:
+            self.metrics.batch_size.labels(kind="stream_check").observe(len(due))
+        for job, delta in zip(due, deltas, strict=True):
+            if delta:
+                job.emit(delta)
         if self.metrics is not None and events:
             self.metrics.batch_size.labels(kind="generate").observe(len(events))
         for ev in events:
@@ -351,7 +359,7 @@ class Scheduler:
                 g.emit(delta)
             reason = g.decoder.finish_reason
             if reason is None or g.decoder.checks is not None:
-                continue  # answers checked as they grow finish in the check pass
+                continue  # answers checked as they grow finish in _finish_checked
             del self._running[ev.request_id]
             if g.decoder.error is not None:  # this generation only; the others go on
                 g.fail(GenerationFailedError(f"generation failed: {g.decoder.error}"))
@@ -369,18 +377,9 @@ class Scheduler:
             else:
                 self._finish(g, reason, None)
 
-    def _check_pass(self) -> None:
-        """One pass checking every answer due; sends what passed, stops what was flagged, and
-        finishes the answers that are done."""
-        gen = self.runtime.generator
-        due = [g for g in self._running.values() if g.decoder and g.decoder.check_due()]
-        if due:
-            deltas = gen.run_checks([g.decoder for g in due if g.decoder is not None])
-            if self.metrics is not None:
-                self.metrics.batch_size.labels(kind="stream_check").observe(len(due))
-            for g, delta in zip(due, deltas, strict=True):
-                if delta:
-                    g.emit(delta)
+    def _finish_checked(self) -> None:
+        """Stop the answers a check flagged and finish those generated and checked to the
+        end (their last check rode in the tick after their last token)."""
         for engine_id, g in list(self._running.items()):
             d = g.decoder
             if d is None or d.checks is None or not d.done:
