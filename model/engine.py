@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import select_backend
-from model.cache import RollingCache, decode_span
+from model.cache import ForwardMetadata, RollingCache, decode_span
 from model.errors import RequestError, SamplingError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -30,7 +30,7 @@ from model.memory import (
     weights_bytes,
 )
 from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
-from model.scoring import ContinuationTree, Scoring
+from model.scoring import ContinuationTree
 from model.stats import EngineStats
 from model.stream_checks import StreamCheck, StreamChecks, _CheckStream
 from model.transformer import Transformer, pack_for_cpu
@@ -105,7 +105,7 @@ def compile_decode_step(
     return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
 
 
-class Engine(Scoring, StreamChecks):
+class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this engine's mixins
     """Batched generation and scoring over a rolling-buffer cache.
 
     `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
@@ -255,11 +255,15 @@ class Engine(Scoring, StreamChecks):
             write=write,
             trees=trees,
         )
+        return self._run_planned(meta, hidden=hidden)
+
+    def _run_planned(self, meta: ForwardMetadata, *, hidden: bool = False) -> torch.Tensor:
+        """The forward of a planned pass: logits (or hidden states) of `meta.logits_index`."""
         self.backend.prepare(meta, self.model.dtype)
-        self.stats.forward_passes += 1
-        self.stats.tokens_computed += len(tokens)
         assert meta.tokens is not None
-        if self._decode_step is not None and meta.n_decode == len(tokens):
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += int(meta.tokens.numel())
+        if self._decode_step is not None and meta.n_decode == meta.tokens.numel():
             with torch.no_grad():
                 return self._decode_step(
                     meta.tokens, meta, self.cache, meta.logits_index, self.backend, hidden
@@ -388,7 +392,7 @@ class Engine(Scoring, StreamChecks):
             slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens - check_tokens)
             hidden, trees = self._forward_with_checks(slots, chunks, rows, checks)
             events = self._step_events(self.model.project(hidden[: len(rows)]), sampled)
-            scores = self._check_scores(hidden[len(rows) :], trees, relative=relative)
+            scores = self._tree_scores(hidden[len(rows) :], trees, relative=relative)
         return events, scores
 
     def _admit(self) -> None:

@@ -155,6 +155,16 @@ class Scoring:
             trees=[(t.depths, t.ancestors) for t in trees],
             hidden=True,
         )
+        out = self._tree_scores(hidden, trees, relative=relative)
+        for slot in slots:
+            self.cache.reset(slot)
+        return out
+
+    def _tree_scores(
+        self, hidden: torch.Tensor, trees: Sequence[ContinuationTree], *, relative: bool
+    ) -> list[list[float]]:
+        """Each tree's continuation scores from the hidden states of its nodes, packed tree
+        after tree in `hidden` (a scoring pass's, or a stream check's)."""
         # log p(token | node) = logit - logsumexp(node's logits). Relative scores skip the
         # root's logsumexp (shared by every continuation of a request), so roots only need the
         # logits of their children's tokens.
@@ -177,8 +187,6 @@ class Scoring:
                 scores.append(sum(terms[pos : pos + len(path)]))
                 pos += len(path)
             out.append(scores)
-        for slot in slots:
-            self.cache.reset(slot)
         return out
 
     def _log_probs(

@@ -30,12 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from model import transfer
-from model.attention import AttentionBackend
-from model.cache import ForwardMetadata, RollingCache
+from model.cache import ForwardMetadata
 from model.errors import RequestError
-from model.scoring import ContinuationTree, Prefix
-from model.stats import EngineStats
-from model.transformer import Transformer
+from model.scoring import ContinuationTree, Prefix, Scoring
 
 
 @dataclass(frozen=True)
@@ -56,47 +53,17 @@ class _CheckStream:
     length: int = 0  # tokens of prompt + text in the slot (or pending)
 
 
-class StreamChecks:
-    """Engine.open_stream, check_streams and close_stream (see the module docstring)."""
+class StreamChecks(Scoring):
+    """Engine.open_stream, check_streams and close_stream (see the module docstring). Built on
+    `Scoring`: a check's label tree is scored as a scoring pass's is."""
 
-    model: Transformer
-    backend: AttentionBackend
-    cache: RollingCache
-    stats: EngineStats
     chunk_size: int
     max_step_tokens: int
-    max_context: int | None
     _free_slots: list[int]
     _stream_checks: dict[int, _CheckStream]
     _stream_ids: itertools.count[int]
 
-    def _forward(
-        self,
-        slots: list[int],
-        chunks: list[Sequence[int]],
-        *,
-        logits_rows: list[int],
-        write: list[bool] | None = None,
-        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
-        hidden: bool = False,
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
-        raise NotImplementedError
-
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        raise NotImplementedError
-
-    def _check_length(self, n: int, what: str) -> None:
-        raise NotImplementedError
-
-    def _tree(self, continuations: Sequence[Sequence[int]]) -> ContinuationTree:
-        raise NotImplementedError
-
-    def _log_probs(
-        self, hidden: torch.Tensor, nodes: list[int], tokens: list[int], normalised: list[bool]
-    ) -> list[float]:
+    def _run_planned(self, meta: ForwardMetadata, *, hidden: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -204,7 +171,7 @@ class StreamChecks:
     @torch.inference_mode()
     def _check_group(self, checks: Sequence[StreamCheck], *, relative: bool) -> list[list[float]]:
         hidden, trees = self._forward_with_checks([], [], [], checks)
-        return self._check_scores(hidden, trees, relative=relative)
+        return self._tree_scores(hidden, trees, relative=relative)
 
     def _forward_with_checks(
         self,
@@ -271,48 +238,7 @@ class StreamChecks:
         for c, s in zip(checks, streams, strict=True):
             s.pending = []
             s.length += len(c.tokens)
-        return self._run_planned(meta), trees
-
-    def _check_scores(
-        self, hidden: torch.Tensor, trees: list[ContinuationTree], *, relative: bool
-    ) -> list[list[float]]:
-        """Each check's continuation scores from the hidden states of its tree's nodes."""
-        nodes: list[int] = []
-        tokens: list[int] = []
-        normalised: list[bool] = []
-        base = 0
-        for t in trees:
-            for path in t.paths:
-                nodes.extend(base + node for node, _ in path)
-                tokens.extend(tok for _, tok in path)
-                normalised.extend(node != 0 or not relative for node, _ in path)
-            base += len(t.tokens)
-        terms = self._log_probs(hidden, nodes, tokens, normalised)
-        out: list[list[float]] = []
-        pos = 0
-        for t in trees:
-            scores = []
-            for path in t.paths:
-                scores.append(sum(terms[pos : pos + len(path)]))
-                pos += len(path)
-            out.append(scores)
-        return out
-
-    def _run_planned(self, meta: ForwardMetadata) -> torch.Tensor:
-        """The forward of an already planned pass, returning the hidden states of
-        `meta.logits_index` (Engine._forward, after its plan)."""
-        self.backend.prepare(meta, self.model.dtype)
-        self.stats.forward_passes += 1
-        assert meta.tokens is not None
-        self.stats.tokens_computed += int(meta.tokens.numel())
-        return self.model(
-            meta.tokens,
-            meta,
-            self.cache,
-            logits_index=meta.logits_index,
-            backend=self.backend,
-            hidden=True,
-        )
+        return self._run_planned(meta, hidden=True), trees
 
 
 def _add_writes(
