@@ -8,8 +8,10 @@ error) through `current_call()`. Kept apart from both edges so that neither impo
 from __future__ import annotations
 
 import contextvars
+import hmac
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,24 @@ import grpc
 REQUEST_ID_KEY = "x-request-id"
 REQUEST_ID_CHARS = 128
 """The longest request id kept from a caller (the log and the echo quote only a prefix)."""
+
+
+def new_request_id(sent: str | None) -> str:
+    """The call's request id: the caller's (a prefix of it: it is echoed and logged), or a new
+    one."""
+    return (sent or uuid.uuid4().hex)[:REQUEST_ID_CHARS]
+
+
+class BearerToken:
+    """The check of an `authorization: Bearer <token>` value, on either transport."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def accepts(self, sent: str | None) -> bool:
+        # Constant time: no timing oracle on the token.
+        return hmac.compare_digest((sent or "").encode(), self._expected)
+
 
 OVERLOAD = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})

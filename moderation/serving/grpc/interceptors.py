@@ -10,10 +10,8 @@ logged nor counted (probes every few seconds would drown the request log).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +21,14 @@ import structlog
 
 from moderation.serving.calls import (
     OVERLOAD,
-    REQUEST_ID_CHARS,
     REQUEST_ID_KEY,
     SERVER_FAULTS,
+    BearerToken,
     CallRecord,
     bind_call,
     current_call,
     log_level,
+    new_request_id,
 )
 from moderation.serving.metrics import Metrics
 
@@ -67,7 +66,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED unless `authorization: Bearer <token>`; health and reflection are open."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._token = BearerToken(token)
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -75,8 +74,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if details.method.startswith(OPEN_PREFIXES):
             return handler
-        sent = (_metadata(details, "authorization") or "").encode()
-        if hmac.compare_digest(sent, self._expected):  # constant time: no timing oracle
+        if self._token.accepts(_metadata(details, "authorization")):
             return handler
         message = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
 
@@ -137,7 +135,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.removeprefix(SERVICE_PREFIX)
         # The caller's id is echoed in the log and the trailers: a short prefix of it only.
-        request_id = (_metadata(details, REQUEST_ID_KEY) or uuid.uuid4().hex)[:REQUEST_ID_CHARS]
+        request_id = new_request_id(_metadata(details, REQUEST_ID_KEY))
         if handler.unary_unary:
             unary = handler.unary_unary
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import json
 import re
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,11 +24,12 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from moderation.serving.calls import (
-    REQUEST_ID_CHARS,
     REQUEST_ID_KEY,
+    BearerToken,
     CallRecord,
     bind_call,
     log_level,
+    new_request_id,
 )
 from moderation.serving.http import compat, transcoding
 from moderation.serving.http.context import HttpContext
@@ -109,7 +108,7 @@ class HttpServer:
         self.servicer = servicer
         self.metrics = metrics
         self.http_metrics = HttpMetrics(metrics.registry)
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._token = BearerToken(token) if token else None
         self.in_flight = 0  # touched only on the event loop; drain waits on it
         self.port: int | None = None
         self.app = web.Application(
@@ -153,14 +152,11 @@ class HttpServer:
     # ------------------------------------------------------------ the edge
 
     def _authorized(self, request: web.Request) -> bool:
-        if self._expected is None:
-            return True
-        sent = request.headers.get("Authorization", "").encode()
-        return hmac.compare_digest(sent, self._expected)  # constant time: no timing oracle
+        return self._token is None or self._token.accepts(request.headers.get("Authorization"))
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = (request.headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:REQUEST_ID_CHARS]
+        request_id = new_request_id(request.headers.get(REQUEST_ID_KEY))
         info = request.match_info
         resource = info.route.resource if info.http_exception is None else None
         route = resource.canonical if resource is not None else ""
