@@ -137,7 +137,7 @@ class Planner:
             ) from None
         if role is Role.INPUT and item.user_prompt:
             raise InvalidArgument("prompt", "a user prompt is context for the output role only")
-        policy, threshold, category_thresholds = self._decision(item)
+        decision = self._decision(item)
         text_tokens = encode_text(self.tokenizer, item.text)
         context = encode_text(self.tokenizer, item.user_prompt) if item.user_prompt else None
         n_context = len(context or ())
@@ -159,24 +159,7 @@ class Planner:
                     "a prompt may have; shorten it",
                 )
             windows = self._windows(text_tokens, budget)
-        try:
-            bodies = [
-                build_prompt_from_tokens(
-                    policy, role, self.tokenizer, w, user_prompt_tokens=context
-                ).body
-                for w in windows
-            ]
-        except PromptError as exc:
-            raise InvalidArgument("text", str(exc)) from exc
-        return PlannedItem(
-            policy=policy,
-            role=role,
-            bodies=bodies,
-            prefix=build_prefix(policy, role, self.tokenizer),
-            threshold=threshold,
-            category_thresholds=dict(category_thresholds),
-            context_tokens=n_context,
-        )
+        return self._planned(decision, role, windows, "text", user_prompt_tokens=context)
 
     def _plan_conversation(self, item: ClassifyItem, *, split: bool) -> PlannedItem:
         """The last message classified after the earlier turns that fit, newest kept first.
@@ -202,7 +185,7 @@ class Planner:
         if is_blank(text):
             raise InvalidArgument(f"messages[{last}].content", "must not be empty")
         role = Role.INPUT if speaker == "user" else Role.OUTPUT
-        policy, threshold, category_thresholds = self._decision(item)
+        decision = self._decision(item)
         tok, limit = self.tokenizer, self.max_text_tokens
         text_tokens = encode_text(tok, text)
         if len(text_tokens) <= limit:
@@ -237,23 +220,52 @@ class Planner:
             windows = [text_tokens]
         else:
             windows = self._windows(text_tokens, limit - n_context)
+        return self._planned(
+            decision,
+            role,
+            windows,
+            "messages",
+            user_prompt_tokens=answered,
+            context=block,
+            dropped=dropped,
+        )
+
+    def _planned(
+        self,
+        decision: tuple[Policy, float, Mapping[str, float]],
+        role: Role,
+        windows: Sequence[Sequence[int]],
+        field: str,
+        *,
+        user_prompt_tokens: Sequence[int] | None,
+        context: Sequence[int] = (),
+        dropped: int = 0,
+    ) -> PlannedItem:
+        """The item of a text's windows, each a body after the same context (a conversation's
+        block, then the user prompt an answer replies to); a bad body names `field`."""
+        policy, threshold, category_thresholds = decision
         try:
             bodies = [
                 build_prompt_from_tokens(
-                    policy, role, tok, w, user_prompt_tokens=answered, context=block
+                    policy,
+                    role,
+                    self.tokenizer,
+                    w,
+                    user_prompt_tokens=user_prompt_tokens,
+                    context=context,
                 ).body
                 for w in windows
             ]
         except PromptError as exc:
-            raise InvalidArgument("messages", str(exc)) from exc
+            raise InvalidArgument(field, str(exc)) from exc
         return PlannedItem(
             policy=policy,
             role=role,
             bodies=bodies,
-            prefix=build_prefix(policy, role, tok),
+            prefix=build_prefix(policy, role, self.tokenizer),
             threshold=threshold,
             category_thresholds=dict(category_thresholds),
-            context_tokens=n_context,
+            context_tokens=len(context) + len(user_prompt_tokens or ()),
             context_messages_dropped=dropped,
         )
 
