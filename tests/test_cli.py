@@ -156,7 +156,7 @@ def test_an_unknown_policy_lists_the_builtin_ones_before_loading_a_model(
     assert "checkpoint" not in err
     assert main(["serve", "--policy", "nope", "--model", str(tmp_path / "nowhere")]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "'nope'" in err and "mistral-13, paper" in err
+    assert "'nope'" in err and "mistral-13, mlcommons, openai, paper" in err
 
 
 def test_the_demo_warning_is_printed_once_without_colour_when_redirected(

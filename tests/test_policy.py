@@ -459,7 +459,8 @@ def test_resolve_policy_by_name_default_extra_and_path(tmp_path: Path) -> None:
 
 
 def test_resolve_unknown_policy_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="unknown policy 'nope': use one of mistral-13, paper"):
+    known = "mistral, mistral-13, mlcommons, openai, paper"
+    with pytest.raises(PolicyError, match=f"unknown policy 'nope': use one of {known}"):
         resolve_policy("nope")
     with pytest.raises(PolicyError, match="policy file not found"):
         resolve_policy(str(tmp_path / "missing.json"))

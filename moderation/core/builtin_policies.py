@@ -1,7 +1,9 @@
 """The built-in policies, and policy lookup by name or file.
 
 `paper` (the paper's three categories, the default) and `mistral-13` (the 13 categories of
-Mistral's published self-reflection prompt, reproduced exactly).
+Mistral's published self-reflection prompt, reproduced exactly); `openai`, `mistral` and
+`mlcommons` (the taxonomies of OpenAI's and Mistral's moderation APIs and of Llama Guard 3) are
+in `vendor_policies`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from moderation.core.policy import (
     is_policy_file,
     load_policy_file,
 )
+from moderation.core.vendor_policies import VENDOR_POLICIES
 
 PAPER_POLICY = Policy(
     name="paper",
@@ -166,7 +169,9 @@ MISTRAL_13_POLICY = Policy(
     instruction=MISTRAL_13_INSTRUCTION,
 )
 
-BUILTIN_POLICIES: dict[str, Policy] = {p.name: p for p in (PAPER_POLICY, MISTRAL_13_POLICY)}
+BUILTIN_POLICIES: dict[str, Policy] = {
+    p.name: p for p in (PAPER_POLICY, MISTRAL_13_POLICY, *VENDOR_POLICIES)
+}
 DEFAULT_POLICY = "paper"
 
 

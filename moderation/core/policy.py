@@ -49,7 +49,9 @@ DEFAULT_ACCEPTABLE_LABEL = "not moderated"
 # Reserved: the classifier reports the acceptable outcome under this id, so no category may use it.
 ACCEPTABLE_ID = "acceptable"
 
-_ID_RE = re.compile(r"[a-z][a-z0-9_]*")
+# Ids are API keys: lowercase words joined by "_", or by "-" and "/" as OpenAI's category names
+# are ("self-harm/intent"), so that a policy can answer under another API's names.
+_ID_RE = re.compile(r"[a-z][a-z0-9_]*(?:[-/][a-z0-9_]+)*")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -194,7 +196,8 @@ def _validate(policy: Policy) -> None:
         cat = f"{where}: category {category.id!r}" if category.id else f"{where}: category {i}"
         if not _ID_RE.fullmatch(category.id):
             raise PolicyError(
-                f"{cat}: id must be lowercase letters, digits and '_', starting with a letter"
+                f"{cat}: id must be lowercase letters, digits and '_', starting with a letter "
+                "(single '-' or '/' may join words)"
             )
         if category.id == ACCEPTABLE_ID:
             raise PolicyError(f"{cat}: id {ACCEPTABLE_ID!r} is reserved for the acceptable outcome")
