@@ -89,23 +89,28 @@ def test_the_openai_sdk_moderates_through_this_server(client: openai.OpenAI, stu
 
 
 def test_a_single_string_and_the_default_policy(client: openai.OpenAI, stub: Any) -> None:
-    for model in ("paper", None):  # no model: the server's default policy (paper)
+    answer = client.moderations.create(model="paper", input="hello there")
+    (result,) = answer.results
+    flagged, categories, scores = expected(stub, pb.ClassifyRequest(text="hello there"))
+    assert result.flagged == flagged and result.categories.model_extra == categories
+    assert set(categories) == set(PAPER)  # the paper policy's ids are the paper's three
+    # No model, or the served model: the route's own policy (OpenAI's categories), not the
+    # server's default (paper).
+    _, _, scores = expected(stub, pb.ClassifyRequest(text="hello there", policy="openai"))
+    for model in (None, answer.model):
         kwargs = {"model": model} if model else {}
-        answer = client.moderations.create(input="hello there", **kwargs)  # type: ignore[arg-type]
-        (result,) = answer.results
-        flagged, categories, scores = expected(stub, pb.ClassifyRequest(text="hello there"))
-        assert result.flagged == flagged and result.categories.model_extra == categories
-        assert set(categories) == set(PAPER)  # the paper policy's ids are the paper's three
-    served_model = answer.model
-    again = client.moderations.create(model=served_model, input=["hello there"])
-    assert again.results[0].category_scores.model_extra == pytest.approx(scores, abs=1e-6)
+        again = client.moderations.create(input=["hello there"], **kwargs)  # type: ignore[arg-type]
+        assert again.model_extra == {"policy": "openai"}
+        assert again.results[0].category_scores.violence == pytest.approx(
+            scores["violence"], abs=1e-6
+        )
 
 
 def test_the_openai_sdk_raises_its_own_exceptions(
     served: InProcessServer, client: openai.OpenAI
 ) -> None:
     with pytest.raises(openai.NotFoundError) as unknown:
-        client.moderations.create(model="omni-moderation-latest", input="x")
+        client.moderations.create(model="gpt-4o", input="x")
     assert unknown.value.param == "model" and unknown.value.code == "model_not_found"  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError) as empty:
         client.moderations.create(model="paper", input=["fine", ""])
@@ -150,19 +155,19 @@ def test_mistral_chat_moderation_of_one_conversation_and_of_several(
     assert result["category_scores"] == pytest.approx(scores, abs=1e-6)
 
     conversations = [CONVERSATION, CONVERSATION[:1], [{"role": "user", "content": "hi"}]]
-    status, answer = chat(served, {"model": "mistral-moderation-latest", "input": conversations})
-    assert status == 404 and answer["error"]["param"] == "model"  # not a policy of this server
-    status, answer = chat(served, {"input": conversations})
-    assert status == 200 and len(answer["results"]) == 3
+    status, answer = chat(served, {"model": "gpt-4o", "input": conversations})
+    assert status == 404 and answer["error"]["param"] == "model"  # not a name of this server
+    status, answer = chat(served, {"input": conversations})  # Mistral's categories
+    assert status == 200 and len(answer["results"]) == 3 and answer["policy"] == "mistral"
     for conversation, result in zip(conversations, answer["results"], strict=True):
-        _, categories, scores = grpc_view(conversation)
+        _, categories, scores = grpc_view(conversation, "mistral")
         assert result["categories"] == categories
         assert result["category_scores"] == pytest.approx(scores, abs=1e-6)
     # Mistral's text chunks are the same text.
     chunked = [
         {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}
     ]
-    status, answer = chat(served, {"input": chunked})
+    status, answer = chat(served, {"input": chunked, "model": "paper"})
     assert status == 200
     assert answer["results"][0]["category_scores"] == pytest.approx(
         grpc_view([{"role": "user", "content": "hi"}])[2], abs=1e-6

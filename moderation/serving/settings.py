@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,6 +44,8 @@ from moderation.serving.setting_values import (
 ENV_PREFIX = "MODERATION_"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# A served model name: what a model id looks like in OpenAI's and Hugging Face's APIs.
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 
 
 class SettingsError(ValueError):
@@ -107,6 +110,13 @@ class ServeSettings:
         "HTTP/JSON port (every RPC by its google.api.http rule, plus OpenAI's /v1/moderations "
         "and Mistral's /v1/chat/moderations); same auth, TLS and limits; 0 = off",
         metavar="PORT",
+    )
+    served_model_name: tuple[str, ...] = _setting(
+        (),
+        parse_list,
+        "the model's names on the HTTP port's OpenAI-compatible routes (vLLM's flag): the first "
+        "is the `model` responses carry, the others aliases; none = the checkpoint's name",
+        metavar="NAME[,ALIAS...]",
     )
     device: str = _setting(
         "auto",
@@ -607,6 +617,13 @@ def _validate(s: ServeSettings) -> None:
             fail(name, f"expected one of {', '.join(options)}; got {getattr(s, name)!r}")
     if not s.policy:
         fail("policy", "must not be empty")
+    for name in s.served_model_name:
+        if not _MODEL_NAME_RE.fullmatch(name):
+            fail(
+                "served_model_name",
+                f"{name[:80]!r} is not a model id (letters, digits and . _ : / @ + -, starting "
+                "with a letter or digit, at most 256 characters)",
+            )
     if not isinstance(s.policy_files, tuple):
         fail("policy_files", "must be a tuple of paths")
     if not isinstance(s.thresholds, tuple):

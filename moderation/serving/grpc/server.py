@@ -80,8 +80,11 @@ class Server:
         self.servicer = ModerationServicer(self.state)
         moderation_pb2_grpc.add_ModerationServiceServicer_to_server(self.servicer, self.grpc)
         # The HTTP/JSON listener answers with the same servicer, hence the same worker.
+        self._serving = False  # what health reports for the whole server (HTTP's /health too)
         self.http = (
-            HttpServer(settings, self.servicer, self.metrics, token) if settings.http_port else None
+            HttpServer(settings, self.servicer, self.metrics, token, serving=self._is_serving)
+            if settings.http_port
+            else None
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -97,7 +100,11 @@ class Server:
         self._watchdog: asyncio.Task[None] | None = None
         self._model_dead = False
 
+    def _is_serving(self) -> bool:
+        return self._serving and not self.state.draining
+
     async def _set_health(self, status: int) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in HEALTH_NAMES:
             await self.health.set(name, status)  # type: ignore[arg-type]
 

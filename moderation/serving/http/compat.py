@@ -12,11 +12,14 @@
      "category_scores"}]}, one result per conversation: its last message, classified in the
      context of the earlier ones (ClassifyRequest.messages).
 
-`model` chooses the policy: a policy name ("paper", "mistral-13" or one loaded from a file),
-or the served model's name, or nothing, for the server's default policy. Anything else is
-404 model_not_found, as OpenAI answers a model it does not serve.
+`model` chooses the policy: a policy name ("paper", "openai", "mistral" or one loaded from a
+file); an OpenAI moderation model name (omni-moderation-latest...) the `openai` policy, a Mistral
+one (mistral-moderation-latest...) the `mistral` policy; a served model name or nothing, the
+route's own policy: `openai` on /v1/moderations, `mistral` on /v1/chat/moderations (see
+`names`). Anything else is 404 model_not_found, as OpenAI answers a model it does not serve.
 
-Category names are the policy's category ids plus the paper's three (illegal_activities,
+Category names are the policy's category ids (for `openai` OpenAI's own names, so that the SDK's
+typed fields are filled) plus the paper's three (illegal_activities,
 hateful_harassing_violent, unqualified_advice; the same keys for the paper policy). Scores are
 ClassifyResponse.scores and paper_scores without "acceptable": one probability distribution over
 the policy's categories and acceptable, so they are not independent as OpenAI's are.
@@ -33,6 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from moderation.serving.http.names import MISTRAL_POLICY, OPENAI_POLICY, ServedNames, vendor_policy
 from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
@@ -61,17 +65,27 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _policy(model: str | None, info: pb.GetModelInfoResponse) -> pb.PolicyInfo:
-    names = {p.name: p for p in info.policies}
-    name = info.default_policy if model in (None, "", info.model) else model
-    if name not in names:
+def _policy(
+    model: str | None, info: pb.GetModelInfoResponse, names: ServedNames, route_policy: str
+) -> pb.PolicyInfo:
+    """The policy a request's `model` selects (see the module's docstring)."""
+    policies = {p.name: p for p in info.policies}
+    if model in (None, "") or names.serves(model, info.model):
+        name = route_policy
+    elif model in policies:
+        name = model
+    else:
+        name = vendor_policy(model) or ""
+    if name not in policies:
+        served = ", ".join(names.names(info.model))
         raise CallError(
             grpc.StatusCode.NOT_FOUND,
-            f"The model `{model}` does not exist: use a policy ({', '.join(names)}), the served "
-            f"model ({info.model}) or no model for the default policy ({info.default_policy})",
+            f"The model `{model[:200] if model else route_policy}` does not exist: use a policy "
+            f"({', '.join(policies)}), the served model ({served}), an OpenAI or Mistral "
+            f"moderation model name, or no model (the {route_policy} policy)",
             "model",
         )
-    return names[name]
+    return policies[name]
 
 
 def _result(r: pb.ClassifyResponse, policy: pb.PolicyInfo) -> dict[str, Any]:
@@ -130,11 +144,13 @@ def _texts(value: Any) -> tuple[list[str], bool]:
     return texts, True
 
 
-async def openai_moderations(call: Call, body: Any, request_id: str) -> dict[str, Any]:
+async def openai_moderations(
+    call: Call, body: Any, request_id: str, names: ServedNames
+) -> dict[str, Any]:
     body = _object(body, {"model", "input"})
     texts, listed = _texts(body["input"])
     info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = _policy(body.get("model"), info)
+    policy = _policy(body.get("model"), info, names, OPENAI_POLICY)
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -151,11 +167,11 @@ async def openai_moderations(call: Call, body: Any, request_id: str) -> dict[str
         answer = _result(r, policy)
         answer["category_applied_input_types"] = {c: ["text"] for c in answer["categories"]}
         answers.append(answer)
-    return {"id": f"modr-{request_id}", "model": info.model, "policy": policy.name,
-            "results": answers}  # fmt: skip
+    return {"id": f"modr-{request_id}", "model": names.primary(info.model),
+            "policy": policy.name, "results": answers}  # fmt: skip
 
 
-def _content(value: Any, where: str) -> str:
+def message_content(value: Any, where: str) -> str:
     """A Mistral message's content: a string, or text chunks joined."""
     if isinstance(value, str):
         return value
@@ -183,13 +199,14 @@ def _conversation(value: Any, where: str) -> list[pb.ChatMessage]:
         role = message.get("role")
         if not isinstance(role, str):
             raise _bad(f"{at}.role", "must be a string")
-        messages.append(
-            pb.ChatMessage(role=role, content=_content(message.get("content"), f"{at}.content"))
-        )
+        content = message_content(message.get("content"), f"{at}.content")
+        messages.append(pb.ChatMessage(role=role, content=content))
     return messages
 
 
-async def mistral_chat_moderations(call: Call, body: Any, request_id: str) -> dict[str, Any]:
+async def mistral_chat_moderations(
+    call: Call, body: Any, request_id: str, names: ServedNames
+) -> dict[str, Any]:
     # truncate_for_context_length is Mistral's switch for what this server always does: earlier
     # turns that do not fit are dropped, oldest first (ClassifyResponse.context_messages_dropped).
     body = _object(body, {"model", "input", "truncate_for_context_length"})
@@ -202,7 +219,7 @@ async def mistral_chat_moderations(call: Call, body: Any, request_id: str) -> di
     else:
         conversations = [_conversation(value, "input")]
     info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = _policy(body.get("model"), info)
+    policy = _policy(body.get("model"), info, names, MISTRAL_POLICY)
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -218,7 +235,7 @@ async def mistral_chat_moderations(call: Call, body: Any, request_id: str) -> di
 
     requests = [pb.ClassifyRequest(messages=m, policy=policy.name) for m in conversations]
     results = await _classify(call, requests, rename)
-    return {"id": request_id, "model": info.model, "policy": policy.name,
+    return {"id": request_id, "model": names.primary(info.model), "policy": policy.name,
             "results": [_result(r, policy) for r in results]}  # fmt: skip
 
 

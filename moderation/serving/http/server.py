@@ -1,4 +1,5 @@
-"""The HTTP/JSON listener: transcoded RPCs, OpenAI's and Mistral's moderation routes.
+"""The HTTP/JSON listener: transcoded RPCs, OpenAI's and Mistral's moderation routes, OpenAI's
+chat completions (`chat_route`), `GET /v1/models` and `GET /health` (`discovery`).
 
 Each request is one task on the server's event loop: the middleware opens its call record
 (request id, route), checks the bearer token, and writes the request's log line and metrics;
@@ -8,13 +9,12 @@ the route parses the JSON, calls the servicer in-process and writes the JSON ans
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
+import logging
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -31,8 +31,10 @@ from moderation.serving.calls import (
     log_level,
     new_request_id,
 )
-from moderation.serving.http import compat, transcoding
+from moderation.serving.http import chat_route, compat, discovery, transcoding
+from moderation.serving.http import exchange as http_exchange
 from moderation.serving.http.context import HttpContext
+from moderation.serving.http.names import ServedNames
 from moderation.serving.http.status import CallError
 from moderation.serving.metrics import LATENCY_BUCKETS, Metrics
 from moderation.serving.settings import ServeSettings
@@ -43,12 +45,14 @@ log = structlog.get_logger("moderation.requests")
 SERVICE = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
 OPENAI_PATH = "/v1/moderations"
 MISTRAL_PATH = "/v1/chat/moderations"
-COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH)
+# Routes in OpenAI's API: their errors have OpenAI's shape.
+COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH, chat_route.PATH, discovery.MODELS_PATH)
 NDJSON = "application/x-ndjson"
 TIMEOUT_HEADER = "grpc-timeout"
 _TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OnEvent = Callable[[Any], Awaitable[bool]]
 
 
 class HttpMetrics:
@@ -103,22 +107,31 @@ class HttpServer:
         servicer: moderation_pb2_grpc.ModerationServiceServicer,
         metrics: Metrics,
         token: str | None,
+        serving: Callable[[], bool] = lambda: True,
     ):
         self.settings = settings
         self.servicer = servicer
         self.metrics = metrics
         self.http_metrics = HttpMetrics(metrics.registry)
         self._token = BearerToken(token) if token else None
+        self.names = ServedNames(settings.served_model_name)
         self.in_flight = 0  # touched only on the event loop; drain waits on it
         self.port: int | None = None
         self.app = web.Application(
             client_max_size=settings.max_message_bytes, middlewares=[self._middleware]
         )
+        self.app.on_response_prepare.append(discovery.server_header)
         for route in transcoding.routes(SERVICE):
             handler = self._stream(route) if route.server_streaming else self._unary(route)
             self.app.router.add_route(route.verb, route.path, handler)
         self.app.router.add_post(OPENAI_PATH, self._compat(compat.openai_moderations))
         self.app.router.add_post(MISTRAL_PATH, self._compat(compat.mistral_chat_moderations))
+        chat = chat_route.ChatCompletions(
+            self.names, self._json, self._deadline, self._call, self._run_stream, self._error
+        )
+        self.app.router.add_post(chat_route.PATH, chat.handle)
+        self.app.router.add_get(discovery.MODELS_PATH, self._compat_get(discovery.models))
+        self.app.router.add_get(discovery.HEALTH_PATH, discovery.health_handler(serving))
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ life
@@ -152,6 +165,8 @@ class HttpServer:
     # ------------------------------------------------------------ the edge
 
     def _authorized(self, request: web.Request) -> bool:
+        if request.path == discovery.HEALTH_PATH:  # probes carry no token
+            return True
         return self._token is None or self._token.accepts(request.headers.get("Authorization"))
 
     @web.middleware
@@ -162,8 +177,7 @@ class HttpServer:
         route = resource.canonical if resource is not None else ""
         record = CallRecord(method=route, request_id=request_id)
         bind_call(record)
-        exchange = Exchange(record)
-        _exchange.set(exchange)  # each request is a task of its own: this stays with it
+        exchange = http_exchange.begin(record)
         self.in_flight += 1
         self.http_metrics.active.inc()
         status = 500
@@ -193,12 +207,15 @@ class HttpServer:
             self.http_metrics.active.dec()
             self._end(request, exchange, route, status)
 
-    def _end(self, request: web.Request, exchange: Exchange, route: str, status: int) -> None:
+    def _end(
+        self, request: web.Request, exchange: http_exchange.Exchange, route: str, status: int
+    ) -> None:
         record, code = exchange.record, exchange.code
         latency = time.perf_counter() - record.start
         self.http_metrics.duration.labels(request.method, route, str(status)).observe(latency)
+        quiet = route == discovery.HEALTH_PATH and status == 200  # a probe every few seconds
         log.log(
-            log_level(code),
+            logging.DEBUG if quiet else log_level(code),
             "request",
             request_id=record.request_id,
             transport="http",
@@ -212,10 +229,8 @@ class HttpServer:
         )
 
     def _error(self, request: web.Request, exc: CallError) -> web.Response:
-        exchange = _exchange.get()
-        exchange.code = exc.code
-        record = exchange.record
-        record.fields.setdefault("error", exc.message)
+        http_exchange.note_error(exc)
+        record = http_exchange.current().record
         compatible = request.match_info.http_exception is None and request.path in COMPAT_PATHS
         body = compat.openai_error(exc) if compatible else exc.body()
         headers = {REQUEST_ID_KEY: record.request_id}
@@ -274,7 +289,7 @@ class HttpServer:
             raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
     async def _request(self, request: web.Request, route: transcoding.Route) -> Message:
-        _exchange.get().rpc = route.rpc
+        http_exchange.current().rpc = route.rpc
         if route.body == "":
             return transcoding.parse_query(request.query, route.request_type)
         data = await self._json(request)
@@ -294,10 +309,10 @@ class HttpServer:
         return handle
 
     def _compat(
-        self, answer: Callable[[compat.Call, Any, str], Awaitable[dict[str, Any]]]
+        self, answer: Callable[[compat.Call, Any, str, ServedNames], Awaitable[dict[str, Any]]]
     ) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            exchange = _exchange.get()
+            exchange = http_exchange.current()
             exchange.rpc = "ClassifyBatch"
             record = exchange.record
             try:
@@ -307,11 +322,58 @@ class HttpServer:
                 async def call(rpc: str, message: Message) -> Any:
                     return await self._call(rpc, message, timeout)
 
-                return web.json_response(await answer(call, body, record.request_id))
+                return web.json_response(await answer(call, body, record.request_id, self.names))
             except CallError as exc:
                 return self._error(request, exc)
 
         return handle
+
+    def _compat_get(
+        self, answer: Callable[[compat.Call, ServedNames], Awaitable[dict[str, Any]]]
+    ) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            http_exchange.current().rpc = "GetModelInfo"
+            try:
+                timeout = self._deadline(request)
+
+                async def call(rpc: str, message: Message) -> Any:
+                    return await self._call(rpc, message, timeout)
+
+                return web.json_response(await answer(call, self.names))
+            except CallError as exc:
+                return self._error(request, exc)
+
+        return handle
+
+    async def _run_stream(
+        self, rpc: str, message: Message, timeout: float | None, on_event: OnEvent
+    ) -> CallError | None:
+        """A server-streaming method of the servicer, each event handed to `on_event` (which
+        returns False to stop early: the generation is cancelled), all within the deadline;
+        the status it ended with, None when OK. Times the deltas as the gRPC stream does."""
+        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+        method = getattr(self.servicer, rpc)
+        events: AsyncIterator[Any] = method(message, cast(grpc.aio.ServicerContext, context))
+        start, last = time.perf_counter(), None
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in events:
+                    if event.WhichOneof("event") == "delta":  # as the gRPC stream counts it
+                        now = time.perf_counter()
+                        if last is None:
+                            self.metrics.time_to_first_token.observe(now - start)
+                        else:
+                            self.metrics.inter_token_latency.observe(now - last)
+                        last = now
+                    if not await on_event(event):
+                        break
+        except grpc.aio.AbortError:
+            return context.error()
+        except TimeoutError:
+            return CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        finally:
+            await cast(Any, events).aclose()
+        return None
 
     def _stream(self, route: transcoding.Route) -> Handler:
         """A server-streaming method as newline-delimited JSON, grpc-gateway's shape: one
@@ -324,65 +386,28 @@ class HttpServer:
                 timeout = self._deadline(request)
             except CallError as exc:
                 return self._error(request, exc)
-            context = HttpContext(None if timeout is None else time.monotonic() + timeout)
-            method = getattr(self.servicer, route.rpc)
-            events: AsyncIterator[Any] = method(message, cast(grpc.aio.ServicerContext, context))
             response: web.StreamResponse | None = None
-            error: CallError | None = None
-            start, last = time.perf_counter(), None
-            try:
-                async with asyncio.timeout(timeout):
-                    async for event in events:
-                        if response is None:
-                            response = web.StreamResponse(
-                                headers={
-                                    "Content-Type": NDJSON,
-                                    REQUEST_ID_KEY: request_id(),
-                                }
-                            )
-                            await response.prepare(request)
-                        if event.WhichOneof("event") == "delta":  # as the gRPC stream counts it
-                            now = time.perf_counter()
-                            if last is None:
-                                self.metrics.time_to_first_token.observe(now - start)
-                            else:
-                                self.metrics.inter_token_latency.observe(now - last)
-                            last = now
-                        line = json.dumps({"result": transcoding.to_json(event)})
-                        await response.write(line.encode() + b"\n")
-            except grpc.aio.AbortError:
-                error = context.error()
-            except TimeoutError:
-                error = CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            finally:
-                await cast(Any, events).aclose()
+
+            async def write(event: Message) -> bool:
+                nonlocal response
+                if response is None:
+                    headers = {"Content-Type": NDJSON, REQUEST_ID_KEY: http_exchange.request_id()}
+                    response = web.StreamResponse(headers=headers)
+                    await response.prepare(request)
+                line = json.dumps({"result": transcoding.to_json(event)})
+                await response.write(line.encode() + b"\n")
+                return True
+
+            error = await self._run_stream(route.rpc, message, timeout, write)
             if response is None:
                 if error is not None:
                     return self._error(request, error)
                 response = web.StreamResponse(headers={"Content-Type": NDJSON})
                 await response.prepare(request)
             elif error is not None:
-                exchange = _exchange.get()
-                exchange.code = error.code
-                exchange.record.fields.setdefault("error", error.message)
+                http_exchange.note_error(error)
                 await response.write(json.dumps(error.body()).encode() + b"\n")
             await response.write_eof()
             return response
 
         return handle
-
-
-@dataclass
-class Exchange:
-    """One HTTP request's facts for its log line and metrics, beside its call record."""
-
-    record: CallRecord
-    code: grpc.StatusCode = grpc.StatusCode.OK  # the gRPC status it ended with
-    rpc: str = ""  # the ModerationService method that answered it
-
-
-_exchange: contextvars.ContextVar[Exchange] = contextvars.ContextVar("http_exchange")
-
-
-def request_id() -> str:
-    return _exchange.get().record.request_id

@@ -1,0 +1,163 @@
+"""`POST /v1/chat/completions`: OpenAI's chat completions, answered by the servicer's Generate
+(a `chat.completion`) or GenerateStream (`stream: true`: server-sent events, one
+`data: {chat.completion.chunk}` per event and `data: [DONE]` at the end).
+
+The request goes the way of every other route: the listener's middleware (token, request id,
+log line, metrics), its body reader (size limit), its `grpc-timeout` deadline, the servicer's
+checks (limits, roles, ranges: the errors name the request's fields), the same worker.
+
+A stream opens on the servicer's first event, so an error before it (a bad field, a full queue,
+loading) is an ordinary error answer with its HTTP status. Chunks: the assistant's role first,
+then the text as it is released (with `moderate_output`, after each check), then a chunk with
+`finish_reason` and, beside it, `moderation` (what input and output moderation said); with
+`stream_options.include_usage` a last chunk with `usage` and no choices. An error after the first
+chunk is a `data: {"error": ...}` event (the SDKs raise it) before `data: [DONE]`.
+
+Stop sequences are applied here, on the text: the answer ends before the first one
+(`finish_reason` "stop"); generation itself runs to its end, so `usage` counts every token
+generated and moderation checks them all. The streamed text holds back only what could begin a
+stop sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf.message import Message
+
+from moderation.serving.calls import REQUEST_ID_KEY
+from moderation.serving.http import exchange as http_exchange
+from moderation.serving.http.chat import Answer, ChatRequest, StopScanner, read_request, rename
+from moderation.serving.http.compat import openai_error
+from moderation.serving.http.names import ServedNames
+from moderation.serving.http.status import CallError
+from moderation.v1 import moderation_pb2 as pb
+
+PATH = "/v1/chat/completions"
+EVENT_STREAM = "text/event-stream"
+DONE = b"data: [DONE]\n\n"
+
+ReadJson = Callable[[web.Request], Awaitable[Any]]
+Deadline = Callable[[web.Request], "float | None"]
+CallRpc = Callable[[str, Message, "float | None"], Awaitable[Any]]
+RunStream = Callable[
+    [str, Message, "float | None", Callable[[Any], Awaitable[bool]]], Awaitable["CallError | None"]
+]
+ErrorAnswer = Callable[[web.Request, CallError], web.Response]
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _renamed(exc: CallError, chat: ChatRequest) -> CallError:
+    """The servicer's error in the names of the chat request (max_new_tokens -> max_tokens)."""
+    if exc.field is None:
+        return exc
+    field = rename(exc.field, chat.names)
+    message = exc.message
+    if message.startswith(exc.field):
+        message = field + message[len(exc.field) :]
+    return CallError(exc.code, message, field, exc.http_status)
+
+
+class ChatCompletions:
+    """The route, with the listener's own pieces: its body reader, deadline, servicer calls and
+    error answers."""
+
+    def __init__(
+        self,
+        names: ServedNames,
+        read_json: ReadJson,
+        deadline: Deadline,
+        call: CallRpc,
+        run_stream: RunStream,
+        error: ErrorAnswer,
+    ):
+        self.names = names
+        self.read_json = read_json
+        self.deadline = deadline
+        self.call = call
+        self.run_stream = run_stream
+        self.error = error
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        exchange = http_exchange.current()
+        exchange.rpc = "Generate"
+        try:
+            timeout = self.deadline(request)
+            chat = read_request(await self.read_json(request))
+            exchange.rpc = "GenerateStream" if chat.stream else "Generate"
+            info = await self.call("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+            if not self.names.serves(chat.model, info.model):
+                served = ", ".join(self.names.names(info.model))
+                raise CallError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"The model `{chat.model[:200]}` does not exist: this server generates as "
+                    f"{served}",
+                    "model",
+                )
+            answer = Answer.new(http_exchange.request_id(), self.names.primary(info.model))
+            if not chat.stream:
+                try:
+                    response = await self.call("Generate", chat.generation, timeout)
+                except CallError as exc:
+                    raise _renamed(exc, chat) from exc
+                return web.json_response(answer.completion(response, chat.stop))
+        except CallError as exc:
+            return self.error(request, exc)
+        return await self._stream(request, chat, answer, timeout)
+
+    async def _stream(
+        self, request: web.Request, chat: ChatRequest, answer: Answer, timeout: float | None
+    ) -> web.StreamResponse:
+        scanner = StopScanner(chat.stop)
+        opened: web.StreamResponse | None = None
+        final: pb.GenerateResponse | None = None
+
+        async def open_stream() -> web.StreamResponse:
+            headers = {"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache",
+                       REQUEST_ID_KEY: http_exchange.request_id()}  # fmt: skip
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            await response.write(_event(answer.chunk({"role": "assistant", "content": ""})))
+            return response
+
+        async def on_event(event: pb.GenerateStreamResponse) -> bool:
+            nonlocal opened, final
+            if opened is None:
+                opened = await open_stream()
+            if event.WhichOneof("event") == "delta":
+                text = scanner.push(event.delta)
+                if text:
+                    await opened.write(_event(answer.chunk({"content": text})))
+            else:
+                final = event.final
+            return True
+
+        stream_request = pb.GenerateStreamRequest.FromString(chat.generation.SerializeToString())
+        error = await self.run_stream("GenerateStream", stream_request, timeout, on_event)
+        if error is not None:
+            error = _renamed(error, chat)
+        response = opened
+        if response is None:
+            if error is not None:
+                return self.error(request, error)
+            response = await open_stream()
+        if error is not None:
+            http_exchange.note_error(error)
+            await response.write(_event(openai_error(error)))
+        elif final is not None:
+            rest = scanner.flush()
+            if rest and not final.refused:
+                await response.write(_event(answer.chunk({"content": rest})))
+            await response.write(_event(answer.last_chunk(final, scanner.stopped)))
+            if chat.include_usage:
+                await response.write(_event(answer.usage_chunk(final)))
+        await response.write(DONE)
+        await response.write_eof()
+        return response
