@@ -6,8 +6,12 @@ Request: OpenAI's fields `model` (a served name), `messages` (system/developer, 
 assistant turns; content a string or text parts), `stream`, `stream_options.include_usage`,
 `max_completion_tokens` / `max_tokens`, `temperature` (omitted = greedy, not OpenAI's 1),
 `top_p`, `seed` (Mistral's `random_seed` too), `stop` (a string or up to 4), `n` (1 only).
-Extra body fields of this server (the SDKs' `extra_body`): `safe_prompt` (Mistral's name for the
-guardrail system prompt; on by default here), `moderate_input`, `moderate_output`,
+OpenAI's moderated completions, `moderation: {"model", "policy": {"input": {"mode"}, "output":
+{"mode"}}}`: `model` picks the policy as on /v1/moderations (`omni-moderation-latest`: the
+`openai` policy), mode `block` refuses a flagged input or stops a flagged answer (GenerateRequest's
+moderate_input / moderate_output), mode `score` (also what a side without a policy gets) only
+reports. Extra body fields of this server (the SDKs' `extra_body`): `safe_prompt` (Mistral's name
+for the guardrail system prompt; on by default here), `moderate_input`, `moderate_output` (block),
 `stream_check_tokens`, `policy` and `threshold`, as in GenerateRequest. OpenAI fields this
 server has no use for are accepted at their neutral value (`tools: []`, `logprobs: false`,
 `presence_penalty: 0`...) and refused otherwise, naming the field; unknown fields are refused.
@@ -15,15 +19,15 @@ server has no use for are accepted at their neutral value (`tools: []`, `logprob
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
-from moderation.serving.http.compat import message_content
+from moderation.serving.http.compat import message_content, result_fields
 from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
@@ -49,7 +53,7 @@ _NEUTRAL_ONLY = {"tools", "tool_choice", "functions", "function_call", "logit_bi
 _FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
            "max_completion_tokens", "temperature", "top_p", "seed", "random_seed", "stop", "n",
            "safe_prompt", "moderate_input", "moderate_output", "stream_check_tokens", "policy",
-           "threshold"}  # fmt: skip
+           "threshold", "moderation"}  # fmt: skip
 _MESSAGE_FIELDS = {"role", "content", "name"}
 
 
@@ -74,6 +78,16 @@ class ChatRequest:
     stop: tuple[str, ...]
     # Which request field a GenerateRequest field came from, for error messages.
     names: dict[str, str]
+    # OpenAI's `moderation.model` (it picks the policy), and the sides only scored, not blocked.
+    moderation_model: str | None = None
+    score_input: bool = False
+    score_output: bool = False
+
+    @property
+    def moderated(self) -> bool:
+        """Whether the answer reports moderation (OpenAI's `moderation` field)."""
+        g = self.generation
+        return g.moderate_input or g.moderate_output or self.score_input or self.score_output
 
 
 def _typed(body: dict[str, Any], key: str, kinds: type | tuple[type, ...], what: str) -> Any:
@@ -119,6 +133,33 @@ def _stops(value: Any) -> tuple[str, ...]:
         if len(stop) > MAX_STOP_CHARS:
             raise bad(f"stop[{i}]", f"longer than {MAX_STOP_CHARS} characters")
     return tuple(stops)
+
+
+def _moderation(value: Any) -> tuple[str, str, str]:
+    """OpenAI's `moderation` parameter: (model, input mode, output mode)."""
+    if not isinstance(value, dict):
+        raise bad("moderation", "must be an object")
+    for key in value:
+        if key not in ("model", "policy"):
+            raise bad(f"moderation.{key}"[:120], "unknown field")
+    model = value.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("moderation.model", "is required: a moderation model name or a policy")
+    policy = value.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise bad("moderation.policy", "must be an object")
+    modes = {"input": "score", "output": "score"}
+    for key, side in policy.items():
+        where = f"moderation.policy.{key}"[:120]
+        if key not in modes:
+            raise bad(where, "unknown field")
+        if side is None:
+            continue
+        mode = side.get("mode") if isinstance(side, dict) else None
+        if mode not in ("score", "block") or len(side) != 1:
+            raise bad(where, 'must be {"mode": "score"} or {"mode": "block"}')
+        modes[key] = mode
+    return model, modes["input"], modes["output"]
 
 
 def read_request(body: Any) -> ChatRequest:
@@ -192,7 +233,20 @@ def read_request(body: Any) -> ChatRequest:
         request.threshold = float(threshold)
     for key in ("stream_check_tokens", "policy", "threshold"):
         names[key] = key
-    return ChatRequest(model, request, stream, include_usage, _stops(body.get("stop")), names)
+    chat = ChatRequest(model, request, stream, include_usage, _stops(body.get("stop")), names)
+    if body.get("moderation") is None:
+        return chat
+    if policy is not None:
+        raise bad("policy", "give either it or moderation.model, which picks the policy")
+    moderation_model, input_mode, output_mode = _moderation(body["moderation"])
+    request.moderate_input |= input_mode == "block"
+    request.moderate_output |= output_mode == "block"
+    return dataclasses.replace(
+        chat,
+        moderation_model=moderation_model,
+        score_input=not request.moderate_input,
+        score_output=not request.moderate_output,
+    )
 
 
 def rename(field: str, names: dict[str, str]) -> str:
@@ -242,24 +296,16 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def _classification(result: pb.ClassifyResponse) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def moderation(response: pb.GenerateResponse) -> dict[str, Any]:
-    """The `moderation` field of the answer: what moderation said, whatever it said."""
-    return {
-        "refused": response.refused,
-        "refusal": response.refusal or None,
-        "input": _classification(response.input_moderation)
-        if response.HasField("input_moderation")
-        else None,
-        "output": _classification(response.output_moderation)
-        if response.HasField("output_moderation")
-        else None,
-    }
+def moderation_results(
+    result: pb.ClassifyResponse, policy: pb.PolicyInfo, model: str
+) -> dict[str, Any]:
+    """One side's moderation in OpenAI's shape (`moderation.input` / `.output`): the result as
+    /v1/moderations gives it, in the policy that classified it (`policy`, an extra field)."""
+    fields = result_fields(result, policy)
+    fields["category_applied_input_types"] = {c: ["text"] for c in fields["categories"]}
+    fields.update(model=model, type="moderation_result")
+    return {"type": "moderation_results", "model": model, "policy": policy.name,
+            "results": [fields]}  # fmt: skip
 
 
 def usage(response: pb.GenerateResponse) -> dict[str, int]:
@@ -288,19 +334,26 @@ class Answer:
     def new(cls, request_id: str, model: str) -> Answer:
         return cls(f"chatcmpl-{request_id}", model, int(time.time()))
 
-    def completion(self, response: pb.GenerateResponse, stops: Sequence[str]) -> dict[str, Any]:
+    def completion(
+        self,
+        response: pb.GenerateResponse,
+        stops: Sequence[str],
+        moderation: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         text, stopped = cut_at_stop(response.text, stops)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         if response.refused:
             message.update(content=None, refusal=response.refusal)
-        return {
+        answer = {
             "id": self.id, "object": "chat.completion", "created": self.created,
             "model": self.model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason(response, stopped)}],
             "usage": usage(response),
-            "moderation": moderation(response),
         }  # fmt: skip
+        if moderation is not None:
+            answer["moderation"] = moderation
+        return answer
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
@@ -309,11 +362,14 @@ class Answer:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }  # fmt: skip
 
-    def last_chunk(self, response: pb.GenerateResponse, stopped: bool) -> dict[str, Any]:
-        """The chunk with the finish reason, and moderation's result beside it."""
+    def last_chunk(
+        self, response: pb.GenerateResponse, stopped: bool, moderation: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The chunk with the finish reason, and moderation's results beside it."""
         delta = {"refusal": response.refusal} if response.refused else {}
         chunk = self.chunk(delta, finish_reason(response, stopped))
-        chunk["moderation"] = moderation(response)
+        if moderation is not None:
+            chunk["moderation"] = moderation
         return chunk
 
     def usage_chunk(self, response: pb.GenerateResponse) -> dict[str, Any]:

@@ -6,6 +6,12 @@ The request goes the way of every other route: the listener's middleware (token,
 log line, metrics), its body reader (size limit), its `grpc-timeout` deadline, the servicer's
 checks (limits, roles, ranges: the errors name the request's fields), the same worker.
 
+Moderation (OpenAI's `moderation` parameter, or this server's `moderate_input` /
+`moderate_output`) is reported under `moderation: {"input", "output"}` in OpenAI's shape: the
+blocking sides from GenerateResponse's input_moderation / output_moderation, the scored-only
+sides from a Classify of the conversation (input, before generating) and of the conversation
+with the answer (output, after it); a side that did not run is null.
+
 A stream opens on the servicer's first event, so an error before it (a bad field, a full queue,
 loading) is an ordinary error answer with its HTTP status. Chunks: the assistant's role first,
 then the text as it is released (with `moderate_output`, after each check), then a chunk with
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from aiohttp import web
@@ -31,9 +37,16 @@ from google.protobuf.message import Message
 
 from moderation.serving.calls import REQUEST_ID_KEY
 from moderation.serving.http import exchange as http_exchange
-from moderation.serving.http.chat import Answer, ChatRequest, StopScanner, read_request, rename
-from moderation.serving.http.compat import openai_error
-from moderation.serving.http.names import ServedNames
+from moderation.serving.http.chat import (
+    Answer,
+    ChatRequest,
+    StopScanner,
+    moderation_results,
+    read_request,
+    rename,
+)
+from moderation.serving.http.compat import openai_error, select_policy
+from moderation.serving.http.names import OPENAI_POLICY, ServedNames
 from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
@@ -102,20 +115,29 @@ class ChatCompletions:
                     "model",
                 )
             answer = Answer.new(http_exchange.request_id(), self.names.primary(info.model))
+            report = Report(self, chat, info, self.names, timeout)
+            await report.score_input()
             if not chat.stream:
                 try:
                     response = await self.call("Generate", chat.generation, timeout)
                 except CallError as exc:
                     raise _renamed(exc, chat) from exc
-                return web.json_response(answer.completion(response, chat.stop))
+                moderation = await report.finish(response, response.text)
+                return web.json_response(answer.completion(response, chat.stop, moderation))
         except CallError as exc:
             return self.error(request, exc)
-        return await self._stream(request, chat, answer, timeout)
+        return await self._stream(request, chat, answer, report, timeout)
 
     async def _stream(
-        self, request: web.Request, chat: ChatRequest, answer: Answer, timeout: float | None
+        self,
+        request: web.Request,
+        chat: ChatRequest,
+        answer: Answer,
+        report: Report,
+        timeout: float | None,
     ) -> web.StreamResponse:
         scanner = StopScanner(chat.stop)
+        streamed: list[str] = []  # the answer as generated, for a scored output
         opened: web.StreamResponse | None = None
         final: pb.GenerateResponse | None = None
 
@@ -132,6 +154,7 @@ class ChatCompletions:
             if opened is None:
                 opened = await open_stream()
             if event.WhichOneof("event") == "delta":
+                streamed.append(event.delta)
                 text = scanner.push(event.delta)
                 if text:
                     await opened.write(_event(answer.chunk({"content": text})))
@@ -155,9 +178,76 @@ class ChatCompletions:
             rest = scanner.flush()
             if rest and not final.refused:
                 await response.write(_event(answer.chunk({"content": rest})))
-            await response.write(_event(answer.last_chunk(final, scanner.stopped)))
-            if chat.include_usage:
-                await response.write(_event(answer.usage_chunk(final)))
+            try:
+                moderation = await report.finish(final, "".join(streamed))
+            except CallError as exc:  # scoring the answer failed (its deadline passed)
+                http_exchange.note_error(exc)
+                await response.write(_event(openai_error(exc)))
+            else:
+                last = answer.last_chunk(final, scanner.stopped, moderation)
+                await response.write(_event(last))
+                if chat.include_usage:
+                    await response.write(_event(answer.usage_chunk(final)))
         await response.write(DONE)
         await response.write_eof()
         return response
+
+
+class Report:
+    """What moderation said of one answer, in OpenAI's shape, scoring the sides that are
+    reported without blocking."""
+
+    def __init__(
+        self,
+        route: ChatCompletions,
+        chat: ChatRequest,
+        info: pb.GetModelInfoResponse,
+        names: ServedNames,
+        timeout: float | None,
+    ):
+        self.call, self.chat, self.timeout = route.call, chat, timeout
+        self.policies = {p.name: p for p in info.policies}
+        self.model = names.primary(info.model)
+        if chat.moderation_model is not None:
+            try:
+                policy = select_policy(chat.moderation_model, info, names, OPENAI_POLICY)
+            except CallError as exc:
+                raise CallError(exc.code, exc.message, "moderation.model") from exc
+            chat.generation.policy = policy.name
+            self.model = chat.moderation_model
+        self.input: pb.ClassifyResponse | None = None
+
+    def _request(self, messages: list[pb.ChatMessage]) -> pb.ClassifyRequest:
+        g = self.chat.generation
+        request = pb.ClassifyRequest(messages=messages, policy=g.policy)
+        if g.HasField("threshold"):
+            request.threshold = g.threshold
+        return request
+
+    async def _classify(self, messages: list[pb.ChatMessage]) -> pb.ClassifyResponse:
+        try:
+            result = await self.call("Classify", self._request(messages), self.timeout)
+        except CallError as exc:
+            raise _renamed(exc, self.chat) from exc
+        return cast(pb.ClassifyResponse, result)
+
+    async def score_input(self) -> None:
+        if self.chat.score_input:
+            self.input = await self._classify(list(self.chat.generation.messages))
+
+    async def finish(self, response: pb.GenerateResponse, text: str) -> dict[str, Any] | None:
+        """The `moderation` field, once the answer is known (None when none was asked for)."""
+        if not self.chat.moderated:
+            return None
+        sides: dict[str, pb.ClassifyResponse | None] = {"input": self.input, "output": None}
+        if response.HasField("input_moderation"):
+            sides["input"] = response.input_moderation
+        if response.HasField("output_moderation"):
+            sides["output"] = response.output_moderation
+        elif self.chat.score_output and not response.refused and text.strip():
+            answer = pb.ChatMessage(role="assistant", content=text)
+            sides["output"] = await self._classify([*self.chat.generation.messages, answer])
+        return {
+            side: None if r is None else moderation_results(r, self.policies[r.policy], self.model)
+            for side, r in sides.items()
+        }

@@ -65,7 +65,7 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _policy(
+def select_policy(
     model: str | None, info: pb.GetModelInfoResponse, names: ServedNames, route_policy: str
 ) -> pb.PolicyInfo:
     """The policy a request's `model` selects (see the module's docstring)."""
@@ -88,7 +88,7 @@ def _policy(
     return policies[name]
 
 
-def _result(r: pb.ClassifyResponse, policy: pb.PolicyInfo) -> dict[str, Any]:
+def result_fields(r: pb.ClassifyResponse, policy: pb.PolicyInfo) -> dict[str, Any]:
     categories = {c.id: bool(r.categories.get(c.id, False)) for c in policy.categories}
     scores = {c.id: float(r.scores.get(c.id, 0.0)) for c in policy.categories}
     for paper in PAPER_CATEGORIES:
@@ -150,7 +150,7 @@ async def openai_moderations(
     body = _object(body, {"model", "input"})
     texts, listed = _texts(body["input"])
     info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = _policy(body.get("model"), info, names, OPENAI_POLICY)
+    policy = select_policy(body.get("model"), info, names, OPENAI_POLICY)
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -164,7 +164,7 @@ async def openai_moderations(
     results = await _classify(call, requests, rename)
     answers = []
     for r in results:
-        answer = _result(r, policy)
+        answer = result_fields(r, policy)
         answer["category_applied_input_types"] = {c: ["text"] for c in answer["categories"]}
         answers.append(answer)
     return {"id": f"modr-{request_id}", "model": names.primary(info.model),
@@ -219,7 +219,7 @@ async def mistral_chat_moderations(
     else:
         conversations = [_conversation(value, "input")]
     info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = _policy(body.get("model"), info, names, MISTRAL_POLICY)
+    policy = select_policy(body.get("model"), info, names, MISTRAL_POLICY)
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -236,7 +236,7 @@ async def mistral_chat_moderations(
     requests = [pb.ClassifyRequest(messages=m, policy=policy.name) for m in conversations]
     results = await _classify(call, requests, rename)
     return {"id": request_id, "model": names.primary(info.model), "policy": policy.name,
-            "results": [_result(r, policy) for r in results]}  # fmt: skip
+            "results": [result_fields(r, policy) for r in results]}  # fmt: skip
 
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
