@@ -107,8 +107,9 @@ class ServeSettings:
     http_port: int = _setting(
         0,
         parse_int,
-        "HTTP/JSON port (every RPC by its google.api.http rule, plus OpenAI's /v1/moderations "
-        "and Mistral's /v1/chat/moderations); same auth, TLS and limits; 0 = off",
+        "HTTP/JSON port (every RPC by its google.api.http rule, plus OpenAI's /v1/moderations, "
+        "/v1/chat/completions and /v1/models, Mistral's /v1/chat/moderations, and /health); "
+        "same auth, TLS and limits; 0 = off",
         metavar="PORT",
     )
     served_model_name: tuple[str, ...] = _setting(

@@ -2,7 +2,9 @@
 
 What it serves: every ModerationService RPC at the path of its google.api.http annotation
 (`transcoding`), OpenAI's `POST /v1/moderations` and Mistral's `POST /v1/chat/moderations`
-(`compat`), with JSON errors (`status`).
+(`compat`), OpenAI's `POST /v1/chat/completions` on guarded generation (`chat`, `chat_route`),
+`GET /v1/models` and `GET /health` (`discovery`), the model names they answer to (`names`),
+with JSON errors (`status`).
 
 The stack is aiohttp's server (AppRunner + TCPSite): it runs as coroutines on the event loop
 that grpc.aio already runs on, so one process, one loop and one servicer answer both ports, with

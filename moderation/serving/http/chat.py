@@ -112,7 +112,7 @@ def _messages(value: Any) -> list[pb.ChatMessage]:
             raise bad(at, "must be a message object")
         for key, item in message.items():
             if key not in _MESSAGE_FIELDS and not _neutral(item):
-                raise bad(f"{at}.{key}", "is not supported (text messages only)")
+                raise bad(f"{at}.{key[:100]}", "is not supported (text messages only)")
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"{at}.role", "must be one of system, developer, user, assistant")
