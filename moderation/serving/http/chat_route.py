@@ -58,7 +58,7 @@ ReadJson = Callable[[web.Request], Awaitable[Any]]
 Deadline = Callable[[web.Request], "float | None"]
 CallRpc = Callable[[str, Message, "float | None"], Awaitable[Any]]
 RunStream = Callable[
-    [str, Message, "float | None", Callable[[Any], Awaitable[bool]]], Awaitable["CallError | None"]
+    [str, Message, "float | None", Callable[[Any], Awaitable[None]]], Awaitable["CallError | None"]
 ]
 ErrorAnswer = Callable[[web.Request, CallError], web.Response]
 
@@ -149,7 +149,7 @@ class ChatCompletions:
             await response.write(_event(answer.chunk({"role": "assistant", "content": ""})))
             return response
 
-        async def on_event(event: pb.GenerateStreamResponse) -> bool:
+        async def on_event(event: pb.GenerateStreamResponse) -> None:
             nonlocal opened, final
             if opened is None:
                 opened = await open_stream()
@@ -160,7 +160,6 @@ class ChatCompletions:
                     await opened.write(_event(answer.chunk({"content": text})))
             else:
                 final = event.final
-            return True
 
         stream_request = pb.GenerateStreamRequest.FromString(chat.generation.SerializeToString())
         error = await self.run_stream("GenerateStream", stream_request, timeout, on_event)

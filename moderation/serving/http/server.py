@@ -52,7 +52,7 @@ TIMEOUT_HEADER = "grpc-timeout"
 _TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OnEvent = Callable[[Any], Awaitable[bool]]
+OnEvent = Callable[[Any], Awaitable[None]]
 
 
 class HttpMetrics:
@@ -348,9 +348,9 @@ class HttpServer:
     async def _run_stream(
         self, rpc: str, message: Message, timeout: float | None, on_event: OnEvent
     ) -> CallError | None:
-        """A server-streaming method of the servicer, each event handed to `on_event` (which
-        returns False to stop early: the generation is cancelled), all within the deadline;
-        the status it ended with, None when OK. Times the deltas as the gRPC stream does."""
+        """A server-streaming method of the servicer, each event handed to `on_event`, all
+        within the deadline; the status it ended with, None when OK. Times the deltas as the
+        gRPC stream does."""
         context = HttpContext(None if timeout is None else time.monotonic() + timeout)
         method = getattr(self.servicer, rpc)
         events: AsyncIterator[Any] = method(message, cast(grpc.aio.ServicerContext, context))
@@ -365,8 +365,7 @@ class HttpServer:
                         else:
                             self.metrics.inter_token_latency.observe(now - last)
                         last = now
-                    if not await on_event(event):
-                        break
+                    await on_event(event)
         except grpc.aio.AbortError:
             return context.error()
         except TimeoutError:
@@ -388,7 +387,7 @@ class HttpServer:
                 return self._error(request, exc)
             response: web.StreamResponse | None = None
 
-            async def write(event: Message) -> bool:
+            async def write(event: Message) -> None:
                 nonlocal response
                 if response is None:
                     headers = {"Content-Type": NDJSON, REQUEST_ID_KEY: http_exchange.request_id()}
@@ -396,7 +395,6 @@ class HttpServer:
                     await response.prepare(request)
                 line = json.dumps({"result": transcoding.to_json(event)})
                 await response.write(line.encode() + b"\n")
-                return True
 
             error = await self._run_stream(route.rpc, message, timeout, write)
             if response is None:
