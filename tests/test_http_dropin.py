@@ -261,3 +261,12 @@ def test_the_served_model_name_setting() -> None:
     for bad in ("has space", "-dash-first", "x" * 300):
         with pytest.raises(SettingsError, match="--served-model-name / MODERATION_SERVED_MODEL"):
             settings_from_env({"MODERATION_SERVED_MODEL_NAME": bad})
+
+
+def test_one_model_is_retrieved_by_its_id(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(SERVED[2]).id == SERVED[2]  # an id with a "/"
+    entry = client.models.retrieve("mistral-moderation-latest")
+    assert (entry.model_extra or {})["moderation_policy"] == "mistral"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.code == "model_not_found"  # type: ignore[attr-defined]

@@ -4,7 +4,8 @@
 `/v1/models` lists the served names first (`--served-model-name`; the first is the generating
 model of /v1/chat/completions), then the names the moderation routes accept besides: OpenAI's
 and Mistral's moderation model names and the policies, each with the policy it selects under
-`moderation_policy` (an extra field; OpenAI's SDK keeps it in `model_extra`).
+`moderation_policy` (an extra field; OpenAI's SDK keeps it in `model_extra`);
+`/v1/models/{model}` is one of them, or 404 model_not_found.
 
 `/health` needs no token and says nothing but its status: an empty body, no model, no version.
 """
@@ -15,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from moderation.serving.http.compat import Call
@@ -25,9 +27,11 @@ from moderation.serving.http.names import (
     OPENAI_POLICY,
     ServedNames,
 )
+from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
 MODELS_PATH = "/v1/models"
+MODEL_PATH = "/v1/models/{model:.+}"  # ids may hold a "/" (mistralai/Mistral-7B-...)
 HEALTH_PATH = "/health"
 OWNER = "mistral-moderation"
 SERVER = "mistral-moderation"  # no version: nothing for a scanner to match against advisories
@@ -47,6 +51,13 @@ async def models(call: Call, names: ServedNames) -> dict[str, Any]:
     moderation += [(p.name, p.name) for p in info.policies]
     data += [_model(m, moderation_policy=p) for m, p in moderation if m not in served]
     return {"object": "list", "data": data}
+
+
+async def one_model(call: Call, names: ServedNames, model: str) -> dict[str, Any]:
+    for entry in (await models(call, names))["data"]:
+        if entry["id"] == model:
+            return dict(entry)
+    raise CallError(grpc.StatusCode.NOT_FOUND, f"The model `{model[:200]}` does not exist", "model")
 
 
 def health_handler(serving: Callable[[], bool]) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -46,7 +46,8 @@ SERVICE = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
 OPENAI_PATH = "/v1/moderations"
 MISTRAL_PATH = "/v1/chat/moderations"
 # Routes in OpenAI's API: their errors have OpenAI's shape.
-COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH, chat_route.PATH, discovery.MODELS_PATH)
+COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH, chat_route.PATH, discovery.MODELS_PATH,
+                "/v1/models/{model}")  # fmt: skip
 NDJSON = "application/x-ndjson"
 TIMEOUT_HEADER = "grpc-timeout"
 _TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
@@ -131,6 +132,7 @@ class HttpServer:
         )
         self.app.router.add_post(chat_route.PATH, chat.handle)
         self.app.router.add_get(discovery.MODELS_PATH, self._compat_get(discovery.models))
+        self.app.router.add_get(discovery.MODEL_PATH, self._compat_get(discovery.one_model))
         self.app.router.add_get(discovery.HEALTH_PATH, discovery.health_handler(serving))
         self._runner: web.AppRunner | None = None
 
@@ -231,7 +233,9 @@ class HttpServer:
     def _error(self, request: web.Request, exc: CallError) -> web.Response:
         http_exchange.note_error(exc)
         record = http_exchange.current().record
-        compatible = request.match_info.http_exception is None and request.path in COMPAT_PATHS
+        info = request.match_info
+        resource = info.route.resource if info.http_exception is None else None
+        compatible = resource is not None and resource.canonical in COMPAT_PATHS
         body = compat.openai_error(exc) if compatible else exc.body()
         headers = {REQUEST_ID_KEY: record.request_id}
         return web.json_response(body, status=exc.status, headers=headers)
@@ -328,9 +332,9 @@ class HttpServer:
 
         return handle
 
-    def _compat_get(
-        self, answer: Callable[[compat.Call, ServedNames], Awaitable[dict[str, Any]]]
-    ) -> Handler:
+    def _compat_get(self, answer: Callable[..., Awaitable[dict[str, Any]]]) -> Handler:
+        """A GET route of OpenAI's API: `answer(call, names, **path variables)`."""
+
         async def handle(request: web.Request) -> web.StreamResponse:
             http_exchange.current().rpc = "GetModelInfo"
             try:
@@ -339,7 +343,8 @@ class HttpServer:
                 async def call(rpc: str, message: Message) -> Any:
                     return await self._call(rpc, message, timeout)
 
-                return web.json_response(await answer(call, self.names))
+                variables = dict(request.match_info)
+                return web.json_response(await answer(call, self.names, **variables))
             except CallError as exc:
                 return self._error(request, exc)
 
