@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import grpc
 import openai
 import pytest
+import structlog
 from mistralai.client import Mistral
 
 from moderation.serving.http.chat import StopScanner, cut_at_stop, read_request
 from moderation.serving.http.status import CallError
+from moderation.serving.logs import configure_logging
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port
@@ -34,7 +37,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         http_port=free_port(),
         auth_token=TOKEN,
         served_model_name=(MODEL,),
-        max_new_tokens=64,
     ) as server:
         yield server
 
@@ -343,6 +345,30 @@ def test_an_error_after_the_first_chunk_is_an_error_event_then_done(
                                api_key="x", max_retries=0)  # fmt: skip
         with pytest.raises(openai.APIError, match="characters exceed"):
             list(client.chat.completions.create(**body))
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
+    served: InProcessServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", served.settings.http_port, timeout=60)
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 500, "stream": True}
+        headers = {"Authorization": f"Bearer {TOKEN}", "x-request-id": "chat-hang-up"}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: ")  # the stream is under way
+        conn.sock.close()  # type: ignore[union-attr]  # as a client that goes away
+        conn.close()
+        while served.server.in_flight:
+            threading.Event().wait(0.01)
+        err = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x.get("request_id") == "chat-hang-up"]
+    assert (line["code"], line["status"], line["method"]) == ("CANCELLED", 499, "GenerateStream")
+    assert "completion_tokens" not in line  # it never finished: the model let it go
 
 
 def test_chat_requests_are_logged_and_counted_as_the_other_routes(
