@@ -189,6 +189,8 @@ def test_models_lists_the_served_names_then_the_moderation_names(client: openai.
     ids = [m.id for m in models]
     assert ids[:3] == list(SERVED)
     assert all(m.object == "model" and m.owned_by == "mistral-moderation" for m in models)
+    assert (models[0].model_extra or {})["max_model_len"] == 8192  # --max-context's default
+    assert (models[1].model_extra or {})["root"] == SERVED[0]
     policies = {m.id: (m.model_extra or {}).get("moderation_policy") for m in models[3:]}
     assert policies["omni-moderation-latest"] == "openai"
     assert policies["mistral-moderation-latest"] == "mistral"

@@ -45,7 +45,8 @@ def _model(name: str, **extra: Any) -> dict[str, Any]:
 async def models(call: Call, names: ServedNames) -> dict[str, Any]:
     info = await call("GetModelInfo", pb.GetModelInfoRequest())
     served = names.names(info.model)
-    data = [_model(name, root=served[0]) for name in served]
+    # root and max_model_len as vLLM lists its served names (gateways read the context length)
+    data = [_model(name, root=served[0], max_model_len=info.max_context_tokens) for name in served]
     moderation = [(m, OPENAI_POLICY) for m in OPENAI_MODERATION_MODELS]
     moderation += [(m, MISTRAL_POLICY) for m in MISTRAL_MODERATION_MODELS]
     moderation += [(p.name, p.name) for p in info.policies]
