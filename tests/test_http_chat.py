@@ -229,7 +229,7 @@ def test_a_stream_stopped_by_output_moderation_ends_with_content_filter(
     assert plain.choices[0].message.content is None
 
 
-def test_stop_sequences_cut_the_answer_plain_and_streamed(client: Any) -> None:
+def test_stop_sequences_cut_the_answer_plain_and_streamed(client: Any, stub: Any) -> None:
     full = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24)
     text = full.choices[0].message.content or ""
     assert len(text) > 6
@@ -256,6 +256,18 @@ def test_stop_sequences_cut_the_answer_plain_and_streamed(client: Any) -> None:
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "stop"
+    # A scored output is the text returned, not what was generated past the stop sequence.
+    scored = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=24, stop=stop, moderation={"model": "openai"}
+    )
+    assert expected.strip()  # greedy on the demo checkpoint: the same text every run
+    messages = [pb.ChatMessage(**HELLO[0]), pb.ChatMessage(role="assistant", content=expected)]
+    grpc_answer = stub.Classify(
+        pb.ClassifyRequest(messages=messages, policy="openai"), metadata=GRPC_AUTH
+    )
+    assert scored.moderation.output.results[0].category_scores["hate"] == pytest.approx(
+        grpc_answer.scores["hate"], abs=1e-6
+    )
 
 
 def test_errors_name_the_request_field(client: Any, served: InProcessServer) -> None:

@@ -40,7 +40,8 @@ def add_policy_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--policy",
         default=default,
-        help="policy name (paper, mistral-13, or one the server knows) or a .json/.toml file",
+        help="policy name (paper, mistral-13, openai, mistral, mlcommons, or one the server "
+        "knows) or a .json/.toml file",
     )
 
 

@@ -21,8 +21,8 @@ chunk is a `data: {"error": ...}` event (the SDKs raise it) before `data: [DONE]
 
 Stop sequences are applied here, on the text: the answer ends before the first one
 (`finish_reason` "stop"); generation itself runs to its end, so `usage` counts every token
-generated and moderation checks them all. The streamed text holds back only what could begin a
-stop sequence.
+generated and blocking moderation checks them all (a scored output is the text returned). The
+streamed text holds back only what could begin a stop sequence.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from moderation.serving.http.chat import (
     Answer,
     ChatRequest,
     StopScanner,
+    cut_at_stop,
     moderation_results,
     read_request,
     rename,
@@ -122,7 +123,8 @@ class ChatCompletions:
                     response = await self.call("Generate", chat.generation, timeout)
                 except CallError as exc:
                     raise _renamed(exc, chat) from exc
-                moderation = await report.finish(response, response.text)
+                text = cut_at_stop(response.text, chat.stop)[0]
+                moderation = await report.finish(response, text)
                 return web.json_response(answer.completion(response, chat.stop, moderation))
         except CallError as exc:
             return self.error(request, exc)
@@ -137,7 +139,7 @@ class ChatCompletions:
         timeout: float | None,
     ) -> web.StreamResponse:
         scanner = StopScanner(chat.stop)
-        streamed: list[str] = []  # the answer as generated, for a scored output
+        sent: list[str] = []  # the answer as the caller got it, for a scored output
         opened: web.StreamResponse | None = None
         final: pb.GenerateResponse | None = None
 
@@ -154,9 +156,9 @@ class ChatCompletions:
             if opened is None:
                 opened = await open_stream()
             if event.WhichOneof("event") == "delta":
-                streamed.append(event.delta)
                 text = scanner.push(event.delta)
                 if text:
+                    sent.append(text)
                     await opened.write(_event(answer.chunk({"content": text})))
             else:
                 final = event.final
@@ -176,9 +178,10 @@ class ChatCompletions:
         elif final is not None:
             rest = scanner.flush()
             if rest and not final.refused:
+                sent.append(rest)
                 await response.write(_event(answer.chunk({"content": rest})))
             try:
-                moderation = await report.finish(final, "".join(streamed))
+                moderation = await report.finish(final, "".join(sent))
             except CallError as exc:  # scoring the answer failed (its deadline passed)
                 http_exchange.note_error(exc)
                 await response.write(_event(openai_error(exc)))
