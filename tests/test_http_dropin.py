@@ -6,6 +6,7 @@ header."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,15 @@ def test_health_needs_no_token_and_says_nothing_else(served: InProcessServer) ->
     assert headers["server"] == "mistral-moderation"  # no aiohttp or Python version
     status, headers, _ = http_call(base_url(served) + "/v1/models")
     assert status == 401 and headers["server"] == "mistral-moderation"
+    # aiohttp's own answer to a request it cannot parse, which no route sees
+    with socket.create_connection(("127.0.0.1", served.settings.http_port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.0 400") and b"server: mistral-moderation" in head
+    assert b"aiohttp" not in answer.lower() and b"python" not in answer.lower()
 
 
 def test_health_is_503_while_loading_and_draining(demo_checkpoint: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import web, web_response
 
 from moderation.serving.http.compat import Call
 from moderation.serving.http.names import (
@@ -68,6 +68,8 @@ def health_handler(serving: Callable[[], bool]) -> Callable[[web.Request], Await
     return health
 
 
-async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """aiohttp would send its own and Python's versions (`Server: Python/3.11 aiohttp/3.9`)."""
-    response.headers["Server"] = SERVER
+def hide_server_version() -> None:
+    """aiohttp sends its own and Python's versions (`Server: Python/3.11 aiohttp/3.9`) on every
+    answer, its own 400s to malformed requests included, which no application hook reaches:
+    they read this module constant when their headers are written, so it is replaced here."""
+    web_response.SERVER_SOFTWARE = SERVER

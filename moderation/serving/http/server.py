@@ -121,7 +121,7 @@ class HttpServer:
         self.app = web.Application(
             client_max_size=settings.max_message_bytes, middlewares=[self._middleware]
         )
-        self.app.on_response_prepare.append(discovery.server_header)
+        discovery.hide_server_version()
         for route in transcoding.routes(SERVICE):
             handler = self._stream(route) if route.server_streaming else self._unary(route)
             self.app.router.add_route(route.verb, route.path, handler)
