@@ -43,7 +43,8 @@ FINISH = {
 # Fields this server takes whatever their value: they say something about the caller, not
 # about the answer.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-            "prompt_cache_key", "safety_identifier", "prompt_mode"}  # fmt: skip
+            "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+            "safety_identifier", "prompt_mode"}  # fmt: skip
 # OpenAI and Mistral features this server does not have: accepted only when they ask for
 # nothing (null, false, 0, empty, "none"), so that a client sending its defaults works.
 _NEUTRAL_ONLY = {"tools", "tool_choice", "functions", "function_call", "logit_bias", "logprobs",
