@@ -39,7 +39,12 @@ from moderation.core.prompts import (
     turn_tokens,
 )
 from moderation.core.text_safety import is_blank
-from moderation.core.thresholds import OperatingPoint, check_operating_point
+from moderation.core.thresholds import (
+    LiveThresholds,
+    OperatingPoint,
+    check_operating_point,
+    live_thresholds,
+)
 from moderation.core.turns import check_turn_order
 
 MIN_TEMPERATURE = 0.01
@@ -103,6 +108,10 @@ class Planner:
         self.operating_points = dict(operating_points or {})
         for point in self.operating_points.values():
             check_operating_point(point, self.policies)
+
+    def live_thresholds(self) -> list[LiveThresholds]:
+        """Per policy, the thresholds of a request that sets none, and their source."""
+        return live_thresholds(list(self.policies), self.threshold, self.operating_points)
 
     def _default_max_text_tokens(self) -> int:
         # What the model can take: its context (the engine's limit without a sliding window),

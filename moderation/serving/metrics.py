@@ -34,6 +34,7 @@ from prometheus_client import (
 )
 
 from moderation.core.decision import Classification
+from moderation.core.thresholds import LiveThresholds
 
 disable_created_metrics()
 
@@ -95,6 +96,7 @@ class Metrics:
     decisions: Counter
     undecodable: Counter
     model_stalled: Gauge
+    threshold: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -198,12 +200,27 @@ class Metrics:
                 "1 while the model makes no progress with work queued (health NOT_SERVING)",
                 registry=r,
             ),
+            threshold=Gauge(
+                "moderation_threshold",
+                "Thresholds applied to requests that set none, per policy: category "
+                '"unsafe" is the threshold on P(not acceptable), other categories their '
+                "own thresholds (from a thresholds file); source: the file or "
+                "MODERATION_THRESHOLD", ["policy", "category", "source"], registry=r,
+            ),
         )  # fmt: skip
 
     def record_model(self, model: str, *, demo: bool, device: str, dtype: str) -> None:
         self.model_info.labels(model=model, demo=str(demo).lower(), device=device, dtype=dtype).set(
             1
         )
+
+    def record_thresholds(self, live: LiveThresholds) -> None:
+        """The live thresholds of one policy (its per-category ones replace the overall one,
+        which is then not exported: it decides nothing)."""
+        if not live.category_thresholds:
+            self.threshold.labels(live.policy, "unsafe", live.source).set(live.threshold)
+        for category, value in live.category_thresholds.items():
+            self.threshold.labels(live.policy, category, live.source).set(value)
 
     def record_start(self, grpc_type: str, service: str, method: str) -> None:
         self.started.labels(grpc_type, service, method).inc()

@@ -146,6 +146,13 @@ class Server:
             model.model_id, demo=model.demo, device=model.device, dtype=model.dtype
         )
         log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
+        for live in front.planner.live_thresholds():
+            # What a request that sets no threshold is decided with, per policy.
+            log.info(
+                "thresholds", policy=live.policy, threshold=live.threshold,
+                category_thresholds=dict(live.category_thresholds), source=live.source,
+            )  # fmt: skip
+            self.metrics.record_thresholds(live)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.model_stall_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch(worker))

@@ -327,7 +327,10 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 sliding_window=limits.window,
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
-                policies=convert.policy_info(list(planner.policies.values())),
+                policies=convert.policy_info(
+                    list(planner.policies.values()), planner.live_thresholds()
+                ),
+                default_threshold=planner.threshold,
             )
 
         return await self._guard(context, body)
