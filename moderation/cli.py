@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
     require_server_extra(f"moderation {ns.command}")
-    from moderation.runtime import load_runtime
+    from moderation.runtime import load_runtime, set_torch_threads
 
+    set_torch_threads(ns.torch_threads)
     # Loading the demo model logs one warning that says so; nothing to add here.
     return load_runtime(
         ns.model,

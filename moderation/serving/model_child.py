@@ -7,12 +7,12 @@ lone caller latency. Answers of a tick go back together, as one `Batch`.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from moderation.core.cpus import available_cpus
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult
 from moderation.runtime import Runtime, checkpoint_dir
@@ -117,7 +117,9 @@ def child_main(conn: Connection, settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
     import torch
 
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    # The CPUs the pod may use (its cgroup quota, not the host's cores), less one for the
+    # gRPC process.
+    torch.set_num_threads(settings.torch_threads or max(1, available_cpus() - 1))
     try:
         runtime = load_from_settings(settings)
         folder = str(checkpoint_dir(settings.runtime_settings()))

@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moderation.core.cpus import available_cpus
 from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
 from moderation.serving.front import Front
@@ -123,8 +124,7 @@ class Server:
             worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
             front = Front.of_model_process(await worker.load(), self.settings)
         else:
-            if self.settings.torch_threads:
-                torch.set_num_threads(self.settings.torch_threads)
+            torch.set_num_threads(self.settings.torch_threads or available_cpus())
             self.runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
             worker = WorkerThread(
                 self.runtime,
