@@ -31,11 +31,14 @@ prefixes the copied cells with a quote (OWASP's advice); the scores are never af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +309,8 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
         raise UsageError(f"{job.input}: {exc}") from exc
 
     if reporter is not None:
-        reporter.started(progress.rows)
+        reporter.started(progress.rows, counting.count / total if total else 0.0)
+        reporter.start_timer()
     batch: list[tuple[list[str], ClassifyItem | str]] = []
 
     def flush_batch() -> None:
@@ -340,6 +344,8 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             "fix the file and rerun with --resume"
         ) from exc
     finally:
+        if reporter is not None:
+            reporter.stop_timer()
         if not to_stdout:
             out.close()
         if raw is not sys.stdin.buffer:
@@ -351,6 +357,46 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if reporter is not None:
         reporter.finish()
     return progress
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the job."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM (a pod's stop) raise `Interrupted` in the job, so that it can say
+    how to resume; the earlier handlers are back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    earlier = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in earlier.items():
+            signal.signal(signum, handler)
+
+
+def resume_hint(job: BatchJob, signum: int) -> str:
+    """What to do after an interruption: where the job stands and the command that goes on."""
+    name = signal.Signals(signum).name
+    if job.output == "-" or job.input == "-":
+        return f"interrupted ({name}); stdin or stdout cannot be resumed: run it again"
+    path = Path(job.output + ".progress")
+    rows = Progress.load(path).rows if path.exists() else 0
+    return (
+        f"interrupted ({name}) with {rows} rows committed to {job.output}; rerun the same "
+        "command with --resume to continue from there"
+    )
 
 
 def _escape(cell: str) -> str:
@@ -433,7 +479,11 @@ def _run(ns: argparse.Namespace) -> int:
             scorer = make_scorer(ns, policy_files)
             reporter = ProgressReporter(sys.stderr, name="batch", interval=ns.progress_interval)
             try:
-                progress = run(job, scorer, reporter=reporter)
+                with terminate_as_interrupt():
+                    progress = run(job, scorer, reporter=reporter)
+            except Interrupted as exc:
+                print(f"moderation batch: {resume_hint(job, exc.signal)}", file=sys.stderr)
+                return 128 + exc.signal
             finally:
                 scorer.close()
     except (UsageError, InvalidArgument, PolicyError, OSError, LookupError) as exc:

@@ -193,11 +193,13 @@ def _run(ns: argparse.Namespace) -> int:
             items = [ClassifyItem(e.text, policy=policy, **thresholds) for e in examples]
             results = []
             reporter.started(0)
+            reporter.start_timer()
             for start in range(0, len(items), ns.batch_size):
                 results.extend(scorer.score(items[start : start + ns.batch_size]))
                 reporter.update(len(results), len(results) / max(len(items), 1))
             reporter.finish()
         finally:
+            reporter.stop_timer()
             scorer.close()
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
