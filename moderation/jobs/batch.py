@@ -1,4 +1,6 @@
-"""`moderation batch`: score a CSV file, every row accounted for, resumable after a crash.
+"""`moderation batch`: score a CSV or JSONL file, every row accounted for, resumable after a
+crash. (CSV and JSONL, gzip-compressed or not, are `moderation.jobs.formats`' business: the
+format follows the file name; what follows says "column" for a JSONL key too.)
 
 Output: every input column unchanged, then `category`, `flagged`, `paper_category`, one
 `score_<category id>` column per category of the policy (and `score_acceptable`), and `error`.
@@ -49,6 +51,7 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
+from moderation.jobs import formats
 from moderation.jobs.conversations import parse_messages
 from moderation.jobs.options import (
     add_long_text_option,
@@ -263,13 +266,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
     counting = CountingReader(raw)
-    text_in = io.TextIOWrapper(io.BufferedReader(counting), encoding=job.encoding, newline="")
-    reader = csv.reader(text_in, delimiter=job.delimiter)
+    text_in = formats.text_input(counting, job.input, job.encoding)
+    jsonl = formats.format_of(job.input, job.output) == formats.JSONL
     try:
-        header = next(reader)
+        if jsonl:
+            source = formats.JsonlReader(text_in, job.input)
+            header = source.header
+        else:
+            reader = csv.reader(text_in, delimiter=job.delimiter)
+            header = next(reader)
     except StopIteration:
         raise UsageError(f"{job.input}: empty file, no header row") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
     missing = [c for c in job.columns if c not in header]
     if missing:
@@ -282,12 +290,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if to_stdout:
         out: IO[str] = sys.stdout
     elif progress.rows or progress.output_bytes:
-        out = open(job.output, "r+", encoding="utf-8", newline="")  # noqa: SIM115
+        out = formats.open_output(job.output, "r+")
         out.truncate(progress.output_bytes)  # drop rows written after the last commit
         out.seek(progress.output_bytes)
     else:
-        out = open(job.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
-    writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
+        out = formats.open_output(job.output, "w")
+    writer: Any
+    if formats.format_of(job.output, job.input) == formats.JSONL:
+        writer = formats.JsonlWriter(out, len(header), columns)
+    elif jsonl:
+        writer = formats.CsvWriter(out, job.delimiter)
+    else:
+        writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
 
     def commit() -> None:
         out.flush()
@@ -299,13 +313,13 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if progress.rows == 0 and progress.output_bytes == 0:
         writer.writerow(columns)
         commit()
-    rows = _rows(reader, header)
+    rows = source.rows() if jsonl else _rows(reader, header)
     try:
         for _ in range(progress.rows):  # already committed by an earlier run
             next(rows)
     except StopIteration:
         pass
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(f"{job.input}: {exc}") from exc
 
     if reporter is not None:
@@ -338,7 +352,7 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
                 flush_batch()
         if batch:
             flush_batch()
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(
             f"{job.input}: unreadable input after row {progress.rows + len(batch)} ({exc}); "
             "fix the file and rerun with --resume"
@@ -399,8 +413,8 @@ def resume_hint(job: BatchJob, signum: int) -> str:
     )
 
 
-def _escape(cell: str) -> str:
-    return "'" + cell if cell.startswith(FORMULA_START) else cell
+def _escape(cell: Any) -> Any:
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
 
 
 def max_failed_rows(value: str) -> tuple[int, float]:
@@ -505,9 +519,18 @@ def _run(ns: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `batch` subcommand."""
-    p = sub.add_parser("batch", help="score a CSV file (resumable)")
-    p.add_argument("input", help="input CSV file, or - for stdin")
-    p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
+    p = sub.add_parser("batch", help="score a CSV or JSONL file (resumable)")
+    p.add_argument(
+        "input",
+        help="input file, or - for stdin: CSV, or JSONL when named .jsonl/.ndjson; .gz: gzip",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file, or - for stdout (its format by its name as for the input; - takes "
+        "the input's)",
+    )
     p.add_argument("--text-column", help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
     p.add_argument(
