@@ -109,6 +109,8 @@ class ProcessWorker:
             self._process.join(5)
             error = message.error if isinstance(message, msg.LoadFailed) else repr(message)
             raise ModelProcessError(f"the model process could not load the model: {error}")
+        if self.metrics is not None and self._process.pid is not None:
+            self.metrics.watch_model_process(self._process.pid)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
         self._sender.start()
