@@ -28,6 +28,15 @@ SERVER_EXTRA_MODULES = (
 """The top-level modules the `server` extra's distributions provide (pyproject.toml)."""
 
 
+REPORT_MODULES = ("matplotlib", "sklearn")
+"""The top-level modules of the `report` extra (`moderation eval --report`)."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: the package is not on PyPI, so from a checkout."""
+    return f"pip install '.[{extra}]' (in a checkout of the repository)"
+
+
 class MissingServerExtra(Exception):
     """A command that needs the server extra, run where only the light client is installed."""
 

@@ -19,7 +19,7 @@ from moderation.jobs.datasets import (
     read_openai,
     read_xstest,
 )
-from moderation.jobs.evaluate import PRF, average_precision, evaluate
+from moderation.jobs.metrics import PRF, average_precision, evaluate
 from moderation.runtime import Runtime
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
