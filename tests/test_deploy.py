@@ -601,3 +601,17 @@ def test_autoscaling_example_scales_the_server_on_metrics_it_exports() -> None:
         for service in re.findall(r'service="([^"]+)"', query):
             assert service in services, f"{query}: no Service {service}"
     assert monitor["spec"]["selector"]["matchLabels"]
+
+
+def test_the_gpu_image_needs_only_the_package_indexes_by_default() -> None:
+    """flash-attn (prebuilt wheels from GitHub releases, or an hour of nvcc) only behind
+    FLASH_ATTN=1; nothing else installs from a URL outside the indexes."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG FLASH_ATTN=0$", text, re.MULTILINE)
+    runs = re.findall(r"^RUN (.*?)(?<!\\)$", text, re.MULTILINE | re.DOTALL)
+    flash = [r for r in runs if "flash-attn" in r]
+    assert len(flash) == 1 and flash[0].startswith('if [ "$FLASH_ATTN" = 1 ]'), flash
+    for run in runs:
+        assert "git+" not in run and "github.com" not in run, run
+        urls = re.findall(r"https?://[^\s\"'}]+", run)
+        assert all(u.startswith("https://download.pytorch.org/whl/") for u in urls), urls
