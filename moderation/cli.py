@@ -62,7 +62,9 @@ def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) ->
 
 
 def _classify(ns: argparse.Namespace) -> int:
-    if (ns.text is None) == (ns.messages is None):
+    if ns.text is None and ns.messages is None:
+        raise InvalidArgument("text", "give a text to classify, or --messages FILE.json")
+    if ns.text is not None and ns.messages is not None:
         raise InvalidArgument("text", "give either a text or --messages FILE.json, not both")
     messages = None
     if ns.messages is not None:

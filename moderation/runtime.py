@@ -129,7 +129,8 @@ def load(settings: RuntimeSettings) -> Runtime:
     demo = settings.model is None or is_demo_checkpoint(folder)
     model_id = DEMO_MODEL_ID if demo else folder.resolve().name
     if demo:
-        log.warning("serving the demo model", model=model_id, path=str(folder))
+        # Neutral wording: the jobs load it too, and they serve nothing.
+        log.warning("using the demo model", model=model_id, path=str(folder))
     dev = resolve_device(settings.device)
     dt = weights_dtype(settings.dtype, dev)
     policies = load_policies(settings.policy_files)  # a bad policy file fails before the load

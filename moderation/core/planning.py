@@ -65,6 +65,12 @@ class PlannedItem:
     context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
 
 
+LONG_TEXT_HINT = (
+    "split them into windows with --long-text split (the server: MODERATION_LONG_TEXT=split)"
+)
+"""What a rejected long text's error says to do: the option of the commands and the server."""
+
+
 class Planner:
     """Validates classification and generation requests and builds their prompts.
 
@@ -156,7 +162,7 @@ class Planner:
             raise InvalidArgument(
                 "text",
                 f"{len(text_tokens) + n_context} tokens (text and prompt) exceed the limit of "
-                f"{self.max_text_tokens}; long texts are rejected (long_text=reject)",
+                f"{self.max_text_tokens}; long texts are rejected: {LONG_TEXT_HINT}",
             )
         else:
             budget = self.max_text_tokens - n_context
@@ -203,7 +209,7 @@ class Planner:
             raise InvalidArgument(
                 f"messages[{last}].content",
                 f"{len(text_tokens)} tokens exceed the limit of {limit}; long texts are "
-                "rejected (long_text=reject)",
+                f"rejected: {LONG_TEXT_HINT}",
             )
         else:
             room = limit // 2

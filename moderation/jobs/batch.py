@@ -541,7 +541,7 @@ def register(sub: Any) -> None:
     )
     add_role_option(p)
     p.set_defaults(role=None)  # input, unless given; and not given with --messages-column
-    add_policy_option(p, None)
+    add_policy_option(p, None, remote=True)
     add_threshold_options(p)
     add_long_text_option(p, "reject")
     add_model_options(p)

@@ -140,7 +140,7 @@ def register(sub: Any) -> None:
     p.add_argument("--format", default="auto", choices=("auto", "openai", "xstest", "csv"))
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    add_policy_option(p, None)
+    add_policy_option(p, None, remote=True)
     add_threshold_options(p)
     goal = p.add_mutually_exclusive_group()
     goal.add_argument(
@@ -174,7 +174,7 @@ def register(sub: Any) -> None:
         help=f"off a terminal, a progress line every SECONDS (0: none; default "
         f"{DEFAULT_INTERVAL:g}); a terminal gets a bar",
     )
-    add_long_text_option(p, "split")
+    add_long_text_option(p, "reject")  # as every command: a long text is the caller's choice
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64, help="texts per engine pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -135,9 +135,12 @@ def table(report: Report) -> str:
         row(f"  {cat}", x)
     lines.append(f"\narea under the precision-recall curve (unsafe): {report.auc_pr:.3f}\n")
     cols = [ACCEPTABLE_ID, *PAPER_CATEGORY_IDS]
-    short = {c: c[:12] for c in cols}
+    # Full names (a header cut to 12 characters left "hateful_hara" to guess), each column as
+    # wide as its name.
+    widths = {c: len(c) + 2 for c in cols}
+    first = max(len(g) for g in report.confusion) + 2
     lines.append("confusion (rows: gold, columns: predicted)")
-    lines.append(f"{'':28}" + "".join(f"{short[c]:>14}" for c in cols))
+    lines.append(f"{'':{first}}" + "".join(f"{c:>{widths[c]}}" for c in cols))
     for gold, counts in report.confusion.items():
-        lines.append(f"{gold:28}" + "".join(f"{counts[c]:14d}" for c in cols))
+        lines.append(f"{gold:{first}}" + "".join(f"{counts[c]:{widths[c]}d}" for c in cols))
     return "\n".join(lines)

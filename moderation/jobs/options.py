@@ -54,11 +54,20 @@ def add_long_text_option(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def add_policy_option(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_policy_option(
+    p: argparse.ArgumentParser, default: str | None, *, remote: bool = False
+) -> None:
+    """--policy; `remote`: the command can score through servers (--target), which may know
+    more names. classify and generate cannot: their help names no server."""
+    known = (
+        "paper, mistral-13; with --target, any the servers know"
+        if remote
+        else ("paper, mistral-13")
+    )
     p.add_argument(
         "--policy",
         default=default,
-        help="policy name (paper, mistral-13, or one the server knows) or a .json/.toml file",
+        help=f"policy name ({known}) or a .json/.toml policy file",
     )
 
 

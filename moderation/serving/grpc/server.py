@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +91,7 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         address = f"{settings.host}:{settings.port}"
+        check_port_free(settings.host, settings.port)
         credentials = _credentials(settings)
         if credentials is None:
             self.port = self.grpc.add_insecure_port(address)
@@ -217,6 +220,27 @@ class Server:
     def in_flight(self) -> int:
         """Calls being handled, over gRPC and HTTP: what the drain waits for."""
         return self.telemetry.in_flight + (self.http.in_flight if self.http is not None else 0)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError naming the port when something listens there already. Checked before gRPC
+    binds: its C core would print a raw line of its own first, and with SO_REUSEPORT (gRPC's
+    default) it could even share the port with another server silently."""
+    if port == 0:
+        return  # any free port
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # fmt: skip
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {port} on {host} is in use (--port, MODERATION_PORT): {exc.strerror}"
+            ) from None
+        # Anything else (no IPv6 here, a name to resolve): gRPC's own bind decides.
 
 
 async def _in_daemon_thread(fn: Callable[[], Runtime]) -> Runtime:
