@@ -54,6 +54,14 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
     assert cpu_quota(tmp_path, tmp_path / "absent") == 2.0
     (folder / "cpu.cfs_quota_us").write_text("-1\n")
     assert cpu_quota(tmp_path, tmp_path / "absent") is None
+    # The process's own cpu cgroup (a job's), below an unlimited root.
+    job = folder / "kubepods" / "job1"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("50000\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("4:memory:/x\n3:cpu,cpuacct:/kubepods/job1\n0::/\n")
+    assert cpu_quota(tmp_path, proc) == 0.5 and available_cpus(tmp_path, proc) == 1
 
 
 @pytest.mark.parametrize("command", ["classify", "generate", "batch", "eval"])
