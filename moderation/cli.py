@@ -21,6 +21,7 @@ from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_US
 from moderation.extras import (
     SERVER_EXTRA,
     MissingServerExtra,
+    install_hint,
     missing_server_modules,
     require_server_extra,
 )
@@ -124,12 +125,17 @@ def _serve(ns: argparse.Namespace) -> int:
     from moderation.serving.grpc.server import LOADER_THREAD, serve
     from moderation.serving.logs import configure_logging
     from moderation.serving.settings import SettingsError, settings_from_args
+    from moderation.serving.tracing import missing_tracing_modules
 
     try:
         settings = settings_from_args(ns)
         settings.resolve_auth_token()  # fail now on an unreadable token file
         # A bad policy name or file fails now, not after minutes of loading the weights.
         check_policies(settings.runtime_settings())
+        if settings.tracing and missing_tracing_modules():
+            raise SettingsError(
+                f"--tracing (MODERATION_TRACING) needs the tracing extra: {install_hint('tracing')}"
+            )
     except (SettingsError, PolicyError) as exc:
         print(f"moderation serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -351,6 +351,12 @@ class ServeSettings:
         parse_bool,
         "log request texts (off by default: they are user data)",
     )
+    tracing: bool = _setting(
+        False,
+        parse_bool,
+        "OpenTelemetry spans of each call and its stages (plan, queue, model), the trace id "
+        "in the log line; needs the tracing extra",
+    )
     log_level: str = _setting(
         "info",
         choice(LOG_LEVELS),

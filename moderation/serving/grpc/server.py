@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from moderation.core.cpus import available_cpus
 from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
+from moderation.serving import tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
@@ -107,6 +108,8 @@ class Server:
 
     async def start(self) -> None:
         """Listen at once (NOT_SERVING), load the model, then report SERVING."""
+        if self.settings.tracing:
+            tracing.enable()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         if self.http is not None:
