@@ -25,7 +25,7 @@ from moderation.serving.scheduler import ClassifyJob
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, free_port
+from tests.servers import InProcessServer, demo_loader, free_port
 
 CLASSIFY = "moderation.v1.ModerationService/Classify"
 
@@ -50,11 +50,14 @@ def _settings(checkpoint: Path, **overrides: object) -> ServeSettings:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("model_process", [True, False], ids=["model-process", "thread"])
 def test_a_call_and_its_stages_are_spans_with_the_trace_id_in_the_log(
-    demo_checkpoint: Path, spans: InMemorySpanExporter
+    demo_checkpoint: Path, spans: InMemorySpanExporter, model_process: bool
 ) -> None:
     configure_logging("info")
-    server = InProcessServer(_settings(demo_checkpoint, tracing=True))
+    settings = _settings(demo_checkpoint, tracing=True, model_process=model_process)
+    loader = {} if model_process else {"loader": demo_loader(demo_checkpoint)}
+    server = InProcessServer(settings, **loader)
     try:
         server.wait_loaded()
         stub = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
