@@ -89,7 +89,9 @@ def test_off_nothing_is_traced_or_measured(
     demo_checkpoint: Path, spans: InMemorySpanExporter
 ) -> None:
     configure_logging("info")
-    server = InProcessServer(_settings(demo_checkpoint))
+    # In the server's process (quicker to start); the model process's side is the _Sink below.
+    settings = _settings(demo_checkpoint, model_process=False)
+    server = InProcessServer(settings, demo_loader(demo_checkpoint))
     try:
         server.wait_loaded()
         stub = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
