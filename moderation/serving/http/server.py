@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from moderation.serving import tracing
 from moderation.serving.calls import (
     REQUEST_ID_KEY,
     BearerToken,
@@ -179,6 +180,7 @@ class HttpServer:
         route = resource.canonical if resource is not None else ""
         record = CallRecord(method=route, request_id=request_id)
         bind_call(record)
+        tracing.begin(record, f"HTTP {request.method} {route}")
         exchange = http_exchange.begin(record)
         self.in_flight += 1
         self.http_metrics.active.inc()
@@ -214,6 +216,7 @@ class HttpServer:
     ) -> None:
         record, code = exchange.record, exchange.code
         latency = time.perf_counter() - record.start
+        tracing.end(record, code.name)
         self.http_metrics.duration.labels(request.method, route, str(status)).observe(latency)
         quiet = route == discovery.HEALTH_PATH and status == 200  # a probe every few seconds
         log.log(
