@@ -13,10 +13,10 @@ from model import Tokenizer
 from model.tokenizer import mistral_common_tokenizer_path
 from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.classifier import Classifier
-from moderation.core.decision import ClassifyItem, decide
+from moderation.core.decision import ClassifyItem, PlannedItem, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.limits import ModelLimits
-from moderation.core.planning import PlannedItem, Planner
+from moderation.core.planning import Planner
 from moderation.core.policy import Role
 from moderation.core.prompts import (
     build_prefix,

@@ -18,7 +18,7 @@ from moderation.core.generation import (
     GenerationResult,
 )
 from moderation.core.guarded import GuardedGenerator, TextStream
-from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Role
 
 USER = [{"role": "user", "content": "Write a haiku about the sea."}]
 ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says
@@ -46,6 +46,16 @@ def test_the_guardrail_can_be_replaced_or_turned_off(generator: GuardedGenerator
     )
     off = generator.prepare(USER, GenerateOptions(guardrail=False))
     assert off.prompt == tok.encode_chat(USER)
+
+
+def test_input_moderation_is_planned_once_when_the_generation_is_prepared(
+    generator: GuardedGenerator,
+) -> None:
+    planner = generator.classifier.planner
+    prep = generator.prepare(USER, GenerateOptions(moderate_input=True, policy="mistral-13"))
+    item = ClassifyItem(USER[-1]["content"], role=Role.INPUT, policy="mistral-13")
+    assert prep.input_planned == planner.plan(item)
+    assert generator.prepare(USER, GenerateOptions()).input_planned is None
 
 
 def test_generation_without_moderation_returns_the_answer(generator: GuardedGenerator) -> None:
@@ -198,12 +208,21 @@ class ScriptedClassifier:
             items.append(stream.prep.output_item(self.tokenizer.decode(stream.checked)))
         return self.classify_many(items)
 
+    def run(self, planned: list[Any]) -> list[Any]:
+        """Planned input items (planned at `prepare`): flagged when their prompt quotes a
+        flagged text."""
+        texts = [self.tokenizer.decode(list(p.bodies[0])) for p in planned]
+        return self._decide([any(f in t for f in self.flag) for t in texts])
+
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)
+        return self._decide([item.text in self.flag for item in items])
+
+    def _decide(self, flagged: list[bool]) -> list[Any]:
         policy = BUILTIN_POLICIES["paper"]
         out = []
-        for item in items:
-            bad = item.text in self.flag or "*" in self.flag
+        for bad in flagged:
+            bad = bad or "*" in self.flag
             lps = [0.0, -9.0, -9.0, -9.0] if bad else [-9.0, -9.0, -9.0, 0.0]
             out.append(
                 decide(

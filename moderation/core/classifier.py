@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import Engine, Prefix, ScoreRequest, StreamCheck, Tokenizer
-from moderation.core.decision import Classification, ClassifyItem, decide
+from moderation.core.decision import Classification, ClassifyItem, PlannedItem, decide
 from moderation.core.generation import PreparedGeneration
-from moderation.core.planning import PlannedItem, Planner
+from moderation.core.planning import Planner
 from moderation.core.policy import Policy
 from moderation.core.prompts import checkable_answer_tokens, label_continuations
 

@@ -31,6 +31,20 @@ class ClassifyItem:
 
 
 @dataclass(frozen=True)
+class PlannedItem:
+    """An item turned into prompts (one per window) for one batched engine pass."""
+
+    policy: Policy
+    role: Role
+    bodies: list[tuple[int, ...]]
+    prefix: tuple[int, ...]
+    threshold: float
+    category_thresholds: Mapping[str, float]
+    context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
+    context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
+
+
+@dataclass(frozen=True)
 class Classification:
     """A decision a caller can act on: category, flagged, per-category scores and booleans."""
 

@@ -303,9 +303,9 @@ class GuardedGenerator:
         return events, [d.checked(r) for d, r in zip(decoders, results, strict=True)]
 
     def moderate_input(self, prep: PreparedGeneration) -> Classification | None:
-        if prep.input_item is None:
+        if prep.input_planned is None:
             return None
-        return self.classifier.classify_many([prep.input_item])[0]
+        return self.classifier.run([prep.input_planned])[0]
 
     def stream(
         self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions

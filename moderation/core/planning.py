@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from model import Tokenizer
 from model.errors import TokenizerError
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
-from moderation.core.decision import ClassifyItem, check_threshold
+from moderation.core.decision import ClassifyItem, PlannedItem, check_threshold
 from moderation.core.errors import InvalidArgument, quote
 from moderation.core.generation import (
     DEFAULT_STREAM_CHECK_TOKENS,
@@ -44,20 +43,6 @@ from moderation.core.turns import check_turn_order
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
-
-
-@dataclass(frozen=True)
-class PlannedItem:
-    """An item turned into prompts (one per window) for one batched engine pass."""
-
-    policy: Policy
-    role: Role
-    bodies: list[tuple[int, ...]]
-    prefix: tuple[int, ...]
-    threshold: float
-    category_thresholds: Mapping[str, float]
-    context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
-    context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
 
 
 class Planner:
@@ -354,13 +339,13 @@ class Planner:
         last = len(messages) - 1
         if is_blank(user_prompt):
             raise InvalidArgument(f"messages[{last}].content", "must not be empty")
-        input_item = None
+        input_planned = None
         if options.moderate_input:
-            input_item = ClassifyItem(
+            item = ClassifyItem(
                 user_prompt, role=Role.INPUT, policy=options.policy, threshold=options.threshold
             )
-            try:
-                self.plan(input_item)  # validate now: the prompt's length
+            try:  # planned once, here: the model's thread runs it as it is
+                input_planned = self.plan(item)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"messages[{last}].content", exc.message) from exc
         if options.moderate_output:
@@ -375,7 +360,7 @@ class Planner:
                 f"{self.stream_check_tokens}), got {every}",
             )
         options = dataclasses.replace(options, stream_check_tokens=every)
-        return PreparedGeneration(options, prompt, user_prompt, input_item)
+        return PreparedGeneration(options, prompt, user_prompt, input_planned)
 
     def _check_output_room(self, user_prompt: str, max_new_tokens: int, last: int) -> None:
         """Refuse now a generation whose answer could not be moderated next to its user prompt

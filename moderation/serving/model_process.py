@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.serving import process_messages as msg
 from moderation.serving.metrics import Metrics

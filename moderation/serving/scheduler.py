@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from model.errors import RequestError
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import (
     GenerationResult,
@@ -262,17 +261,16 @@ class Scheduler:
 
     def _classifier_pass(self, classify: list[ClassifyJob], generations: list[GenerateJob]) -> None:
         """One classifier pass for every classification due this tick."""
-        rt = self.runtime
         gated: list[GenerateJob] = []  # generations whose input is moderated first
-        inputs: list[ClassifyItem] = []
+        inputs: list[PlannedItem] = []  # planned at the door (Planner.prepare)
         for g in generations:
-            if g.prep is not None and g.prep.input_item is not None:
+            if g.prep is not None and g.prep.input_planned is not None:
                 gated.append(g)
-                inputs.append(g.prep.input_item)
+                inputs.append(g.prep.input_planned)
         checks, self._checks = self._checks, []
         planned = [p for j in classify for p in j.planned]
         try:
-            planned += [rt.classifier.plan(item) for item in inputs]
+            planned += inputs
             planned += [c.planned for c in checks]
             results = self._run_classifier(planned) if planned else []
         except Exception as exc:
