@@ -16,7 +16,7 @@ from moderation.core.builtin_policies import DEFAULT_POLICY
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
 from moderation.core.policy import PolicyError
-from moderation.core.turns import check_turn_order
+from moderation.core.chat import check_turn_order
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from moderation.extras import (
     SERVER_EXTRA,

@@ -39,7 +39,7 @@ from moderation.core.prompts import (
 )
 from moderation.core.text_safety import is_blank
 from moderation.core.thresholds import OperatingPoint, check_operating_point
-from moderation.core.turns import check_turn_order
+from moderation.core.chat import check_turn_order
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
