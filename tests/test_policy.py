@@ -15,6 +15,7 @@ from moderation.core.builtin_policies import (
     MISTRAL_13_POLICY,
     resolve_policy,
 )
+from moderation.core.chat import ChatMessage
 from moderation.core.policy import (
     GUARDRAIL_SYSTEM_PROMPT,
     PAPER_CATEGORIES,
@@ -67,7 +68,7 @@ def test_guarded_conversations_open_with_the_papers_guardrail_prompt() -> None:
         "Avoid harmful, unethical, prejudiced, or negative content.",
         "Ensure replies promote fairness and positivity.",
     ]
-    conversation = guarded_messages([{"role": "user", "content": "hi"}])
+    conversation = guarded_messages([ChatMessage("user", "hi")])
     assert conversation[0] == {"role": "system", "content": " ".join(paper)}
     assert conversation[0]["content"] == GUARDRAIL_SYSTEM_PROMPT
     assert conversation[1:] == [{"role": "user", "content": "hi"}]

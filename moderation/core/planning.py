@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 from model import Tokenizer
 from model.errors import TokenizerError
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
+from moderation.core.chat import ChatMessage, check_conversation
 from moderation.core.decision import ClassifyItem, PlannedItem, check_threshold
 from moderation.core.errors import InvalidArgument, quote
 from moderation.core.generation import (
@@ -39,7 +39,6 @@ from moderation.core.prompts import (
 )
 from moderation.core.text_safety import is_blank
 from moderation.core.thresholds import OperatingPoint, check_operating_point
-from moderation.core.chat import check_turn_order
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
@@ -111,7 +110,7 @@ class Planner:
 
         `split`: split a long text into windows even when long_text is "reject"."""
         if item.messages is not None:
-            return self._plan_conversation(item, split=split)
+            return self._plan_conversation(item, item.messages, split=split)
         if not isinstance(item.text, str) or is_blank(item.text):
             raise InvalidArgument("text", "must not be empty")
         try:
@@ -146,7 +145,9 @@ class Planner:
             windows = self._windows(text_tokens, budget)
         return self._planned(decision, role, windows, "text", user_prompt_tokens=context)
 
-    def _plan_conversation(self, item: ClassifyItem, *, split: bool) -> PlannedItem:
+    def _plan_conversation(
+        self, item: ClassifyItem, conversation: Sequence[ChatMessage], *, split: bool
+    ) -> PlannedItem:
         """The last message classified after the earlier turns that fit, newest kept first.
 
         The last message has the room a text has (max_text_tokens) and follows the long-text
@@ -164,11 +165,10 @@ class Planner:
                 "must not be set together with messages: the last message's role says it "
                 "(user: input, assistant: output)",
             )
-        messages = _conversation(item.messages)
+        check_conversation(conversation, end=("user", "assistant"))
+        messages = [(m.role, m.content) for m in conversation]
         last = len(messages) - 1
         speaker, text = messages[last]
-        if is_blank(text):
-            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
         role = Role.INPUT if speaker == "user" else Role.OUTPUT
         decision = self._decision(item)
         tok, limit = self.tokenizer, self.max_text_tokens
@@ -279,7 +279,7 @@ class Planner:
         return split_tokens(tokens, budget, min(self.window_overlap, budget - 1))
 
     def prepare(
-        self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
+        self, messages: Sequence[ChatMessage], options: GenerateOptions
     ) -> PreparedGeneration:
         """Validate and build the prompt; InvalidArgument names the bad field.
 
@@ -305,7 +305,7 @@ class Planner:
         self.policy(options.policy)
         if options.threshold is not None:
             check_threshold("threshold", options.threshold)
-        check_turn_order(messages)
+        check_conversation(messages)
         system = None
         if options.guardrail:
             system = options.system_prompt or GUARDRAIL_SYSTEM_PROMPT
@@ -335,10 +335,8 @@ class Planner:
                 f"max_new_tokens {options.max_new_tokens} that exceeds the model's context of "
                 f"{context} tokens (max_context)",
             )
-        user_prompt = str(conversation[-1]["content"])
+        user_prompt = conversation[-1]["content"]
         last = len(messages) - 1
-        if is_blank(user_prompt):
-            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
         input_planned = None
         if options.moderate_input:
             item = ClassifyItem(
@@ -397,17 +395,3 @@ class Planner:
         for policy in self.policies.values():
             for role in Role:
                 yield build_prefix(policy, role, self.tokenizer)
-
-
-def _conversation(messages: Any) -> list[tuple[str, str]]:
-    """A conversation to classify as (role, content) pairs, checked: objects with a string
-    content, in the documented turn order, ending with a user or an assistant message."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        raise InvalidArgument("messages", "must be a list of messages with role and content")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidArgument(f"messages[{i}]", "expected an object with role and content")
-        if not isinstance(message.get("content"), str):
-            raise InvalidArgument(f"messages[{i}].content", "must be a string")
-    check_turn_order(messages, end=("user", "assistant"))
-    return [(str(m["role"]), str(m["content"])) for m in messages]

@@ -236,7 +236,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         front, worker = self._ready()
         self._check_generation(request)
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = await self._off_loop(front.planner.prepare, convert.messages(request), options)
+        prep = await self._off_loop(
+            front.planner.prepare, convert.chat_messages(request.messages), options
+        )
         if self.state.settings.log_text:
             current_call().fields["text"] = _logged(prep.user_prompt)
         events = worker.generate(prep, stream=stream, deadline=_deadline(context))
