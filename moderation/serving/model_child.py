@@ -10,17 +10,16 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 
-from moderation.core.decision import Classification
-from moderation.core.generation import GenerationResult
 from moderation.runtime import Runtime, checkpoint_dir
 from moderation.serving import process_messages as msg
+from moderation.serving.job import Job, Reply
 from moderation.serving.loader import load_from_settings
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
-from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
+from moderation.serving.scheduler import Scheduler
 from moderation.serving.settings import ServeSettings
 
 METRICS_FLUSH_S = 0.25  # how often the model process sends its metrics when it has any
@@ -64,50 +63,6 @@ class RecordingMetrics:
         return taken
 
 
-class _Sink:
-    """Where the model process's jobs put their answers; sent once per tick."""
-
-    def __init__(self) -> None:
-        self.outbox: list[msg.JobMessage | msg.MetricOps] = []
-        self.open: dict[int, Job] = {}  # jobs with answers still to come
-
-    def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
-        self.outbox.append(message)
-        if final:
-            self.open.pop(job, None)
-
-
-@dataclass(eq=False)
-class _PipeClassify(ClassifyJob):
-    """A classification whose answer goes back over the pipe."""
-
-    job: int = 0
-    sink: _Sink | None = None
-
-    def resolve(self, value: list[Classification] | BaseException) -> None:
-        assert self.sink is not None
-        if isinstance(value, BaseException):
-            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(value)), final=True)
-        else:
-            self.sink.put(self.job, msg.Results(self.job, value), final=True)
-
-
-@dataclass(eq=False)
-class _PipeGenerate(GenerateJob):
-    """A generation whose events go back over the pipe."""
-
-    job: int = 0
-    sink: _Sink | None = None
-
-    def emit(self, event: str | GenerationResult | BaseException) -> None:
-        assert self.sink is not None
-        if isinstance(event, BaseException):
-            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
-        else:
-            final = isinstance(event, GenerationResult)
-            self.sink.put(self.job, msg.Event(self.job, event), final=final)
-
-
 def child_main(conn: Connection, settings: ServeSettings) -> None:
     """Entry point of the model process."""
     # The server process owns the signals (SIGTERM drains it, then it stops us); a Ctrl-C in
@@ -140,7 +95,8 @@ class _Child:
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
         )
-        self.sink = _Sink()
+        self.outbox: list[msg.JobMessage | msg.MetricOps] = []  # sent once per tick
+        self.open: dict[int, Job] = {}  # jobs with answers still to come
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
         self.last_sent = time.monotonic()
 
@@ -161,12 +117,10 @@ class _Child:
                 last_metrics = now
                 ops = self.metrics.take()
                 if ops:
-                    self.sink.outbox.append(msg.MetricOps(ops))
-            if self.sink.outbox or (
-                self.scheduler.has_work and now - self.last_sent >= METRICS_FLUSH_S
-            ):
+                    self.outbox.append(msg.MetricOps(ops))
+            if self.outbox or (self.scheduler.has_work and now - self.last_sent >= METRICS_FLUSH_S):
                 # An empty batch is a heartbeat: the server's watchdog sees the model working.
-                messages, self.sink.outbox = self.sink.outbox, []
+                messages, self.outbox = self.outbox, []
                 self._send(msg.Batch(messages))
                 self.last_sent = now
             if self.stop_at is not None and (not self.scheduler.has_work or now >= self.stop_at):
@@ -177,27 +131,29 @@ class _Child:
         with contextlib.suppress(OSError):  # the server is gone: nothing to tell
             self.conn.send(message)
 
+    def _reply(self, job: int, reply: Reply) -> None:
+        message, final = msg.job_message(job, reply)
+        self.outbox.append(message)
+        if final:
+            self.open.pop(job, None)
+
     def _handle(self, message: msg.ToModel) -> None:
         job: Job
         if isinstance(message, msg.Classify):
-            job = _PipeClassify(
-                message.deadline, planned=message.planned, job=message.job, sink=self.sink
-            )
+            reply = partial(self._reply, message.job)
+            job = Job.classify(message.planned, reply, message.deadline)
         elif isinstance(message, msg.Generate):
-            job = _PipeGenerate(
-                message.deadline,
-                prep=message.prep,
-                stream=message.stream,
-                job=message.job,
-                sink=self.sink,
+            reply = partial(self._reply, message.job)
+            job = Job.generate(
+                message.prep, reply, stream=message.stream, deadline=message.deadline
             )
         elif isinstance(message, msg.Cancel):
-            old = self.sink.open.pop(message.job, None)
+            old = self.open.pop(message.job, None)
             if old is not None:
                 self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
             return
         else:
             self.stop_at = time.monotonic() + message.timeout
             return
-        self.sink.open[message.job] = job
+        self.open[message.job] = job
         self.scheduler.submit(job)

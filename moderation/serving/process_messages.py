@@ -11,6 +11,7 @@ from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
+from moderation.serving.job import Reply
 from moderation.serving.worker import (
     DeadlineExpiredError,
     GenerationFailedError,
@@ -123,6 +124,15 @@ class WireError:
 class Failed:
     job: int
     error: WireError
+
+
+def job_message(job: int, reply: Reply) -> tuple[JobMessage, bool]:
+    """A job's reply as the message that carries it, and whether it is the job's last."""
+    if isinstance(reply, BaseException):
+        return Failed(job, WireError.of(reply)), True
+    if isinstance(reply, list):
+        return Results(job, reply), True
+    return Event(job, reply), isinstance(reply, GenerationResult)
 
 
 @dataclass(frozen=True)
