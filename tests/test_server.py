@@ -17,9 +17,9 @@ import pytest
 import structlog
 
 from moderation.runtime import Runtime
-from moderation.serving.job import Job
 from moderation.serving.logs import configure_logging
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.job import Job
+from moderation.serving.worker.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port, invalid_field

@@ -27,7 +27,7 @@ from moderation.core.prompts import (
     checkable_answer_tokens,
     label_continuations,
 )
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.worker_thread import WorkerThread
 
 TOL = 1e-4
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moderation.serving.tick_plan import (
+from moderation.serving.worker.tick_plan import (
     Held,
     Queued,
     TickState,

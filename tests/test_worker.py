@@ -23,7 +23,7 @@ from moderation.core.policy import Role
 from moderation.runtime import Runtime
 from moderation.serving.metrics import Metrics
 from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.worker_thread import WorkerThread
 
 T = TypeVar("T")
 EOS = 2

@@ -7,9 +7,9 @@ gives 426-598 decisions/s at 32 callers; the same model in a process of its own 
 
 The parent (the gRPC server) keeps a *front* (`moderation.serving.front`): the planner
 (tokenizer, policies, limits), everything that validates a request at the door, but no weights.
-The child (`moderation.serving.model_child`) loads the model and runs the ordinary scheduler;
+The child (`moderation.serving.worker.model_child`) loads the model and runs the ordinary scheduler;
 jobs cross a pipe already planned, answers and generation events come back, with the worker's
-metrics, as typed messages (`moderation.serving.process_messages`). Errors become the same
+metrics, as typed messages (`moderation.serving.worker.process_messages`). Errors become the same
 exception classes on this side, so the servicer maps
 them to the same status codes. A model process that dies fails every call in flight with
 UNAVAILABLE and marks the server NOT_SERVING (`on_exit`), so that Kubernetes restarts the pod.
@@ -31,11 +31,11 @@ import structlog
 
 from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
-from moderation.serving import process_messages as msg
 from moderation.serving.metrics import Metrics
-from moderation.serving.model_child import child_main
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import QueueFullError, WorkerStoppedError, generation_events
+from moderation.serving.worker import process_messages as msg
+from moderation.serving.worker.model_child import child_main
 
 log = structlog.get_logger(__name__)
 

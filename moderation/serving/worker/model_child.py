@@ -14,13 +14,13 @@ from functools import partial
 from multiprocessing.connection import Connection
 
 from moderation.runtime import Runtime, checkpoint_dir
-from moderation.serving import process_messages as msg
-from moderation.serving.job import Job, Reply
-from moderation.serving.loader import load_from_settings
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
-from moderation.serving.scheduler import Scheduler
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import process_messages as msg
+from moderation.serving.worker.job import Job, Reply
+from moderation.serving.worker.loader import load_from_settings
+from moderation.serving.worker.scheduler import Scheduler
 
 METRICS_FLUSH_S = 0.25  # how often the model process sends its metrics when it has any
 

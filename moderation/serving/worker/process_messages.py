@@ -11,13 +11,13 @@ from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
-from moderation.serving.job import Reply
 from moderation.serving.worker import (
     DeadlineExpiredError,
     GenerationFailedError,
     QueueFullError,
     WorkerStoppedError,
 )
+from moderation.serving.worker.job import Reply
 
 # ------------------------------------------------------------- server -> model process
 

@@ -18,10 +18,10 @@ from typing import Any
 from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import Runtime
-from moderation.serving.job import Job, Reply
 from moderation.serving.metrics import Metrics
-from moderation.serving.scheduler import Scheduler
 from moderation.serving.worker import generation_events
+from moderation.serving.worker.job import Job, Reply
+from moderation.serving.worker.scheduler import Scheduler
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 

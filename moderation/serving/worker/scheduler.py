@@ -40,21 +40,21 @@ from moderation.core.generation import GenerationResult
 from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
-from moderation.serving.job import Job
 from moderation.serving.metrics import WorkerMetrics
-from moderation.serving.tick_plan import (
+from moderation.serving.worker import (
+    DeadlineExpiredError,
+    GenerationFailedError,
+    QueueFullError,
+    WorkerStoppedError,
+)
+from moderation.serving.worker.job import Job
+from moderation.serving.worker.tick_plan import (
     Held,
     Queued,
     TickPlan,
     TickState,
     has_slots_for_checks,
     plan_tick,
-)
-from moderation.serving.worker import (
-    DeadlineExpiredError,
-    GenerationFailedError,
-    QueueFullError,
-    WorkerStoppedError,
 )
 
 log = structlog.get_logger(__name__)
