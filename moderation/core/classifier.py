@@ -64,14 +64,6 @@ class Classifier:
 
     # --------------------------------------------------------------- planning
 
-    @property
-    def policies(self) -> dict[str, Policy]:
-        return self.planner.policies
-
-    @property
-    def default_policy(self) -> str:
-        return self.planner.default_policy
-
     def policy(self, name: str | None) -> Policy:
         return self.planner.policy(name)
 

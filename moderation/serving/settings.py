@@ -601,7 +601,8 @@ def settings_from_args(
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> ServeSettings:
-    """Settings from the environment alone (for embedding the server without a command line)."""
+    """Settings from the environment alone: what a program that embeds the server passes to
+    `moderation.serving.grpc.server.serve` (see the README, next to the settings reference)."""
     return settings_from_args(argparse.Namespace(), environ)
 
 

@@ -43,7 +43,6 @@ Call = Callable[[str, Message], Awaitable[Any]]
 """Calls a ModerationService method in-process: (method name, request) -> response."""
 
 PAPER_CATEGORIES = ("illegal_activities", "hateful_harassing_violent", "unqualified_advice")
-ACCEPTABLE = "acceptable"
 
 
 def _bad(field: str, message: str) -> CallError:

@@ -151,7 +151,6 @@ class MetricOps:
 
 
 JobMessage = Results | Event | Failed
-ToServer = Ready | LoadFailed | JobMessage | MetricOps
 
 
 @dataclass(frozen=True)
