@@ -1,9 +1,7 @@
 """The model in a process of its own, behind the same interface as the in-process worker.
 
-Why: in one process, the gRPC event loop and the model worker thread share one GIL. Every torch
-call the worker makes releases it and has to win it back from the event loop, which costs the
-model most of a core under load (measured on 2 cores: one torch thread in the server process
-gives 426-598 decisions/s at 32 callers; the same model in a process of its own 843-948/s).
+Why: in one process the gRPC event loop and the model's thread share one GIL, and the model
+loses most of a core winning it back after every torch call (docs/benchmarks.md has the runs).
 
 The parent (the gRPC server) keeps a *front* (`moderation.serving.front`): the planner
 (tokenizer, policies, limits), everything that validates a request at the door, but no weights.
