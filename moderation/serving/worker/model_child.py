@@ -107,7 +107,8 @@ class _Child:
                 # Idle: sleep in poll until a message comes (or it is time for metrics).
                 if self.conn.poll(0 if self.scheduler.has_work else METRICS_FLUSH_S):
                     while self.conn.poll():
-                        self._handle(self.conn.recv())
+                        for message in self.conn.recv().messages:
+                            self._handle(message)
             except (EOFError, OSError):  # the server process is gone: nobody to answer
                 return
             if self.scheduler.has_work:

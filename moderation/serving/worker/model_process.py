@@ -81,7 +81,10 @@ class ProcessWorker:
         self._ids = itertools.count()
         # Messages go out from a thread of their own: a send blocks when the pipe is full (the
         # model busy with a long pass), and the event loop must keep answering meanwhile.
-        self._outgoing: queue.SimpleQueue[msg.ToModel | None] = queue.SimpleQueue()
+        self._outgoing: queue.SimpleQueue[list[msg.ToModel] | None] = queue.SimpleQueue()
+        # The event loop's messages of one loop iteration, handed to the sender together: one
+        # wake-up of its thread (and one GIL hand-off) for all of them, not one per request.
+        self._unsent: list[msg.ToModel] = []
         self._sender = threading.Thread(target=self._send_loop, name="model-pipe", daemon=True)
         self._stopping = False
         self._dead: str | None = None
@@ -125,14 +128,34 @@ class ProcessWorker:
         return len(self._pending)
 
     def _send(self, message: msg.ToModel) -> None:
-        # Never raises: a model process that is gone is for the reader to report.
-        self._outgoing.put(message)
+        """Queue a message for the model process (on the event loop). Never raises: a model
+        process that is gone is for the reader to report."""
+        self._unsent.append(message)
+        if len(self._unsent) == 1 and self._loop is not None:
+            self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        self._outgoing.put(unsent)
 
     def _send_loop(self) -> None:
-        while (message := self._outgoing.get()) is not None:
+        # What queued up while the last send ran goes as one message too: under load that is
+        # one pickle (the policy and the shared prefix once) and one write for many requests,
+        # and the model process finds them all at its next tick.
+        while (batch := self._outgoing.get()) is not None:
+            stopping = False
+            while not stopping:
+                try:
+                    more = self._outgoing.get_nowait()
+                except queue.Empty:
+                    break
+                stopping = more is None
+                batch += more or []
             try:
-                self._conn.send(message)
+                self._conn.send(msg.Requests(batch))
             except (OSError, ValueError):  # the model process is gone: the reader reports it
+                return
+            if stopping:
                 return
 
     def _admit(self) -> int:
@@ -240,7 +263,7 @@ class ProcessWorker:
         """Finish what the model process holds, then end it (called from a thread)."""
         self._stopping = True
         if self._process.is_alive():
-            self._send(msg.Stop(timeout or 0.0))
+            self._outgoing.put([msg.Stop(timeout or 0.0)])  # from a thread: not via the loop
             self._process.join((timeout or 0.0) + 10)
         self._outgoing.put(None)  # ends the sender
         if self._process.is_alive():

@@ -53,6 +53,14 @@ class Stop:
 
 ToModel = Classify | Generate | Cancel | Stop
 
+
+@dataclass(frozen=True)
+class Requests:
+    """The messages queued while the last send ran, sent together."""
+
+    messages: list[ToModel]
+
+
 # ------------------------------------------------------------- model process -> server
 
 
