@@ -66,6 +66,29 @@ async def run(address: str, callers: int, requests: int) -> tuple[float, list[fl
         return requests / (time.perf_counter() - start), latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_process(pid: int) -> int | None:
+    """The model process of the server `pid` (its spawned child that is not multiprocessing's
+    resource tracker), from /proc; None without one."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for kid in kids:
+            command = Path(f"/proc/{kid}/cmdline").read_bytes()
+            if b"spawn_main" in command and b"resource_tracker" not in command:
+                return int(kid)
+    except OSError:
+        pass
+    return None
+
+
 def classify_passes(metrics_url: str) -> tuple[float, float]:
     """(classifier passes, texts classified) so far, from the server's /metrics."""
     time.sleep(0.6)  # a model process sends its metrics every 0.25 s: let the last ones in
@@ -151,6 +174,13 @@ def main() -> None:
             print(f"{'callers':>8} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
                   f"   (median of {ns.rounds} rounds; latencies over all rounds)")  # fmt: skip
             levels = (1, 8, 32)
+            # CPU time per call: what the serving path costs, less sensitive than a rate to
+            # what else runs on the machine.
+            pids = {"front": proc.pid}
+            model_pid = model_process(proc.pid)  # None with --no-model-process
+            if model_pid is not None:
+                pids["model"] = model_pid
+            cpu: dict[tuple[str, int], float] = {(p, c): 0.0 for p in pids for c in levels}
             rates: dict[int, list[float]] = {c: [] for c in levels}
             latencies: dict[int, list[float]] = {c: [] for c in levels}
             batches: dict[int, list[float]] = {c: [] for c in levels}
@@ -159,7 +189,10 @@ def main() -> None:
             for _ in range(ns.rounds):
                 for callers in levels:
                     passes, items = classify_passes(metrics_url)
+                    used = {p: cpu_seconds(pid) for p, pid in pids.items()}
                     rate, lat = asyncio.run(run(address, callers, ns.requests))
+                    for p, pid in pids.items():
+                        cpu[p, callers] += cpu_seconds(pid) - used[p]
                     more_passes, more_items = classify_passes(metrics_url)
                     rates[callers].append(rate)
                     latencies[callers] += lat
@@ -179,6 +212,12 @@ def main() -> None:
                 f"batch {n}: {t * 1e3:.1f} ms" for n, t in pass_seconds.items()))  # fmt: skip
             print(f"in-process classifier, batch 32 / batch 1: {ceiling:.1f}x "
                   "(the most batching can give here, without any RPC)")  # fmt: skip
+            for p in pids:
+                per_call = ", ".join(  # each run sends 2 warm-up calls per caller too
+                    f"{c} callers {cpu[p, c] / (ns.rounds * (ns.requests + 2 * c)) * 1e3:.2f}"
+                    for c in levels
+                )
+                print(f"{p} process CPU ms per call: {per_call}")
             print(f"load average after the run: {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()
