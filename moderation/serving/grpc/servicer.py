@@ -25,6 +25,7 @@ from moderation.api import convert
 from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
+from moderation.serving import tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.errors import NotReadyError, mapped_errors
 from moderation.serving.grpc.interceptors import CallRecord, current_call
@@ -97,10 +98,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def _off_loop(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args), the planning of `request`: on the planning threads, so that the event loop
         keeps answering (health above all), unless the request is small enough to plan here."""
-        if request.ByteSize() <= INLINE_PLAN_BYTES:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+        with tracing.stage(current_call(), "plan"):  # every use plans (validates, tokenizes)
+            if request.ByteSize() <= INLINE_PLAN_BYTES:
+                return fn(*args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
 
     def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
         settings = self.state.settings
@@ -262,5 +264,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             sliding_window=limits.window,
             max_context_tokens=limits.context,
             default_policy=planner.default_policy,
-            policies=convert.policy_info(list(planner.policies.values())),
+            policies=convert.policy_info(
+                list(planner.policies.values()), planner.live_thresholds()
+            ),
+            default_threshold=planner.threshold,
         )

@@ -8,6 +8,7 @@ them over the pipe; the scheduler only calls `reply`.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ class Job:
     deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
     cancelled: bool = False
     key: int = field(default_factory=lambda: next(_keys))  # its name in a tick plan
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue wait metric
+    started_at: float | None = None  # the tick that took it (time in the model from there)
     # Set by the scheduler while a generation runs.
     decoder: AnswerDecoder | None = None
     engine_id: int | None = None

@@ -7,12 +7,12 @@ lone caller latency. Answers of a tick go back together, as one `Batch`.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from functools import partial
 from multiprocessing.connection import Connection
 
+from moderation.core.cpus import available_cpus
 from moderation.runtime import Runtime, checkpoint_dir
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
@@ -63,6 +63,13 @@ class RecordingMetrics:
         return taken
 
 
+def answer_timing(job: Job, *, timed: bool) -> tuple[float, float] | None:
+    """What an answer carries for tracing (`timed`): its job's queue and model seconds."""
+    if not timed or job.started_at is None:
+        return None
+    return job.started_at - job.queued_at, time.monotonic() - job.started_at
+
+
 def child_main(conn: Connection, settings: ServeSettings) -> None:
     """Entry point of the model process."""
     # The server process owns the signals (SIGTERM drains it, then it stops us); a Ctrl-C in
@@ -72,7 +79,9 @@ def child_main(conn: Connection, settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
     import torch
 
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    # The CPUs the pod may use (its cgroup quota, not the host's cores), less one for the
+    # gRPC process.
+    torch.set_num_threads(settings.torch_threads or max(1, available_cpus() - 1))
     try:
         runtime = load_from_settings(settings)
         folder = str(checkpoint_dir(settings.runtime_settings()))
@@ -97,6 +106,7 @@ class _Child:
         )
         self.outbox: list[msg.JobMessage | msg.MetricOps] = []  # sent once per tick
         self.open: dict[int, Job] = {}  # jobs with answers still to come
+        self.timed = settings.tracing  # answers carry their queue and model seconds
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
         self.last_sent = time.monotonic()
 
@@ -132,8 +142,12 @@ class _Child:
         with contextlib.suppress(OSError):  # the server is gone: nothing to tell
             self.conn.send(message)
 
+    def _timing(self, job_id: int) -> tuple[float, float] | None:
+        job = self.open.get(job_id)
+        return None if job is None else answer_timing(job, timed=self.timed)
+
     def _reply(self, job: int, reply: Reply) -> None:
-        message, final = msg.job_message(job, reply)
+        message, final = msg.job_message(job, reply, self._timing(job))
         self.outbox.append(message)
         if final:
             self.open.pop(job, None)

@@ -89,6 +89,7 @@ class Results:
 
     job: int
     results: list[Classification]
+    timing: tuple[float, float] | None = None  # (queued, in the model) seconds, with tracing
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Event:
 
     job: int
     event: str | GenerationResult
+    timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,17 @@ class Failed:
     error: WireError
 
 
-def job_message(job: int, reply: Reply) -> tuple[JobMessage, bool]:
-    """A job's reply as the message that carries it, and whether it is the job's last."""
+def job_message(
+    job: int, reply: Reply, timing: tuple[float, float] | None = None
+) -> tuple[JobMessage, bool]:
+    """A job's reply as the message that carries it, and whether it is the job's last (its
+    answer carries `timing`, the queue and model seconds, for tracing)."""
     if isinstance(reply, BaseException):
         return Failed(job, WireError.of(reply)), True
     if isinstance(reply, list):
-        return Results(job, reply), True
-    return Event(job, reply), isinstance(reply, GenerationResult)
+        return Results(job, reply, timing), True
+    final = isinstance(reply, GenerationResult)
+    return Event(job, reply, timing if final else None), final
 
 
 @dataclass(frozen=True)

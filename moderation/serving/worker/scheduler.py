@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -94,6 +95,9 @@ class Scheduler:
         self._slot_wait: list[Job] = []
         self._engine_waiting = 0  # admitted generations waiting for an engine slot
         self._stopping = False
+        if metrics is not None:  # the cache's capacity, for the in-use gauges' ratio
+            metrics.kv_cache_slots.set(self.engine.max_batch_size)
+            metrics.kv_cache_tokens.set(self.engine.max_batch_size * self.engine.cache.window)
 
     # ------------------------------------------------------------ any thread
 
@@ -149,6 +153,7 @@ class Scheduler:
 
     def run_once(self) -> None:
         """One tick: plan it from the queue and what runs, then execute the plan."""
+        start = time.perf_counter()
         with self._cond:
             plan = plan_tick(self._state())
             jobs = [self._pending.popleft() for _ in range(plan.take)]
@@ -159,6 +164,8 @@ class Scheduler:
             for job in jobs:
                 job.fail(exc)
         self._gauge()
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.perf_counter() - start)
 
     def _state(self) -> TickState:
         """What the plan is made from: plain data (called with the lock held)."""
@@ -193,6 +200,9 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queue_depth)
             self.metrics.running_sequences.set(len(self._running))
+            slots, tokens = cache_in_use(self.engine)
+            self.metrics.kv_cache_slots_in_use.set(slots)
+            self.metrics.kv_cache_tokens_in_use.set(tokens)
 
     def _execute(self, plan: TickPlan, jobs: list[Job]) -> None:
         computed = self.engine.stats.tokens_computed
@@ -201,6 +211,11 @@ class Scheduler:
         waiting = {g.key: g for g in self._slot_wait}
         for key in plan.expired:
             taken[key].fail(DeadlineExpiredError("the deadline passed while the request waited"))
+        now = time.monotonic()
+        for key in (*plan.classify, *(k for k in plan.admit if k in taken)):
+            taken[key].started_at = now  # time in the model from here
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(now - taken[key].queued_at)
         for key in (*plan.stop, *plan.stop_expired):
             g = running[key]
             assert g.engine_id is not None
@@ -261,6 +276,7 @@ class Scheduler:
             n = cjob.items
             cjob.reply(results[at : at + n])
             at += n
+            self._answered(cjob, "classify")
         for g in gated:
             g.input_moderation = results[at]
             at += 1
@@ -374,3 +390,17 @@ class Scheduler:
         for event in events:
             if g.stream or isinstance(event, GenerationResult):
                 g.reply(event)
+        self._answered(g, "generate")
+
+    def _answered(self, job: Job, kind: str) -> None:
+        if self.metrics is not None and job.started_at is not None:
+            self.metrics.model_seconds.labels(kind=kind).observe(time.monotonic() - job.started_at)
+
+
+def cache_in_use(engine: Any) -> tuple[int, int]:
+    """Generation slots holding a sequence (an answer or its checks), and the tokens their
+    cache rows hold (a slot holds at most its window)."""
+    cache = engine.cache
+    used = engine.max_batch_size - engine.free_slots
+    tokens = sum(min(n, cache.window) for n in cache.lengths[: engine.max_batch_size])
+    return used, tokens

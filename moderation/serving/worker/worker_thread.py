@@ -18,6 +18,8 @@ from typing import Any
 from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import Runtime
+from moderation.serving import tracing
+from moderation.serving.calls import current_call
 from moderation.serving.metrics import Metrics
 from moderation.serving.worker import generation_events
 from moderation.serving.worker.job import Job, Reply
@@ -49,6 +51,13 @@ class Outbox:
 def _deliver(calls: list[Call]) -> None:
     for fn, args in calls:
         fn(*args)
+
+
+def _stages(job: Job) -> None:
+    """The call's `queue` and `model` spans (tracing on), from the job's times."""
+    if tracing.enabled() and job.started_at is not None:
+        timing = (job.started_at - job.queued_at, time.monotonic() - job.started_at)
+        tracing.model_stages(current_call(), timing)
 
 
 class WorkerThread:
@@ -113,7 +122,9 @@ class WorkerThread:
         job = Job.classify(list(planned), partial(self._outbox.put, loop, settle), deadline)
         self.scheduler.submit(job)
         try:
-            return await future
+            results = await future
+            _stages(job)
+            return results
         except asyncio.CancelledError:  # the client cancelled or its deadline passed
             self.scheduler.cancel(job)
             raise
@@ -133,6 +144,8 @@ class WorkerThread:
         self.scheduler.submit(job)
         try:
             async for event in generation_events(events):
+                if isinstance(event, GenerationResult):
+                    _stages(job)
                 yield event
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating
