@@ -372,9 +372,12 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
         assert response.readline().startswith(b"data: ")  # the stream is under way
         conn.sock.close()  # type: ignore[union-attr]  # as a client that goes away
         conn.close()
-        while served.server.in_flight:
+        err = ""
+        for _ in range(1000):  # until the request's line is written (as its handler returns)
+            err += capsys.readouterr().err
+            if '"chat-hang-up"' in err and not served.server.in_flight:
+                break
             threading.Event().wait(0.01)
-        err = capsys.readouterr().err
     finally:
         structlog.reset_defaults()
     lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
@@ -400,6 +403,12 @@ def test_chat_requests_are_logged_and_counted_as_the_other_routes(
     before, generated = count(), tokens()
     client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
     list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, stream=True))
+    # The request's line and count are written as its handler returns, which may be just after
+    # the client has read the stream's end.
+    for _ in range(1000):
+        if count() == before + 2:
+            break
+        threading.Event().wait(0.01)
     assert count() == before + 2 and tokens() == generated + 6
     ttft = registry.get_sample_value("moderation_time_to_first_token_seconds_count")
     assert ttft and ttft > 0

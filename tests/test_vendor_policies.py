@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from model.tokenizer import Tokenizer, mistral_common_tokenizer_path
-from moderation.core.builtin_policies import BUILTIN_POLICIES, resolve_policy
+from moderation.core.builtin_policies import BUILTIN_POLICIES
 from moderation.core.policy import PAPER_CATEGORY_IDS, Category, Policy, PolicyError
 from moderation.core.prompts import build_prefix, label_continuations
 from moderation.core.vendor_policies import MISTRAL_POLICY, MLCOMMONS_POLICY, OPENAI_POLICY
@@ -50,19 +50,19 @@ def tokenizer() -> Tokenizer:
 
 
 def test_the_openai_policy_has_openais_13_category_names_in_its_order() -> None:
-    assert resolve_policy("openai") is OPENAI_POLICY is BUILTIN_POLICIES["openai"]
+    assert BUILTIN_POLICIES["openai"] is OPENAI_POLICY
     assert list(OPENAI_POLICY.category_ids) == list(OPENAI_NAMES)
     assert {c.id: c.paper_category for c in OPENAI_POLICY.categories} == OPENAI_NAMES
 
 
 def test_the_mistral_policy_has_mistrals_9_category_names() -> None:
-    assert resolve_policy("mistral") is MISTRAL_POLICY
+    assert BUILTIN_POLICIES["mistral"] is MISTRAL_POLICY
     assert {c.id: c.paper_category for c in MISTRAL_POLICY.categories} == MISTRAL_NAMES
     assert set(MISTRAL_NAMES.values()) == set(PAPER_CATEGORY_IDS)
 
 
 def test_the_mlcommons_policy_has_llama_guard_3s_s1_to_s14() -> None:
-    assert resolve_policy("mlcommons") is MLCOMMONS_POLICY
+    assert BUILTIN_POLICIES["mlcommons"] is MLCOMMONS_POLICY
     ids = MLCOMMONS_POLICY.category_ids
     assert [i.split("_")[0] for i in ids] == MLCOMMONS_CODES
     # the description opens with the code, as Llama Guard's prompt lists them
