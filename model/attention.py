@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import EngineError
+from model.flex import FlexBackend
 
 
 class AttentionBackend(Protocol):
@@ -398,23 +399,41 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def flex_backend(device: torch.device, compile_kernel: bool | None = None) -> FlexBackend:
+    """FlexAttention for pre-fill, mixed and tree passes, SDPA's decode over the filled rows;
+    the kernel compiled on CUDA unless told (see model/flex.py)."""
+    if compile_kernel is None:
+        compile_kernel = device.type == "cuda"
+    return FlexBackend(SdpaBackend._decode, compile_kernel=compile_kernel)
+
+
 def select_backend(
     name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
 ) -> AttentionBackend:
     """`auto` picks flash-attn when CUDA, a half dtype and a working flash-attn are present,
-    else SDPA (saying why once, when CUDA would have used flash-attn)."""
+    else FlexAttention on CUDA (saying why once) and SDPA on CPU, where it measured faster
+    than flex (docs/benchmarks.md, #24)."""
     global _fallback_logged
     if name == "sdpa":
         return SdpaBackend()
+    if name == "flex":
+        return flex_backend(device)
     if name not in ("flash", "auto"):
-        raise EngineError(f"unknown attention backend {name!r}; choose auto, flash or sdpa")
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        raise EngineError(f"unknown attention backend {name!r}; choose auto, flash, flex or sdpa")
+    if device.type != "cuda":
         if name == "flash":
             raise EngineError(
                 "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
                 f"package (device={device}, dtype={dtype})"
             )
         return SdpaBackend()
+    if dtype not in (torch.float16, torch.bfloat16):
+        if name == "flash":
+            raise EngineError(
+                "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
+                f"package (device={device}, dtype={dtype})"
+            )
+        return flex_backend(device)
     error = flash_import_error()
     if error is None:
         return FlashBackend()
@@ -423,5 +442,5 @@ def select_backend(
     if not _fallback_logged:
         _fallback_logged = True
         level = logging.INFO if error == "flash-attn is not installed" else logging.WARNING
-        _log.log(level, "attention backend auto: using sdpa on %s, %s", device, error)
-    return SdpaBackend()
+        _log.log(level, "attention backend auto: using flex on %s, %s", device, error)
+    return flex_backend(device)

@@ -78,6 +78,8 @@ class ForwardMetadata:
     # causal), or the pass as one padded batch (model.attention.PaddedLayout).
     masks: list[torch.Tensor | None] | None = None
     padded: Any = None
+    # Set by the flex backend's prepare(): the pass's block mask (model.flex.FlexPass).
+    flex: Any = None
     prepared: bool = False
 
     @property

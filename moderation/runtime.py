@@ -31,7 +31,7 @@ from moderation.core.policy import Policy, PolicyError, load_policy_file
 from moderation.core.thresholds import check_operating_point, load_operating_points
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 log = structlog.get_logger(__name__)
 
