@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from model import flash_ops
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import EngineError
 from model.flex import FlexBackend
@@ -293,15 +294,13 @@ class SdpaBackend:
 
 
 class FlashBackend:
-    """flash-attn 2: varlen kernel with window_size for pre-fill, kvcache kernel for decode."""
+    """flash-attn 2: varlen kernel with window_size for pre-fill, kvcache kernel for decode,
+    called as the custom ops of model/flash_ops.py, which compiled and captured steps trace
+    through (on CPU tensors those run their plain-torch reference)."""
 
     name = "flash"
 
     def __init__(self) -> None:
-        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-
-        self._varlen = flash_attn_varlen_func
-        self._kvcache = flash_attn_with_kvcache
         # Token trees (label scoring) need arbitrary masks, which flash-attn has no form for;
         # those passes are a few dozen tokens, so SDPA serves them.
         self._trees = SdpaBackend()
@@ -331,16 +330,15 @@ class FlashBackend:
             cache.write(layer, k, v, meta)
         # causal=True aligns the band bottom-right when keys outnumber queries (flash-attn >= 2.1),
         # which is what a chunk attending to its cached window needs.
-        out = self._varlen(
+        out = flash_ops.varlen(
             q[nd:],
             keys,
             values,
-            cu_seqlens_q=meta.cu_seqlens_q,
-            cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_seqlen_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            causal=True,
-            window_size=(meta.window - 1, 0),
+            meta.cu_seqlens_q,
+            meta.cu_seqlens_k,
+            meta.max_seqlen_q,
+            meta.max_seqlen_k,
+            meta.window,
         )
         if nd:
             assert cache is not None
@@ -356,15 +354,7 @@ class FlashBackend:
         # The buffer already holds exactly the window (see module docstring), so no
         # window_size is needed; cache_batch_idx maps each query to its slot, and the kernel
         # reads only cache_seqlens rows of it.
-        out = self._kvcache(
-            q[:, None],
-            kc,
-            vc,
-            cache_seqlens=d.lengths,
-            cache_batch_idx=d.slots,
-            causal=True,
-        )
-        return out[:, 0]
+        return flash_ops.kvcache(q, kc, vc, d.lengths, d.slots)
 
 
 _log = logging.getLogger(__name__)

@@ -86,14 +86,15 @@ class ForwardMetadata:
     def n_decode(self) -> int:
         return self.decoding.count if self.decoding is not None else 0
 
+    # Lists with a 0 rather than max(..., default=0), which dynamo cannot trace (a compiled
+    # step through the flash-attn ops reads these).
     @property
     def max_seqlen_q(self) -> int:
-        return max(self.seqlens, default=0)
+        return max([0, *self.seqlens])
 
     @property
     def max_seqlen_k(self) -> int:
-        pairs = zip(self.cached_lens, self.seqlens, strict=True)
-        return max((c + s for c, s in pairs), default=0)
+        return max([0] + [c + s for c, s in zip(self.cached_lens, self.seqlens, strict=True)])
 
     @classmethod
     def fresh(cls, seqlens: list[int], window: int, device: torch.device) -> ForwardMetadata:

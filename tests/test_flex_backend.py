@@ -121,6 +121,7 @@ def test_flex_holds_in_a_fullgraph_compiled_pass(model: Transformer) -> None:
     want = sdpa._forward(meta_args[0], [tokens(12, 3), [7]], logits_rows=list(range(13)))
     meta = flex.cache.plan(*meta_args, tokens=[*tokens(12, 3), 7], logits_rows=list(range(13)))
     backend.prepare(meta, model.dtype)
+    assert meta.tokens is not None
     run = torch.compile(model.run, backend="eager", fullgraph=True)
     with torch.no_grad():
         got = run(meta.tokens, meta, flex.cache, meta.logits_index, backend, False)
