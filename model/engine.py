@@ -217,6 +217,11 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         """Start-up time spent compiling and capturing the decode graphs; None without."""
         return self._decode_step.capture_seconds if self._decode_step is not None else None
 
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes decode steps are padded to and run as graphs; () when eager."""
+        return tuple(self._decode_step.buckets) if self._decode_step is not None else ()
+
     # ----------------------------------------------------------------- forward
 
     def _forward(

@@ -59,7 +59,8 @@ class RuntimeSettings:
     max_context: int | None = DEFAULT_MAX_CONTEXT
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cache_memory_bytes: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
-    compile: bool = False  # decode steps as compiled graphs (CUDA graphs on CUDA)
+    # Decode steps as compiled graphs (CUDA graphs on CUDA); None: on CUDA, not on CPU.
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from model import Engine, GenerationRequest, ModelArgs
 from model.demo import random_weights
 from model.graphs import batch_buckets, span_buckets
 from model.transformer import Transformer
+from moderation.core.limits import ModelLimits
 
 W = 128  # two span buckets (64, 128): steps change span as sequences grow and wrap
 ARGS = ModelArgs(
@@ -65,6 +66,10 @@ def test_a_serving_mix_compiles_nothing_after_warm_up() -> None:
     graphs = graphed._decode_step
     assert graphs is not None and graphs.buckets == [1, 2, 4, 5] and graphs.spans == [64, 128]
     assert graphs.compiles >= 1 and graphed.graph_capture_seconds is not None
+    # What GetModelInfo reports (decode_graph_batch_sizes, graph_capture_seconds).
+    limits = ModelLimits.of(graphed)
+    assert limits.graph_batch_sizes == (1, 2, 4, 5) and limits.graph_capture_seconds > 0
+    assert ModelLimits.of(eager).graph_batch_sizes == ()
     sizes: list[int] = []
     real_decode = graphs.decode
 

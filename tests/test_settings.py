@@ -204,14 +204,15 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     assert (r.long_text, r.max_batch_size, r.score_batch_size) == ("split", 5, 5)
     assert r.max_new_tokens_limit == 77
     assert (r.max_context, r.gpu_memory_utilization, r.cache_memory_bytes) == (2048, 0.5, 1 << 30)
-    assert r.compile is True
+    assert r.compile is None  # the engine's default: graphs on CUDA, eager on CPU
+    assert ServeSettings(compile=False).runtime_settings().compile is False
 
 
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:
     s = parse([])
     assert (s.max_context, s.gpu_memory_utilization, s.cache_memory) == (8192, 0.9, None)
-    assert s.compile is False and parse(["--compile"]).compile is True
-    assert settings_from_env({"MODERATION_COMPILE": "true"}).compile is True
+    assert s.compile is True and parse(["--no-compile"]).compile is False
+    assert settings_from_env({"MODERATION_COMPILE": "false"}).compile is False
     s = parse(["--max-context", "4096", "--cache-memory", "512MiB"])
     assert (s.max_context, s.cache_memory) == (4096, 512 << 20)
     env = {

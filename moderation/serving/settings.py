@@ -178,11 +178,12 @@ class ServeSettings:
         metavar="BYTES",
     )
     compile: bool = _setting(
-        False,
+        True,
         parse_bool,
-        "compile the decode step (torch.compile; captured as CUDA graphs on CUDA), which removes "
-        "the per-step launch overhead at the cost of a slower start; ignored (with a warning) "
-        "on CPU, where the compiled step is slower than eager",
+        "CUDA: run decode steps as CUDA graphs (torch.compile, mode reduce-overhead), one per "
+        "batch bucket and span, all compiled and captured at start-up before health says "
+        "SERVING (which takes longer); --no-compile runs eager. CPU runs eager either way: "
+        "the compiled step is slower there",
     )
     max_queue: int = _setting(
         1024,
@@ -410,7 +411,8 @@ class ServeSettings:
             max_context=self.max_context,
             gpu_memory_utilization=self.gpu_memory_utilization,
             cache_memory_bytes=self.cache_memory,
-            compile=self.compile,
+            # On: the engine's default (graphs on CUDA, eager on CPU); off: eager everywhere.
+            compile=None if self.compile else False,
         )
 
     def resolve_auth_token(self) -> str | None:

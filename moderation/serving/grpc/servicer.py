@@ -328,6 +328,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
                 policies=convert.policy_info(list(planner.policies.values())),
+                decode_graphs=bool(limits.graph_batch_sizes),
+                decode_graph_batch_sizes=list(limits.graph_batch_sizes),
+                graph_capture_seconds=limits.graph_capture_seconds,
             )
 
         return await self._guard(context, body)
