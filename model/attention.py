@@ -394,7 +394,9 @@ def flex_backend(device: torch.device, compile_kernel: bool | None = None) -> Fl
     the kernel compiled on CUDA unless told (see model/flex.py)."""
     if compile_kernel is None:
         compile_kernel = device.type == "cuda"
-    return FlexBackend(SdpaBackend._decode, compile_kernel=compile_kernel)
+    return FlexBackend(
+        SdpaBackend._decode, compile_kernel=compile_kernel, cuda=device.type == "cuda"
+    )
 
 
 def select_backend(

@@ -21,7 +21,7 @@ import torch
 from model.attention import select_backend
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import RequestError, SamplingError
-from model.graphs import DecodeGraphs
+from model.graphs import DecodeGraphs, warm_up_prefill
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     activation_bytes,
@@ -211,6 +211,10 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
                 pad_slot=self._score_slots[-1],
             )  # fmt: skip
             self._decode_step.warm_up(self._free_slots)
+        # The compiled FlexAttention kernel (CUDA) likewise, before the first caller waits.
+        self.prefill_compile_seconds = 0.0
+        if model.device.type == "cuda" and getattr(self.backend, "compile_kernel", False):
+            self.prefill_compile_seconds = warm_up_prefill(self.score, self.args.vocab_size)
 
     @property
     def graph_capture_seconds(self) -> float | None:

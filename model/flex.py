@@ -142,13 +142,16 @@ class FlexBackend:
 
     name = "flex"
 
-    def __init__(self, decode: DecodeFn, *, compile_kernel: bool) -> None:
+    def __init__(self, decode: DecodeFn, *, compile_kernel: bool, cuda: bool = False) -> None:
         self._decode = decode
         self.compile_kernel = compile_kernel
-        # dynamic=False: compiled passes are padded to whole blocks, so their shapes are few,
-        # and static shapes give the kernel its best tiling.
+        # Pre-fill passes come in many lengths (padded to whole blocks, still up to 32 x 64
+        # pairs for a 4096 window): on CUDA the kernel becomes shape-generic after its second
+        # shape (dynamo's automatic dynamic), instead of one compile per pair while serving.
+        # On CPU shapes stay static: torch 2.13's C++ flex template fails to compile with
+        # symbolic sizes (seen here: "cur_kvSplitSize7 was not declared").
         self._flex = (
-            torch.compile(flex_attention, fullgraph=True, dynamic=False)
+            torch.compile(flex_attention, fullgraph=True, dynamic=None if cuda else False)
             if compile_kernel
             else flex_attention
         )

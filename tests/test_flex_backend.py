@@ -153,3 +153,23 @@ def test_auto_keeps_sdpa_on_cpu_and_flex_is_chosen_by_name() -> None:
     assert isinstance(flex, FlexBackend) and not flex.compile_kernel
     cuda = select_backend("flex", torch.device("cuda"), torch.bfloat16)
     assert isinstance(cuda, FlexBackend) and cuda.compile_kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_kernel_gives_the_sdpa_logits_and_scores() -> None:
+    with torch.device("meta"):
+        m = Transformer(ARGS)
+    m.load_state_dict(random_weights(ARGS, seed=5), assign=True)
+    m = m.to("cuda").eval()
+    sdpa = Engine(m, max_batch_size=3, score_batch_size=3, chunk_size=7, backend="sdpa",
+                  compile=False)  # fmt: skip
+    flex = Engine(m, max_batch_size=3, score_batch_size=3, chunk_size=7, backend="flex")
+    assert isinstance(flex.backend, FlexBackend) and flex.backend.compile_kernel
+    assert flex.prefill_compile_seconds > 0  # compiled before serving
+    for slots, chunks, rows in passes()[:3]:
+        want = sdpa._forward(slots, chunks, logits_rows=rows)
+        got = flex._forward(slots, chunks, logits_rows=rows)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    prompt = tokens(2 * W + 3, 50)
+    assert flex.score(prompt, CONTS) == pytest.approx(sdpa.score(prompt, CONTS), abs=1e-3)
