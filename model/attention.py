@@ -389,14 +389,18 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def flex_backend(device: torch.device, compile_kernel: bool | None = None) -> FlexBackend:
-    """FlexAttention for pre-fill, mixed and tree passes, SDPA's decode over the filled rows;
-    the kernel compiled on CUDA unless told (see model/flex.py)."""
+def flex_backend(
+    device: torch.device, compile_kernel: bool | None = None, *, flex_decode: bool = False
+) -> FlexBackend:
+    """FlexAttention for pre-fill, mixed and tree passes; decode through SDPA over the filled
+    rows, or (flex_decode) FlexAttention over every slot's rows in place; the kernel compiled
+    on CUDA unless told (see model/flex.py)."""
     if compile_kernel is None:
         compile_kernel = device.type == "cuda"
     return FlexBackend(
-        SdpaBackend._decode, compile_kernel=compile_kernel, cuda=device.type == "cuda"
-    )
+        SdpaBackend._decode, compile_kernel=compile_kernel, cuda=device.type == "cuda",
+        flex_decode=flex_decode,
+    )  # fmt: skip
 
 
 def select_backend(

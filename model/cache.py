@@ -44,6 +44,7 @@ class DecodePlan:
     # With slot_range: every layer's keys and values as views [layers, count, kv_heads, span,
     # head_dim] of the buffers, made once per pass (not ten views per layer).
     views: tuple[torch.Tensor, torch.Tensor] | None = None
+    n_slots: int = 0  # slots of the cache (what a decode over every slot's rows is shaped by)
 
 
 @dataclass
@@ -78,8 +79,10 @@ class ForwardMetadata:
     # causal), or the pass as one padded batch (model.attention.PaddedLayout).
     masks: list[torch.Tensor | None] | None = None
     padded: Any = None
-    # Set by the flex backend's prepare(): the pass's block mask (model.flex.FlexPass).
+    # Set by the flex backend's prepare(): the pass's block masks (model.flex.FlexPass for its
+    # pre-fill sequences, model.flex.FlexDecode for its decoders when flex decodes).
     flex: Any = None
+    flex_decode: Any = None
     prepared: bool = False
 
     @property
@@ -361,6 +364,7 @@ class RollingCache:
             mask=mask,
             slot_range=(slots[0], n) if consecutive else None,
             views=views,
+            n_slots=self.n_slots,
         )
 
     def _plan_decode(

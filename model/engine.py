@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import select_backend
+from model.attention import AttentionBackend, select_backend
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import RequestError, SamplingError
 from model.graphs import DecodeGraphs, warm_up_prefill
@@ -102,7 +102,7 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         max_context: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         cache_memory_bytes: int | None = None,
-        backend: str = "auto",
+        backend: str | AttentionBackend = "auto",
         eos_id: int = 2,
         compile: bool | None = None,
         compile_on_cpu: bool = False,
@@ -110,7 +110,13 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         self.model = model
         self.args = model.args
         self.eos_id = eos_id
-        self.backend = select_backend(backend, model.device, model.dtype)
+        # A name (auto, flash, flex, sdpa), or a backend built by the caller (for example
+        # model.attention.flex_backend(device, flex_decode=True)).
+        self.backend = (
+            select_backend(backend, model.device, model.dtype)
+            if isinstance(backend, str)
+            else backend
+        )
         # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
         # of a 7B).
         weights = weights_bytes(model)

@@ -20,10 +20,16 @@ are built once per pass by `prepare` (into `meta.flex`, which the layers only re
 layer shares them. Blocks of the (query, key) grid that no sequence needs are skipped by the
 kernel, so packing many short texts costs what their own tokens cost.
 
-Decode steps (one new token per sequence) stay on the SDPA path over the filled rows of each
-slot (`SdpaBackend._decode`, handed in as `decode`): after its write a slot's buffer holds
-exactly its window, so no mask of positions is needed there, and that path is the one the
-graph capture of model/graphs.py was built and measured with (docs/benchmarks.md, #24).
+Decode steps (one new token per sequence) stay by default on the SDPA path over the filled
+rows of each slot (`SdpaBackend._decode`, handed in as `decode`): after its write a slot's
+buffer holds exactly its window, so no mask of positions is needed there, and that path is the
+one the graph capture of model/graphs.py was built and measured with (docs/benchmarks.md,
+#24). `flex_decode=True` decodes through FlexAttention instead, over every slot's physical rows
+in place: the cache's buffers are the keys as they lie ([slots, window] per layer, a view: no
+copy of any slot, where SDPA's compiled path copies each decoder's span), the queries are put
+at their slots' rows, and the block mask gives each slot the blocks its length covers (idle
+slots none, so they cost nothing). Rows past a slot's length are masked; order does not
+matter (the buffer holds exactly the window). Not measured on a GPU yet, so opt-in.
 
 `compile_kernel`: FlexAttention run eagerly is a reference implementation that materialises
 the scores; compiled, it is the generated kernel. The default compiles on CUDA; on CPU the
@@ -51,6 +57,43 @@ BLOCK = 128  # FlexAttention's block size: the unit of sparsity and of padding w
 # The eager FlexAttention warns at every first call that it is not the fused kernel; this
 # backend runs it eagerly on purpose (CPU, tests), and says so in its docstring instead.
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
+@dataclass
+class FlexDecode:
+    """A decode step's attention over every slot's rows, built once per pass."""
+
+    block_mask: BlockMask
+    slots: torch.Tensor  # [decoders] long: the slot of each decoder
+
+
+def decode_mask(meta: ForwardMetadata) -> FlexDecode:
+    """Block mask over [slots, window] keys: slot s sees its first length[s] rows (the
+    decoders' lengths after their writes; 0 for the other slots, whose blocks are skipped)."""
+    d = meta.decoding
+    assert d is not None and d.n_slots > 0
+    device = d.slots.device
+    slots = d.slots.long()
+    # Padding decoders share one slot, all with length 1: duplicate writes of one value.
+    lengths = torch.zeros(d.n_slots, dtype=torch.int32, device=device).index_copy(
+        0, slots, d.lengths.int()
+    )
+    n_blocks = -(-meta.window // BLOCK)
+    kv_num_blocks = ((lengths + BLOCK - 1) // BLOCK).view(d.n_slots, 1, 1)
+    kv_indices = (
+        torch.arange(n_blocks, dtype=torch.int32, device=device)
+        .expand(d.n_slots, 1, 1, n_blocks)
+        .contiguous()
+    )
+
+    def within(b: T, h: T, qi: T, ki: T) -> T:
+        return ki < lengths[b]
+
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, BLOCK_SIZE=BLOCK, mask_mod=within,
+        seq_lengths=(1, meta.window), compute_q_blocks=False,
+    )  # fmt: skip
+    return FlexDecode(block_mask, slots)
 
 
 @dataclass
@@ -142,9 +185,13 @@ class FlexBackend:
 
     name = "flex"
 
-    def __init__(self, decode: DecodeFn, *, compile_kernel: bool, cuda: bool = False) -> None:
+    def __init__(
+        self, decode: DecodeFn, *, compile_kernel: bool, cuda: bool = False,
+        flex_decode: bool = False,
+    ) -> None:  # fmt: skip
         self._decode = decode
         self.compile_kernel = compile_kernel
+        self.flex_decode = flex_decode
         # Pre-fill passes come in many lengths (padded to whole blocks, still up to 32 x 64
         # pairs for a 4096 window): on CUDA the kernel becomes shape-generic after its second
         # shape (dynamo's automatic dynamic), instead of one compile per pair while serving.
@@ -160,6 +207,8 @@ class FlexBackend:
         if meta.prepared:
             return
         meta.prepared = True
+        if self.flex_decode and meta.decoding is not None:
+            meta.flex_decode = decode_mask(meta)
         if not meta.seqlens:
             return
         mask_mod, q_len, k_len = pass_mask(meta, self.compile_kernel)
@@ -184,7 +233,7 @@ class FlexBackend:
         nd = meta.n_decode if cache is not None else 0
         if cache is not None and nd == q.shape[0]:
             cache.write(layer, k, v, meta)
-            return self._decode(q, cache, layer, meta)
+            return self._decode_step(q, cache, layer, meta)
         fp = meta.flex
         assert isinstance(fp, FlexPass), "prepare() builds the pass's mask before the forward"
         keys, values = k[nd:], v[nd:]
@@ -197,8 +246,27 @@ class FlexBackend:
         out = self._prefill(q[nd:], keys, values, fp)
         if nd:
             assert cache is not None
-            out = torch.cat([self._decode(q[:nd], cache, layer, meta), out])
+            out = torch.cat([self._decode_step(q[:nd], cache, layer, meta), out])
         return out
+
+    def _decode_step(
+        self, q: torch.Tensor, cache: RollingCache, layer: int, meta: ForwardMetadata
+    ) -> torch.Tensor:
+        fd = meta.flex_decode
+        if not isinstance(fd, FlexDecode):
+            return self._decode(q, cache, layer, meta)
+        kc, vc = cache.slot_view(layer)  # [slots, window, kv_heads, D]: the buffer, in place
+        n_slots, _, kv_heads, _ = kc.shape
+        queries = q.new_zeros(n_slots, *q.shape[1:]).index_copy(0, fd.slots, q)
+        o = self._flex(
+            queries[:, :, None],  # [slots, heads, 1, D]
+            kc.transpose(1, 2),
+            vc.transpose(1, 2),
+            block_mask=fd.block_mask,
+            enable_gqa=q.shape[1] != kv_heads,
+        )
+        assert isinstance(o, torch.Tensor)
+        return o[:, :, 0].index_select(0, fd.slots)
 
     def _prefill(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, fp: FlexPass

@@ -14,8 +14,9 @@ vLLM and gpt-fast):
   times on CUDA: the cudagraph trees run a shape eagerly once, then record, then replay), so no
   caller's step ever waits for a compile or a capture. `capture_seconds` is what that took.
 - **static buffers**: the cache is marked a static address, so the graphs write it in place.
-- **no recompiles while serving**: `compiles` counts dynamo's graph compiles during warm-up
-  and `recompiles_since_warm_up()` after it; tests drive a serving mix and assert zero.
+- **no recompiles while serving**: `compiles` counts the step's graphs dynamo compiled during
+  warm-up and `recompiles_since_warm_up()` those after it; tests drive a serving mix and
+  assert zero.
 
 The compiled function is `Transformer.run`: `fullgraph=True` (no Python between the ops of a
 step; a graph break is an error, not a silent slow path). CUDA: inductor, mode
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from model import transfer
 from model.attention import AttentionBackend
@@ -68,8 +70,13 @@ def warm_up_prefill(score: Callable[[list[int], list[list[int]]], object], vocab
     return seconds
 
 
-def _graph_count() -> int:
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+def _graph_count(fn: Callable[..., object]) -> int:
+    """Graphs dynamo holds for fn's code (every engine's decode step shares Transformer.run's
+    code, so counts are taken as differences). Not the process-wide counter: eager
+    FlexAttention compiles a wrapper of its own per pre-fill shape, which is not a graph of
+    the decode step."""
+    code = getattr(fn, "__code__", None) or fn.__func__.__code__  # type: ignore[attr-defined]
+    return len(_debug_get_cache_entry_list(code))
 
 
 class DecodeGraphs:
@@ -165,7 +172,7 @@ class DecodeGraphs:
         if len(free_slots) < self.buckets[-1]:
             raise ValueError("warm_up needs every generation slot free")
         start = time.perf_counter()
-        before = _graph_count()
+        before = _graph_count(self.model.run)
         runs = 3 if self.cuda else 1
         for b in self.buckets:
             slots = free_slots[:b]
@@ -181,8 +188,8 @@ class DecodeGraphs:
         if self.cuda:
             torch.cuda.synchronize(self.cache.device)
         self.capture_seconds = time.perf_counter() - start
-        self.compiles = _graph_count() - before
-        self._graphs_after_warm_up = _graph_count()
+        self.compiles = _graph_count(self.model.run) - before
+        self._graphs_after_warm_up = _graph_count(self.model.run)
         _log.info(
             "decode graphs: %d batch buckets %s x %d spans ready in %.1f s (%d compiles%s)",
             len(self.buckets), self.buckets, len(self.spans), self.capture_seconds,
@@ -191,7 +198,8 @@ class DecodeGraphs:
         return self.capture_seconds
 
     def recompiles_since_warm_up(self) -> int:
-        """Graphs dynamo compiled after warm_up (in this process: any function's)."""
+        """Decode-step graphs dynamo compiled after warm_up (those of every engine in this
+        process, which share the step's code)."""
         if self._graphs_after_warm_up is None:
             return 0
-        return _graph_count() - self._graphs_after_warm_up
+        return _graph_count(self.model.run) - self._graphs_after_warm_up

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import Engine, GenerationRequest, ModelArgs
+from model.attention import flex_backend
 from model.demo import random_weights
 from model.graphs import batch_buckets, span_buckets
 from model.transformer import Transformer
@@ -55,14 +56,17 @@ def serve(engine: Engine) -> dict[int, list[int]]:
     return out
 
 
-def test_a_serving_mix_compiles_nothing_after_warm_up() -> None:
+@pytest.mark.parametrize("decode", ["sdpa", "flex"])
+def test_a_serving_mix_compiles_nothing_after_warm_up(decode: str) -> None:
+    """Decode through SDPA over the filled rows, or FlexAttention over the slots in place."""
     with torch.device("meta"):
         model = Transformer(ARGS)
     model.load_state_dict(random_weights(ARGS, seed=3), assign=True)
     model.eval()
     eager = Engine(model, max_batch_size=5, score_batch_size=1, compile=False)
+    backend = flex_backend(torch.device("cpu"), flex_decode=True) if decode == "flex" else "sdpa"
     graphed = Engine(model, max_batch_size=5, score_batch_size=1, compile=True,
-                     compile_on_cpu=True)  # fmt: skip
+                     compile_on_cpu=True, backend=backend)  # fmt: skip
     graphs = graphed._decode_step
     assert graphs is not None and graphs.buckets == [1, 2, 4, 5] and graphs.spans == [64, 128]
     assert graphs.compiles >= 1 and graphed.graph_capture_seconds is not None

@@ -58,8 +58,9 @@ def passes() -> list[tuple[list[int], list[Sequence[int]], list[int]]]:
     ]
 
 
-def test_every_kind_of_pass_gives_the_sdpa_logits(model: Transformer) -> None:
-    sdpa, flex = engines(model, flex_backend(torch.device("cpu")))
+@pytest.mark.parametrize("flex_decode", [False, True], ids=["sdpa-decode", "flex-decode"])
+def test_every_kind_of_pass_gives_the_sdpa_logits(model: Transformer, flex_decode: bool) -> None:
+    sdpa, flex = engines(model, flex_backend(torch.device("cpu"), flex_decode=flex_decode))
     for slots, chunks, rows in passes():
         want = sdpa._forward(slots, chunks, logits_rows=rows)
         got = flex._forward(slots, chunks, logits_rows=rows)
