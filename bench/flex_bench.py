@@ -103,6 +103,20 @@ def bench_model(label: str, args: ModelArgs, prompt: int, chunk: int, texts: int
     def classify() -> None:
         engine.score_batch(requests, relative=True)
 
+    decode_prompt = long_prompt[: args.window // 2]
+
+    def decode() -> None:
+        """16 decode steps of one sequence whose window is half full (pre-fill untimed)."""
+        rid = engine.add_request(GenerationRequest(decode_prompt, 17, stop_tokens=frozenset()))
+        engine.step()
+        start = time.perf_counter()
+        for _ in range(16):
+            engine.step()
+        decode_seconds.append(time.perf_counter() - start)
+        engine.cancel(rid)
+
+    decode_seconds: list[float] = []
+
     print(f"\n## {label}: window {args.window}, {args.n_layers} layers, heads "
           f"{args.n_heads}/{args.n_kv_heads}, head_dim {args.head_dim}")  # fmt: skip
     names = list(backends)
@@ -114,6 +128,21 @@ def bench_model(label: str, args: ModelArgs, prompt: int, chunk: int, texts: int
         best = compare(engine, backends, work, repeats)
         ratios = "  ".join(f"{best[n] / best['sdpa']:.2f}x" for n in names[1:])
         print(f"{what:<44}" + "".join(f"{best[n] * 1e3:13.1f}ms" for n in names) + f"  {ratios}")
+    # Decode: SDPA over the filled rows (also flex's default) against flex_decode=True.
+    decoders: dict[str, AttentionBackend] = {
+        "sdpa": backends["sdpa"],
+        "flex_decode": flex_backend(torch.device("cpu"), flex_decode=True),
+    }
+    per_step: dict[str, float] = {}
+    for _ in range(repeats + 1):
+        for name, backend in decoders.items():
+            engine.backend = backend
+            decode_seconds.clear()
+            decode()
+            per_step[name] = min(per_step.get(name, float("inf")), decode_seconds[0] / 16)
+    print(f"{'decode step, 1 sequence, window half full':<44}{per_step['sdpa'] * 1e3:13.1f}ms"
+          f"{per_step['flex_decode'] * 1e3:13.1f}ms (flex_decode)  "
+          f"{per_step['flex_decode'] / per_step['sdpa']:.2f}x")  # fmt: skip
 
 
 def bench_graphs() -> None:
