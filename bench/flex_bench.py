@@ -108,7 +108,8 @@ def bench_model(label: str, args: ModelArgs, prompt: int, chunk: int, texts: int
     def decode() -> None:
         """16 decode steps of one sequence whose window is half full (pre-fill untimed)."""
         rid = engine.add_request(GenerationRequest(decode_prompt, 17, stop_tokens=frozenset()))
-        engine.step()
+        while not engine.step():  # the pre-fill, chunk by chunk, until the first token
+            pass
         start = time.perf_counter()
         for _ in range(16):
             engine.step()
