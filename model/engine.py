@@ -228,6 +228,13 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         return self._decode_step.capture_seconds if self._decode_step is not None else None
 
     @property
+    def graph_recompiles(self) -> int | None:
+        """Decode-step graphs compiled since the start-up warm-up (goal: 0); None without."""
+        if self._decode_step is None:
+            return None
+        return self._decode_step.recompiles_since_warm_up()
+
+    @property
     def graph_batch_sizes(self) -> tuple[int, ...]:
         """Batch sizes decode steps are padded to and run as graphs; () when eager."""
         return tuple(self._decode_step.buckets) if self._decode_step is not None else ()
