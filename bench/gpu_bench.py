@@ -187,7 +187,7 @@ def main() -> None:
 
     def prefill() -> None:
         engine.cache.reset(0)
-        engine._prefill([0], [tokens])
+        engine.passes.prefill([0], [tokens])
 
     prefill()  # warm-up
     torch.cuda.synchronize()
@@ -242,7 +242,7 @@ def main() -> None:
         for name in ("flash", "sdpa"):
             e = Engine(model, max_batch_size=1, score_batch_size=1, backend=name,
                        max_context=8192)  # fmt: skip
-            logits[name] = e._forward([0], [prompt], logits_rows=rows)
+            logits[name] = e.passes.forward([0], [prompt], logits_rows=rows)
             del e
         diff = (logits["flash"] - logits["sdpa"]).abs().max().item()
         scale = logits["sdpa"].abs().max().item()

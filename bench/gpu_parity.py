@@ -79,7 +79,9 @@ def mixed_passes(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
                 step = 5 if fed[i] < prompt_lens[i] else 1
                 batch.append((i, s[fed[i] : fed[i] + step]))
         rows = list(range(sum(len(c) for _, c in batch)))
-        logits = engine._forward([i for i, _ in batch], [c for _, c in batch], logits_rows=rows)
+        logits = engine.passes.forward(
+            [i for i, _ in batch], [c for _, c in batch], logits_rows=rows
+        )
         (decode if all(len(c) == 1 for _, c in batch) else mixed).append(logits.float().cpu())
         for i, chunk in batch:
             fed[i] += len(chunk)

@@ -9,7 +9,6 @@ by many requests (a policy's instructions) can be pre-filled once and restored i
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 from collections import deque
@@ -18,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import select_backend
-from model.cache import ForwardMetadata, RollingCache, decode_span
+from model.attention import AttentionBackend, select_backend
+from model.cache import RollingCache, decode_span
+from model.cpu_gemm import pack_for_cpu
 from model.errors import RequestError, SamplingError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -29,11 +29,12 @@ from model.memory import (
     plan_memory,
     weights_bytes,
 )
+from model.passes import Passes, SlotPool
 from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
-from model.scoring import ContinuationTree
+from model.scoring import Prefix, ScoreRequest, Scoring
 from model.stats import EngineStats
-from model.stream_checks import StreamCheck, StreamChecks, _CheckStream
-from model.transformer import Transformer, pack_for_cpu
+from model.stream_checks import StreamCheck, StreamChecks
+from model.transformer import Transformer
 
 _log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def compile_decode_step(
     return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
 
 
-class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this engine's mixins
+class Engine:
     """Batched generation and scoring over a rolling-buffer cache.
 
     `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
@@ -140,12 +141,13 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         self.model = model
         self.args = model.args
         self.eos_id = eos_id
-        self.backend = select_backend(backend, model.device, model.dtype)
+        backend_choice = select_backend(backend, model.device, model.dtype)
         # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
         # of a 7B).
         weights = weights_bytes(model)
-        if model.device.type == "cpu":
-            pack_for_cpu(model)
+        # The CPU kernel of each matrix multiply, measured on this host and logged (None on
+        # a GPU).
+        self.cpu_gemm = pack_for_cpu(model) if model.device.type == "cpu" else None
         rows = cache_rows(model.args, max_context)[0]
         # Chunks of at most 4096 tokens (the 7B's window) bound activations for models whose
         # rows are a long context.
@@ -204,18 +206,10 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         self.max_context = self.memory.max_context
         self.max_batch_size = max_batch_size
         self.score_batch_size = score_batch_size
-        # Kept sorted and taken lowest first, so running sequences tend to sit in consecutive
-        # slots and the decode path reads the cache as a view.
-        self._free_slots = list(range(max_batch_size))
-        self._score_slots = list(range(max_batch_size, max_batch_size + score_batch_size))
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
-        self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
-        # Check streams (model/stream_checks.py): a growing text checked as it grows.
-        self._stream_checks: dict[int, _CheckStream] = {}
-        self._stream_ids = itertools.count()
         # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
         # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
         # was measured slower than eager (the eager kernels it keeps, plus dynamo's guards; no
@@ -228,82 +222,75 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
             )
             compile = False
         self.compile = compile
-        self._decode_step = (
-            compile_decode_step(model, self.cache, max_batch_size) if compile else None
-        )
-        # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
-        self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
-
-    # ----------------------------------------------------------------- forward
-
-    def _forward(
-        self,
-        slots: list[int],
-        chunks: list[Sequence[int]],
-        *,
-        logits_rows: list[int],
-        write: list[bool] | None = None,
-        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
-        hidden: bool = False,
-    ) -> torch.Tensor:
-        tokens = list(itertools.chain.from_iterable(chunks))
-        meta = self.cache.plan(
-            slots,
-            [len(c) for c in chunks],
-            tokens=tokens,
-            logits_rows=logits_rows,
-            write=write,
-            trees=trees,
-        )
-        return self._run_planned(meta, hidden=hidden)
-
-    def _run_planned(self, meta: ForwardMetadata, *, hidden: bool = False) -> torch.Tensor:
-        """The forward of a planned pass: logits (or hidden states) of `meta.logits_index`."""
-        self.backend.prepare(meta, self.model.dtype)
-        assert meta.tokens is not None
-        self.stats.forward_passes += 1
-        self.stats.tokens_computed += int(meta.tokens.numel())
-        if self._decode_step is not None and meta.n_decode == meta.tokens.numel():
-            with torch.no_grad():
-                return self._decode_step(
-                    meta.tokens, meta, self.cache, meta.logits_index, self.backend, hidden
-                )
-        return self.model(
-            meta.tokens,
-            meta,
+        # The parts that share the cache: forward passes, the generation slots (which check
+        # streams also take), scoring over its own slots, and stream checks.
+        self.passes = Passes(
+            model,
             self.cache,
-            logits_index=meta.logits_index,
-            backend=self.backend,
-            hidden=hidden,
+            backend_choice,
+            self.stats,
+            chunk_size=self.chunk_size,
+            max_step_tokens=self.max_step_tokens,
+            max_context=self.max_context,
+            decode_step=compile_decode_step(model, self.cache, max_batch_size) if compile else None,
         )
+        self._free_slots = SlotPool(range(max_batch_size))
+        self.scoring = Scoring(
+            self.passes, range(max_batch_size, max_batch_size + score_batch_size)
+        )
+        self.stream_checks = StreamChecks(self.passes, self.scoring, self._free_slots)
 
-    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
-        """Feed whole prompts into their slots, chunk by chunk, all slots in each pass."""
-        offsets = [0] * len(prompts)
-        while True:
-            batch: list[tuple[int, Sequence[int], int]] = []
-            budget = self.max_step_tokens
-            for i, (slot, prompt, off) in enumerate(zip(slots, prompts, offsets, strict=True)):
-                if off < len(prompt) and (budget > 0 or not batch):
-                    chunk = prompt[off : off + min(self.chunk_size, max(budget, 1))]
-                    batch.append((slot, chunk, i))
-                    budget -= len(chunk)
-            if not batch:
-                return
-            self._forward([b[0] for b in batch], [b[1] for b in batch], logits_rows=[])
-            for _, chunk, i in batch:
-                offsets[i] += len(chunk)
+    @property
+    def backend(self) -> AttentionBackend:
+        """The attention backend of every pass (settable: tests run both SDPA paddings)."""
+        return self.passes.backend
 
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        for t in tokens:
-            if not 0 <= t < self.args.vocab_size:
-                raise RequestError(
-                    f"{what}: token id {t} outside the vocabulary (0..{self.args.vocab_size - 1})"
-                )
+    @backend.setter
+    def backend(self, backend: AttentionBackend) -> None:
+        self.passes.backend = backend
 
-    def _check_length(self, n: int, what: str) -> None:
-        if self.max_context is not None and n > self.max_context:
-            raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
+    # ----------------------------------------------------- scoring and checks
+
+    def prefill_prefix(self, tokens: Sequence[int]) -> Prefix:
+        """Pre-fill a prompt prefix once; ScoreRequests carrying it skip those tokens."""
+        return self.scoring.prefill_prefix(tokens)
+
+    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-probability of each continuation given the prompt."""
+        return self.scoring.score(prompt, continuations)
+
+    def score_batch(
+        self, requests: Sequence[ScoreRequest], *, relative: bool = False
+    ) -> list[list[float]]:
+        """Scoring.score_batch: many prompts, `score_batch_size` at a time."""
+        return self.scoring.score_batch(requests, relative=relative)
+
+    @property
+    def free_slots(self) -> int:
+        """Generation slots free now (a check stream takes one)."""
+        return len(self._free_slots)
+
+    def open_stream(self, prompt: Sequence[int], prefix: Prefix | None = None) -> int | None:
+        """Start a check stream (StreamChecks.open_stream); None when no slot is free now."""
+        return self.stream_checks.open_stream(prompt, prefix)
+
+    def close_stream(self, stream_id: int) -> bool:
+        """Free a check stream's slot; False if unknown (already closed)."""
+        return self.stream_checks.close_stream(stream_id)
+
+    @property
+    def open_streams(self) -> int:
+        return self.stream_checks.open_streams
+
+    def stream_length(self, stream_id: int) -> int:
+        """Tokens of prompt + text the stream holds (its last check's coverage)."""
+        return self.stream_checks.stream_length(stream_id)
+
+    def check_streams(
+        self, checks: Sequence[StreamCheck], *, relative: bool = False
+    ) -> list[list[float]]:
+        """StreamChecks.check: append each check's tokens to its stream, score its labels."""
+        return self.stream_checks.check(checks, relative=relative)
 
     # -------------------------------------------------------------- generation
 
@@ -313,8 +300,10 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
             raise RequestError("prompt is empty")
         if request.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        self._check_tokens(request.prompt, "prompt")
-        self._check_length(len(request.prompt) + request.max_new_tokens, "prompt + max_new_tokens")
+        self.passes.check_tokens(request.prompt, "prompt")
+        self.passes.check_length(
+            len(request.prompt) + request.max_new_tokens, "prompt + max_new_tokens"
+        )
         seq = _Sequence(
             id=next(self._ids),
             request=request,
@@ -352,7 +341,7 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
 
     def _release(self, seq: _Sequence) -> None:
         self.cache.reset(seq.slot)
-        bisect.insort(self._free_slots, seq.slot)
+        self._free_slots.give(seq.slot)
 
     def step(self) -> list[TokenEvent]:
         """Run one forward pass over the running batch and return one event per sampled token."""
@@ -360,7 +349,7 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         if not self._running:
             return []
         slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens)
-        logits = self._forward(slots, chunks, logits_rows=rows)
+        logits = self.passes.forward(slots, chunks, logits_rows=rows)
         return self._step_events(logits, sampled)
 
     def step_with_checks(
@@ -377,28 +366,31 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         only, and on CUDA it is the faster path)."""
         if not checks:
             return self.step(), []
-        self._validate_checks(checks)
+        streams = self.stream_checks
+        streams.validate(checks)
         self._admit()
-        self._prefill_long_prompts(checks)
-        check_tokens = sum(self._check_size(c) for c in checks)
+        streams.prefill_long_prompts(checks)
+        check_tokens = sum(streams.size(c) for c in checks)
         decoders = sum(1 for q in self._running.values() if not q.prefilling)
         if (
             not self._running
-            or self._decode_step is not None
+            or self.passes.decode_step is not None
             or decoders + check_tokens > self.max_step_tokens
         ):
             return self.step(), self.check_streams(checks, relative=relative)
         with torch.inference_mode():
             slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens - check_tokens)
-            hidden, trees = self._forward_with_checks(slots, chunks, rows, checks)
+            hidden, trees = streams.forward_with_checks(slots, chunks, rows, checks)
             events = self._step_events(self.model.project(hidden[: len(rows)]), sampled)
-            scores = self._tree_scores(hidden[len(rows) :], trees, relative=relative)
+            scores = self.scoring.tree_scores(hidden[len(rows) :], trees, relative=relative)
         return events, scores
 
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop(0)
+            slot = self._free_slots.take()
+            assert slot is not None
+            seq.slot = slot
             self.cache.reset(seq.slot)
             self._running[seq.id] = seq
 

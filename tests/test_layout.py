@@ -45,3 +45,24 @@ def test_the_domain_core_runs_without_grpc_or_an_event_loop() -> None:
     loaded = _modules_after("import moderation.core.decision, moderation.core.policy")
     assert "moderation.core.decision" in loaded
     assert not {m for m in loaded if m.split(".")[0] in ("grpc", "asyncio", "torch")}
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A leading underscore means "this module's own": the engine's parts (passes, scoring,
+    stream checks) and the service reach each other through public names only."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for package in ("model", "moderation"):
+        for path in (root / package).rglob("*.py"):
+            if "v1" in path.relative_to(root).parts:  # generated gRPC code
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    if node.module.split(".")[0] not in ("model", "moderation"):
+                        continue
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    found += [f"{path.relative_to(root)}: {node.module}.{n}" for n in private]
+    assert not found

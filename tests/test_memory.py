@@ -221,15 +221,17 @@ def test_engine_refuses_to_start_when_two_slots_do_not_fit() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None:
     from model.cache import ForwardMetadata
-    from model.transformer import PackedLinear, pack_for_cpu
+    from model.cpu_gemm import PackedLinear, pack_for_cpu
 
     args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
     model = tiny_model(args).to(dtype)
     plain = tiny_model(args).to(dtype)
     before = weights_bytes(model)
-    wk = model.layers[0].attention.wk.weight.detach().clone()
+    wk = model.state_dict()["layers.0.attention.wk.weight"].clone()
     dropped = weakref.ref(model.layers[0].feed_forward.w2.weight)
-    assert pack_for_cpu(model, packed=True) and pack_for_cpu(model)  # the second: no change
+    choice = pack_for_cpu(model, packed=True)
+    assert choice is not None and pack_for_cpu(model) is choice  # the second: no change
+    assert choice.packed == len(choice.matrices) and all(m.ratio is None for m in choice.matrices)
     gc.collect()
     assert dropped() is None  # freed, not merely unregistered (nothing else refers to it)
     after = weights_bytes(model)
@@ -237,34 +239,43 @@ def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None
     output = args.vocab_size * args.dim * model.output.weight.element_size()
     assert after == before + output
     packed_layers = [m for m in model.layers.modules() if isinstance(m, PackedLinear)]
-    assert packed_layers and all("weight" not in m._parameters for m in packed_layers)
+    assert len(packed_layers) == 4 * args.n_layers  # wqkv, wo, w13, w2
+    assert all("weight" not in m._parameters for m in packed_layers)
     # Same results, and a dropped weight can still be read back.
     tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
     meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
     torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=2e-2, rtol=2e-2)
-    assert torch.equal(model.layers[0].attention.wk.weight, wk)
+    kv = args.n_kv_heads * args.head_dim
+    q = args.n_heads * args.head_dim
+    assert torch.equal(model.layers[0].attention.wqkv.weight[q : q + kv], wk)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 @pytest.mark.parametrize("packed", [False, None])
-def test_fused_plain_weights_are_views_and_give_the_same_results(packed: bool | None) -> None:
-    """Where packing does not pay (forced here, or as measured on this host), q/k/v and w1/w3
-    are still one matrix each, and each layer's weight is a view of its rows: nothing doubled."""
+def test_plain_weights_are_kept_in_place_and_give_the_same_results(packed: bool | None) -> None:
+    """Where packing does not pay (forced here, or as measured on this host), each matrix keeps
+    one plain copy (column-major): nothing doubled; the measured choice says why."""
     from model.cache import ForwardMetadata
-    from model.transformer import pack_for_cpu
+    from model.cpu_gemm import PACKING_MARGIN, pack_for_cpu
 
     args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
     model, plain = tiny_model(args), tiny_model(args)
     before = weights_bytes(model)
-    wq = model.layers[0].attention.wq.weight.detach().clone()
-    assert pack_for_cpu(model, packed=packed)
+    wq = model.state_dict()["layers.0.attention.wq.weight"].clone()
+    choice = pack_for_cpu(model, packed=packed)
+    assert choice is not None
+    shapes = {m.shape for m in choice.matrices}
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    assert (q + 2 * kv, args.dim) in shapes and (2 * args.hidden_dim, args.dim) in shapes
     attn = model.layers[0].attention
-    assert attn.qkv_packed is not None and model.layers[0].feed_forward.w13_packed is not None
     if packed is False:
-        assert not attn.qkv_packed.is_mkldnn
-        assert attn.wq.weight.untyped_storage().data_ptr() == attn.qkv_packed.data_ptr()
+        assert attn.wqkv.packed is None and not attn.wqkv.weight.is_contiguous()  # column-major
         assert weights_bytes(model) == before
-    assert torch.equal(attn.wq.weight, wq)
+    else:  # measured: each shape packed exactly when its measured ratio is below the margin
+        for m in choice.matrices:
+            assert m.ratio is not None and m.packed == (m.ratio < PACKING_MARGIN)
+        assert "measured in" in choice.describe() and "wqkv" in choice.describe()
+    assert torch.equal(model.state_dict()["layers.0.attention.wq.weight"], wq)
     if packed is None:  # the output projection: packed (copy) for 8 rows and more at least
         assert model.output.packed is not None and model.output.packed.is_mkldnn
         assert model.output.packed_from_rows in (0, 8)
