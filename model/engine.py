@@ -23,10 +23,9 @@ from model.cpu_gemm import pack_for_cpu
 from model.errors import RequestError, SamplingError
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
-    activation_bytes,
     cache_rows,
-    device_budget,
-    plan_memory,
+    device_memory,
+    plan_engine_memory,
     weights_bytes,
 )
 from model.passes import Passes, SlotPool
@@ -119,15 +118,17 @@ class Engine:
     each; MemoryBudgetError below two). The budget: on CUDA `gpu_memory_utilization` of the
     device for weights + activations + cache; on CPU `cache_memory_bytes` for the cache
     (default min(25% of available RAM, 4 GiB)), which also caps the cache on CUDA when given.
-    `memory` is the resulting MemoryPlan.
+    `memory` is the resulting MemoryPlan. `max_batch_size` / `score_batch_size` "auto": on
+    CUDA as many slots as the budget holds, at most 256 of each (vLLM's default number of
+    sequences); elsewhere 32.
     """
 
     def __init__(
         self,
         model: Transformer,
         *,
-        max_batch_size: int = 8,
-        score_batch_size: int = 16,
+        max_batch_size: int | str = 8,
+        score_batch_size: int | str = 16,
         chunk_size: int | None = None,
         max_step_tokens: int | None = None,
         max_context: int | None = None,
@@ -157,43 +158,27 @@ class Engine:
         # Tokens one forward pass may carry: bounds activation memory when many long prompts
         # arrive together (pre-fill of the rest continues in the next passes).
         self.max_step_tokens = max_step_tokens or max(self.chunk_size, 4096)
-        activations = activation_bytes(
+        total, free = device_memory(model.device)
+        # Requested slots are caps: fewer when fewer fit, MemoryBudgetError below two; "auto"
+        # sizes them from the budget on CUDA.
+        self.memory = plan_engine_memory(
             model.args,
             model.dtype,
-            step_tokens=self.max_step_tokens,
-            chunk_tokens=self.chunk_size,
-            rows=rows,
-            sequences=max(max_batch_size, score_batch_size),
-            logits_rows=max_batch_size + 32 * score_batch_size,
-            # On CUDA neither backend holds the scores: flash-attn never does, and SDPA's masked
-            # passes are built for the memory-efficient kernel (additive mask, expanded heads).
-            materialised_scores=model.device.type != "cuda",
-        )
-        budget, total, free = device_budget(
-            model.device,
-            weights=weights,
-            activations=activations,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cache_memory_bytes=cache_memory_bytes,
-        )
-        # Requested slots are caps: fewer when fewer fit, MemoryBudgetError below two.
-        self.memory = plan_memory(
-            model.args,
-            model.dtype,
-            max_context=max_context,
-            budget_bytes=budget,
+            device=str(model.device),
             weights_bytes=weights,
-            activation_bytes=activations,
             max_batch_size=max_batch_size,
             score_batch_size=score_batch_size,
-            device=str(model.device),
+            chunk_tokens=self.chunk_size,
+            step_tokens=self.max_step_tokens,
+            max_context=max_context,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cache_memory_bytes=cache_memory_bytes,
             device_total_bytes=total,
             device_free_bytes=free,
         )
         _log.log(logging.WARNING if self.memory.scaled_down else logging.INFO,
                  self.memory.describe())  # fmt: skip
-        max_batch_size = self.memory.generation_slots
-        score_batch_size = self.memory.scoring_slots
+        generation, scoring = self.memory.generation_slots, self.memory.scoring_slots
         self.cache = RollingCache.for_model(
             model.args,
             self.memory.slots,
@@ -204,8 +189,8 @@ class Engine:
         self.window = self.cache.window
         # Sequences longer than this are refused; None (a sliding window, no limit given): any.
         self.max_context = self.memory.max_context
-        self.max_batch_size = max_batch_size
-        self.score_batch_size = score_batch_size
+        self.max_batch_size = generation
+        self.score_batch_size = scoring
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
         self._ids = itertools.count()
@@ -232,12 +217,10 @@ class Engine:
             chunk_size=self.chunk_size,
             max_step_tokens=self.max_step_tokens,
             max_context=self.max_context,
-            decode_step=compile_decode_step(model, self.cache, max_batch_size) if compile else None,
+            decode_step=compile_decode_step(model, self.cache, generation) if compile else None,
         )
-        self._free_slots = SlotPool(range(max_batch_size))
-        self.scoring = Scoring(
-            self.passes, range(max_batch_size, max_batch_size + score_batch_size)
-        )
+        self._free_slots = SlotPool(range(generation))
+        self.scoring = Scoring(self.passes, range(generation, generation + scoring))
         self.stream_checks = StreamChecks(self.passes, self.scoring, self._free_slots)
 
     @property

@@ -16,11 +16,14 @@ from model.demo import random_weights
 from model.errors import MemoryBudgetError, RequestError
 from model.memory import (
     GiB,
+    MemoryPlan,
     activation_bytes,
     cache_rows,
     cuda_budget,
     default_cpu_cache_bytes,
+    engine_activation_bytes,
     kv_bytes_per_token,
+    plan_engine_memory,
     plan_memory,
     weights_bytes,
 )
@@ -139,6 +142,91 @@ def test_fewer_slots_keep_one_of_each_kind() -> None:
                            weights_bytes=0, activation_bytes=0, max_batch_size=asked[0],
                            score_batch_size=asked[1])  # fmt: skip
         assert (plan.generation_slots, plan.scoring_slots) == want
+
+
+# Cards as torch reports them (mem_get_info's total): an H200 (141 GB) and an H100 (80 GB).
+H200 = int(139.7 * GiB)
+H100 = int(79.1 * GiB)
+
+
+def seven_b_plan(total: int, asked: int | str, **kw: object) -> MemoryPlan:
+    weights = seven_b_weights()
+    return plan_engine_memory(
+        V01, BF16, device="cuda:0", weights_bytes=weights, max_batch_size=asked,
+        score_batch_size=asked, chunk_tokens=4096, step_tokens=4096, max_context=8192,
+        device_total_bytes=total, device_free_bytes=total - weights - GiB // 2, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_scoring_passes_expanded_keys_count_on_cuda() -> None:
+    """On CUDA a label-tree pass's keys and values are padded per sequence and expanded to all
+    32 heads (SDPA's memory-efficient kernel): 32 slots reading a 4096-token window hold
+    (4096 + 32 x 4096) tokens x (8 + 32) heads x 128 x 2 bytes, for K and V: 2.58 GiB."""
+    rows = 4096
+    common = dict(step_tokens=4096, chunk_tokens=4096, rows=rows, sequences=32,
+                  logits_rows=32 + 32 * 32, materialised_scores=False)  # fmt: skip
+    extra = activation_bytes(V01, BF16, **common, expanded_heads=True) - activation_bytes(  # type: ignore[arg-type]
+        V01,
+        BF16,
+        **common,  # type: ignore[arg-type]
+    )
+    assert extra == (4096 + 32 * rows) * (8 + 32) * 128 * 2 * 2
+    # The engine's plan on CUDA counts them; on CPU (scores materialised instead) it does not.
+    cuda = engine_activation_bytes(
+        V01, BF16, generation_slots=32, scoring_slots=32, step_tokens=4096, chunk_tokens=4096,
+        rows=rows, cuda=True,
+    )  # fmt: skip
+    expanded = activation_bytes(V01, BF16, **common, expanded_heads=True)  # type: ignore[arg-type]
+    assert cuda == expanded
+
+
+@pytest.mark.parametrize(("total", "slots"), [(H200, 99), (H100, 50)])
+def test_auto_fills_the_card_with_slots_where_32_left_it_mostly_empty(
+    total: int, slots: int
+) -> None:
+    auto = seven_b_plan(total, "auto")
+    fixed = seven_b_plan(total, 32)
+    assert (auto.generation_slots, auto.scoring_slots) == (slots, slots)
+    assert auto.auto_ceiling == 256 and "auto: as many as fit, at most 256" in auto.describe()
+    used = auto.weights_bytes + auto.activation_bytes + auto.cache_bytes
+    assert used <= auto.budget_bytes
+    # The largest count that fits: one more slot of each, and its larger pass, would not.
+    more = engine_activation_bytes(V01, BF16, generation_slots=slots + 1,
+                                   scoring_slots=slots + 1, step_tokens=4096, chunk_tokens=4096,
+                                   rows=4096, cuda=True)  # fmt: skip
+    assert auto.weights_bytes + more + (auto.slots + 2) * auto.bytes_per_slot > auto.budget_bytes
+    # The old default of 32 + 32 slots used at most half the H200's budget; auto uses it all
+    # but one slot pair and its activations.
+    assert used > 0.97 * auto.budget_bytes
+    if total == H200:
+        fixed_used = fixed.weights_bytes + fixed.activation_bytes + fixed.cache_bytes
+        assert fixed_used < 0.5 * fixed.budget_bytes and auto.slots > 3 * fixed.slots
+
+
+def test_auto_stops_at_256_slots_and_means_32_off_cuda() -> None:
+    huge = seven_b_plan(2048 * GiB, "auto")
+    assert (huge.generation_slots, huge.scoring_slots) == (256, 256)
+    cpu = plan_engine_memory(TINY, torch.float32, device="cpu", weights_bytes=0,
+                             max_batch_size="auto", score_batch_size="auto", chunk_tokens=64,
+                             step_tokens=64, max_context=256, cache_memory_bytes=GiB)  # fmt: skip
+    assert (cpu.generation_slots, cpu.scoring_slots) == (32, 32) and cpu.auto_ceiling is None
+    # One side auto, the other fixed: the fixed side is kept.
+    one = seven_b_plan(H100, "auto")
+    mixed = plan_engine_memory(
+        V01, BF16, device="cuda:0", weights_bytes=one.weights_bytes, max_batch_size="auto",
+        score_batch_size=8, chunk_tokens=4096, step_tokens=4096, max_context=8192,
+        device_total_bytes=H100, device_free_bytes=H100 - one.weights_bytes - GiB // 2,
+    )  # fmt: skip
+    assert mixed.scoring_slots == 8 and mixed.generation_slots > one.generation_slots
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer or 'auto'"):
+        seven_b_plan(H100, "many")
+
+
+def test_an_auto_engine_on_cpu_asks_for_32_slots_of_each() -> None:
+    engine = Engine(tiny_model(), max_batch_size="auto", score_batch_size="auto",
+                    max_context=256)  # fmt: skip
+    assert (engine.memory.requested_generation_slots, engine.max_batch_size) == (32, 32)
+    assert engine.score_batch_size == 32
 
 
 def test_cpu_default_is_a_quarter_of_available_ram_at_most_4_gib() -> None:
