@@ -84,6 +84,9 @@ def test_the_model_runs_in_another_process_without_weights_here(
     assert info.demo and info.attention_backend == "sdpa" and info.sliding_window > 0
     limits = front.model.limits  # reported by the model process, planned with here
     assert (info.sliding_window, info.max_context_tokens) == (limits.window, limits.context)
+    assert (info.generation_slots, info.kv_cache_bytes) == (limits.generation_slots,
+                                                            limits.kv_cache_bytes)  # fmt: skip
+    assert info.generation_slots > 0 and info.cpu_gemm == limits.cpu_gemm
     assert front.planner.limits == limits
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+import torch
 
 from moderation.runtime import Runtime
 from moderation.serving.logs import configure_logging
@@ -166,6 +167,13 @@ def test_model_info_describes_model_and_policies(stub: pb_grpc.ModerationService
     assert info.demo and "demo" in info.model
     assert info.attention_backend == "sdpa" and info.device == "cpu" and info.dtype == "float32"
     assert info.default_policy == "paper" and info.sliding_window == 32
+    # --max-batch-size auto (the default) is 32 of each on CPU; the cache holds every slot.
+    assert (info.generation_slots, info.scoring_slots) == (32, 32)
+    assert info.kv_cache_bytes > 0 and info.kv_cache_bytes % 64 == 0
+    # The CPU kernel choice measured at start-up, per matrix shape (fused q/k/v among them).
+    if torch.backends.mkldnn.is_available():
+        assert info.cpu_gemm.startswith("cpu gemm:") and "wqkv" in info.cpu_gemm
+        assert info.cpu_gemm_measure_seconds >= 0
     policies = {p.name: p for p in info.policies}
     assert {"paper", "mistral-13"} <= set(policies)
     assert len(policies["mistral-13"].categories) == 13

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9464)
     assert (s.device, s.dtype, s.attention_backend) == ("auto", "auto", "auto")
     assert (s.policy, s.policy_files, s.threshold) == ("paper", (), 0.5)
-    assert (s.max_batch_size, s.max_queue, s.max_batch_items) == (32, 1024, 256)
+    assert (s.max_batch_size, s.max_queue, s.max_batch_items) == ("auto", 1024, 256)
     assert (s.max_text_chars, s.long_text, s.max_new_tokens) == (32768, "reject", 512)
     assert s.max_message_bytes == 4 * 1024 * 1024
     assert s.grace_period == 30.0
@@ -128,6 +128,7 @@ def test_uses_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ([], {"MODERATION_THRESHOLD": "-0.1"}, "threshold"),
         ([], {"MODERATION_THRESHOLD": "nan"}, "threshold"),
         (["--max-batch-size", "0"], {}, "max_batch_size"),
+        ([], {"MODERATION_MAX_BATCH_SIZE": "lots"}, "max_batch_size"),
         (["--max-context", "0"], {}, "max_context"),
         ([], {"MODERATION_GPU_MEMORY_UTILIZATION": "1.5"}, "gpu_memory_utilization"),
         (["--gpu-memory-utilization", "0"], {}, "gpu_memory_utilization"),
@@ -205,6 +206,15 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     assert r.max_new_tokens_limit == 77
     assert (r.max_context, r.gpu_memory_utilization, r.cache_memory_bytes) == (2048, 0.5, 1 << 30)
     assert r.compile is True
+
+
+def test_max_batch_size_auto_reaches_the_engine() -> None:
+    """auto (the default) is passed on for both kinds of slots; the engine sizes them (32 on
+    CPU, from the memory budget on CUDA: tests/test_memory.py)."""
+    r = parse([]).runtime_settings()
+    assert (r.max_batch_size, r.score_batch_size) == ("auto", "auto")
+    assert parse(["--max-batch-size", "AUTO"]).max_batch_size == "auto"
+    assert parse(["--max-batch-size", "12"]).max_batch_size == 12
 
 
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:

@@ -31,6 +31,7 @@ from moderation.runtime import (
 from moderation.serving.setting_values import (
     DEVICE_RE,
     choice,
+    parse_batch_size,
     parse_bool,
     parse_bytes,
     parse_device,
@@ -150,11 +151,12 @@ class ServeSettings:
         "default threshold on P(not acceptable), in [0, 1]",
         metavar="P",
     )
-    max_batch_size: int = _setting(
-        32,
-        parse_int,
-        "most sequences the engine runs in one step",
-        metavar="N",
+    max_batch_size: int | str = _setting(
+        "auto",
+        parse_batch_size,
+        "most sequences the engine runs in one step (and scores in one pass); auto: as many "
+        "as the memory budget holds on CUDA, at most 256, and 32 on CPU",
+        metavar="N|auto",
     )
     max_context: int = _setting(
         DEFAULT_MAX_CONTEXT,
@@ -551,8 +553,13 @@ def _validate(s: ServeSettings) -> None:
         fail("http_port", f"must differ from {_names('port')} and {_names('metrics_port')}")
     if not s.host:
         fail("host", "must not be empty")
+    if s.max_batch_size != "auto" and (
+        not isinstance(s.max_batch_size, int)
+        or isinstance(s.max_batch_size, bool)
+        or s.max_batch_size < 1
+    ):
+        fail("max_batch_size", f"must be a positive integer or auto, got {s.max_batch_size!r}")
     for name in (
-        "max_batch_size",
         "max_context",
         "max_queue",
         "max_batch_items",

@@ -328,6 +328,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
                 policies=convert.policy_info(list(planner.policies.values())),
+                cpu_gemm=limits.cpu_gemm,
+                cpu_gemm_measure_seconds=limits.cpu_gemm_measure_seconds,
+                generation_slots=limits.generation_slots,
+                scoring_slots=limits.scoring_slots,
+                kv_cache_bytes=limits.kv_cache_bytes,
             )
 
         return await self._guard(context, body)
