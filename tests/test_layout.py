@@ -47,6 +47,14 @@ def test_the_domain_core_runs_without_grpc_or_an_event_loop() -> None:
     assert not {m for m in loaded if m.split(".")[0] in ("grpc", "asyncio", "torch")}
 
 
+def test_the_engine_imports_with_torch_alone() -> None:
+    """A GPU image may have torch and nothing else (bench/gpu_check.sh): the tokenizer's
+    sentencepiece and the checkpoint reader's safetensors load on first use only."""
+    loaded = _modules_after("import model, model.engine, model.memory")
+    assert "model.engine" in loaded
+    assert not loaded & {"sentencepiece", "safetensors", "model.tokenizer", "model.weights"}
+
+
 def test_no_module_imports_another_modules_private_names() -> None:
     """A leading underscore means "this module's own": the engine's parts (passes, scoring,
     stream checks) and the service reach each other through public names only."""
