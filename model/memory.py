@@ -93,7 +93,6 @@ class MemoryPlan:
             )
         return line
 
-
     def _asked(self) -> str:
         if self.auto_ceiling is not None:
             return f"auto: as many as fit, at most {self.auto_ceiling} each"
