@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.args import ModelArgs
 from model.cache import RollingCache
-from model.engine import Engine, GenerationRequest, TokenEvent
+from model.engine import Engine
 from model.errors import (
     CheckpointError,
     EngineError,
@@ -21,6 +21,7 @@ from model.errors import (
     SamplingError,
     TokenizerError,
 )
+from model.generation import GenerationRequest, TokenEvent
 from model.memory import MemoryPlan
 from model.sampling import SamplingParams
 from model.scoring import Prefix, ScoreRequest

@@ -1,26 +1,26 @@
-"""The batched engine: owns the cache slots and the step loop.
+"""The batched engine: owns the model, the memory plan and the cache slots, and composes the
+parts that use them.
 
-Generation is continuous batching: requests join and leave between steps, and each step packs
-the running sequences' new tokens (one per decoding sequence, a chunk per pre-filling one) into
-a single forward pass. Scoring pre-fills prompts in chunks, then scores every continuation of a
-prompt in one pass over a token tree (shared label prefixes computed once). A prompt prefix used
-by many requests (a policy's instructions) can be pre-filled once and restored into a slot.
+`Passes` (model/passes.py) runs forward passes over the cache. Generation (model/generation.py)
+is continuous batching over the generation slots: requests join and leave between steps, each
+step one forward pass. Scoring (model/scoring.py) pre-fills prompts in chunks, then scores
+every continuation of a prompt in one pass over a token tree, over slots of its own; a prompt
+prefix used by many requests (a policy's instructions) is pre-filled once and restored. Stream
+checks (model/stream_checks.py) score a growing text in generation slots. The engine's methods
+are theirs, and `step_with_checks` runs a generation step and checks in one pass.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from model.attention import AttentionBackend, select_backend
 from model.cache import RollingCache, decode_span
 from model.cpu_gemm import pack_for_cpu
-from model.errors import RequestError, SamplingError
+from model.generation import Generation, GenerationRequest, TokenEvent
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     cache_rows,
@@ -29,49 +29,12 @@ from model.memory import (
     weights_bytes,
 )
 from model.passes import Passes, SlotPool
-from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
 from model.scoring import Prefix, ScoreRequest, Scoring
 from model.stats import EngineStats
 from model.stream_checks import StreamCheck, StreamChecks
 from model.transformer import Transformer
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: Sequence[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_tokens: frozenset[int] | None = None  # None = the tokenizer's EOS
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step's outcome for one request: a new token, and whether the request is done."""
-
-    request_id: int
-    token: int
-    finished: bool
-    # "stop" (a stop token), "length" (the token budget) or "error" (no token could be
-    # sampled for this sequence: `error` says why, `token` is INVALID; the others go on).
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class _Sequence:
-    id: int
-    request: GenerationRequest
-    slot: int
-    stop: frozenset[int]
-    gen: torch.Generator | None
-    fed: int = 0  # prompt tokens already in the cache
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.request.prompt)
 
 
 def compile_decode_step(
@@ -191,9 +154,6 @@ class Engine:
         self.max_context = self.memory.max_context
         self.max_batch_size = generation
         self.score_batch_size = scoring
-        self._waiting: deque[_Sequence] = deque()
-        self._running: dict[int, _Sequence] = {}
-        self._ids = itertools.count()
         self.stats = EngineStats()
         # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
         # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
@@ -222,6 +182,7 @@ class Engine:
         self._free_slots = SlotPool(range(generation))
         self.scoring = Scoring(self.passes, range(generation, generation + scoring))
         self.stream_checks = StreamChecks(self.passes, self.scoring, self._free_slots)
+        self.generation = Generation(self.passes, self._free_slots, eos_id=eos_id)
 
     @property
     def backend(self) -> AttentionBackend:
@@ -279,61 +240,26 @@ class Engine:
 
     def add_request(self, request: GenerationRequest) -> int:
         """Queue a generation; it joins the running batch at the next step with a free slot."""
-        if not request.prompt:
-            raise RequestError("prompt is empty")
-        if request.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        self.passes.check_tokens(request.prompt, "prompt")
-        self.passes.check_length(
-            len(request.prompt) + request.max_new_tokens, "prompt + max_new_tokens"
-        )
-        seq = _Sequence(
-            id=next(self._ids),
-            request=request,
-            slot=-1,
-            stop=request.stop_tokens
-            if request.stop_tokens is not None
-            else frozenset({self.eos_id}),
-            gen=make_generator(request.sampling, self.model.device),
-        )
-        self._waiting.append(seq)
-        return seq.id
+        return self.generation.add_request(request)
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request wherever it is; its slot is free for the next step. False if unknown."""
-        for seq in self._waiting:
-            if seq.id == request_id:
-                self._waiting.remove(seq)
-                return True
-        seq_or_none = self._running.pop(request_id, None)
-        if seq_or_none is None:
-            return False
-        self._release(seq_or_none)
-        return True
+        return self.generation.cancel(request_id)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self.generation.num_waiting
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return self.generation.num_running
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
-
-    def _release(self, seq: _Sequence) -> None:
-        self.cache.reset(seq.slot)
-        self._free_slots.give(seq.slot)
+        return self.generation.has_unfinished()
 
     def step(self) -> list[TokenEvent]:
         """Run one forward pass over the running batch and return one event per sampled token."""
-        self._admit()
-        if not self._running:
-            return []
-        slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens)
-        logits = self.passes.forward(slots, chunks, logits_rows=rows)
-        return self._step_events(logits, sampled)
+        return self.generation.step()
 
     def step_with_checks(
         self, checks: Sequence[StreamCheck], *, relative: bool = False
@@ -350,121 +276,23 @@ class Engine:
         if not checks:
             return self.step(), []
         streams = self.stream_checks
+        gen = self.generation
         streams.validate(checks)
-        self._admit()
+        gen.admit()
         streams.prefill_long_prompts(checks)
         check_tokens = sum(streams.size(c) for c in checks)
-        decoders = sum(1 for q in self._running.values() if not q.prefilling)
         if (
-            not self._running
+            not gen.num_running
             or self.passes.decode_step is not None
-            or decoders + check_tokens > self.max_step_tokens
+            or gen.decoding + check_tokens > self.max_step_tokens
         ):
             return self.step(), self.check_streams(checks, relative=relative)
         with torch.inference_mode():
-            slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens - check_tokens)
+            slots, chunks, sampled, rows = gen.step_batch(self.max_step_tokens - check_tokens)
             hidden, trees = streams.forward_with_checks(slots, chunks, rows, checks)
-            events = self._step_events(self.model.project(hidden[: len(rows)]), sampled)
+            events = gen.step_events(self.model.project(hidden[: len(rows)]), sampled)
             scores = self.scoring.tree_scores(hidden[len(rows) :], trees, relative=relative)
         return events, scores
-
-    def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            seq = self._waiting.popleft()
-            slot = self._free_slots.take()
-            assert slot is not None
-            seq.slot = slot
-            self.cache.reset(seq.slot)
-            self._running[seq.id] = seq
-
-    def _step_batch(
-        self, max_tokens: int
-    ) -> tuple[list[int], list[Sequence[int]], list[_Sequence], list[int]]:
-        """The running batch's slots and new tokens for one pass of at most `max_tokens`
-        (decoders always advance), which sequences sample a token, and their packed rows."""
-        slots: list[int] = []
-        chunks: list[Sequence[int]] = []
-        sampled: list[_Sequence] = []
-        rows: list[int] = []
-        n_tokens = 0
-        # Decoding sequences always advance and are packed first, in slot order (the plan's
-        # decode path; consecutive slots read the cache as a view); pre-fill chunks share what
-        # is left of the budget (at least one chunk per step, so a long prompt never starves).
-        running = sorted(self._running.values(), key=lambda q: (q.prefilling, q.slot))
-        budget = max_tokens - sum(1 for q in running if not q.prefilling)
-        prefill_started = False
-        for seq in running:
-            if seq.prefilling:
-                if budget <= 0 and prefill_started:
-                    continue
-                size = min(self.chunk_size, max(budget, 1))
-                chunk = seq.request.prompt[seq.fed : seq.fed + size]
-                seq.fed += len(chunk)
-                budget -= len(chunk)
-                prefill_started = True
-            else:
-                chunk = [seq.generated[-1]]
-            slots.append(seq.slot)
-            chunks.append(chunk)
-            n_tokens += len(chunk)
-            if not seq.prefilling:
-                # The last prompt chunk and every decode token yield the next token.
-                sampled.append(seq)
-                rows.append(n_tokens - 1)
-        return slots, chunks, sampled, rows
-
-    def _step_events(self, logits: torch.Tensor, sampled: list[_Sequence]) -> list[TokenEvent]:
-        new_tokens, errors = self._sample(logits, sampled)
-        events: list[TokenEvent] = []
-        for seq, token, error in zip(sampled, new_tokens, errors, strict=True):
-            reason = None
-            if error is not None:
-                reason = "error"
-            else:
-                seq.generated.append(token)
-                if token in seq.stop:
-                    reason = "stop"
-                elif len(seq.generated) >= seq.request.max_new_tokens:
-                    reason = "length"
-            if reason is not None:
-                del self._running[seq.id]
-                self._release(seq)
-            events.append(TokenEvent(seq.id, token, reason is not None, reason, error))
-        return events
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[_Sequence]
-    ) -> tuple[list[int], list[str | None]]:
-        """Each sequence's next token, or why it has none: one sequence's failure ends that
-        sequence only. One batched sampling call and one read of its tokens (the step's only
-        sync); when the batched call raises, each row is sampled alone to find which fail."""
-        params = [q.request.sampling for q in seqs]
-        gens = [q.gen for q in seqs]
-        try:
-            tokens = sample_batch(logits, params, gens).tolist()
-        except Exception:
-            _log.exception("sampling a batch of %d failed; sampling each row alone", len(seqs))
-            tokens = []
-            failed: dict[int, str] = {}
-            for i in range(len(seqs)):
-                try:
-                    tokens.append(int(sample_batch(logits[i : i + 1], params[i:i + 1],
-                                                   gens[i:i + 1])[0]))  # fmt: skip
-                except Exception as exc:
-                    tokens.append(INVALID)
-                    failed[i] = f"sampling failed: {type(exc).__name__}: {str(exc)[:200]}"
-            return tokens, [failed.get(i) for i in range(len(seqs))]
-        errors: list[str | None] = [None] * len(seqs)
-        for i, token in enumerate(tokens):
-            if token == INVALID:
-                errors[i] = (
-                    "sampling failed: the model's logits for this sequence are not finite "
-                    "(NaN or infinity), or its temperature scales them out of range"
-                )
-        if any(errors):
-            _log.warning("sampling failed for %d of %d sequences: non-finite logits",
-                         sum(e is not None for e in errors), len(seqs))  # fmt: skip
-        return tokens, errors
 
     def generate(
         self,
@@ -477,19 +305,11 @@ class Engine:
         stop_tokens: frozenset[int] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (stop token included when one ended it)."""
-        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        ids = [
-            self.add_request(GenerationRequest(p, max_new_tokens, params, stop_tokens))
-            for p in prompts
-        ]
-        out: dict[int, list[int]] = {i: [] for i in ids}
-        errors: list[str] = []
-        while self.has_unfinished():
-            for ev in self.step():
-                if ev.error is not None:
-                    errors.append(ev.error)
-                else:
-                    out[ev.request_id].append(ev.token)
-        if errors:  # the others ran to their end; a list of lists has no place for an error
-            raise SamplingError(f"{len(errors)} of {len(ids)} sequences failed: {errors[0]}")
-        return [out[i] for i in ids]
+        return self.generation.generate(
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_tokens=stop_tokens,
+        )

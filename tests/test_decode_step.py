@@ -293,7 +293,7 @@ def test_a_temperature_that_overflows_the_logits_fails_its_sequence_only(
 def test_a_sampler_that_raises_fails_only_the_rows_that_raise(
     model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import model.engine as engine_module
+    import model.generation as engine_module
 
     real = engine_module.sample_batch
 

@@ -382,7 +382,7 @@ def test_a_generation_whose_sampling_fails_errs_alone(
     # a step.
     doomed = pb.GenerateRequest(messages=user("another story"), max_new_tokens=500)
     alone = stub.Generate(ok).text
-    real_sample = engine._sample
+    real_sample = engine.generation._sample
     doomed_running = threading.Event()
     poisoned_steps = []
 
@@ -397,7 +397,7 @@ def test_a_generation_whose_sampling_fails_errs_alone(
             logits[doomed_rows[0], 100] = float("nan")
         return real_sample(logits, seqs)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine.generation, "_sample", sample)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         failing = pool.submit(stub.Generate, doomed)
         assert doomed_running.wait(10)
@@ -421,7 +421,7 @@ def test_a_checked_answer_whose_sampling_fails_errs_and_frees_its_check_slot(
     runtime = served.server.runtime
     assert runtime is not None
     engine = runtime.engine
-    real_sample = engine._sample
+    real_sample = engine.generation._sample
     steps = []
 
     def sample(logits, seqs):  # type: ignore[no-untyped-def]
@@ -431,7 +431,7 @@ def test_a_checked_answer_whose_sampling_fails_errs_and_frees_its_check_slot(
             logits[0, 100] = float("nan")
         return real_sample(logits, seqs)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine.generation, "_sample", sample)
     request = pb.GenerateStreamRequest(
         messages=user("a long story"), max_new_tokens=64, moderate_output=True,
         threshold=1.0, stream_check_tokens=4,

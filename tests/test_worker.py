@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from model.engine import EngineStats, GenerationRequest, TokenEvent
+from model import GenerationRequest, TokenEvent
 from model.errors import RequestError
+from model.stats import EngineStats
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions, GenerationResult, PreparedGeneration
