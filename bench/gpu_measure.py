@@ -15,13 +15,16 @@ anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from bench.gpu_bench import (
     sync,
 )
 from bench.gpu_figures import PEAK_TBPS, PEAK_TFLOPS, FigureFile
-from model import Engine, GenerationRequest
+from model import Engine, GenerationRequest, ModelArgs
 from model.args import MISTRAL_7B
 from model.attention import flash_import_error, select_backend
 from model.errors import EngineError
@@ -46,15 +49,69 @@ from model.transformer import Transformer
 # The backends to compare, by the names `--attention-backend` takes; those the engine does not
 # accept (yet) are reported null with its refusal.
 BACKENDS = ("sdpa", "flex", "flash")
-CONTEXTS = (1024, 4096)
+# Figure labels: batch 1 and 32, contexts 1k and 4k.
 BATCHES = (1, 32)
+CONTEXTS = (1024, 4096)
 # Cards as torch reports them (mem_get_info's total).
 SIMULATED = {"h200_141gb": int(139.7 * GiB), "h100_80gb": int(79.1 * GiB)}
 LOGIT_BOUND = {torch.bfloat16: 0.06, torch.float32: 1e-3}
+# Rotated and numbered into the 20-token texts of the decisions/s figure.
+SENTENCE = "please tell me how the weather is going to be in paris next week and why"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the parts measure on: the 7B on CUDA, or (GPU_CHECK_REHEARSE=1) a tiny model of
+    the 7B's vocabulary on the CPU, whose figures mean nothing but which runs every line of
+    the measuring code where no GPU is lent (tests/test_gpu_check.py)."""
+
+    device: str
+    args: ModelArgs  # the engine parts' model
+    parity_args: ModelArgs  # ours vs transformers: the 7B layer shape, a wrapping window
+    parity_tokens: int
+    batches: tuple[int, int]  # measured as BATCHES
+    contexts: tuple[int, int]  # measured as CONTEXTS
+    prefill_tokens: int
+    decode_steps: int = 24  # timed, per point
+    decision_rounds: int = 4  # texts: this many passes of every scoring slot
+    latency_calls: int = 60
+    rehearsal: bool = False
+
+
+def setup() -> Setup:
+    if os.environ.get("GPU_CHECK_REHEARSE"):
+        tiny = dataclasses.replace(
+            MISTRAL_7B,
+            dim=64,
+            n_layers=2,
+            head_dim=16,
+            hidden_dim=128,
+            n_heads=4,
+            n_kv_heads=2,
+            sliding_window=64,
+        )
+        return Setup(
+            "cpu",
+            tiny,
+            dataclasses.replace(tiny, sliding_window=16),
+            70,
+            (1, 3),
+            (40, 100),
+            256,
+            decode_steps=4,
+            decision_rounds=1,
+            latency_calls=4,
+            rehearsal=True,
+        )
+    layers2 = dataclasses.replace(MISTRAL_7B, n_layers=2, sliding_window=256, max_seq_len=4096)
+    return Setup("cuda", MISTRAL_7B, layers2, 700, BATCHES, CONTEXTS, 8192)
+
+
+SETUP = setup()
 
 
 def cuda_absent(fig: FigureFile, *prefixes: str) -> bool:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or SETUP.rehearsal:
         return False
     for prefix in prefixes:
         fig.unmeasured(prefix, f"CUDA absent (torch {torch.__version__}, this host has no GPU)")
@@ -71,6 +128,21 @@ def optional(module: str) -> str | None:
             f"{module} does not import ({type(exc).__name__}: {exc}); `make gpu-bundle` brings it"
         )
     return None
+
+
+def guarded(fig: FigureFile, names: tuple[str, ...], fn: Callable[[], None]) -> None:
+    """Run one measurement; if it raises (an out-of-memory, an engine error), its figures
+    still null get the error as their reason and the part goes on with the next."""
+    try:
+        fn()
+    except Exception as exc:  # one measurement's failure must not cost the others
+        reason = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        for name in names:
+            fig.unmeasured(name, reason)
+        print(f"FAIL {', '.join(names)}: {reason}", flush=True)
+        traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def relative_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,88 +218,94 @@ def parity(fig: FigureFile) -> None:
         return
     from bench.gpu_parity import run
 
-    checks = run("cuda", ["bf16", "fp32"])
-    for c in checks:
-        print(c.line())
-    passed = sum(c.ok is True for c in checks)
-    fig.set(
-        "parity.cuda_vs_cpu",
-        f"{passed}/{len(checks)}",
-        met=passed == len(checks),
-        detail="; ".join(c.line() for c in checks if c.ok is not True) or "all PASS",
-    )
+    def against_cpu() -> None:
+        checks = run(SETUP.device, ["bf16", "fp32"])
+        for c in checks:
+            print(c.line())
+        passed = sum(c.ok is True for c in checks)
+        failed = "; ".join(c.line() for c in checks if c.ok is not True)
+        fig.set(
+            "parity.cuda_vs_cpu",
+            f"{passed}/{len(checks)}",
+            met=passed == len(checks),
+            detail=failed or "all PASS",
+        )
+
+    guarded(fig, ("parity.cuda_vs_cpu",), against_cpu)
     reason = optional("transformers") or optional("safetensors")
+    names = ("parity.transformers_cuda.bf16", "parity.transformers_cuda.fp32")
     if reason is not None:
-        for dtype in ("bf16", "fp32"):
-            fig.null(f"parity.transformers_cuda.{dtype}", reason)
+        for name in names:
+            fig.null(name, reason)
         return
-    transformers_parity(fig)
+    guarded(fig, names, lambda: transformers_parity(fig))
 
 
 def transformers_parity(fig: FigureFile) -> None:
     """Ours against transformers' MistralForCausalLM, both on CUDA, at the 7B layer shape (two
     layers, the real vocabulary), a 256-token window wrapped ~3 times: our logits of every
-    token from chunked pre-fill and decode steps through the rolling cache, theirs from one
-    full forward with the sliding-window mask."""
+    token from chunked pre-fill and then decode steps through the rolling cache, theirs from
+    one full forward with the sliding-window mask."""
     from transformers import MistralForCausalLM
 
     from model.weights import save_hf
 
-    args = dataclasses.replace(MISTRAL_7B, n_layers=2, sliding_window=256, max_seq_len=4096)
-    state = {
-        k: v.clone() for k, v in random_model(args, "cpu", torch.float32, 3).state_dict().items()
-    }
+    args, n, device = SETUP.parity_args, SETUP.parity_tokens, SETUP.device
+    made = random_model(args, "cpu", torch.float32, 3).state_dict()
+    state = {k: v.clone() for k, v in made.items()}
     g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(3, args.vocab_size, (700,), generator=g).tolist()
+    tokens = torch.randint(3, args.vocab_size, (n,), generator=g).tolist()
+    prefilled = n * 6 // 7  # in chunks; the rest in decode steps
+    chunk = max(1, prefilled // 6)
+    spans = [(i, min(i + chunk, prefilled)) for i in range(0, prefilled, chunk)]
+    spans += [(i, i + 1) for i in range(prefilled, n)]
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(tmp, args, state)
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            hf = MistralForCausalLM.from_pretrained(
-                tmp,
-                attn_implementation="sdpa",
-                dtype=dtype,
-            )
-            hf = hf.to("cuda").eval()  # type: ignore[arg-type]
+            hf = MistralForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
+            hf = hf.to(device).eval()  # type: ignore[arg-type]
             with torch.inference_mode():
-                ref = hf(torch.tensor([tokens], device="cuda")).logits[0].float()
+                ref = hf(torch.tensor([tokens], device=device)).logits[0].float()
             del hf
             with torch.device("meta"):
                 ours = Transformer(args)
-            ours.load_state_dict({k: v.to("cuda", dtype) for k, v in state.items()}, assign=True)
-            engine = Engine(ours.eval(), max_batch_size=1, score_batch_size=1, chunk_size=100)
-            got = []
-            # Pre-fill chunks of 100 for the first 600 tokens, then decode steps one by one.
-            for start, end in [(i, min(i + 100, 600)) for i in range(0, 600, 100)] + [
-                (i, i + 1) for i in range(600, len(tokens))
-            ]:
-                chunk = tokens[start:end]
-                got.append(engine.passes.forward([0], [chunk], logits_rows=list(range(len(chunk)))))
+            ours.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+            engine = Engine(ours.eval(), max_batch_size=1, score_batch_size=1, chunk_size=chunk)
+            got = [
+                engine.passes.forward([0], [tokens[i:j]], logits_rows=list(range(j - i)))
+                for i, j in spans
+            ]
             diff = relative_diff(torch.cat(got), ref)
-            bound = LOGIT_BOUND[dtype]
             fig.set(
                 f"parity.transformers_cuda.{name}",
                 diff,
-                met=diff <= bound,
-                detail=f"{len(tokens)} tokens, window 256, backend {engine.backend.name}",
+                met=diff <= LOGIT_BOUND[dtype],
+                detail=f"{n} tokens, window {args.window}, {len(spans)} passes, backend "
+                f"{engine.backend.name}",
             )
             del engine, ours
-            torch.cuda.empty_cache()
+            empty_cache()
+
+
+ENGINE_FIGURES = (
+    "startup_seconds",
+    "memory_plan.7b.this_card",
+    "activation_peak_vs_estimate",
+    "prefill.tokens_per_s",
+    "prefill.mfu",
+    "host_syncs_per_decode_step",
+    "decisions_per_s",
+    "classify_latency_ms.p50",
+    "classify_latency_ms.p99",
+)
 
 
 def engine_figures(fig: FigureFile) -> None:
-    names = (
-        "startup",
-        "prefill.",
-        "decode.eager",
-        "decisions",
-        "classify",
-        "host_syncs",
-        "activation",
-        "memory_plan.7b.this_card",
-    )
-    if cuda_absent(fig, *names):
+    """The serving default (--max-batch-size auto) on random 7B weights: each measurement
+    guarded, so one that fails (an out-of-memory) leaves the others."""
+    if cuda_absent(fig, *ENGINE_FIGURES, "decode.eager"):
         return
-    model = random_model(MISTRAL_7B)
+    model = random_model(SETUP.args, SETUP.device)
     start = time.perf_counter()
     engine = Engine(model, max_batch_size="auto", score_batch_size="auto", max_context=8192)
     sync(engine)
@@ -236,17 +314,18 @@ def engine_figures(fig: FigureFile) -> None:
         time.perf_counter() - start,
         detail="Engine() on loaded weights: memory plan, cache allocation (eager)",
     )
-    p = engine.memory
-    fig.set("memory_plan.7b.this_card", p.slots, detail=p.describe())
-    prefill(fig, engine)
-    for batch in BATCHES:
-        for context in CONTEXTS:
-            decode(fig, engine, "eager", batch, context)
-    syncs(fig, engine)
-    decisions(fig, engine)
+    fig.set("memory_plan.7b.this_card", engine.memory.slots, detail=engine.memory.describe())
+    guarded(fig, ENGINE_FIGURES[5:], lambda: decisions(fig, engine))
+    guarded(fig, ENGINE_FIGURES[2:5], lambda: prefill(fig, engine))
+    for label_b, batch in zip(BATCHES, SETUP.batches, strict=True):
+        for label_c, context in zip(CONTEXTS, SETUP.contexts, strict=True):
+            name = f"decode.eager.batch{label_b}.ctx{label_c}"
+            guarded(fig, (name,), functools.partial(decode, fig, engine, name, batch, context))
+    guarded(fig, ENGINE_FIGURES[5:6], lambda: syncs(fig, engine))
 
 
-def prefill(fig: FigureFile, engine: Engine, n: int = 8192) -> None:
+def prefill(fig: FigureFile, engine: Engine) -> None:
+    n = SETUP.prefill_tokens
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, engine.args.vocab_size, (n,), generator=g).tolist()
 
@@ -255,39 +334,41 @@ def prefill(fig: FigureFile, engine: Engine, n: int = 8192) -> None:
         engine.passes.prefill([0], [tokens])
 
     run()  # warm-up
-    sync(engine)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t = timed(run)
-    peak = torch.cuda.max_memory_allocated() - base
     engine.cache.reset(0)
     est = engine.memory.activation_bytes
-    fig.set(
-        "activation_peak_vs_estimate",
-        peak / est,
-        met=peak <= est,
-        detail=f"measured {peak / GiB:.2f} GiB, estimated {est / GiB:.2f} GiB",
-    )
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+        fig.set(
+            "activation_peak_vs_estimate",
+            peak / est,
+            met=peak <= est,
+            detail=f"measured {peak / GiB:.2f} GiB, estimated {est / GiB:.2f} GiB",
+        )
     flops = prefill_flops(engine.args, n, engine.window)
     fig.set("prefill.tokens_per_s", n / t, detail=f"{n} tokens, one sequence, {t * 1e3:.0f} ms")
     mfu = flops / t / (PEAK_TFLOPS * 1e12)
     fig.set("prefill.mfu", mfu, met=mfu >= 0.5, detail=f"{flops / t / 1e12:.0f} TFLOP/s")
 
 
-def decode(fig: FigureFile, engine: Engine, mode: str, batch: int, context: int) -> None:
-    name = f"decode.{mode}.batch{batch}.ctx{context}"
+def decode(fig: FigureFile, engine: Engine, name: str, batch: int, context: int) -> None:
     if batch > engine.max_batch_size:
         fig.null(name, f"the engine has {engine.max_batch_size} generation slots")
         return
-    step = decode_rate(engine, batch, context)
+    step = decode_rate(engine, batch, context, SETUP.decode_steps)
     roofline = batch * PEAK_TBPS * 1e12 / decode_bytes(engine, batch, context)
     rate = batch / step
     fig.set(
         name,
         rate,
         met=rate >= 0.75 * roofline if batch == 1 else None,
-        detail=f"{step * 1e3:.2f} ms/step (median), {rate / roofline:.0%} of the "
-        f"{roofline:,.0f} tok/s roofline",
+        detail=f"{step * 1e3:.2f} ms/step (median of {SETUP.decode_steps}, batch held at {batch}), "
+        f"{rate / roofline:.0%} of the {roofline:,.0f} tok/s roofline",
     )
 
 
@@ -298,7 +379,8 @@ def syncs(fig: FigureFile, engine: Engine) -> None:
     ]
     for _ in range(3):
         engine.step()
-    counts = count_host_syncs(lambda: [engine.step() for _ in range(8)])
+    device = engine.model.device.type
+    counts = count_host_syncs(lambda: [engine.step() for _ in range(8)], device_type=device)
     per = counts["syncs"] / 8
     fig.set(
         "host_syncs_per_decode_step",
@@ -311,11 +393,12 @@ def syncs(fig: FigureFile, engine: Engine) -> None:
 
 
 def decisions(fig: FigureFile, engine: Engine) -> None:
+    names = ("decisions_per_s", "classify_latency_ms.p50", "classify_latency_ms.p99")
     reason = optional("sentencepiece")
     if reason is None and importlib.util.find_spec("mistral_common") is None:
         reason = "mistral-common's tokenizer file is absent; `make gpu-bundle` brings it"
     if reason is not None:
-        for name in ("decisions_per_s", "classify_latency_ms.p50", "classify_latency_ms.p99"):
+        for name in names:
             fig.null(name, reason)
         return
     from model import Tokenizer
@@ -329,13 +412,12 @@ def decisions(fig: FigureFile, engine: Engine) -> None:
     tok = Tokenizer.from_file(mistral_common_tokenizer_path("v1"))
     planner = Planner(tok, ModelLimits.of(engine), policies=BUILTIN_POLICIES)
     classifier = Classifier(engine, tok, planner, model_id="random 7B")
-    classifier.warm_up()
-    words = ["please", "tell", "me", "how", "the", "weather", "is", "going", "to", "be", "in",
-             "paris", "next", "week", "and", "why"]  # fmt: skip
+    classifier.warm_up()  # the server pre-fills the policies' prefixes at start-up
+    words = SENTENCE.split()
     texts = []
-    for i in range(4 * engine.score_batch_size):
-        ids = tok.encode(" ".join(words[i % 5 :] + words[: i % 5]) + f" {i}")[:20]
-        texts.append(tok.decode(ids))
+    for i in range(SETUP.decision_rounds * engine.score_batch_size):
+        ids = tok.encode(" ".join(words[i % 7 :] + words[: i % 7]) + f" {i}", bos=False)
+        texts.append(tok.decode(ids[:20]))
     items = [ClassifyItem(t, policy="mistral-13") for t in texts]
     classifier.classify_many(items[:8])  # warm-up
     t = timed(lambda: classifier.classify_many(items))
@@ -344,32 +426,37 @@ def decisions(fig: FigureFile, engine: Engine) -> None:
         "decisions_per_s",
         rate,
         met=rate >= 1000,
-        detail=f"{len(items)} texts of <= 20 tokens, {engine.score_batch_size} per pass",
+        detail=f"{len(items)} texts of ~20 tokens, {engine.score_batch_size} per pass",
     )
     latencies = []
-    for text in texts[:60]:
-        start = time.perf_counter()
-        classifier.classify(text, policy="mistral-13")
-        latencies.append((time.perf_counter() - start) * 1e3)
+    for text in texts[: SETUP.latency_calls]:
+        call = functools.partial(classifier.classify, text, policy="mistral-13")
+        latencies.append(timed(call) * 1e3)
     q = statistics.quantiles(latencies, n=100)
     fig.set(
         "classify_latency_ms.p50",
         q[49],
         met=q[49] <= 15,
-        detail="one caller, in process (no gRPC hop), 60 calls",
+        detail=f"one caller, in process (no gRPC hop), {len(latencies)} calls",
     )
-    fig.set("classify_latency_ms.p99", q[98], detail="one caller, in process, 60 calls")
+    fig.set(
+        "classify_latency_ms.p99", q[98], detail=f"one caller, in process, {len(latencies)} calls"
+    )
 
 
 def backends(fig: FigureFile) -> None:
+    """Each backend the engine accepts against SDPA: logits of one pre-fill past the window
+    (bounded) and its time."""
     if cuda_absent(fig, "backends."):
         return
-    model = random_model(MISTRAL_7B)
+    model = random_model(SETUP.args, SETUP.device)
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(3, MISTRAL_7B.vocab_size, (6144,), generator=g).tolist()  # > window
-    rows = list(range(0, len(prompt), 61))
+    n = SETUP.args.window * 3 // 2
+    prompt = torch.randint(3, SETUP.args.vocab_size, (n,), generator=g).tolist()
+    rows = list(range(0, n, 61))
     logits: dict[str, torch.Tensor] = {}
     for name in BACKENDS:
+        figure = f"backends.{name}_vs_sdpa"
         try:
             engine = Engine(
                 model,
@@ -381,63 +468,78 @@ def backends(fig: FigureFile) -> None:
             )
         except EngineError as exc:
             if name != "sdpa":
-                fig.null(f"backends.{name}_vs_sdpa", f"the engine refuses backend {name!r}: {exc}")
+                fig.null(figure, f"the engine refuses backend {name!r}: {exc}")
             continue
-        engine.passes.forward([0], [prompt[:512]], logits_rows=[])  # warm-up
-        engine.cache.reset(0)
-        start = time.perf_counter()
-        logits[name] = engine.passes.forward([0], [prompt], logits_rows=rows)
-        sync(engine)
-        t = time.perf_counter() - start
-        print(f"{name}: pre-fill of {len(prompt)} tokens {t * 1e3:.0f} ms")
-        if name != "sdpa" and "sdpa" in logits:
-            diff = relative_diff(logits[name], logits["sdpa"])
-            fig.set(
-                f"backends.{name}_vs_sdpa",
-                diff,
-                met=diff <= LOGIT_BOUND[torch.bfloat16],
-                detail=f"bf16, {len(prompt)}-token pre-fill past the window; {t * 1e3:.0f} ms",
-            )
+
+        def measure(engine: Engine = engine, name: str = name, figure: str = figure) -> None:
+            engine.passes.forward([0], [prompt[: n // 8]], logits_rows=[])  # warm-up
+            engine.cache.reset(0)
+            start = time.perf_counter()
+            logits[name] = engine.passes.forward([0], [prompt], logits_rows=rows)
+            sync(engine)
+            t = time.perf_counter() - start
+            print(f"{name}: pre-fill of {n} tokens {t * 1e3:.0f} ms")
+            if name != "sdpa" and "sdpa" in logits:
+                diff = relative_diff(logits[name], logits["sdpa"])
+                fig.set(
+                    figure,
+                    diff,
+                    met=diff <= LOGIT_BOUND[torch.bfloat16],
+                    detail=f"bf16, {n}-token pre-fill past the window; {t * 1e3:.0f} ms",
+                )
+
+        guarded(fig, (figure,), measure)
         del engine
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def graphed(fig: FigureFile) -> None:
     if cuda_absent(fig, "decode.graphed", "capture"):
         return
-    model = random_model(MISTRAL_7B)
+    if SETUP.rehearsal:
+        fig.unmeasured("decode.graphed", "rehearsal: graphs are measured on CUDA only")
+        fig.unmeasured("capture", "rehearsal: graphs are measured on CUDA only")
+        return
+    model = random_model(SETUP.args, SETUP.device)
     start = time.perf_counter()
     engine = Engine(
-        model, max_batch_size=max(BATCHES), score_batch_size=1, max_context=8192, compile=True
+        model, max_batch_size=max(SETUP.batches), score_batch_size=1, max_context=8192, compile=True
     )
     built = time.perf_counter() - start
-    reported = getattr(engine, "capture_seconds", None)  # an engine that captures at start-up
     if not engine.compile:
         fig.unmeasured("decode.graphed", "the engine declined compile=True")
         return
+    reported = getattr(engine, "capture_seconds", None)  # an engine that captures at start-up
     if reported is not None:
         fig.set("capture_seconds", float(reported), detail="as the engine reports it")
     first = time.perf_counter()
-    decode(fig, engine, "graphed", 1, CONTEXTS[0])
-    if reported is None:
-        fig.set(
-            "capture_seconds",
-            built + time.perf_counter() - first,
-            detail="Engine(compile=True) and its first graphed decode run (compiles and "
-            "captures on first use: the engine reports no capture time)",
-        )
-    for batch in BATCHES:
-        for context in CONTEXTS:
-            if (batch, context) != (1, CONTEXTS[0]):
-                decode(fig, engine, "graphed", batch, context)
+    for label_b, batch in zip(BATCHES, SETUP.batches, strict=True):
+        for label_c, context in zip(CONTEXTS, SETUP.contexts, strict=True):
+            name = f"decode.graphed.batch{label_b}.ctx{label_c}"
+            guarded(fig, (name,), functools.partial(decode, fig, engine, name, batch, context))
+            if reported is None and (batch, context) == (SETUP.batches[0], SETUP.contexts[0]):
+                fig.set(
+                    "capture_seconds",
+                    built + time.perf_counter() - first,
+                    detail="Engine(compile=True) and its first graphed decode run (the "
+                    "engine compiles and captures on first use and reports no capture "
+                    "time)",
+                )
 
 
 def timed(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 PARTS: dict[str, Callable[[FigureFile], None]] = {

@@ -98,3 +98,33 @@ def test_gpu_check_runs_with_torch_alone_and_reports_cuda_figures_null(tmp_path:
     assert "make gpu-bundle" in data["environment"]["sentencepiece"]
     assert "| memory_plan.7b.h200_141gb | 198 |" in summary
     assert "| prefill.mfu | null | | >= 0.5 | | CUDA absent" in summary
+
+
+def test_the_engine_part_rehearsed_on_cpu_measures_every_figure(tmp_path: Path) -> None:
+    """The measuring code of the GPU check runs nowhere else before a GPU session: rehearsed
+    on a tiny model on the CPU (GPU_CHECK_REHEARSE), the engine part fills every one of its
+    figures (meaningless values, real code: the fixed-batch decode, decisions/s through the
+    classifier, Classify latency, host syncs)."""
+    figures = tmp_path / "gpu_figures.json"
+    env = {**os.environ, "GPU_CHECK_REHEARSE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_measure.py", "engine", str(figures)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(figures.read_text())
+    measured = {n for n, v in data["figures"].items() if v is not None}
+    decode = {f"decode.eager.batch{b}.ctx{c}" for b in (1, 32) for c in (1024, 4096)}
+    expected = {
+        "startup_seconds", "memory_plan.7b.this_card", "prefill.tokens_per_s", "prefill.mfu",
+        "host_syncs_per_decode_step", "decisions_per_s", "classify_latency_ms.p50",
+        "classify_latency_ms.p99", *decode,
+    }  # fmt: skip
+    assert measured == expected, data["reasons"]
+    assert "FAIL" not in done.stdout
+    assert "batch held at 3" in data["figures"]["decode.eager.batch32.ctx4096"]["detail"]
+    assert data["figures"]["decisions_per_s"]["value"] > 0
