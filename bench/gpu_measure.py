@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -242,49 +241,15 @@ def parity(fig: FigureFile) -> None:
 
 
 def transformers_parity(fig: FigureFile) -> None:
-    """Ours against transformers' MistralForCausalLM, both on CUDA, at the 7B layer shape (two
-    layers, the real vocabulary), a 256-token window wrapped ~3 times: our logits of every
-    token from chunked pre-fill and then decode steps through the rolling cache, theirs from
-    one full forward with the sliding-window mask."""
-    from transformers import MistralForCausalLM
+    """Ours against transformers on the device, at the 7B layer shape (bench/gpu_parity.py)."""
+    from bench.gpu_parity import against_transformers
 
-    from model.weights import save_hf
-
-    args, n, device = SETUP.parity_args, SETUP.parity_tokens, SETUP.device
-    made = random_model(args, "cpu", torch.float32, 3).state_dict()
-    state = {k: v.clone() for k, v in made.items()}
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(3, args.vocab_size, (n,), generator=g).tolist()
-    prefilled = n * 6 // 7  # in chunks; the rest in decode steps
-    chunk = max(1, prefilled // 6)
-    spans = [(i, min(i + chunk, prefilled)) for i in range(0, prefilled, chunk)]
-    spans += [(i, i + 1) for i in range(prefilled, n)]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(tmp, args, state)
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            hf = MistralForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
-            hf = hf.to(device).eval()  # type: ignore[arg-type]
-            with torch.inference_mode():
-                ref = hf(torch.tensor([tokens], device=device)).logits[0].float()
-            del hf
-            with torch.device("meta"):
-                ours = Transformer(args)
-            ours.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
-            engine = Engine(ours.eval(), max_batch_size=1, score_batch_size=1, chunk_size=chunk)
-            got = [
-                engine.passes.forward([0], [tokens[i:j]], logits_rows=list(range(j - i)))
-                for i, j in spans
-            ]
-            diff = relative_diff(torch.cat(got), ref)
-            fig.set(
-                f"parity.transformers_cuda.{name}",
-                diff,
-                met=diff <= LOGIT_BOUND[dtype],
-                detail=f"{n} tokens, window {args.window}, {len(spans)} passes, backend "
-                f"{engine.backend.name}",
-            )
-            del engine, ours
-            empty_cache()
+    args, n = SETUP.parity_args, SETUP.parity_tokens
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        diff, detail = against_transformers(args, n, SETUP.device, dtype)
+        fig.set(f"parity.transformers_cuda.{name}", diff, met=diff <= LOGIT_BOUND[dtype],
+                detail=detail)  # fmt: skip
+        empty_cache()
 
 
 ENGINE_FIGURES = (
