@@ -81,6 +81,7 @@ class Results:
 
     job: int
     results: list[Classification]
+    timing: tuple[float, float] | None = None  # (queued, in the model) seconds, with tracing
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Event:
 
     job: int
     event: str | GenerationResult
+    timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 
 @dataclass(frozen=True)
