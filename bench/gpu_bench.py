@@ -133,7 +133,10 @@ def sync(engine: Engine) -> None:
 
 
 def decode_bytes(engine: Engine, batch: int, context: int) -> int:
-    """Bytes a decode step must read at least: every weight, and each sequence's cached keys
-    and values (its window at most)."""
+    """Bytes a decode step must read at least: every weight but the embedding table (of which
+    it reads one row per sequence), and each sequence's cached keys and values (its window at
+    most)."""
+    args, element = engine.args, engine.model.tok_embeddings.weight.element_size()
+    embeddings = (args.vocab_size - batch) * args.dim * element
     kv = batch * min(context, engine.window) * engine.memory.bytes_per_token
-    return engine.memory.weights_bytes + kv
+    return engine.memory.weights_bytes - embeddings + kv
