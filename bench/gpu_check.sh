@@ -45,8 +45,10 @@ FAILED=0
 "$PY" bench/gpu_figures.py init "$FIGURES"
 
 BUNDLE=${GPU_BUNDLE:-gpu-bundle}
+SITE=""
 if ls "$BUNDLE"/*.whl >/dev/null 2>&1; then
     SITE=$(mktemp -d)
+    trap 'rm -rf "$SITE"' EXIT
     {
         echo "## bundle ($BUNDLE into $SITE)"
         echo '```'
