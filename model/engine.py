@@ -13,14 +13,15 @@ are theirs, and `step_with_checks` runs a generation step and checks in one pass
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from model.attention import AttentionBackend, select_backend
-from model.cache import RollingCache, decode_span
+from model.cache import RollingCache
 from model.cpu_gemm import pack_for_cpu
 from model.generation import Generation, GenerationRequest, TokenEvent
+from model.graphs import DecodeGraphs, warm_up_prefill
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     cache_rows,
@@ -35,37 +36,6 @@ from model.stream_checks import StreamCheck, StreamChecks
 from model.transformer import Transformer
 
 _log = logging.getLogger(__name__)
-
-
-def compile_decode_step(
-    model: Transformer, cache: RollingCache, max_batch_size: int
-) -> Callable[..., torch.Tensor]:
-    """The forward of a decode pass as one compiled graph (`fullgraph`: no Python between
-    ops), specialised per batch size and decode span bucket.
-
-    CUDA: inductor with mode="reduce-overhead", which replays each shape as a CUDA graph: one
-    launch per step instead of one per op. The cache buffers are marked static so that the
-    graphs write them in place. CPU: inductor cannot lower the oneDNN pre-packed GEMMs of the
-    eager path and was measured slower without them, and "aot_eager" functionalises each cache
-    write into a copy of the whole cache (no re-inplacing pass there), so the step is captured
-    by dynamo alone (backend "eager"): one graph, in-place writes, run by eager kernels
-    without the modules' Python (ENGINE_NOTES.md).
-    """
-    cache.bucket_spans = True
-    cache.static_steps = True
-    # One graph per (batch size, span bucket, span mask or none), all of them of the one
-    # function `Transformer.run` whatever the engine: dynamo's default of 8 per function would
-    # stop a fullgraph step with a hard error at the 9th shape. Each engine adds its own.
-    buckets = len({decode_span(n, cache.window, True) for n in range(1, cache.window + 1)})
-    graphs = 2 * max_batch_size * buckets
-    config = torch._dynamo.config
-    config.recompile_limit += graphs
-    config.accumulated_recompile_limit += graphs
-    if cache.device.type == "cuda":
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
-        return torch.compile(model.run, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
 
 
 class Engine:
@@ -97,15 +67,21 @@ class Engine:
         max_context: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         cache_memory_bytes: int | None = None,
-        backend: str = "auto",
+        backend: str | AttentionBackend = "auto",
         eos_id: int = 2,
-        compile: bool = False,
+        compile: bool | None = None,
         compile_on_cpu: bool = False,
     ):
         self.model = model
         self.args = model.args
         self.eos_id = eos_id
-        backend_choice = select_backend(backend, model.device, model.dtype)
+        # A name (auto, flash, flex, sdpa), or a backend built by the caller (for example
+        # model.attention.flex_backend(device, flex_decode=True)).
+        backend_choice = (
+            select_backend(backend, model.device, model.dtype)
+            if isinstance(backend, str)
+            else backend
+        )
         # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
         # of a 7B).
         weights = weights_bytes(model)
@@ -155,11 +131,14 @@ class Engine:
         self.max_batch_size = generation
         self.score_batch_size = scoring
         self.stats = EngineStats()
-        # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
-        # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
-        # was measured slower than eager (the eager kernels it keeps, plus dynamo's guards; no
-        # launch overhead for a graph to remove), so compile=True declines there and says so;
-        # compile_on_cpu=True compiles anyway (tests of the compiled step on a CPU machine).
+        # compile (None: on CUDA): decode steps run as compiled graphs over a few batch
+        # buckets, captured as CUDA graphs on CUDA and all warmed here, before the engine
+        # serves (model/graphs.py). On CPU the compiled step was measured slower than eager
+        # (the eager kernels it keeps, plus dynamo's guards; no launch overhead for a graph to
+        # remove), so compile=True declines there and says so; compile_on_cpu=True compiles
+        # anyway (tests of the compiled step on a CPU machine).
+        if compile is None:
+            compile = model.device.type == "cuda"
         if compile and model.device.type == "cpu" and not compile_on_cpu:
             _log.warning(
                 "compile: ignored on CPU, where the compiled decode step is slower than eager "
@@ -177,12 +156,41 @@ class Engine:
             chunk_size=self.chunk_size,
             max_step_tokens=self.max_step_tokens,
             max_context=self.max_context,
-            decode_step=compile_decode_step(model, self.cache, generation) if compile else None,
         )
         self._free_slots = SlotPool(range(generation))
         self.scoring = Scoring(self.passes, range(generation, generation + scoring))
         self.stream_checks = StreamChecks(self.passes, self.scoring, self._free_slots)
         self.generation = Generation(self.passes, self._free_slots, eos_id=eos_id)
+        if compile:
+            # Padding decoders use the last scoring slot, idle during a decode step.
+            graphs = DecodeGraphs(
+                model, self.cache, backend_choice, max_batch_size=generation,
+                pad_slot=self.scoring.slots[-1],
+            )  # fmt: skip
+            graphs.warm_up(list(range(generation)))
+            self.passes.decode_step = graphs
+        # The compiled FlexAttention kernel (CUDA) likewise, before the first caller waits.
+        self.prefill_compile_seconds = 0.0
+        if model.device.type == "cuda" and getattr(backend_choice, "compile_kernel", False):
+            self.prefill_compile_seconds = warm_up_prefill(self.score, self.args.vocab_size)
+
+    @property
+    def graph_capture_seconds(self) -> float | None:
+        """Start-up time spent compiling and capturing the decode graphs; None without."""
+        graphs = self.passes.decode_step
+        return graphs.capture_seconds if graphs is not None else None
+
+    @property
+    def graph_recompiles(self) -> int | None:
+        """Decode-step graphs compiled since the start-up warm-up (goal: 0); None without."""
+        graphs = self.passes.decode_step
+        return graphs.recompiles_since_warm_up() if graphs is not None else None
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes decode steps are padded to and run as graphs; () when eager."""
+        graphs = self.passes.decode_step
+        return tuple(graphs.buckets) if graphs is not None else ()
 
     @property
     def backend(self) -> AttentionBackend:

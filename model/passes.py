@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from model.attention import AttentionBackend
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import RequestError
+from model.graphs import DecodeGraphs
 from model.stats import EngineStats
 from model.transformer import Transformer
 
@@ -54,7 +55,7 @@ class Passes:
         chunk_size: int,
         max_step_tokens: int,
         max_context: int | None,
-        decode_step: Callable[..., torch.Tensor] | None = None,
+        decode_step: DecodeGraphs | None = None,
     ):
         self.model = model
         self.cache = cache
@@ -64,7 +65,7 @@ class Passes:
         self.max_step_tokens = max_step_tokens
         # Sequences longer than this are refused; None (a sliding window, no limit given): any.
         self.max_context = max_context
-        # The compiled decode step (engine.compile_decode_step) that decode-only passes run.
+        # Decode steps as captured graphs (model/graphs.py), where the engine compiles them.
         self.decode_step = decode_step
 
     def forward(
@@ -79,6 +80,11 @@ class Passes:
     ) -> torch.Tensor:
         """One pass of `chunks` (new tokens per slot): logits (or hidden states) of the packed
         `logits_rows`. See RollingCache.plan for `write` and `trees`."""
+        graphs = self.decode_step
+        if graphs is not None and graphs.serves(chunks, write, trees, hidden):
+            self.stats.forward_passes += 1
+            self.stats.tokens_computed += len(chunks)
+            return graphs.decode(slots, [c[0] for c in chunks], logits_rows)
         tokens = list(itertools.chain.from_iterable(chunks))
         meta = self.cache.plan(
             slots,
@@ -96,11 +102,6 @@ class Passes:
         assert meta.tokens is not None
         self.stats.forward_passes += 1
         self.stats.tokens_computed += int(meta.tokens.numel())
-        if self.decode_step is not None and meta.n_decode == meta.tokens.numel():
-            with torch.no_grad():
-                return self.decode_step(
-                    meta.tokens, meta, self.cache, meta.logits_index, self.backend, hidden
-                )
         return self.model(
             meta.tokens,
             meta,

@@ -41,6 +41,10 @@ class ModelLimits:
     generation_slots: int = 0
     scoring_slots: int = 0
     kv_cache_bytes: int = 0
+    # Decode steps as captured graphs (model/graphs.py): their batch buckets (empty: eager) and
+    # the start-up seconds their compile and capture took (GetModelInfo reports both).
+    graph_batch_sizes: tuple[int, ...] = ()
+    graph_capture_seconds: float = 0.0
 
     @classmethod
     def of(cls, engine: Engine) -> ModelLimits:
@@ -55,6 +59,8 @@ class ModelLimits:
             generation_slots=engine.memory.generation_slots,
             scoring_slots=engine.memory.scoring_slots,
             kv_cache_bytes=engine.memory.cache_bytes,
+            graph_batch_sizes=engine.graph_batch_sizes,
+            graph_capture_seconds=engine.graph_capture_seconds or 0.0,
         )
 
     @property

@@ -217,7 +217,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "cpu_gemm", "cpu_gemm_measure_seconds", "generation_slots", "scoring_slots", "kv_cache_bytes", "default_threshold")
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "decode_graphs", "decode_graph_batch_sizes", "graph_capture_seconds", "cpu_gemm", "cpu_gemm_measure_seconds", "generation_slots", "scoring_slots", "kv_cache_bytes", "default_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,9 @@ class GetModelInfoResponse(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CPU_GEMM_FIELD_NUMBER: _ClassVar[int]
     CPU_GEMM_MEASURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -242,13 +245,16 @@ class GetModelInfoResponse(_message.Message):
     max_context_tokens: int
     default_policy: str
     policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
+    decode_graphs: bool
+    decode_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    graph_capture_seconds: float
     cpu_gemm: str
     cpu_gemm_measure_seconds: float
     generation_slots: int
     scoring_slots: int
     kv_cache_bytes: int
     default_threshold: float
-    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., cpu_gemm: _Optional[str] = ..., cpu_gemm_measure_seconds: _Optional[float] = ..., generation_slots: _Optional[int] = ..., scoring_slots: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., default_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., decode_graphs: _Optional[bool] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., graph_capture_seconds: _Optional[float] = ..., cpu_gemm: _Optional[str] = ..., cpu_gemm_measure_seconds: _Optional[float] = ..., generation_slots: _Optional[int] = ..., scoring_slots: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., default_threshold: _Optional[float] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
     __slots__ = ("name", "description", "acceptable_label", "categories", "threshold", "category_thresholds", "thresholds_source")

@@ -273,4 +273,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             generation_slots=limits.generation_slots,
             scoring_slots=limits.scoring_slots,
             kv_cache_bytes=limits.kv_cache_bytes,
+            decode_graphs=bool(limits.graph_batch_sizes),
+            decode_graph_batch_sizes=list(limits.graph_batch_sizes),
+            graph_capture_seconds=limits.graph_capture_seconds,
         )
