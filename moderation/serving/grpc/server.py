@@ -81,7 +81,9 @@ class Server:
         moderation_pb2_grpc.add_ModerationServiceServicer_to_server(self.servicer, self.grpc)
         # The HTTP/JSON listener answers with the same servicer, hence the same worker.
         self.http = (
-            HttpServer(settings, self.servicer, self.metrics, token) if settings.http_port else None
+            HttpServer(settings, self.servicer, self.metrics, token, self.state.planning)
+            if settings.http_port
+            else None
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

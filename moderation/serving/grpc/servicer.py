@@ -27,6 +27,7 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
+from moderation.serving.calls import capped
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
 from moderation.serving.metrics import Metrics
@@ -45,9 +46,6 @@ T = TypeVar("T")
 
 log = structlog.get_logger("moderation.serving.grpc.servicer")
 
-MAX_ERROR_CHARS = 512
-"""The longest status message sent or logged; domain errors quote only prefixes of values, this
-is the last line of defence (a message past ~8 kB would also fail in gRPC's metadata)."""
 LOGGED_TEXT_CHARS = 200
 """With log_text on, how much of each text the request log keeps."""
 
@@ -89,8 +87,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, bad_field = status_for(exc)
-    if len(message) > MAX_ERROR_CHARS:
-        message = message[:MAX_ERROR_CHARS] + "..."
+    message = capped(message)
     current_call().fields["error"] = message
     if code is grpc.StatusCode.INTERNAL:
         log.error("request failed", exc_info=exc)
