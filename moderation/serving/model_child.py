@@ -68,7 +68,7 @@ class _Sink:
     """Where the model process's jobs put their answers; sent once per tick."""
 
     def __init__(self) -> None:
-        self.outbox: list[msg.JobMessage | msg.MetricOps] = []
+        self.outbox: list[msg.JobMessage | msg.MetricOps | msg.Pong] = []
         self.open: dict[int, Job] = {}  # jobs with answers still to come
 
     def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
@@ -195,6 +195,11 @@ class _Child:
             old = self.sink.open.pop(message.job, None)
             if old is not None:
                 self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
+            return
+        elif isinstance(message, msg.Ping):
+            # Answered between passes, so a pass that never ends (or a stopped process)
+            # leaves the ping unanswered: what the server's watchdog looks for.
+            self.sink.outbox.append(msg.Pong())
             return
         else:
             self.stop_at = time.monotonic() + message.timeout

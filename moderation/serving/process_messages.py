@@ -51,7 +51,12 @@ class Stop:
     timeout: float
 
 
-ToModel = Classify | Generate | Cancel | Stop
+@dataclass(frozen=True)
+class Ping:
+    """Answer with a Pong between two passes, idle or busy: the server's watchdog expects it."""
+
+
+ToModel = Classify | Generate | Cancel | Stop | Ping
 
 # ------------------------------------------------------------- model process -> server
 
@@ -141,6 +146,11 @@ class MetricOps:
     ops: list[MetricOp]
 
 
+@dataclass(frozen=True)
+class Pong:
+    """The answer to a Ping: the model process's loop is turning."""
+
+
 JobMessage = Results | Event | Failed
 ToServer = Ready | LoadFailed | JobMessage | MetricOps
 
@@ -149,4 +159,4 @@ ToServer = Ready | LoadFailed | JobMessage | MetricOps
 class Batch:
     """A tick's messages, sent together."""
 
-    messages: list[JobMessage | MetricOps]
+    messages: list[JobMessage | MetricOps | Pong]
