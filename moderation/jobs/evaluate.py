@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moderation.api.remote import RemoteError
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, PolicyError
-from moderation.exit_codes import EXIT_OK, EXIT_USAGE
+from moderation.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from moderation.jobs.calibration import Target, calibrate, calibration_table
 from moderation.jobs.datasets import UNSAFE, DatasetError, Example, read_dataset
 from moderation.jobs.options import (
@@ -202,6 +203,9 @@ def _run(ns: argparse.Namespace) -> int:
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RemoteError as exc:  # the servers are out of reach: as `batch` says it
+        print(f"moderation eval: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     report = evaluate(examples, results)
     calibration = None
     if target is not None:
