@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from model.tokenizer import Tokenizer
 from moderation.core.generation import GenerateOptions
 from moderation.core.prompts import _find
-from moderation.serving.grpc.interceptors import _code_of
+from moderation.serving.grpc.interceptors import DEFER_BYTES, Deferred, _code_of
 from moderation.serving.logs import configure_logging
 from moderation.serving.settings import ServeSettings, settings_from_env
 from moderation.v1 import moderation_pb2 as pb
@@ -167,6 +167,44 @@ def test_health_answers_while_big_requests_are_tokenized(
         assert len(threads) >= 3 and all(t.startswith("plan") for t in threads), threads
     finally:
         server.stop()
+
+
+def test_large_grpc_bodies_are_counted_before_they_are_parsed(
+    stub: pb_grpc.ModerationServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue #19: protobuf's parser holds the GIL for the whole message (1.3 M empty batch items:
+    # 156 ms on the event loop). A large body is counted on its bytes first, off the loop.
+    parsed: list[str] = []
+    parse = Deferred.parse
+
+    def recording(self: Deferred) -> Any:
+        parsed.append(threading.current_thread().name)
+        return parse(self)
+
+    monkeypatch.setattr(Deferred, "parse", recording)
+    hi = pb.ChatMessage(role="user", content="hi")
+    bombs = [
+        (stub.ClassifyBatch, pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest()] * 300_000),
+         "requests", "257+ items exceed the limit of 256"),
+        (stub.Classify, pb.ClassifyRequest(messages=[hi] * 30_000), "messages",
+         "51+ messages exceed the limit of 50"),
+        (stub.ClassifyBatch,
+         pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(messages=[hi] * 30_000)]),
+         "requests[0].messages", "51+ messages"),
+        (stub.Classify,
+         pb.ClassifyRequest(text="x", category_thresholds={str(i): 0.5 for i in range(30_000)}),
+         "request", "more than"),
+    ]  # fmt: skip
+    for call, request, field, message in bombs:
+        err = refused(call, request)
+        assert bad_field(err) == field and message in err.details(), err.details()
+    assert parsed == []  # refused on their counts: never parsed
+    # A large valid body is parsed, on a planning thread.
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text="word " * 700)] * 20)
+    assert batch.ByteSize() > DEFER_BYTES
+    answer = stub.ClassifyBatch(batch, timeout=120)
+    assert len(answer.results) == 20
+    assert parsed and all(n.startswith("plan") for n in parsed), parsed
 
 
 # ------------------------------------------------ 3. output moderation is decided before generating

@@ -29,8 +29,16 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
 from moderation.serving.calls import capped
 from moderation.serving.front import Front
-from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
+from moderation.serving.grpc import wire
+from moderation.serving.grpc.interceptors import (
+    REQUEST_ID_KEY,
+    UNDECODABLE_MESSAGE,
+    CallRecord,
+    Deferred,
+    current_call,
+)
 from moderation.serving.metrics import Metrics
+from moderation.serving.request_limits import Limits
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     DeadlineExpiredError,
@@ -133,6 +141,23 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         if self.state.front is None or self.state.worker is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self.state.front, self.state.worker
+
+    async def _parsed(self, request: Any) -> Any:
+        """The request itself; a large body (`Deferred`) checked and parsed off the loop."""
+        if not isinstance(request, Deferred):
+            return request
+        return await self._off_loop(self._parse, request)
+
+    def _parse(self, request: Deferred) -> Any:
+        descriptor = request.message_type.DESCRIPTOR
+        limits = Limits.of(self.state.settings)
+        wire.check(request.data, descriptor, limits, batch="requests" in descriptor.fields_by_name)
+        try:
+            return request.parse()
+        except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises
+            self.state.metrics.undecodable.inc()
+            current_call().fields["error_detail"] = type(exc).__name__
+            raise InvalidArgument("request", UNDECODABLE_MESSAGE) from exc
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the planning threads: the event loop keeps answering (health above all)."""
@@ -245,10 +270,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     # ------------------------------------------------------------------- RPCs
 
     async def Classify(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+        self, message: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         async def body() -> pb.ClassifyResponse:
             front, worker = self._ready()
+            request = await self._parsed(message)
             planned = await self._off_loop(self._plan, front, request)
             result = (await worker.classify([planned], deadline=_deadline(context)))[0]
             self._record([result], [_classified_text(request)])
@@ -257,10 +283,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         return await self._guard(context, body)
 
     async def ClassifyBatch(
-        self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+        self, message: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         async def body() -> pb.ClassifyBatchResponse:
             front, worker = self._ready()
+            request = await self._parsed(message)
             limit = self.state.settings.max_batch_items
             if not request.requests:
                 raise InvalidArgument("requests", "must not be empty")
@@ -278,9 +305,10 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         return await self._guard(context, body)
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async def body() -> pb.GenerateResponse:
+            request = await self._parsed(message)
             events = self._generation(request, context, stream=False)
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -295,6 +323,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
+            request = await self._parsed(request)
             events = self._generation(request, context, stream=True)
             async with contextlib.aclosing(events):
                 async for event in events:

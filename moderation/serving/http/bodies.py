@@ -19,45 +19,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
 from moderation.serving.http.status import CallError
-from moderation.serving.settings import ServeSettings
+from moderation.serving.request_limits import COUNTED, Limits
+
+__all__ = ["MAX_DEPTH", "Limits", "check_counts", "decode", "shape", "too_many"]
 
 MAX_DEPTH = 32
 """Deepest nesting of arrays and objects accepted: the deepest valid body (a Mistral batch of
 conversations of messages of text chunks) nests 5 levels; Python's decoder fails at ~1,000."""
 CHUNK = 256 * 1024
-VALUES_PER_MESSAGE = 8  # a message object: role, content, a few text chunks
-VALUES_PER_ITEM = 64  # a request's scalar fields and its category thresholds
 
 _QUOTE, _BACKSLASH, _COMMA = 0x22, 0x5C, 0x2C
 _OPENERS, _CLOSERS = (0x5B, 0x7B), (0x5D, 0x7D)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The count limits of the server (MODERATION_MAX_BATCH_ITEMS, MODERATION_MAX_MESSAGES)."""
-
-    max_items: int
-    max_messages: int
-
-    @classmethod
-    def of(cls, settings: ServeSettings) -> Limits:
-        return cls(settings.max_batch_items, settings.max_messages)
-
-    @property
-    def item_values(self) -> int:
-        """The most JSON values one valid request item (a text or a conversation) holds."""
-        return self.max_messages * VALUES_PER_MESSAGE + VALUES_PER_ITEM
-
-    def values(self, *, batch: bool) -> int:
-        """The most JSON values a valid body holds: one item's, or a batch of them."""
-        return self.item_values * (self.max_items if batch else 1) + VALUES_PER_ITEM
 
 
 def _bad_body(message: str, http_status: int | None = None) -> CallError:
@@ -127,23 +105,12 @@ def decode(data: bytes, limits: Limits, *, batch: bool) -> Any:
         raise _bad_body(f"the request body is not JSON: {reason}") from None
 
 
-COUNTED = {"requests": "max_items", "messages": "max_messages"}
-"""The repeated fields with a count limit, by proto field name: the servicer's own limits,
-checked here before anything walks the items."""
-_SETTING = {"max_items": "MODERATION_MAX_BATCH_ITEMS", "max_messages": "MODERATION_MAX_MESSAGES"}
-
-
 def too_many(field: str, count: int, limits: Limits, kind: str) -> CallError | None:
-    """The error of `count` items in `field` past its limit (`kind`: max_items, max_messages)."""
-    limit = getattr(limits, kind)
-    if count <= limit:
+    """The error of `count` entries in `field` past its limit (`kind`: max_items, max_messages)."""
+    message = limits.over(field, count, kind)
+    if message is None:
         return None
-    noun = "messages" if kind == "max_messages" else "items"
-    return CallError(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"{field}: {count} {noun} exceed the limit of {limit} ({_SETTING[kind]})",
-        field,
-    )
+    return CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
 
 
 def check_counts(value: Any, descriptor: Any, limits: Limits, path: str = "") -> None:
