@@ -1,4 +1,6 @@
-"""`moderation batch`: score a CSV file, every row accounted for, resumable after a crash.
+"""`moderation batch`: score a CSV or JSONL file, every row accounted for, resumable after a
+crash. (CSV and JSONL, gzip-compressed or not, are `moderation.jobs.formats`' business: the
+format follows the file name; what follows says "column" for a JSONL key too.)
 
 Output: every input column unchanged, then `category`, `flagged`, `paper_category`, one
 `score_<category id>` column per category of the policy (and `score_acceptable`), and `error`.
@@ -23,11 +25,12 @@ percentage of the rows such as `1%`; default 0); 4 (EXIT_FAILED_ROWS) when more 
 the job ran to the end and rerunning it gives the same rows, so a Kubernetes Job should not
 retry it (deploy/examples/batch maps 2 and 4 to FailIndex).
 
-Reading: strict, see `moderation.jobs.csv_input` (an unterminated quote or an invalid byte
-stops the job with exit 2 naming the line, after scoring the rows before it; a row longer than
-the header is that row's error). Nothing is overwritten: an existing OUT or journal needs
-`--resume` (continue it) or `--overwrite` (start over), else exit 2. The input (file, columns)
-and the thresholds file are checked before the model loads.
+Reading: strict (CSV: `moderation.jobs.csv_input`; JSONL: `formats.JsonlReader`): an unreadable
+line (an unterminated quote, an invalid byte, a JSONL line that is not an object) stops the job
+with exit 2 naming the line, after scoring the rows before it; a CSV row longer than the header
+is that row's error. Nothing is overwritten: an existing OUT or journal needs `--resume`
+(continue it) or `--overwrite` (start over), else exit 2. The input (file, columns) and the
+thresholds file are checked before the model loads.
 
 CSV injection: input columns are copied unchanged (the contract); texts that start with
 `=`, `+`, `-` or `@` can run as formulas if OUT is opened in a spreadsheet. `--escape-formulas`
@@ -37,12 +40,15 @@ prefixes the copied cells with a quote (OWASP's advice); the scores are never af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -52,8 +58,9 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
+from moderation.jobs import formats
 from moderation.jobs.conversations import parse_messages
-from moderation.jobs.csv_input import Input, InputError, read_csv
+from moderation.jobs.csv_input import Input, InputError, Row, read_csv
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -68,6 +75,9 @@ from moderation.jobs.progress import DEFAULT_INTERVAL, ProgressReporter
 from moderation.jobs.scoring import Scorer, make_scorer
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+# Fields of several megabytes are real (pasted logs); the csv module's 128 KiB default is not.
+csv.field_size_limit(2**31 - 1)
 
 
 class UsageError(Exception):
@@ -220,10 +230,43 @@ class BatchJob:
         )
 
 
-def _named(cells: list[str], columns: list[str]) -> dict[str, str | None]:
+UNREADABLE: tuple[type[Exception], ...] = (InputError, *formats.READ_ERRORS)
+"""What reading a broken input raises: the job stops there (exit 2, naming the line)."""
+
+
+def _named(row: Row, columns: list[str]) -> dict[str, str | None]:
+    if row.values is not None:  # the format named them (JSONL)
+        return row.values
     # A short row lacks columns (None); a long one is an error row before it gets here.
-    values: list[str | None] = [*cells, *([None] * (len(columns) - len(cells)))]
+    values: list[str | None] = [*row.cells, *([None] * (len(columns) - len(row.cells)))]
     return dict(zip(columns, values, strict=False))
+
+
+def _jsonl(reader: formats.JsonlReader) -> Iterator[Row]:
+    for cells, values in reader.rows():
+        yield Row(reader.number, cells, values=values)
+
+
+def read_input(job: BatchJob, raw: io.RawIOBase) -> Input:
+    """The input's columns and rows, in the format its name says (`formats`); a new format
+    plugs in here, as a reader giving an `Input`."""
+    try:
+        if formats.format_of(job.input, job.output) == formats.JSONL:
+            reader = formats.JsonlReader(
+                formats.text_input(raw, job.input, job.encoding), job.input
+            )
+            source = Input(reader.header, _jsonl(reader))
+        else:
+            binary = formats.binary_input(raw, job.input)
+            source = read_csv(binary, encoding=job.encoding, delimiter=job.delimiter)
+    except UNREADABLE as exc:
+        raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
+    missing = [c for c in job.columns if c not in source.columns]
+    if missing:
+        raise UsageError(
+            f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(source.columns)}"
+        )
+    return source
 
 
 def check_output(job: BatchJob) -> None:
@@ -238,19 +281,6 @@ def check_output(job: BatchJob) -> None:
             )
 
 
-def _open_input(job: BatchJob, raw: IO[bytes]) -> Input:
-    try:
-        source = read_csv(raw, encoding=job.encoding, delimiter=job.delimiter)
-    except InputError as exc:
-        raise UsageError(f"{job.input}: {exc}") from None
-    missing = [c for c in job.columns if c not in source.columns]
-    if missing:
-        raise UsageError(
-            f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(source.columns)}"
-        )
-    return source
-
-
 def check_input(job: BatchJob) -> None:
     """UsageError unless the input file opens and has the job's columns: checked before the
     model loads (minutes on 7B), not after. Standard input is read once, so not checked here."""
@@ -258,11 +288,13 @@ def check_input(job: BatchJob) -> None:
         return
     try:
         with open(job.input, "rb") as raw:
-            _open_input(job, raw)
+            read_input(job, CountingReader(raw))
     except FileNotFoundError:
         raise UsageError(f"{job.input}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"{job.input}: cannot read it ({exc.strerror})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{job.input}: is a directory, not a file") from None
+    except PermissionError:
+        raise UsageError(f"{job.input}: cannot read it (permission denied)") from None
 
 
 def finished(job: BatchJob) -> Progress | None:
@@ -304,8 +336,9 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
     counting = CountingReader(raw)
+    jsonl = formats.format_of(job.input, job.output) == formats.JSONL
     try:
-        source = _open_input(job, io.BufferedReader(counting))
+        source = read_input(job, counting)
     except BaseException:
         if raw is not sys.stdin.buffer:
             raw.close()
@@ -317,12 +350,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if to_stdout:
         out: IO[str] = sys.stdout
     elif progress.rows or progress.output_bytes:
-        out = open(job.output, "r+", encoding="utf-8", newline="")  # noqa: SIM115
+        out = formats.open_output(job.output, "r+")
         out.truncate(progress.output_bytes)  # drop rows written after the last commit
         out.seek(progress.output_bytes)
     else:
-        out = open(job.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
-    writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
+        out = formats.open_output(job.output, "w")
+    writer: Any
+    if formats.format_of(job.output, job.input) == formats.JSONL:
+        writer = formats.JsonlWriter(out, len(header), columns)
+    elif jsonl:
+        writer = formats.CsvWriter(out, job.delimiter)
+    else:
+        writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
 
     def commit() -> None:
         out.flush()
@@ -340,11 +379,12 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             next(rows)
     except StopIteration:
         pass
-    except InputError as exc:
+    except UNREADABLE as exc:
         raise UsageError(f"{job.input}: {exc}") from exc
 
     if reporter is not None:
-        reporter.started(progress.rows)
+        reporter.started(progress.rows, counting.count / total if total else 0.0)
+        reporter.start_timer()
     batch: list[tuple[list[str], ClassifyItem | str]] = []
 
     def flush_batch() -> None:
@@ -367,12 +407,12 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
 
     try:
         for row in rows:
-            batch.append((row.cells, row.error or job.items(_named(row.cells, header))))
+            batch.append((row.cells, row.error or job.items(_named(row, header))))
             if len(batch) >= job.batch_size:
                 flush_batch()
         if batch:
             flush_batch()
-    except InputError as exc:
+    except UNREADABLE as exc:
         if batch:
             flush_batch()  # the rows before the unreadable line are scored and committed
         where = job.output if not to_stdout else "the output"
@@ -381,6 +421,8 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             "file and rerun with --resume"
         ) from None
     finally:
+        if reporter is not None:
+            reporter.stop_timer()
         if not to_stdout:
             out.close()
         if raw is not sys.stdin.buffer:
@@ -394,8 +436,48 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     return progress
 
 
-def _escape(cell: str) -> str:
-    return "'" + cell if cell.startswith(FORMULA_START) else cell
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the job."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM (a pod's stop) raise `Interrupted` in the job, so that it can say
+    how to resume; the earlier handlers are back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    earlier = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in earlier.items():
+            signal.signal(signum, handler)
+
+
+def resume_hint(job: BatchJob, signum: int) -> str:
+    """What to do after an interruption: where the job stands and the command that goes on."""
+    name = signal.Signals(signum).name
+    if job.output == "-" or job.input == "-":
+        return f"interrupted ({name}); stdin or stdout cannot be resumed: run it again"
+    path = Path(job.output + ".progress")
+    rows = Progress.load(path).rows if path.exists() else 0
+    return (
+        f"interrupted ({name}) with {rows} rows committed to {job.output}; rerun the same "
+        "command with --resume to continue from there"
+    )
+
+
+def _escape(cell: Any) -> Any:
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
 
 
 def max_failed_rows(value: str) -> tuple[int, float]:
@@ -479,7 +561,11 @@ def _run(ns: argparse.Namespace) -> int:
             scorer = make_scorer(ns, policy_files)
             reporter = ProgressReporter(sys.stderr, name="batch", interval=ns.progress_interval)
             try:
-                progress = run(job, scorer, reporter=reporter)
+                with terminate_as_interrupt():
+                    progress = run(job, scorer, reporter=reporter)
+            except Interrupted as exc:
+                print(f"moderation batch: {resume_hint(job, exc.signal)}", file=sys.stderr)
+                return 128 + exc.signal
             finally:
                 scorer.close()
     except (UsageError, InvalidArgument, PolicyError, OSError, LookupError) as exc:
@@ -501,9 +587,18 @@ def _run(ns: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `batch` subcommand."""
-    p = sub.add_parser("batch", help="score a CSV file (resumable)")
-    p.add_argument("input", help="input CSV file, or - for stdin")
-    p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
+    p = sub.add_parser("batch", help="score a CSV or JSONL file (resumable)")
+    p.add_argument(
+        "input",
+        help="input file, or - for stdin: CSV, or JSONL when named .jsonl/.ndjson; .gz: gzip",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file, or - for stdout (its format by its name as for the input; - takes "
+        "the input's)",
+    )
     p.add_argument("--text-column", help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
     p.add_argument(
@@ -514,7 +609,7 @@ def register(sub: Any) -> None:
     )
     add_role_option(p)
     p.set_defaults(role=None)  # input, unless given; and not given with --messages-column
-    add_policy_option(p, None)
+    add_policy_option(p, None, remote=True)
     add_threshold_options(p)
     add_long_text_option(p, "reject")
     add_model_options(p)

@@ -10,9 +10,10 @@ What the csv module does by default, and what is done here instead:
   and rows 1-100 are never scored: here each line is decoded as it is read, so the error names
   its line and comes after the rows before it (the job scores those, then stops).
 
-A second input format (JSON lines, say) plugs in the same way: a function that returns an
-`Input` (the columns, then `Row`s with their line numbers), raising `InputError` for what makes
-the rest of the file unreadable and setting `Row.error` for what spoils only one row.
+A second input format plugs in the same way (JSONL does, in `moderation.jobs.batch.read_input`):
+a function that returns an `Input` (the columns, then `Row`s with their line numbers), raising
+`InputError` for what makes the rest of the file unreadable and setting `Row.error` for what
+spoils only one row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import codecs
 import csv
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 # Fields of several megabytes are real (pasted logs); the csv module's 128 KiB default is not.
 csv.field_size_limit(2**31 - 1)
@@ -38,11 +39,13 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class Row:
-    """One data row: the line it starts on, its cells, and why it cannot be scored (if so)."""
+    """One data row: the line it starts on, its cells, why it cannot be scored (if so), and
+    its values by column when the format names them itself (JSONL) rather than by position."""
 
     line: int
-    cells: list[str]
+    cells: list[Any]
     error: str | None = None
+    values: dict[str, str | None] | None = None
 
 
 @dataclass

@@ -86,6 +86,7 @@ class Results:
 
     job: int
     results: list[Classification]
+    timing: tuple[float, float] | None = None  # (queued, in the model) seconds, with tracing
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Event:
 
     job: int
     event: str | GenerationResult
+    timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies")
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "default_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     demo: bool
     dtype: str
@@ -236,19 +237,33 @@ class GetModelInfoResponse(_message.Message):
     max_context_tokens: int
     default_policy: str
     policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
-    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ...) -> None: ...
+    default_threshold: float
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., default_threshold: _Optional[float] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("name", "description", "acceptable_label", "categories")
+    __slots__ = ("name", "description", "acceptable_label", "categories", "threshold", "category_thresholds", "thresholds_source")
+    class CategoryThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTABLE_LABEL_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     acceptable_label: str
     categories: _containers.RepeatedCompositeFieldContainer[CategoryInfo]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., acceptable_label: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[CategoryInfo, _Mapping]]] = ...) -> None: ...
+    threshold: float
+    category_thresholds: _containers.ScalarMap[str, float]
+    thresholds_source: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., acceptable_label: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[CategoryInfo, _Mapping]]] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_source: _Optional[str] = ...) -> None: ...
 
 class CategoryInfo(_message.Message):
     __slots__ = ("id", "label", "description", "paper_category")

@@ -27,6 +27,7 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
+from moderation.serving import tracing
 from moderation.serving.calls import capped
 from moderation.serving.front import Front
 from moderation.serving.grpc import wire
@@ -162,7 +163,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the planning threads: the event loop keeps answering (health above all)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+        with tracing.stage(current_call(), "plan"):  # every use plans (validates, tokenizes)
+            return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
 
     def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
         settings = self.state.settings
@@ -353,7 +355,10 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 sliding_window=limits.window,
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
-                policies=convert.policy_info(list(planner.policies.values())),
+                policies=convert.policy_info(
+                    list(planner.policies.values()), planner.live_thresholds()
+                ),
+                default_threshold=planner.threshold,
             )
 
         return await self._guard(context, body)
