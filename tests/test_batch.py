@@ -445,3 +445,14 @@ def test_inputs_are_checked_before_the_model_loads(
     err = capsys.readouterr().err
     assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert out.read_text() == "an earlier job's output\n"
+
+
+def test_invalid_utf8_in_jsonl_names_its_line_and_the_rows_before_it_are_scored(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = "".join(f'{{"text": "row {i}"}}\n' for i in range(30)).encode()
+    inp.write_bytes(good + b'{"text": "bad \xff"}\n{"text": "after"}\n')
+    with pytest.raises(UsageError, match=r"line 31: not valid utf-8.*30 rows before it"):
+        run(job(inp, out, batch_size=7), scorer)
+    assert len(out.read_text().splitlines()) == 30

@@ -60,7 +60,7 @@ from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
 from moderation.jobs import formats
 from moderation.jobs.conversations import parse_messages
-from moderation.jobs.csv_input import Input, InputError, Row, read_csv
+from moderation.jobs.csv_input import DecodedLines, Input, InputError, Row, read_csv
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -252,9 +252,9 @@ def read_input(job: BatchJob, raw: io.RawIOBase) -> Input:
     plugs in here, as a reader giving an `Input`."""
     try:
         if formats.format_of(job.input, job.output) == formats.JSONL:
-            reader = formats.JsonlReader(
-                formats.text_input(raw, job.input, job.encoding), job.input
-            )
+            # Decoded line by line, as CSV: an invalid byte names its line, not a chunk's.
+            lines = DecodedLines(formats.binary_input(raw, job.input), job.encoding)
+            reader = formats.JsonlReader(lines, job.input)  # type: ignore[arg-type]
             source = Input(reader.header, _jsonl(reader))
         else:
             binary = formats.binary_input(raw, job.input)

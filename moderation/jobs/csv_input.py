@@ -56,8 +56,10 @@ class Input:
     rows: Iterator[Row]
 
 
-class _Lines:
-    """The file's lines, each decoded on its own; `number` is the last line read."""
+class DecodedLines:
+    """The file's lines, each decoded on its own (an invalid byte is an InputError naming its
+    line, after the lines before it were read); `number` is the last line read. JSONL reads
+    its lines through it too."""
 
     def __init__(self, raw: IO[bytes], encoding: str):
         self.raw = raw
@@ -81,7 +83,7 @@ class _Lines:
 def read_csv(raw: IO[bytes], *, encoding: str, delimiter: str) -> Input:
     """The header, then the rows of a CSV file. InputError for an empty file, an unreadable
     header, and, as the rows are read, for an invalid byte or an unterminated quote."""
-    lines = _Lines(raw, encoding)
+    lines = DecodedLines(raw, encoding)
     reader = csv.reader(lines, delimiter=delimiter, strict=True)
 
     def record() -> list[str] | None:
