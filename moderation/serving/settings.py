@@ -285,7 +285,7 @@ class ServeSettings:
         metavar="SECONDS",
     )
     max_connections: int = _setting(
-        2000,
+        1000,
         parse_int,
         "most open connections per port: gRPC refuses more (grpc."
         "max_allowed_incoming_connections), HTTP answers 503 and closes; both ports share "
