@@ -593,4 +593,3 @@ def test_the_watchdog_sees_an_idle_thread_alive_and_a_stuck_pass_stalled(parts: 
         await job
 
     run(scenario)
-    assert time.monotonic() - worker.last_progress < 0.2
