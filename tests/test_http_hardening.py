@@ -190,10 +190,10 @@ def test_errors_and_logs_quote_only_a_prefix_of_caller_values(
         for status, err, raw in answers:
             assert 400 <= status < 500, err
             assert len(raw) < 2048, (status, raw[:200])
-        err = capsys.readouterr().err
+        logged = capsys.readouterr().err
     finally:
         structlog.reset_defaults()
-    lines = [line for line in err.splitlines() if '"transport": "http"' in line]
+    lines = [line for line in logged.splitlines() if '"transport": "http"' in line]
     assert len(lines) >= len(answers)
     assert all(len(line) < 2048 for line in lines), max(len(line) for line in lines)
 
@@ -250,6 +250,13 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
         return False
 
 
+def wait_for(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
 def connect(server: InProcessServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.settings.http_port), timeout=10)
 
@@ -277,9 +284,12 @@ def test_a_slow_body_gets_408(strict: InProcessServer) -> None:
 def test_connections_past_the_cap_get_503_and_are_counted(strict: InProcessServer) -> None:
     registry = strict.server.metrics.registry
     before = registry.get_sample_value("http_server_connections_refused_total") or 0.0
+    http = strict.server.http
+    assert http is not None
+    wait_for(lambda: not http.connections.open)  # the earlier tests' connections are gone
     held = [connect(strict) for _ in range(4)]
     try:
-        time.sleep(0.2)  # the server has accepted them
+        wait_for(lambda: len(http.connections.open) == 4)  # the server has accepted them
         with connect(strict) as extra:
             extra.settimeout(10)
             assert extra.recv(4096).startswith(b"HTTP/1.1 503")
