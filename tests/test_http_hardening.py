@@ -320,7 +320,7 @@ def test_the_servicer_caps_its_status_messages() -> None:
     import asyncio
 
     from moderation.core.errors import InvalidArgument
-    from moderation.serving.grpc.servicer import _abort
+    from moderation.serving.grpc.errors import abort_with
 
     sent: list[str] = []
 
@@ -330,5 +330,5 @@ def test_the_servicer_caps_its_status_messages() -> None:
             raise grpc.aio.AbortError()
 
     with pytest.raises(grpc.aio.AbortError):
-        asyncio.run(_abort(Context(), InvalidArgument("text", "x" * 10_000)))  # type: ignore[arg-type]
+        asyncio.run(abort_with(Context(), InvalidArgument("text", "x" * 10_000)))  # type: ignore[arg-type]
     assert 0 < len(sent[0]) <= 515

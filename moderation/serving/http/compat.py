@@ -34,7 +34,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from moderation.core.errors import quote
+from moderation.api import convert
+from moderation.core.chat import chat_messages
+from moderation.core.errors import InvalidArgument, quote
 from moderation.serving.http.bodies import Limits, too_many
 from moderation.serving.http.status import CallError, caller_field
 from moderation.v1 import moderation_pb2 as pb
@@ -43,7 +45,6 @@ Call = Callable[[str, Message], Awaitable[Any]]
 """Calls a ModerationService method in-process: (method name, request) -> response."""
 
 PAPER_CATEGORIES = ("illegal_activities", "hateful_harassing_violent", "unqualified_advice")
-ACCEPTABLE = "acceptable"
 
 
 def _bad(field: str, message: str) -> CallError:
@@ -207,21 +208,16 @@ def _content(value: Any, where: str) -> str:
 
 
 def _conversation(value: Any, where: str, limits: Limits) -> list[pb.ChatMessage]:
+    """A Mistral conversation read as the core's chat messages (the turn order is checked with
+    every other conversation's, by the planner), sent on as ClassifyRequest.messages."""
     if not isinstance(value, list) or not value:
         raise _bad(where, "must be a non-empty array of messages")
     _check(too_many(where, len(value), limits, "max_messages"))
-    messages = []
-    for j, message in enumerate(value):
-        at = f"{where}[{j}]"
-        if not isinstance(message, dict):
-            raise _bad(at, "must be a message object")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise _bad(f"{at}.role", "must be a string")
-        messages.append(
-            pb.ChatMessage(role=role, content=_content(message.get("content"), f"{at}.content"))
-        )
-    return messages
+    try:
+        messages = chat_messages(value, where, content=_content)
+    except InvalidArgument as exc:
+        raise _bad(exc.field, exc.message) from None
+    return convert.chat_messages_pb(messages)
 
 
 def read_mistral(body: Any, limits: Limits) -> CompatRequest:

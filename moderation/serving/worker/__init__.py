@@ -10,8 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
 
 
