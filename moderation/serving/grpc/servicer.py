@@ -297,4 +297,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 list(planner.policies.values()), planner.live_thresholds()
             ),
             default_threshold=planner.threshold,
+            decode_graphs=bool(limits.graph_batch_sizes),
+            decode_graph_batch_sizes=list(limits.graph_batch_sizes),
+            graph_capture_seconds=limits.graph_capture_seconds,
         )
