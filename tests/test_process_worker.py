@@ -293,6 +293,41 @@ def test_a_hung_model_process_turns_health_not_serving(demo_checkpoint: Path) ->
         server.stop()
 
 
+def test_a_stopped_model_process_is_found_whatever_the_callers_deadlines(
+    demo_checkpoint: Path,
+) -> None:
+    # Issue #19: expired calls leave the queue, and an empty queue used to hide the hang (12/12
+    # DEADLINE_EXCEEDED, health SERVING throughout). The model process answers the watchdog's
+    # pings, idle or busy: stopped, it goes NOT_SERVING with nothing queued.
+    server = InProcessServer(settings(demo_checkpoint, model_stall_timeout=1.0))
+    server.wait_loaded()
+    worker = server.server.state.worker
+    assert isinstance(worker, ProcessWorker) and worker._process.pid is not None
+    pid = worker._process.pid
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.ModerationServiceStub(channel)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(text="anyone?"), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 15
+        while worker.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.queue_depth == 0  # nothing queued: only the ping can tell
+        while health_status(channel) != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == NOT_SERVING
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while health_status(channel) != SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == SERVING
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
 def _scrape(server: InProcessServer) -> dict[str, float]:
     """The metrics endpoint's samples, by `name{labels}` as written."""
     url = f"http://127.0.0.1:{server.settings.metrics_port}/metrics"

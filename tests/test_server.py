@@ -91,6 +91,11 @@ def test_generate_and_stream(stub: pb_grpc.ModerationServiceStub) -> None:
     assert "".join(deltas) == events[-1].final.text == unary.text  # greedy: same answer
 
 
+STREAM_DEADLINE_S = 60
+"""A flagged stream must end by itself: past this it failed (DEADLINE_EXCEEDED), rather than
+leaving the test to hang until the suite's timeout."""
+
+
 def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServiceStub) -> None:
     refused = stub.Generate(
         pb.GenerateRequest(messages=user("hi"), moderate_input=True, threshold=0.0)
@@ -101,7 +106,8 @@ def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServic
         stub.GenerateStream(
             pb.GenerateStreamRequest(
                 messages=user("hi"), moderate_output=True, threshold=0.0, max_new_tokens=6
-            )
+            ),
+            timeout=STREAM_DEADLINE_S,  # a stream that never ends fails here, not by hanging
         )
     )
     assert [e.WhichOneof("event") for e in events] == ["final"]  # nothing unchecked was sent
@@ -134,7 +140,7 @@ def test_a_flagging_check_ends_the_stream(stub: pb_grpc.ModerationServiceStub) -
         messages=user("Tell me a story"), moderate_output=True, threshold=0.0,
         max_new_tokens=40, stream_check_tokens=3,
     )  # fmt: skip
-    events = list(stub.GenerateStream(request))
+    events = list(stub.GenerateStream(request, timeout=STREAM_DEADLINE_S))
     assert [e.WhichOneof("event") for e in events] == ["final"]  # the first check flagged
     final = events[0].final
     assert final.finish_reason == pb.FINISH_REASON_OUTPUT_FLAGGED and final.refused

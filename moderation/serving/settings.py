@@ -302,7 +302,7 @@ class ServeSettings:
         60.0,
         parse_float,
         "seconds between keepalive pings the server sends on an idle connection "
-        "(grpc.keepalive_time_ms)",
+        "(grpc.keepalive_time_ms; HTTP: TCP keep-alive probes)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -319,7 +319,8 @@ class ServeSettings:
     max_connection_idle: float = _setting(
         300.0,
         parse_float,
-        "seconds a connection without calls stays open (grpc.max_connection_idle_ms)",
+        "seconds a connection without calls stays open (grpc.max_connection_idle_ms; HTTP: "
+        "keep-alive idle)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -328,7 +329,8 @@ class ServeSettings:
         1800.0,
         parse_float,
         "seconds before a connection is asked to reconnect, so that long-lived clients reach "
-        "new replicas after a scale-up (grpc.max_connection_age_ms)",
+        "new replicas after a scale-up (grpc.max_connection_age_ms; HTTP: the next answer "
+        "closes it)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -352,10 +354,29 @@ class ServeSettings:
         10.0,
         parse_float,
         "seconds a new connection has to finish its handshake (TCP, TLS, HTTP/2 preface) "
-        "(grpc.server_handshake_timeout_ms)",
+        "(grpc.server_handshake_timeout_ms); on the HTTP port, the TLS handshake and each "
+        "request's headers",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
+    )
+    body_read_timeout: float = _setting(
+        30.0,
+        parse_float,
+        "seconds an HTTP request's body may take to arrive once its headers have (408 after); "
+        "a gRPC message's frames are bounded by keepalive and the connection's age",
+        metavar="SECONDS",
+        low=0.0,
+        low_exclusive=True,
+    )
+    max_connections: int = _setting(
+        1000,
+        parse_int,
+        "most open connections per port: gRPC refuses more (grpc."
+        "max_allowed_incoming_connections), HTTP answers 503 and closes; both ports share "
+        "the process's file descriptors",
+        metavar="N",
+        low=1,
     )
     max_new_tokens: int = _setting(
         512,
@@ -484,6 +505,7 @@ class ServeSettings:
             ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
         ]
 
     def runtime_settings(self) -> RuntimeSettings:

@@ -103,12 +103,33 @@ class Undecodable:
     error: str
 
 
+DEFER_BYTES = 64 * 1024
+"""Bodies larger than this are parsed by the servicer on a planning thread, after their counts
+are checked on the wire (`moderation.serving.grpc.wire`), not here on the event loop."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A large request body, not parsed yet: `message_type.FromString(data)` once checked."""
+
+    data: bytes
+    message_type: Any
+
+    def parse(self) -> Any:
+        return self.message_type.FromString(self.data)
+
+
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """`deserializer` that returns `Undecodable` instead of raising."""
+    """`deserializer` that returns `Undecodable` instead of raising, and `Deferred` for a large
+    body of a generated message type."""
     if deserializer is None:
         return None
+    message_type = getattr(deserializer, "__self__", None)  # Message.FromString, bound
+    deferrable = message_type is not None and hasattr(message_type, "DESCRIPTOR")
 
     def deserialize(data: bytes) -> Any:
+        if deferrable and len(data) > DEFER_BYTES:
+            return Deferred(data, message_type)
         try:
             return deserializer(data)
         except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises

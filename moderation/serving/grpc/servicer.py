@@ -27,9 +27,16 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
 from moderation.serving import tracing
 from moderation.serving.front import Front
+from moderation.serving.grpc import wire
 from moderation.serving.grpc.errors import NotReadyError, mapped_errors
-from moderation.serving.grpc.interceptors import CallRecord, current_call
+from moderation.serving.grpc.interceptors import (
+    UNDECODABLE_MESSAGE,
+    CallRecord,
+    Deferred,
+    current_call,
+)
 from moderation.serving.metrics import Metrics
+from moderation.serving.request_limits import Limits
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     Worker,
@@ -94,6 +101,24 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         if self.state.front is None or self.state.worker is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self.state.front, self.state.worker
+
+    async def _parsed(self, request: Any) -> Any:
+        """The request itself; a large body (`Deferred`) checked and parsed off the loop."""
+        if not isinstance(request, Deferred):
+            return request
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, self._parse, request)
+
+    def _parse(self, request: Deferred) -> Any:
+        descriptor = request.message_type.DESCRIPTOR
+        limits = Limits.of(self.state.settings)
+        wire.check(request.data, descriptor, limits, batch="requests" in descriptor.fields_by_name)
+        try:
+            return request.parse()
+        except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises
+            self.state.metrics.undecodable.inc()
+            current_call().fields["error_detail"] = type(exc).__name__
+            raise InvalidArgument("request", UNDECODABLE_MESSAGE) from exc
 
     async def _off_loop(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args), the planning of `request`: on the planning threads, so that the event loop
@@ -203,6 +228,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         front, worker = self._ready()
+        request = await self._parsed(request)
         planned = await self._off_loop(request, self._plan, front, request)
         result = (await worker.classify([planned], deadline=_deadline(context)))[0]
         self._record([result], [_classified_text(request)])
@@ -212,6 +238,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         front, worker = self._ready()
+        request = await self._parsed(request)
         limit = self.state.settings.max_batch_items
         if not request.requests:
             raise InvalidArgument("requests", "must not be empty")
@@ -229,6 +256,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        request = await self._parsed(request)
         events = self._generation(request, context, stream=False)
         async with contextlib.aclosing(events):
             async for event in events:
@@ -240,6 +268,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        request = await self._parsed(request)
         events = self._generation(request, context, stream=True)
         async with contextlib.aclosing(events):
             async for event in events:

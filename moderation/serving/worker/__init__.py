@@ -41,8 +41,13 @@ class Worker(Protocol):
 
     @property
     def last_progress(self) -> float:
-        """`time.monotonic()` when the model last made progress (or work arrived while idle):
-        with work queued and this long ago, the model is hung."""
+        """`time.monotonic()` when the model last showed it is alive (an answer, a heartbeat,
+        the answer to `ping`; now, for a thread waiting for work): this long ago, whatever
+        is queued and whatever the callers' deadlines, the model is hung."""
+        ...
+
+    def ping(self) -> None:
+        """Ask the model for a sign of life, which moves `last_progress` when it comes."""
         ...
 
     def start(self) -> None: ...

@@ -104,7 +104,7 @@ class _Child:
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
         )
-        self.outbox: list[msg.JobMessage | msg.MetricOps] = []  # sent once per tick
+        self.outbox: list[msg.JobMessage | msg.MetricOps | msg.Pong] = []  # sent once per tick
         self.open: dict[int, Job] = {}  # jobs with answers still to come
         self.timed = settings.tracing  # answers carry their queue and model seconds
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
@@ -166,6 +166,11 @@ class _Child:
             old = self.open.pop(message.job, None)
             if old is not None:
                 self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
+            return
+        elif isinstance(message, msg.Ping):
+            # Answered between passes, so a pass that never ends (or a stopped process)
+            # leaves the ping unanswered: what the server's watchdog looks for.
+            self.outbox.append(msg.Pong())
             return
         else:
             self.stop_at = time.monotonic() + message.timeout

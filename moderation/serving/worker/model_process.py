@@ -93,6 +93,7 @@ class ProcessWorker:
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_progress = time.monotonic()
+        self._ping_sent: float | None = None  # a Ping not yet answered, when it was sent
 
     async def load(self) -> msg.ModelInfo:
         """Start the model process and wait until its model is loaded."""
@@ -124,8 +125,16 @@ class ProcessWorker:
 
     @property
     def last_progress(self) -> float:
-        """When the model process last sent anything (it sends a heartbeat while it works)."""
+        """When the model process last sent anything: an answer, metrics, its heartbeat while
+        it works, or the Pong of the watchdog's Ping, idle or busy."""
         return self._last_progress
+
+    def ping(self) -> None:
+        """Ask the model process for a Pong (one Ping at a time: a stopped process does not
+        pile them up in the pipe)."""
+        if self._ping_sent is None and self._dead is None and not self._stopping:
+            self._ping_sent = time.monotonic()
+            self._send(msg.Ping())
 
     @property
     def queue_depth(self) -> int:
@@ -172,8 +181,6 @@ class ProcessWorker:
             raise QueueFullError(
                 f"the queue is full ({self.max_queue} requests waiting); retry later"
             )
-        if not self._pending:  # idle until now: the wait for progress starts here
-            self._last_progress = time.monotonic()
         return next(self._ids)
 
     async def classify(
@@ -218,7 +225,10 @@ class ProcessWorker:
         except (EOFError, OSError):
             self._died()
 
-    def _dispatch(self, message: msg.JobMessage | msg.MetricOps) -> None:
+    def _dispatch(self, message: msg.JobMessage | msg.MetricOps | msg.Pong) -> None:
+        if isinstance(message, msg.Pong):
+            self._ping_sent = None
+            return
         if isinstance(message, msg.MetricOps):
             if self.metrics is not None:
                 replay(self.metrics, message.ops)

@@ -51,7 +51,12 @@ class Stop:
     timeout: float
 
 
-ToModel = Classify | Generate | Cancel | Stop
+@dataclass(frozen=True)
+class Ping:
+    """Answer with a Pong between two passes, idle or busy: the server's watchdog expects it."""
+
+
+ToModel = Classify | Generate | Cancel | Stop | Ping
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class MetricOps:
     ops: list[MetricOp]
 
 
+@dataclass(frozen=True)
+class Pong:
+    """The answer to a Ping: the model process's loop is turning."""
+
+
 JobMessage = Results | Event | Failed
 
 
@@ -171,4 +181,4 @@ JobMessage = Results | Event | Failed
 class Batch:
     """A tick's messages, sent together."""
 
-    messages: list[JobMessage | MetricOps]
+    messages: list[JobMessage | MetricOps | Pong]

@@ -75,7 +75,7 @@ class WorkerThread:
             runtime, metrics, max_queue=max_queue, max_items_per_pass=max_items_per_pass
         )
         self._outbox = Outbox()
-        self._last_progress = time.monotonic()
+        self._busy_since: float | None = None  # when the tick running now started
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
@@ -92,16 +92,22 @@ class WorkerThread:
 
     @property
     def last_progress(self) -> float:
-        return self._last_progress
+        """Now while the thread waits for work (idle is alive); else when its tick started:
+        a tick that never ends is the hang the watchdog looks for."""
+        busy = self._busy_since
+        return time.monotonic() if busy is None else busy
+
+    def ping(self) -> None:
+        """Nothing to ask: the thread's state is read directly (`last_progress`)."""
 
     def _run(self) -> None:
         while self.scheduler.wait_for_work():
-            self._last_progress = time.monotonic()
+            self._busy_since = time.monotonic()
             try:
                 self.scheduler.run_once()
             finally:
                 self._outbox.flush()
-                self._last_progress = time.monotonic()
+                self._busy_since = None
 
     async def classify(
         self, planned: Sequence[PlannedItem], *, deadline: float | None = None
