@@ -17,11 +17,13 @@ from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult
 from moderation.runtime import Runtime, checkpoint_dir
 from moderation.serving import process_messages as msg
+from moderation.serving.answer_checks import CheckJob
 from moderation.serving.loader import load_from_settings
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
 from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import CheckVerdict
 
 METRICS_FLUSH_S = 0.25  # how often the model process sends its metrics when it has any
 
@@ -69,7 +71,7 @@ class _Sink:
 
     def __init__(self) -> None:
         self.outbox: list[msg.JobMessage | msg.MetricOps] = []
-        self.open: dict[int, Job] = {}  # jobs with answers still to come
+        self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
 
     def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
         self.outbox.append(message)
@@ -105,6 +107,22 @@ class _PipeGenerate(GenerateJob):
             self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
         else:
             final = isinstance(event, GenerationResult)
+            self.sink.put(self.job, msg.Event(self.job, event), final=final)
+
+
+@dataclass(eq=False)
+class _PipeCheck(CheckJob):
+    """A ModerateStream check whose verdicts go back over the pipe."""
+
+    job: int = 0
+    sink: _Sink | None = None
+
+    def emit(self, event: CheckVerdict | BaseException) -> None:
+        assert self.sink is not None
+        if isinstance(event, BaseException):
+            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
+        else:
+            final = event.complete or event.result.flagged
             self.sink.put(self.job, msg.Event(self.job, event), final=final)
 
 
@@ -178,7 +196,7 @@ class _Child:
             self.conn.send(message)
 
     def _handle(self, message: msg.ToModel) -> None:
-        job: Job
+        job: Job | CheckJob
         if isinstance(message, msg.Classify):
             job = _PipeClassify(
                 message.deadline, planned=message.planned, job=message.job, sink=self.sink
@@ -191,6 +209,19 @@ class _Child:
                 job=message.job,
                 sink=self.sink,
             )
+        elif isinstance(message, msg.CheckAnswer):
+            job = _PipeCheck(
+                message.deadline,
+                planned=message.planned,
+                every=message.every,
+                job=message.job,
+                sink=self.sink,
+            )
+        elif isinstance(message, msg.Feed):
+            check = self.sink.open.get(message.job)
+            if isinstance(check, CheckJob):
+                self.scheduler.feed(check, message.tokens, message.end)
+            return
         elif isinstance(message, msg.Cancel):
             old = self.sink.open.pop(message.job, None)
             if old is not None:

@@ -36,7 +36,13 @@ from moderation.serving import process_messages as msg
 from moderation.serving.metrics import Metrics
 from moderation.serving.model_child import child_main
 from moderation.serving.settings import ServeSettings
-from moderation.serving.worker import QueueFullError, WorkerStoppedError, generation_events
+from moderation.serving.worker import (
+    CheckVerdict,
+    QueuedCheck,
+    QueueFullError,
+    WorkerStoppedError,
+    generation_events,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +64,24 @@ def replay(metrics: Metrics, ops: Sequence[msg.MetricOp]) -> None:
 class _Pending:
     future: asyncio.Future[list[Classification]] | None = None
     events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
+    verdicts: asyncio.Queue[CheckVerdict | BaseException] | None = None
+
+
+class _PipeCheckHandle(QueuedCheck):
+    """The caller's side of a ModerateStream check in the model process."""
+
+    def __init__(self, worker: ProcessWorker, job: int):
+        super().__init__()
+        self.worker = worker
+        self.job = job
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        if self.job in self.worker._pending:
+            self.worker._send(msg.Feed(self.job, tokens, end))
+
+    def send_close(self) -> None:
+        if self.worker._pending.pop(self.job, None) is not None:
+            self.worker._send(msg.Cancel(self.job))  # nobody waits: free its slot
 
 
 class ProcessWorker:
@@ -183,6 +207,15 @@ class ProcessWorker:
             if self._pending.pop(job, None) is not None:
                 self._send(msg.Cancel(job))  # nobody waits: stop generating
 
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _PipeCheckHandle:
+        job = self._admit()
+        handle = _PipeCheckHandle(self, job)
+        self._pending[job] = _Pending(verdicts=handle.events)
+        self._send(msg.CheckAnswer(job, planned, every, deadline))
+        return handle
+
     def _on_readable(self) -> None:
         self._last_progress = time.monotonic()
         try:
@@ -206,9 +239,15 @@ class ProcessWorker:
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(message.results)
         elif isinstance(message, msg.Event):
-            if pending.events is not None:
-                pending.events.put_nowait(message.event)
-                if isinstance(message.event, GenerationResult):
+            event = message.event
+            if isinstance(event, CheckVerdict):
+                if pending.verdicts is not None:
+                    pending.verdicts.put_nowait(event)
+                    if event.complete or event.result.flagged:
+                        self._pending.pop(message.job, None)
+            elif pending.events is not None:
+                pending.events.put_nowait(event)
+                if isinstance(event, GenerationResult):
                     self._pending.pop(message.job, None)
         else:
             self._pending.pop(message.job, None)
@@ -220,6 +259,8 @@ class ProcessWorker:
             pending.future.set_exception(exc)
         if pending.events is not None:
             pending.events.put_nowait(exc)
+        if pending.verdicts is not None:
+            pending.verdicts.put_nowait(exc)
 
     def _died(self) -> None:
         if self._loop is not None:

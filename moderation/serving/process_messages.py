@@ -13,6 +13,7 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
 from moderation.serving.worker import (
+    CheckVerdict,
     DeadlineExpiredError,
     GenerationFailedError,
     QueueFullError,
@@ -38,6 +39,25 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class CheckAnswer:
+    """Open a ModerateStream check."""
+
+    job: int
+    planned: PlannedItem
+    every: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A ModerateStream check's next tokens (`end`: the last)."""
+
+    job: int
+    tokens: list[int]
+    end: bool
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Nobody waits for this job any more."""
 
@@ -51,7 +71,7 @@ class Stop:
     timeout: float
 
 
-ToModel = Classify | Generate | Cancel | Stop
+ToModel = Classify | Generate | CheckAnswer | Feed | Cancel | Stop
 
 # ------------------------------------------------------------- model process -> server
 
@@ -85,10 +105,10 @@ class Results:
 
 @dataclass(frozen=True)
 class Event:
-    """A generation's text delta, or its result (the last event)."""
+    """A generation's text delta, or its result (the last event); or a check's verdict."""
 
     job: int
-    event: str | GenerationResult
+    event: str | GenerationResult | CheckVerdict
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ tick
    (continuous batching: sequences join and leave between steps);
 4. runs one check pass for every answer whose output moderation is due (every
    `stream_check_tokens` tokens, and its tail once finished): the text a check passes is sent,
-   an answer a check flags stops at once.
+   an answer a check flags stops at once. The checks of answers this server did not generate
+   (ModerateStream, `answer_checks`) ride in the same pass.
 
 The scheduler never waits to fill a batch: under load, requests queue up while a pass runs and
 the next pass takes them all, so batches grow with the load and a lone request runs at once.
@@ -41,6 +42,7 @@ from moderation.core.generation import (
 from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
+from moderation.serving.answer_checks import AnswerChecks, CheckJob, Due
 from moderation.serving.metrics import WorkerMetrics
 from moderation.serving.worker import (
     DeadlineExpiredError,
@@ -119,8 +121,9 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_items_per_pass = max_items_per_pass
-        self._pending: deque[Job] = deque()
+        self._pending: deque[Job | CheckJob] = deque()
         self._cond = threading.Condition()
+        self._answers = AnswerChecks(runtime.classifier, self._cond)
         self._running: dict[int, GenerateJob] = {}  # engine request id -> job
         self._checks: list[_OutputCheck] = []
         # Generations with output moderation waiting for two free slots (the answer's and its
@@ -134,9 +137,14 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for the model: queued jobs and generations waiting for a slot."""
-        return len(self._pending) + self._engine_waiting + len(self._slot_wait)
+        return (
+            len(self._pending)
+            + self._engine_waiting
+            + len(self._slot_wait)
+            + len(self._answers.waiting)
+        )
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | CheckJob) -> None:
         with self._cond:
             if self._stopping:
                 raise WorkerStoppedError("the server is shutting down")
@@ -148,7 +156,13 @@ class Scheduler:
             self._cond.notify()
         self._gauge()
 
-    def cancel(self, job: Job) -> None:
+    def feed(self, job: CheckJob, tokens: list[int], end: bool) -> None:
+        """A ModerateStream check's next tokens (`end`: the answer is complete)."""
+        with self._cond:
+            self._answers.feed(job, tokens, end)
+            self._cond.notify()
+
+    def cancel(self, job: Job | CheckJob) -> None:
         """Nobody waits for this job any more: drop it if queued, stop it if running."""
         with self._cond:
             job.cancelled = True
@@ -174,7 +188,7 @@ class Scheduler:
     # ------------------------------------------------------ the ticking thread
 
     def _busy(self) -> bool:
-        return bool(self._running or self._checks or self._slot_wait)
+        return bool(self._running or self._checks or self._slot_wait or self._answers.busy())
 
     @property
     def has_work(self) -> bool:
@@ -193,9 +207,9 @@ class Scheduler:
                 job.fail(exc)
         self._gauge()
 
-    def _take(self) -> list[Job]:
+    def _take(self) -> list[Job | CheckJob]:
         """Queued jobs for this tick, up to max_items_per_pass classification items."""
-        jobs: list[Job] = []
+        jobs: list[Job | CheckJob] = []
         items = 0
         while self._pending and (items < self.max_items_per_pass or not jobs):
             job = self._pending.popleft()
@@ -208,10 +222,10 @@ class Scheduler:
             self.metrics.queue_depth.set(self.queue_depth)
             self.metrics.running_sequences.set(len(self._running))
 
-    def _tick(self, jobs: list[Job]) -> None:
+    def _tick(self, jobs: list[Job | CheckJob]) -> None:
         now = time.monotonic()
         computed = self.engine.stats.tokens_computed
-        live: list[Job] = []
+        live: list[Job | CheckJob] = []
         for job in jobs:
             if job.expired(now):
                 job.fail(DeadlineExpiredError("the deadline passed while the request waited"))
@@ -223,9 +237,11 @@ class Scheduler:
         waiting, self._slot_wait = self._slot_wait, []
         for g in [*waiting, *generations]:
             self._admit(g)
-        if self.engine.has_unfinished() or self._running:
+        self._answers.admit([j for j in live if isinstance(j, CheckJob)])
+        due = self._answers.due()
+        if self.engine.has_unfinished() or self._running or due:
             try:
-                self._step()
+                self._step(due)
                 self._finish_checked()
             except Exception as exc:  # fail the batch, keep the server
                 log.exception("engine step failed")
@@ -233,6 +249,7 @@ class Scheduler:
                     self._stop(engine_id, g)
                     g.fail(exc)
                 self._running.clear()
+                self._answers.fail([job for job, _ in due], exc)
         self._engine_waiting = self.engine.num_waiting
         if self.metrics is not None:
             self.metrics.tokens.labels(kind="computed").inc(
@@ -248,6 +265,7 @@ class Scheduler:
                 if not g.cancelled:
                     g.fail(DeadlineExpiredError("the deadline passed during generation"))
         self._checks = [c for c in self._checks if not c.job.cancelled]
+        self._answers.drop_stopped(now)
         for g in list(self._slot_wait):
             if g.cancelled or g.expired(now):
                 self._slot_wait.remove(g)
@@ -337,14 +355,20 @@ class Scheduler:
         g.decoder = decoder
         self._running[engine_id] = g
 
-    def _step(self) -> None:
+    def _step(self, answers: Due) -> None:
         """One engine step, with the checks of every answer due riding in its pass (they
-        cover the tokens generated before it): sends what passed, then the step's tokens."""
+        cover the tokens generated before it), ModerateStream's `answers` too: sends what
+        passed, then the step's tokens."""
         rt = self.runtime
         due = [g for g in self._running.values() if g.decoder and g.decoder.check_due()]
-        events, deltas = rt.generator.step([g.decoder for g in due if g.decoder is not None])
+        events, deltas, verdicts = rt.generator.step_with(
+            [g.decoder for g in due if g.decoder is not None], self._answers.streams(answers)
+        )
+        self._answers.checked(answers, verdicts)
         if self.metrics is not None and due:
             self.metrics.batch_size.labels(kind="stream_check").observe(len(due))
+        if self.metrics is not None and answers:
+            self.metrics.batch_size.labels(kind="answer_check").observe(len(answers))
         for job, delta in zip(due, deltas, strict=True):
             if delta:
                 job.emit(delta)

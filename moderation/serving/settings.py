@@ -288,6 +288,27 @@ class ServeSettings:
         "so N trades time to the first text against checking cost (1..4096)",
         metavar="N",
     )
+    max_stream_checks: int = _setting(
+        16,
+        parse_int,
+        "most ModerateStream checks open at once (each holds a generation cache slot while "
+        "open); more are refused with RESOURCE_EXHAUSTED",
+        metavar="N",
+    )
+    stream_max_answer_chars: int = _setting(
+        65536,
+        parse_int,
+        "longest answer a ModerateStream check takes, in characters (INVALID_ARGUMENT past it; "
+        "the model's classification prompt also bounds it in tokens)",
+        metavar="N",
+    )
+    stream_idle_timeout: float = _setting(
+        30.0,
+        parse_float,
+        "seconds a ModerateStream check may wait for the caller's next message; then it ends "
+        "with DEADLINE_EXCEEDED and frees its cache slot",
+        metavar="SECONDS",
+    )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024,
         parse_int,
@@ -562,6 +583,8 @@ def _validate(s: ServeSettings) -> None:
         "max_messages",
         "plan_threads",
         "max_concurrent_streams",
+        "max_stream_checks",
+        "stream_max_answer_chars",
     ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -583,6 +606,7 @@ def _validate(s: ServeSettings) -> None:
         "max_connection_idle",
         "max_connection_age",
         "handshake_timeout",
+        "stream_idle_timeout",
     ):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):

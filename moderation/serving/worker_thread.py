@@ -19,9 +19,10 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import Runtime
+from moderation.serving.answer_checks import CheckJob
 from moderation.serving.metrics import Metrics
 from moderation.serving.scheduler import ClassifyJob, GenerateJob, Scheduler
-from moderation.serving.worker import generation_events
+from moderation.serving.worker import CheckVerdict, QueuedCheck, generation_events
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -80,6 +81,33 @@ class _LoopGenerate(GenerateJob):
     def emit(self, event: str | GenerationResult | BaseException) -> None:
         assert self.outbox is not None and self.loop is not None and self.events is not None
         self.outbox.put(self.loop, self.events.put_nowait, event)
+
+
+@dataclass(eq=False)
+class _LoopCheck(CheckJob):
+    outbox: Outbox | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue[CheckVerdict | BaseException] | None = None
+
+    def emit(self, event: CheckVerdict | BaseException) -> None:
+        assert self.outbox is not None and self.loop is not None and self.events is not None
+        self.outbox.put(self.loop, self.events.put_nowait, event)
+
+
+class _ThreadCheck(QueuedCheck):
+    """The caller's side of a ModerateStream check in this process's scheduler."""
+
+    def __init__(self, scheduler: Scheduler, job: _LoopCheck):
+        super().__init__()
+        self.scheduler = scheduler
+        self.job = job
+        job.events = self.events
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        self.scheduler.feed(self.job, tokens, end)
+
+    def send_close(self) -> None:
+        self.scheduler.cancel(self.job)  # its slot is freed at the next tick
 
 
 class WorkerThread:
@@ -157,3 +185,15 @@ class WorkerThread:
                 yield event
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating
+
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _ThreadCheck:
+        """Open a ModerateStream check; its verdicts come from the scheduler's ticks."""
+        job = _LoopCheck(
+            deadline, planned=planned, every=every, outbox=self._outbox,
+            loop=asyncio.get_running_loop(),
+        )  # fmt: skip
+        handle = _ThreadCheck(self.scheduler, job)
+        self.scheduler.submit(job)
+        return handle

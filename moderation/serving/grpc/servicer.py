@@ -29,6 +29,7 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
+from moderation.serving.grpc.moderate_stream import moderate_stream
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
@@ -65,6 +66,7 @@ class ServiceState:
     front: Front | None = None
     worker: Worker | None = None
     draining: bool = False
+    open_checks: int = 0  # ModerateStream calls holding a check (MODERATION_MAX_STREAM_CHECKS)
     # Validation and tokenizing run here, not on the event loop: a 4 MB request takes ~1 s.
     planning: ThreadPoolExecutor = field(init=False)
 
@@ -245,6 +247,34 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             async for event in events:
                 yield event
 
+    # ------------------------------------- ModerateStream's host (moderate_stream.StreamHost)
+
+    @property
+    def settings(self) -> ServeSettings:
+        return self.state.settings
+
+    @property
+    def open_checks(self) -> int:
+        return self.state.open_checks
+
+    @open_checks.setter
+    def open_checks(self, value: int) -> None:
+        self.state.open_checks = value
+
+    def ready(self) -> tuple[Front, Worker]:
+        return self._ready()
+
+    def off_loop(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return self._off_loop(fn, *args)
+
+    def check_open(self, request: pb.ModerateStreamOpen) -> None:
+        """The sizes of a ModerateStream's context, before anything reads it."""
+        try:
+            self._check_chars(request.prompt, "prompt", splittable=False)
+            self._check_messages(request.messages, last_splittable=False)
+        except InvalidArgument as exc:
+            raise exc.nested("open") from exc
+
     # ------------------------------------------------------------------- RPCs
 
     async def Classify(
@@ -311,6 +341,29 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         except Exception as exc:
             await _abort(context, exc)
 
+    async def ModerateStream(
+        self,
+        request_iterator: AsyncIterator[pb.ModerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModerateStreamResponse]:
+        call = current_call()
+        try:
+            stream = moderate_stream(self, request_iterator, _deadline(context))
+            async with contextlib.aclosing(stream):
+                async for response in stream:
+                    call.fields.update(
+                        checked_tokens=response.checked_tokens,
+                        category=response.result.category,
+                        flagged=response.result.flagged,
+                    )
+                    if response.complete or response.result.flagged:
+                        self.state.metrics.record_decision(convert.classification(response.result))
+                    yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -328,6 +381,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
                 policies=convert.policy_info(list(planner.policies.values())),
+                stream_check_tokens=self.state.settings.stream_check_tokens,
+                max_stream_checks=self.state.settings.max_stream_checks,
+                stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
             )
 
         return await self._guard(context, body)
