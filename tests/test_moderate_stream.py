@@ -6,13 +6,17 @@ frees the check's cache slot."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 
@@ -21,7 +25,7 @@ from moderation.api.guard import chunk_texts, guard_openai_stream
 from moderation.serving.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, demo_server, invalid_field
+from tests.servers import InProcessServer, demo_server, free_port, invalid_field
 
 PROMPT = "Tell me about the weather in Paris."
 ANSWER = (
@@ -39,6 +43,7 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         max_stream_checks=2,
         stream_max_answer_chars=2000,
         stream_idle_timeout=3.0,
+        http_port=free_port(),
     ) as server:
         yield server
 
@@ -181,8 +186,6 @@ def test_bad_streams_fail_naming_the_field(stub: pb_grpc.ModerationServiceStub) 
 def test_an_idle_caller_and_too_many_checks_are_refused(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
-    import threading
-
     gate = threading.Event()
 
     def held() -> Iterator[pb.ModerateStreamRequest]:
@@ -207,8 +210,6 @@ def test_an_idle_caller_and_too_many_checks_are_refused(
 def test_a_caller_that_hangs_up_frees_its_slot(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
-    import threading
-
     free = engine_slots_free(served)
     sent = threading.Event()
     gate = threading.Event()
@@ -243,3 +244,90 @@ def test_client_errors_are_moderation_errors(client: ModerationClient) -> None:
     with pytest.raises(ModerationError) as info:
         list(client.moderate_stream(["hi"], policy="nope"))
     assert info.value.field == "open.policy"
+
+
+# ------------------------------------------------------------------ over HTTP: a WebSocket
+
+
+async def websocket(
+    port: int, messages: list[Any], *, headers: dict[str, str] | None = None, hang_up: bool = False
+) -> tuple[list[Any], int | None]:
+    """Send `messages` (JSON) on the route's WebSocket, read every answer until it closes (or
+    hang up after the first): the answers and the close code."""
+    url = f"http://127.0.0.1:{port}/v1/moderate/stream"
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, headers=headers) as ws:
+            for m in messages:
+                await ws.send_str(json.dumps(m))
+            answers = []
+            async for message in ws:
+                answers.append(json.loads(message.data))
+                if hang_up:
+                    break
+            return answers, ws.close_code
+
+
+def test_over_a_websocket_the_verdicts_are_the_same(
+    served: InProcessServer, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    port = served.server.http.port  # type: ignore[union-attr]
+    opened = {"open": {"prompt": PROMPT, "checkTokens": 8, "threshold": 1.0}}
+    messages = [opened, *({"delta": p} for p in pieces(ANSWER, 5)), {"done": True}]
+    answers, code = asyncio.run(websocket(port, messages))
+    assert code == aiohttp.WSCloseCode.OK
+    last = answers[-1]["result"]
+    assert last["complete"] and int(last["releasedChars"]) == len(ANSWER)
+    assert [int(a["result"]["checkedTokens"]) for a in answers[:3]] == [8, 16, 24]
+    whole = stub.Classify(
+        pb.ClassifyRequest(text=ANSWER, role=pb.ROLE_OUTPUT, prompt=PROMPT, threshold=1.0)
+    )
+    for k, v in whole.scores.items():
+        assert last["result"]["scores"][k] == pytest.approx(v, abs=1e-4)
+
+
+def test_websocket_errors_name_the_field_and_close(served: InProcessServer) -> None:
+    port = served.server.http.port  # type: ignore[union-attr]
+    for messages, field in (
+        ([{"delta": "hi"}], "open"),
+        ([{"open": {"policy": "nope"}, "done": True}], "open.policy"),
+        ([{"open": {}, "bogus": 1}], "bogus"),
+        ([{"open": {}}, {"delta": 5}], "delta"),
+    ):
+        answers, code = asyncio.run(websocket(port, messages))
+        assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert answers[-1]["error"]["status"] == "INVALID_ARGUMENT"
+        assert answers[-1]["error"]["field"] == field
+
+    # without an upgrade: an ordinary JSON error
+    async def plain_get() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/moderate/stream") as r:
+                return r.status
+
+    assert asyncio.run(plain_get()) == 400
+
+
+def test_a_websocket_caller_that_hangs_up_frees_its_check(served: InProcessServer) -> None:
+    port = served.server.http.port  # type: ignore[union-attr]
+    free = engine_slots_free(served)
+    opened = {"open": {"checkTokens": 4, "threshold": 1.0}, "delta": ANSWER[:80]}
+    answers, _ = asyncio.run(websocket(port, [opened], hang_up=True))
+    assert int(answers[0]["result"]["checkedTokens"]) == 4
+    wait_until(lambda: served.server.state.open_checks == 0)
+    wait_until(lambda: engine_slots_free(served) == free)
+
+
+def test_the_websocket_needs_the_token(demo_checkpoint: Path) -> None:
+    with demo_server(demo_checkpoint, http_port=free_port(), auth_token="s3cret") as server:
+        port = server.server.http.port  # type: ignore[union-attr]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            asyncio.run(websocket(port, [{"open": {}, "delta": "hi", "done": True}]))
+        assert info.value.status == 401
+        answers, code = asyncio.run(
+            websocket(
+                port,
+                [{"open": {"threshold": 1.0}, "delta": "hi there", "done": True}],
+                headers={"Authorization": "Bearer s3cret"},
+            )
+        )
+        assert code == aiohttp.WSCloseCode.OK and answers[-1]["result"]["complete"]
