@@ -255,16 +255,15 @@ async def websocket(
     """Send `messages` (JSON) on the route's WebSocket, read every answer until it closes (or
     hang up after the first): the answers and the close code."""
     url = f"http://127.0.0.1:{port}/v1/moderate/stream"
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url, headers=headers) as ws:
-            for m in messages:
-                await ws.send_str(json.dumps(m))
-            answers = []
-            async for message in ws:
-                answers.append(json.loads(message.data))
-                if hang_up:
-                    break
-            return answers, ws.close_code
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, headers=headers) as ws:
+        for m in messages:
+            await ws.send_str(json.dumps(m))
+        answers = []
+        async for message in ws:
+            answers.append(json.loads(message.data))
+            if hang_up:
+                break
+        return answers, ws.close_code
 
 
 def test_over_a_websocket_the_verdicts_are_the_same(
@@ -300,9 +299,9 @@ def test_websocket_errors_name_the_field_and_close(served: InProcessServer) -> N
 
     # without an upgrade: an ordinary JSON error
     async def plain_get() -> int:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/v1/moderate/stream") as r:
-                return r.status
+        url = f"http://127.0.0.1:{port}/v1/moderate/stream"
+        async with aiohttp.ClientSession() as session, session.get(url) as r:
+            return r.status
 
     assert asyncio.run(plain_get()) == 400
 
