@@ -249,6 +249,11 @@ def test_client_errors_are_moderation_errors(client: ModerationClient) -> None:
 # ------------------------------------------------------------------ over HTTP: a WebSocket
 
 
+def http_port(server: InProcessServer) -> int:
+    assert server.server.http is not None and server.server.http.port is not None
+    return server.server.http.port
+
+
 async def websocket(
     port: int, messages: list[Any], *, headers: dict[str, str] | None = None, hang_up: bool = False
 ) -> tuple[list[Any], int | None]:
@@ -269,7 +274,7 @@ async def websocket(
 def test_over_a_websocket_the_verdicts_are_the_same(
     served: InProcessServer, stub: pb_grpc.ModerationServiceStub
 ) -> None:
-    port = served.server.http.port  # type: ignore[union-attr]
+    port = http_port(served)
     opened = {"open": {"prompt": PROMPT, "checkTokens": 8, "threshold": 1.0}}
     messages = [opened, *({"delta": p} for p in pieces(ANSWER, 5)), {"done": True}]
     answers, code = asyncio.run(websocket(port, messages))
@@ -285,7 +290,7 @@ def test_over_a_websocket_the_verdicts_are_the_same(
 
 
 def test_websocket_errors_name_the_field_and_close(served: InProcessServer) -> None:
-    port = served.server.http.port  # type: ignore[union-attr]
+    port = http_port(served)
     for messages, field in (
         ([{"delta": "hi"}], "open"),
         ([{"open": {"policy": "nope"}, "done": True}], "open.policy"),
@@ -307,7 +312,7 @@ def test_websocket_errors_name_the_field_and_close(served: InProcessServer) -> N
 
 
 def test_a_websocket_caller_that_hangs_up_frees_its_check(served: InProcessServer) -> None:
-    port = served.server.http.port  # type: ignore[union-attr]
+    port = http_port(served)
     free = engine_slots_free(served)
     opened = {"open": {"checkTokens": 4, "threshold": 1.0}, "delta": ANSWER[:80]}
     answers, _ = asyncio.run(websocket(port, [opened], hang_up=True))
@@ -318,7 +323,7 @@ def test_a_websocket_caller_that_hangs_up_frees_its_check(served: InProcessServe
 
 def test_the_websocket_needs_the_token(demo_checkpoint: Path) -> None:
     with demo_server(demo_checkpoint, http_port=free_port(), auth_token="s3cret") as server:
-        port = server.server.http.port  # type: ignore[union-attr]
+        port = http_port(server)
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             asyncio.run(websocket(port, [{"open": {}, "delta": "hi", "done": True}]))
         assert info.value.status == 401
