@@ -321,8 +321,15 @@ def test_a_websocket_caller_that_hangs_up_frees_its_check(served: InProcessServe
     wait_until(lambda: engine_slots_free(served) == free)
 
 
-def test_the_websocket_needs_the_token(demo_checkpoint: Path) -> None:
+def test_the_websocket_and_the_rpc_need_the_token(demo_checkpoint: Path) -> None:
     with demo_server(demo_checkpoint, http_port=free_port(), auth_token="s3cret") as server:
+        stub = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
+        opened = pb.ModerateStreamRequest(open=pb.ModerateStreamOpen(), delta="hi", done=True)
+        with pytest.raises(grpc.RpcError) as denied:
+            list(stub.ModerateStream(iter([opened]), timeout=30))
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = (("authorization", "Bearer s3cret"),)
+        assert list(stub.ModerateStream(iter([opened]), timeout=30, metadata=token))
         port = http_port(server)
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             asyncio.run(websocket(port, [{"open": {}, "delta": "hi", "done": True}]))
@@ -335,3 +342,19 @@ def test_the_websocket_needs_the_token(demo_checkpoint: Path) -> None:
             )
         )
         assert code == aiohttp.WSCloseCode.OK and answers[-1]["result"]["complete"]
+
+
+def test_an_undecodable_message_is_invalid_and_the_call_is_logged(
+    served: InProcessServer,
+) -> None:
+    channel = grpc.insecure_channel(served.address)
+    raw = channel.stream_stream("/moderation.v1.ModerationService/ModerateStream")
+    first = pb.ModerateStreamRequest(open=pb.ModerateStreamOpen()).SerializeToString()
+    with pytest.raises(grpc.RpcError) as info:
+        list(raw(iter([first, b"\xff\xff\xff"]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid_field(info.value) == "message"
+    handled = served.server.state.metrics.handled.labels(
+        "bidi_stream", "moderation.v1.ModerationService", "ModerateStream", "InvalidArgument"
+    )
+    wait_until(lambda: handled._value.get() >= 1)  # counted as the call ends, after the status
