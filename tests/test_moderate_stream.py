@@ -358,3 +358,28 @@ def test_an_undecodable_message_is_invalid_and_the_call_is_logged(
         "bidi_stream", "moderation.v1.ModerationService", "ModerateStream", "InvalidArgument"
     )
     wait_until(lambda: handled._value.get() >= 1)  # counted as the call ends, after the status
+
+
+def test_silence_while_a_verdict_is_owed_is_not_idleness() -> None:
+    from moderation.serving.grpc.moderate_stream import _next, _Owed
+    from moderation.serving.worker import DeadlineExpiredError
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def requests() -> Any:
+            await gate.wait()
+            yield pb.ModerateStreamRequest(done=True)
+
+        # 8 tokens fed, none answered, a check every 4: the caller waits for us
+        waiting = asyncio.create_task(_next(requests(), 0.05, _Owed(4, fed=8)))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        gate.set()
+        message = await waiting
+        assert message is not None and message.done
+        gate.clear()
+        with pytest.raises(DeadlineExpiredError):  # nothing owed: silence is idleness
+            await _next(requests(), 0.05, _Owed(4, fed=2))
+
+    asyncio.run(main())

@@ -177,10 +177,9 @@ class AnswerTokens:
         self.tokens = 0  # tokens decided so far
         self.chars = 0  # raw characters received
         self.finished = False
-        # At each cut: the first `_cut_tokens[i]` tokens cover the raw text before
-        # `_cut_chars[i]`.
-        self._cut_tokens: list[int] = [0]
-        self._cut_chars: list[int] = [0]
+        # At each cut, (n, offset): the first n tokens cover the raw text before offset. One
+        # list of pairs, appended whole: `released` may read it from another thread.
+        self._cuts: list[tuple[int, int]] = [(0, 0)]
 
     def push(self, delta: str) -> list[int]:
         if self.finished:
@@ -200,14 +199,13 @@ class AnswerTokens:
         self._at += at
         ids = self._encode(len(self._text))
         self.finished = True
-        self._cut_tokens.append(self.tokens)
-        self._cut_chars.append(self.chars)
+        self._cuts.append((self.tokens, self.chars))
         return ids
 
     def released(self, tokens: int) -> int:
         """Raw characters covered by the first `tokens` tokens, whole words (cut to cut)."""
-        i = bisect.bisect_right(self._cut_tokens, tokens) - 1
-        return self._cut_chars[i]
+        cuts = self._cuts
+        return cuts[bisect.bisect_right(cuts, tokens, key=lambda cut: cut[0]) - 1][1]
 
     def _last_cut(self) -> int:
         text, rule = self._text, self.rule
@@ -225,8 +223,7 @@ class AnswerTokens:
         self._first = False
         self.tokens += len(ids)
         if end < len(self._text):
-            self._cut_tokens.append(self.tokens)
-            self._cut_chars.append(self._at[end])
+            self._cuts.append((self.tokens, self._at[end]))
         self._text, self._at = self._text[end:], self._at[end:]
         self._scanned = len(self._text)  # the cut was the last one
         return ids

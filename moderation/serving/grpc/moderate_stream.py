@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from moderation.api import convert
 from moderation.core.answer_text import AnswerTokens
-from moderation.core.classifier import PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import MAX_STREAM_CHECK_TOKENS
 from moderation.serving.front import Front
@@ -84,12 +84,14 @@ async def moderate_stream(
     try:
         check = worker.check_answer(planned, every, deadline=deadline)
         answer = AnswerTokens(front.planner.tokenizer)
+        owed = _Owed(every)
         reader = asyncio.create_task(
-            _read(host, first, requests, answer, check, planned, room), name="moderate-stream"
+            _read(host, first, requests, answer, check, room, owed), name="moderate-stream"
         )
         released = 0  # a flagging verdict releases nothing more
         while True:
             verdict = await check.verdict()
+            owed.answered = verdict.checked_tokens
             if not verdict.result.flagged:
                 released = answer.released(verdict.checked_tokens)
             yield pb.ModerateStreamResponse(
@@ -110,18 +112,38 @@ async def moderate_stream(
             check.close()
 
 
+@dataclass
+class _Owed:
+    """Whether the caller may be waiting for a verdict (then its silence is not idleness)."""
+
+    every: int
+    fed: int = 0  # tokens fed to the check
+    answered: int = 0  # tokens the last verdict covered
+
+    def due(self) -> bool:
+        return self.fed - self.answered >= self.every
+
+
 async def _next(
-    requests: AsyncIterator[pb.ModerateStreamRequest], idle: float
+    requests: AsyncIterator[pb.ModerateStreamRequest], idle: float, owed: _Owed | None = None
 ) -> pb.ModerateStreamRequest | None:
-    """The caller's next message (None when its stream ended), within the idle limit."""
+    """The caller's next message (None when its stream ended), within the idle limit: the
+    caller may stay silent while a verdict it waits for is not sent yet."""
+    pending = asyncio.ensure_future(anext(requests))
     try:
-        return await asyncio.wait_for(anext(requests), idle)
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=idle)
+            if done:
+                return pending.result()
+            if owed is None or not owed.due():
+                raise DeadlineExpiredError(
+                    f"no message from the caller for {idle:g} s (MODERATION_STREAM_IDLE_TIMEOUT)"
+                )
     except StopAsyncIteration:
         return None
-    except TimeoutError:
-        raise DeadlineExpiredError(
-            f"no message from the caller for {idle:g} s (MODERATION_STREAM_IDLE_TIMEOUT)"
-        ) from None
+    finally:
+        if not pending.done():
+            pending.cancel()
 
 
 async def _read(
@@ -130,8 +152,8 @@ async def _read(
     requests: AsyncIterator[pb.ModerateStreamRequest],
     answer: AnswerTokens,
     check: AnswerCheck,
-    planned: PlannedItem,
     room: int,
+    owed: _Owed,
 ) -> None:
     """The caller's messages -> tokens fed to the check; an error ends the check with it."""
     settings = host.settings
@@ -153,7 +175,8 @@ async def _read(
             if message.done:
                 _feed(check, await host.off_loop(answer.finish), answer, room, end=True)
                 return  # what the caller sends after `done` is not read
-            following = await _next(requests, settings.stream_idle_timeout)
+            owed.fed = answer.tokens
+            following = await _next(requests, settings.stream_idle_timeout, owed)
             if following is None:
                 raise InvalidArgument("done", "the stream ended before a message with done")
             message = following
