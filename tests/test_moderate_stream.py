@@ -112,6 +112,31 @@ def test_final_verdict_equals_classify_of_the_whole_answer(
     assert all(not v.complete for v in verdicts[:-1])
 
 
+def test_utf8_pieces_may_end_inside_a_character(
+    client: ModerationClient, stub: pb_grpc.ModerationServiceStub
+) -> None:
+    data = ANSWER.encode()
+    rng = random.Random(9)
+    cuts = sorted(rng.sample(range(1, len(data)), 60))
+    pieces_ = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    assert any(_inside_a_character(p) for p in pieces_)
+    last = list(client.moderate_stream(pieces_, prompt=PROMPT, threshold=1.0))[-1]
+    whole = stub.Classify(
+        pb.ClassifyRequest(text=ANSWER, role=pb.ROLE_OUTPUT, prompt=PROMPT, threshold=1.0)
+    )
+    assert last.complete and last.released_chars == len(ANSWER)
+    for k, v in whole.scores.items():
+        assert last.result.scores[k] == pytest.approx(v, abs=1e-4)
+
+
+def _inside_a_character(piece: bytes) -> bool:
+    try:
+        piece.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def test_a_conversation_is_judged_as_classify_judges_it(
     client: ModerationClient, stub: pb_grpc.ModerationServiceStub
 ) -> None:
@@ -179,6 +204,11 @@ def test_bad_streams_fail_naming_the_field(stub: pb_grpc.ModerationServiceStub) 
     assert expect_invalid(stub, [Req(open=Open()), Req(delta="hi")]) == "done"
     assert expect_invalid(stub, [Req(open=Open()), Req(open=Open())]) == "open"
     assert expect_invalid(stub, [Req(open=Open(), delta=" \n ", done=True)]) == "delta"
+    euro = "€".encode()
+    assert expect_invalid(stub, [Req(open=Open(), delta_bytes=b"\xff", done=True)]) == "delta_bytes"
+    half = [Req(open=Open(), delta_bytes=euro[:2]), Req(delta="x")]
+    assert expect_invalid(stub, half) == "delta_bytes"
+    assert expect_invalid(stub, [half[0], Req(done=True)]) == "delta_bytes"
     too_long = [Req(open=Open()), *(Req(delta="word " * 100) for _ in range(5)), Req(done=True)]
     assert expect_invalid(stub, too_long) == "delta"  # past stream_max_answer_chars (2000)
 

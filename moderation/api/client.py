@@ -380,7 +380,7 @@ class ModerationClient:
 
     def moderate_stream(
         self,
-        deltas: Iterable[str],
+        deltas: Iterable[str | bytes],
         *,
         prompt: str | None = None,
         messages: Sequence[Message] | None = None,
@@ -393,12 +393,13 @@ class ModerationClient:
         """Check an answer another LLM is writing, as it is written (ModerateStream).
 
         `deltas`: the answer's text pieces as the LLM produces them (read as they come, on
-        gRPC's thread); `prompt` (the user prompt) or `messages` (the conversation so far) is
-        what it replies to. Yields a verdict every `check_tokens` tokens (None = the server's
-        default) with `released_chars`, how much of the text may be shown; the last one is
-        flagged or `complete` (the verdict on the whole answer). Not retried: the deltas are
-        consumed as they are sent. `timeout` bounds the whole call (None: no deadline, the
-        server's idle limit bounds a silent caller); breaking off the iteration cancels it."""
+        gRPC's thread), `str`, or UTF-8 `bytes` that may end inside a character; `prompt`
+        (the user prompt) or `messages` (the conversation so far) is what it replies to.
+        Yields a verdict every `check_tokens` tokens (None = the server's default) with
+        `released_chars`, how much of the text may be shown; the last one is flagged or
+        `complete` (the verdict on the whole answer). Not retried: the deltas are consumed as
+        they are sent. `timeout` bounds the whole call (None: no deadline, the server's idle
+        limit bounds a silent caller); breaking off the iteration cancels it."""
         opened = pb.ModerateStreamOpen(
             policy=policy or "",
             prompt=prompt or "",
@@ -412,7 +413,10 @@ class ModerationClient:
         def requests() -> Iterator[pb.ModerateStreamRequest]:
             yield pb.ModerateStreamRequest(open=opened)
             for delta in deltas:
-                if delta:
+                if isinstance(delta, bytes):
+                    if delta:
+                        yield pb.ModerateStreamRequest(delta_bytes=delta)
+                elif delta:
                     yield pb.ModerateStreamRequest(delta=delta)
             yield pb.ModerateStreamRequest(done=True)
 

@@ -236,14 +236,16 @@ class ModerateStreamOpen(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., check_tokens: _Optional[int] = ...) -> None: ...
 
 class ModerateStreamRequest(_message.Message):
-    __slots__ = ("open", "delta", "done")
+    __slots__ = ("open", "delta", "done", "delta_bytes")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     open: ModerateStreamOpen
     delta: str
     done: bool
-    def __init__(self, open: _Optional[_Union[ModerateStreamOpen, _Mapping]] = ..., delta: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+    delta_bytes: bytes
+    def __init__(self, open: _Optional[_Union[ModerateStreamOpen, _Mapping]] = ..., delta: _Optional[str] = ..., done: _Optional[bool] = ..., delta_bytes: _Optional[bytes] = ...) -> None: ...
 
 class ModerateStreamResponse(_message.Message):
     __slots__ = ("released_chars", "checked_tokens", "result", "complete")

@@ -127,7 +127,8 @@ class ModerationServiceServicer:
 
         The first message carries `open` (policy, thresholds, the user prompt or the conversation
         the answer replies to, check_tokens N); then the caller sends the answer's text as its LLM
-        produces it, in `delta` pieces of any size (a piece may end inside a word), and `done`
+        produces it, in `delta` pieces of any size (a piece may end inside a word; `delta_bytes`
+        pieces may end inside a character), and `done`
         once the answer is complete (a message may carry open, a delta and done together). The
         server tokenizes the text incrementally, holding back a piece's undecided tail, so the
         tokens checked are those of the whole answer tokenized at once; each check feeds only the

@@ -10,6 +10,7 @@ hanging up, which cancels this task) closes the check, which frees its cache slo
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,25 @@ async def moderate_stream(
             check.close()
 
 
+class _Utf8:
+    """`delta_bytes` pieces decoded as they come: a character split between two pieces is
+    completed by the second."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def piece(self, data: bytes) -> str:
+        try:
+            return str(self._decoder.decode(data))
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument("delta_bytes", f"not UTF-8: {exc.reason}") from None
+
+    def whole(self) -> None:
+        """A `delta` or `done` comes: no character may be left half sent."""
+        if self._decoder.getstate()[0]:
+            raise InvalidArgument("delta_bytes", "ends inside a character")
+
+
 @dataclass
 class _Owed:
     """Whether the caller may be waiting for a verdict (then its silence is not idleness)."""
@@ -158,21 +178,28 @@ async def _read(
     """The caller's messages -> tokens fed to the check; an error ends the check with it."""
     settings = host.settings
     limit = settings.stream_max_answer_chars
+    utf8 = _Utf8()
     try:
         first = True
         while True:
             if message.HasField("open") and not first:
                 raise InvalidArgument("open", "only the first message may open the check")
             first = False
-            if message.delta:
-                if answer.chars + len(message.delta) > limit:
+            text = message.delta
+            if message.delta_bytes:
+                text = utf8.piece(message.delta_bytes) + text
+            elif message.delta or message.done:
+                utf8.whole()
+            if text:
+                if answer.chars + len(text) > limit:
                     raise InvalidArgument(
                         "delta",
                         f"the answer exceeds {limit} characters "
                         "(MODERATION_STREAM_MAX_ANSWER_CHARS)",
                     )
-                _feed(check, await host.off_loop(answer.push, message.delta), answer, room)
+                _feed(check, await host.off_loop(answer.push, text), answer, room)
             if message.done:
+                utf8.whole()
                 _feed(check, await host.off_loop(answer.finish), answer, room, end=True)
                 return  # what the caller sends after `done` is not read
             owed.fed = answer.tokens
