@@ -318,11 +318,13 @@ def test_moderate_stream_crosses_to_the_model_process(process_server: InProcessS
 
     call = stub.ModerateStream(never_done(), timeout=60)
     assert not next(call).complete
-    call.cancel()
-    gate.set()
     worker = process_server.server.state.worker
     assert isinstance(worker, ProcessWorker)
+    # open and waiting for its caller: not queued work (the hang watchdog reads queue_depth)
+    assert worker.queue_depth == 0 and len(worker._pending) == 1
+    call.cancel()
+    gate.set()
     deadline = time.monotonic() + 30
-    while worker.queue_depth or process_server.server.state.open_checks:
+    while worker._pending or process_server.server.state.open_checks:
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -148,8 +148,10 @@ class ProcessWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Requests in the model process, queued or running."""
-        return len(self._pending)
+        """Requests in the model process, queued or running. An open ModerateStream check is
+        not one: it may wait for its caller's text, with nothing for the model to do (the
+        hang watchdog must not take that for a stalled model)."""
+        return sum(1 for p in self._pending.values() if p.verdicts is None)
 
     def _send(self, message: msg.ToModel) -> None:
         # Never raises: a model process that is gone is for the reader to report.
