@@ -168,6 +168,7 @@ def concurrent(rt: Runtime, ids: list[int], every: int, streams: int) -> tuple[f
     scheduler = Scheduler(rt)
     jobs = open_jobs(rt, scheduler, streams, every)
     batched = []
+    passes = rt.engine.stats.forward_passes
     for at in range(0, 10 * every, every):
         for job in jobs:
             scheduler.feed(job, ids[at : at + every], False)
@@ -175,6 +176,7 @@ def concurrent(rt: Runtime, ids: list[int], every: int, streams: int) -> tuple[f
         scheduler.run_once()
         batched.append(time.perf_counter() - t0)
     assert all(len(j.verdicts or ()) == 10 for j in jobs), "a tick must check every stream"
+    assert rt.engine.stats.forward_passes - passes == 10, "a tick's checks share one pass"
     for job in jobs:
         scheduler.cancel(job)
     scheduler.run_once()
