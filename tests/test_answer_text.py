@@ -123,3 +123,39 @@ def test_open_marker(text: str, expected: int) -> None:
     for tail in ("T]", "]", "x", ""):
         whole = CHAT_MARKER_RE.sub("()", text + tail)
         assert whole.startswith(CHAT_MARKER_RE.sub("()", text[:expected]))
+
+
+def test_the_stream_prompt_is_classifys_prompt_less_the_answer(tokenizer: Tokenizer) -> None:
+    """Planner.plan_answer_stream: its body, then the answer's tokens and the turn closer, is
+    the body Classify builds for the complete answer in the same context."""
+    from moderation.core.decision import ClassifyItem
+    from moderation.core.limits import ModelLimits
+    from moderation.core.planning import Planner
+    from moderation.core.policy import Role
+    from moderation.core.prompts import ANSWER_MARKER
+
+    limits = ModelLimits(window=4096, max_context=8192, max_seq_len=8192, attention_backend="sdpa")
+    planner = Planner(tokenizer, limits)
+    answer = SAMPLES[0] + SAMPLES[2]
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Say something."},
+    ]
+    for stream_item, whole_item in (
+        (
+            ClassifyItem(ANSWER_MARKER, role=Role.OUTPUT, user_prompt="Question?"),
+            ClassifyItem(answer, role=Role.OUTPUT, user_prompt="Question?"),
+        ),
+        (
+            ClassifyItem(messages=[*conversation, {"role": "assistant", "content": ANSWER_MARKER}]),
+            ClassifyItem(messages=[*conversation, {"role": "assistant", "content": answer}]),
+        ),
+    ):
+        planned, room = planner.plan_answer_stream(stream_item)
+        whole = planner.plan(whole_item)
+        tokens = encode_text(tokenizer, answer)
+        assert planned.prefix == whole.prefix
+        assert (*planned.bodies[0], *tokens, *tokenizer.inst_close()) == whole.bodies[0]
+        assert planned.context_tokens == whole.context_tokens > 0
+        assert room == planner.max_text_tokens - whole.context_tokens

@@ -358,6 +358,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                     )
                     if response.complete or response.result.flagged:
                         self.state.metrics.record_decision(convert.classification(response.result))
+                        self.state.metrics.tokens.labels(kind="prompt").inc(
+                            response.result.prompt_tokens
+                        )
                     yield response
         except grpc.aio.AbortError:
             raise
