@@ -332,6 +332,11 @@ def test_websocket_errors_name_the_field_and_close(served: InProcessServer) -> N
         assert answers[-1]["error"]["status"] == "INVALID_ARGUMENT"
         assert answers[-1]["error"]["field"] == field
 
+    from moderation.serving.http.moderate_stream import close_code
+
+    assert close_code(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1013
+    assert close_code(grpc.StatusCode.INTERNAL) == 1011
+
     # without an upgrade: an ordinary JSON error
     async def plain_get() -> int:
         url = f"http://127.0.0.1:{port}/v1/moderate/stream"

@@ -11,11 +11,12 @@ Cloudflare as they are (nginx needs its usual `Upgrade`/`Connection` headers).
 
 Each text message is one ModerateStreamRequest in the proto3 JSON mapping; each answer is
 `{"result": ModerateStreamResponse}`; a failure is `{"error": ...}` (the shape of every other
-route) and the server closes with 1000 after the last verdict, 1008 after a caller's error,
-1011 after its own. The upgrade request has every limit of the other routes: the bearer token
-(401 before any upgrade), `grpc-timeout` (the whole call), `x-request-id`, one log line; a
-message over --max-message-bytes closes the socket (1009); large messages are parsed off the
-event loop; the servicer enforces the rest (open checks, answer length, idle time).
+route) and the server closes with 1000 after the last verdict, 1013 (try again later) when it
+is loading, draining or full, 1008 after a caller's error, 1011 after its own. The upgrade
+request has every limit of the other routes: the bearer token (401 before any upgrade),
+`grpc-timeout` (the whole call), `x-request-id`, one log line; a message over
+--max-message-bytes closes the socket (1009); large messages are parsed off the event loop;
+the servicer enforces the rest (open checks, answer length, idle time).
 """
 
 from __future__ import annotations
@@ -70,6 +71,27 @@ async def _requests(ws: web.WebSocketResponse) -> AsyncIterator[pb.ModerateStrea
             return
 
 
+RETRY_LATER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CALLER_ERRORS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+def close_code(code: grpc.StatusCode) -> int:
+    """The WebSocket close code after a failure: try again later (a server loading, draining
+    or full), the caller's error, or the server's."""
+    if code in RETRY_LATER:
+        return int(aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+    if code in CALLER_ERRORS:
+        return int(aiohttp.WSCloseCode.POLICY_VIOLATION)
+    return int(aiohttp.WSCloseCode.INTERNAL_ERROR)
+
+
 def handler(
     servicer: Any,
     *,
@@ -119,13 +141,7 @@ def handler(
             else:
                 note(error)
                 await ws.send_str(json.dumps(error.body()))
-                internal = error.status >= 500 and error.code != grpc.StatusCode.UNAVAILABLE
-                code = (
-                    aiohttp.WSCloseCode.INTERNAL_ERROR
-                    if internal
-                    else aiohttp.WSCloseCode.POLICY_VIOLATION
-                )
-                await ws.close(code=code, message=error.code.name.encode())
+                await ws.close(code=close_code(error.code), message=error.code.name.encode())
         return ws
 
     return handle
