@@ -167,6 +167,18 @@ def test_a_flag_is_the_last_message(client: ModerationClient) -> None:
     assert len(verdicts) == 1
     assert verdicts[0].result.flagged and not verdicts[0].complete
     assert verdicts[0].released_chars == 0 and verdicts[0].checked_tokens == 16
+    # per-category thresholds: only the listed category counts
+    by_category = list(
+        client.moderate_stream(
+            pieces(ANSWER, 3), prompt=PROMPT, category_thresholds={"unqualified_advice": 0.0}
+        )
+    )
+    assert len(by_category) == 1 and by_category[0].result.flagged
+    assert dict(by_category[0].result.categories) == {
+        "illegal_activities": False,
+        "hateful_harassing_violent": False,
+        "unqualified_advice": True,
+    }
 
 
 def test_the_openai_stream_guard_yields_only_checked_text(client: ModerationClient) -> None:
