@@ -11,9 +11,14 @@
 # download.pytorch.org/whl/cu124 or /cpu). The build needs network access to both (or to the
 # mirrors), and to the CUDA images on Docker Hub (nvidia/cuda) or python:3.11-slim.
 #
-# gpu: CUDA 12.4 runtime on Ubuntu 22.04, Python 3.11 (deadsnakes), torch CUDA wheels and the
-#      project's `gpu` extra (flash-attn). Serves Mistral 7B Instruct from weights mounted at
-#      /models: set MODERATION_MODEL=/models/<checkpoint folder>.
+# gpu: CUDA 12.4 runtime on Ubuntu 22.04, Python 3.11 (deadsnakes), torch CUDA wheels and
+#      torch's own attention (scaled_dot_product_attention). Serves Mistral 7B Instruct from
+#      weights mounted at /models: set MODERATION_MODEL=/models/<checkpoint folder>. Every
+#      Python package comes from the package indexes (PIP_INDEX_URL, TORCH_INDEX_URL): the
+#      build works offline against mirrors of them. flash-attn is optional:
+#      --build-arg FLASH_ATTN=1 adds the project's `gpu` extra, which either fetches a
+#      prebuilt wheel from GitHub's release pages (outside any index) or compiles for about an
+#      hour; the server uses it when present (attention backend "flash").
 # cpu: python:3.11-slim with the torch CPU wheel; serves the built-in demo model (random
 #      weights) when MODERATION_MODEL is unset, for laptops and CI.
 #
@@ -77,6 +82,8 @@ ARG TORCH_VERSION_CPU=2.13.0
 ARG TORCH_CUDA=cu124
 ARG TORCH_INDEX_URL
 ARG FLASH_ATTN_VERSION=2.7.4.post1
+# 0 (default): torch's attention, nothing from outside the indexes; 1: flash-attn too.
+ARG FLASH_ATTN=0
 # Read by pip when set (mirrors, proxies); unset, pip uses PyPI.
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
@@ -91,9 +98,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # already satisfied and pip does not pull the default (CUDA) wheel into the CPU image.
 RUN if [ "$VARIANT" = gpu ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION_GPU}" \
-            --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_CUDA}}" \
-        && pip install --no-cache-dir "packaging==24.2" "wheel==0.45.1" "psutil==6.1.1" \
-        && pip install --no-cache-dir --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
+            --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_CUDA}}"; \
     elif [ "$VARIANT" = cpu ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION_CPU}" \
             --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"; \
@@ -105,6 +110,13 @@ WORKDIR /src
 # versions in every build (requirements/serve.in says how to regenerate it).
 COPY requirements/serve.lock requirements/
 RUN pip install --no-cache-dir --require-hashes -r requirements/serve.lock
+# flash-attn only when asked for (FLASH_ATTN=1, gpu): see the top of this file.
+RUN if [ "$FLASH_ATTN" = 1 ] && [ "$VARIANT" = gpu ]; then \
+        pip install --no-cache-dir "packaging==24.2" "wheel==0.45.1" "psutil==6.1.1" \
+        && pip install --no-cache-dir --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
+    elif [ "$FLASH_ATTN" != 0 ] && [ "$FLASH_ATTN" != 1 ]; then \
+        echo "FLASH_ATTN must be 0 or 1, not '$FLASH_ATTN'" >&2; exit 1; \
+    fi
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY moderation/ moderation/

@@ -21,6 +21,7 @@ from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_US
 from moderation.extras import (
     SERVER_EXTRA,
     MissingServerExtra,
+    install_hint,
     missing_server_modules,
     require_server_extra,
 )
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
 
 def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) -> Runtime:
     require_server_extra(f"moderation {ns.command}")
-    from moderation.runtime import load_runtime
+    from moderation.runtime import load_runtime, set_torch_threads
 
+    set_torch_threads(ns.torch_threads)
     # Loading the demo model logs one warning that says so; nothing to add here.
     return load_runtime(
         ns.model,
@@ -61,7 +63,9 @@ def _load(ns: argparse.Namespace, policy_files: Sequence[str], **kwargs: Any) ->
 
 
 def _classify(ns: argparse.Namespace) -> int:
-    if (ns.text is None) == (ns.messages is None):
+    if ns.text is None and ns.messages is None:
+        raise InvalidArgument("text", "give a text to classify, or --messages FILE.json")
+    if ns.text is not None and ns.messages is not None:
         raise InvalidArgument("text", "give either a text or --messages FILE.json, not both")
     messages = None
     if ns.messages is not None:
@@ -121,12 +125,17 @@ def _serve(ns: argparse.Namespace) -> int:
     from moderation.serving.grpc.server import LOADER_THREAD, serve
     from moderation.serving.logs import configure_logging
     from moderation.serving.settings import SettingsError, settings_from_args
+    from moderation.serving.tracing import missing_tracing_modules
 
     try:
         settings = settings_from_args(ns)
         settings.resolve_auth_token()  # fail now on an unreadable token file
         # A bad policy name or file fails now, not after minutes of loading the weights.
         check_policies(settings.runtime_settings())
+        if settings.tracing and missing_tracing_modules():
+            raise SettingsError(
+                f"--tracing (MODERATION_TRACING) needs the tracing extra: {install_hint('tracing')}"
+            )
     except (SettingsError, PolicyError) as exc:
         print(f"moderation serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

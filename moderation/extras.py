@@ -1,7 +1,8 @@
 """The `server` extra: what serving and in-process scoring import beyond the light client.
 
-`pip install mistral-moderation` installs the client (grpc, protobuf, the stubs); the engine,
-the server and the commands that load a model need `pip install 'mistral-moderation[server]'`.
+`pip install .` (in a checkout: the package is not on PyPI) installs the client (grpc,
+protobuf, the stubs); the engine, the server and the commands that load a model need
+`pip install '.[server]'`.
 Those commands check for it first and say so in one line, rather than fail on an import deep in
 the engine.
 """
@@ -10,7 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 
-SERVER_EXTRA = "pip install 'mistral-moderation[server]'"
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: the package is not on PyPI, so from a checkout."""
+    return f"pip install '.[{extra}]' (in a checkout of the repository)"
+
+
+SERVER_EXTRA = install_hint("server")
 
 SERVER_EXTRA_MODULES = (
     "torch",
@@ -26,6 +33,10 @@ SERVER_EXTRA_MODULES = (
     "aiohttp",
 )
 """The top-level modules the `server` extra's distributions provide (pyproject.toml)."""
+
+
+REPORT_MODULES = ("matplotlib", "sklearn")
+"""The top-level modules of the `report` extra (`moderation eval --report`)."""
 
 
 class MissingServerExtra(Exception):

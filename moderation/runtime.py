@@ -22,6 +22,7 @@ from model.demo import is_demo_checkpoint, write_demo_checkpoint
 from model.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
 from moderation.core.classifier import Classifier
+from moderation.core.cpus import available_cpus
 from moderation.core.generation import DEFAULT_STREAM_CHECK_TOKENS
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import DEFAULT_MAX_CONTEXT, ModelLimits
@@ -128,7 +129,8 @@ def load(settings: RuntimeSettings) -> Runtime:
     demo = settings.model is None or is_demo_checkpoint(folder)
     model_id = DEMO_MODEL_ID if demo else folder.resolve().name
     if demo:
-        log.warning("serving the demo model", model=model_id, path=str(folder))
+        # Neutral wording: the jobs load it too, and they serve nothing.
+        log.warning("using the demo model", model=model_id, path=str(folder))
     dev = resolve_device(settings.device)
     dt = weights_dtype(settings.dtype, dev)
     policies = load_policies(settings.policy_files)  # a bad policy file fails before the load
@@ -156,6 +158,14 @@ def load(settings: RuntimeSettings) -> Runtime:
         dtype=str(dt).removeprefix("torch."),
         policies=policies,
     )
+
+
+def set_torch_threads(threads: int = 0) -> int:
+    """Torch's intra-op threads for this process: `threads`, or 0 for the CPUs the container
+    may use (its cgroup CPU quota and affinity, not the host's cores); returns the count."""
+    count = threads or available_cpus()
+    torch.set_num_threads(count)
+    return count
 
 
 def load_runtime(

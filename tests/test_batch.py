@@ -324,15 +324,16 @@ def test_progress_lines_off_a_terminal_every_interval() -> None:
     now = [0.0]
     stream = io.StringIO()
     reporter = ProgressReporter(stream, name="batch", interval=5.0, clock=lambda: now[0])
-    reporter.started(100)  # resumed: 100 rows were done by an earlier run
+    reporter.started(100, 0.25)  # resumed: 100 rows were done by an earlier run
     for step in range(1, 21):
         now[0] = step * 1.0
         reporter.update(100 + 10 * step, fraction=(100 + 10 * step) / 400)
     reporter.finish()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4  # at 5, 10, 15 and 20 s
-    assert lines[0] == "batch: 150 rows (38%), 10.0 rows/s, ETA 8s"
-    assert lines[-1] == "batch: 300 rows (75%), 10.0 rows/s, ETA 7s"
+    # This run's rate and share only: 250 rows left at 10 rows/s (not the earlier run's rows).
+    assert lines[0] == "batch: 150 rows (38%), 10.0 rows/s, ETA 25s"
+    assert lines[-1] == "batch: 300 rows (75%), 10.0 rows/s, ETA 10s"
     assert "\r" not in stream.getvalue()
 
 

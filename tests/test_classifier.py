@@ -104,8 +104,9 @@ def test_fine_grained_scores_sum_onto_the_papers_categories() -> None:
     )  # fmt: skip
     assert result.paper_scores["unqualified_advice"] == pytest.approx(0.5)
     assert result.paper_scores["illegal_activities"] == pytest.approx(0.1)
-    assert result.paper_category == "unqualified_advice"
-    assert result.category == "acceptable"
+    # paper_category is what category rolls up into (one rule: they never disagree); the
+    # summed view, where unqualified advice leads, is paper_scores'.
+    assert result.category == "acceptable" and result.paper_category == "acceptable"
     assert result.flagged  # 0.6 unsafe
 
 

@@ -141,4 +141,4 @@ def test_the_light_command_scores_remotely_and_names_the_extra(
         assert proc.returncode == 2, (argv, proc.stderr)
         assert f"moderation {argv[0]}" in proc.stderr
         assert "needs the server extra" in proc.stderr
-        assert "pip install 'mistral-moderation[server]'" in proc.stderr
+        assert "pip install '.[server]' (in a checkout of the repository)" in proc.stderr

@@ -93,7 +93,7 @@ def test_classify_bad_messages_files_exit_2_with_a_message(
     assert code == EXIT_USAGE
     assert err.splitlines()[-1].startswith("moderation classify: error: ") and message in err
     code, _, err = run_cli(capsys, "classify", "--model", str(demo_checkpoint))
-    assert code == EXIT_USAGE and "either a text or --messages" in err
+    assert code == EXIT_USAGE and "give a text to classify, or --messages FILE.json" in err
 
 
 def conversations_csv(path: Path) -> list[str]:

@@ -65,10 +65,13 @@ def load_yaml_docs(text: str) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator kinds: no schema offline
+CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")  # Prometheus Operator, KEDA: no schema offline
 
 
 def validate(obj: Obj, where: str) -> None:
+    if obj["apiVersion"].startswith("keda.sh/"):
+        check_scaled_object(obj, where)
+        return
     if obj["apiVersion"].startswith(CRD_GROUPS):
         check_service_monitor(obj, where)
         return
@@ -92,6 +95,35 @@ def check_service_monitor(obj: Obj, where: str) -> None:
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}, where
         assert endpoint["port"] and endpoint["path"].startswith("/"), where
+
+
+def check_scaled_object(obj: Obj, where: str) -> None:
+    """The fields of a KEDA ScaledObject (keda.sh/v1alpha1, KEDA 2.x) that matter."""
+    assert obj["apiVersion"] == "keda.sh/v1alpha1", where
+    assert obj["kind"] == "ScaledObject", where
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}, where
+    spec = obj["spec"]
+    known = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
+             "cooldownPeriod", "advanced", "triggers", "fallback", "idleReplicaCount"}  # fmt: skip
+    assert set(spec) <= known, f"{where}: {sorted(set(spec) - known)}"
+    assert set(spec["scaleTargetRef"]) <= {"apiVersion", "kind", "name"}, where
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], where
+    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+    if behavior is not None:  # the HPA's own field: its schema applies
+        hpa = {
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "x"},
+            "spec": {"scaleTargetRef": spec["scaleTargetRef"], "maxReplicas": 2,
+                     "behavior": behavior},
+        }  # fmt: skip
+        kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+    for trigger in spec["triggers"]:
+        assert set(trigger) <= {"type", "name", "metadata", "metricType"}, where
+        assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value"), where
+        assert trigger["type"] == "prometheus", f"{where}: only prometheus triggers are checked"
+        meta = trigger["metadata"]
+        assert meta["serverAddress"].startswith("http") and meta["query"], where
+        float(meta["threshold"])  # KEDA takes it as a string holding a number
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -546,3 +578,40 @@ def test_service_monitor_scrapes_the_metrics_port_of_the_server_service() -> Non
 
 def test_the_metrics_port_is_not_prometheus_own() -> None:
     assert DEFAULTS["metrics_port"] != 9090
+
+
+def test_autoscaling_example_scales_the_server_on_metrics_it_exports() -> None:
+    """KEDA in place of the base's CPU HPA (never both), on series the server really exports."""
+    from moderation.serving.metrics import Metrics
+
+    objects = rendered(DEPLOY / "examples" / "autoscaling")
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    (scaled,) = (o for o in objects if o["kind"] == "ScaledObject")
+    (deployment,) = (o for o in objects if o["kind"] == "Deployment")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    exported = {m.name for m in Metrics.create().registry.collect()}
+    queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
+    named = {n for q in queries for n in re.findall(r"\b(moderation_[a-z_]+)\{", q)}
+    assert {"moderation_queue_depth", "moderation_kv_cache_slots_in_use"} <= named
+    assert named <= exported, f"not exported by the server: {sorted(named - exported)}"
+    (monitor,) = rendered(DEPLOY / "monitoring")  # the `service` label the queries select on
+    services = [o["metadata"]["name"] for o in objects if o["kind"] == "Service"]
+    for query in queries:
+        for service in re.findall(r'service="([^"]+)"', query):
+            assert service in services, f"{query}: no Service {service}"
+    assert monitor["spec"]["selector"]["matchLabels"]
+
+
+def test_the_gpu_image_needs_only_the_package_indexes_by_default() -> None:
+    """flash-attn (prebuilt wheels from GitHub releases, or an hour of nvcc) only behind
+    FLASH_ATTN=1; nothing else installs from a URL outside the indexes."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG FLASH_ATTN=0$", text, re.MULTILINE)
+    runs = re.findall(r"^RUN (.*?)(?<!\\)$", text, re.MULTILINE | re.DOTALL)
+    flash = [r for r in runs if "flash-attn" in r]
+    assert len(flash) == 1 and flash[0].startswith('if [ "$FLASH_ATTN" = 1 ]'), flash
+    for run in runs:
+        assert "git+" not in run and "github.com" not in run, run
+        urls = re.findall(r"https?://[^\s\"'}]+", run)
+        assert all(u.startswith("https://download.pytorch.org/whl/") for u in urls), urls

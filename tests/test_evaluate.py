@@ -19,7 +19,7 @@ from moderation.jobs.datasets import (
     read_openai,
     read_xstest,
 )
-from moderation.jobs.evaluate import PRF, average_precision, evaluate
+from moderation.jobs.metrics import PRF, average_precision, evaluate
 from moderation.runtime import Runtime
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -126,7 +126,13 @@ def test_eval_command_reports_the_metrics_of_the_models_answers(
     assert row in table
     assert f"(unsafe): {expected['auc_pr']:.3f}" in table
     flagged_acceptable = expected["confusion"]["acceptable"]["acceptable"]
-    assert f"{'acceptable':28}{flagged_acceptable:14d}" in table
+    width = len("hateful_harassing_violent") + 2  # the longest gold label, and a margin
+    assert f"{'acceptable':{width}}{flagged_acceptable:12d}" in table
+    # Every header whole (they were cut to 12 characters), each over its column.
+    header = table.splitlines()[table.splitlines().index(
+        "confusion (rows: gold, columns: predicted)") + 1]  # fmt: skip
+    assert header.split() == ["acceptable", "illegal_activities", "hateful_harassing_violent",
+                              "unqualified_advice"]  # fmt: skip
 
 
 @pytest.mark.skipif(

@@ -328,3 +328,54 @@ def test_moderate_stream_crosses_to_the_model_process(process_server: InProcessS
     while worker._pending or process_server.server.state.open_checks:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def _scrape(server: InProcessServer) -> dict[str, float]:
+    """The metrics endpoint's samples, by `name{labels}` as written."""
+    url = f"http://127.0.0.1:{server.settings.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def _until(check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def test_the_model_process_own_metrics_on_the_one_port(process_server: InProcessServer) -> None:
+    stub = stub_of(process_server)
+    stub.Classify(pb.ClassifyRequest(text="measure me"))
+    call = stub.GenerateStream(pb.GenerateStreamRequest(
+        messages=[pb.ChatMessage(role="user", content="Go on forever")], max_new_tokens=4000,
+    ))  # fmt: skip
+    next(iter(call))  # generating: its sequence holds a cache slot
+    busy = _until(lambda: (s := _scrape(process_server))["moderation_kv_cache_tokens_in_use"] > 0
+                  and s)  # fmt: skip
+    call.cancel()
+    assert busy, "the cache never showed the running generation"
+    assert busy["moderation_kv_cache_slots_in_use"] >= 1
+    assert busy["moderation_kv_cache_slots"] >= busy["moderation_kv_cache_slots_in_use"]
+    assert busy["moderation_kv_cache_tokens"] >= busy["moderation_kv_cache_tokens_in_use"]
+    assert busy["moderation_queue_wait_seconds_count"] >= 2
+    assert busy['moderation_model_seconds_count{kind="classify"}'] >= 1
+    assert busy["moderation_step_seconds_count"] >= 1
+    assert busy['moderation_batch_size_count{kind="generate"}'] >= 1
+    # The model process's own process_* series: another process, started after this one.
+    worker = process_server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    assert busy["moderation_model_process_resident_memory_bytes"] > 0
+    assert busy["moderation_model_process_start_time_seconds"] >= busy["process_start_time_seconds"]
+    idle = _until(lambda: (s := _scrape(process_server))["moderation_kv_cache_slots_in_use"] == 0
+                  and s)  # fmt: skip
+    assert idle and idle["moderation_kv_cache_tokens_in_use"] == 0  # the cancelled one left
+    generated = 'moderation_model_seconds_count{kind="generate"}'
+    assert idle.get(generated, 0) == busy.get(generated, 0)  # cancelled: no answer, no time

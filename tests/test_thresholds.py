@@ -4,10 +4,12 @@ thresholds file, and `serve`, `classify`, `batch` using it."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import grpc
 import pytest
 
 from moderation.cli import main
@@ -21,7 +23,13 @@ from moderation.core.thresholds import (
     pr_curve,
 )
 from moderation.exit_codes import EXIT_OK, EXIT_USAGE
-from moderation.jobs.calibration import Target, calibrate
+from moderation.jobs.calibration import (
+    Calibration,
+    Target,
+    calibrate,
+    calibration_table,
+    distinct,
+)
 from moderation.jobs.datasets import Example
 from moderation.runtime import Runtime, load
 from moderation.serving.settings import settings_from_env
@@ -195,3 +203,73 @@ def test_eval_writes_thresholds_that_classify_batch_and_serve_use(
     assert settings.thresholds == (str(out),)
     runtime = load(settings.runtime_settings())
     assert runtime.planner.operating_points["paper"].threshold == pytest.approx(t)
+
+
+def test_distinct_prints_thresholds_near_one_apart() -> None:
+    shown = distinct([0.99991, 0.99997, 0.5, 0.99997])
+    assert shown[0] != shown[1] and shown[1] == shown[3]
+    assert float(shown[0]) == pytest.approx(0.99991) and shown[2] == "0.5"
+    assert distinct([0.25, 0.125]) == ["0.25", "0.125"]
+
+
+def test_calibration_table_tells_thresholds_under_one_apart() -> None:
+    # A trained model's scores crowd just under 1: four digits would print them all as `1`.
+    scores = [1 - 1e-5 * k for k in range(1, 9)]
+    positives = [True, True, True, False, True, False, False, False]
+    examples = [Example(f"t{i}", "unsafe" if p else "acceptable") for i, p in enumerate(positives)]
+    c = Calibration(
+        "paper", Target("recall", 0.5), choose_point(scores, positives, target_recall=0.5), {},
+        [], {"unsafe": pr_curve(scores, positives)},
+    )  # fmt: skip
+    rows = [line.split()[0] for line in calibration_table(c).splitlines()[3:] if line.strip()]
+    assert len(rows) == len(examples) and len(set(rows)) == len(rows)
+    assert "1" not in rows and rows[0] == "0.99999"
+
+
+def test_the_live_thresholds_are_in_model_info_the_log_and_a_gauge(
+    tmp_path: Path, demo_checkpoint: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    from moderation.serving.logs import configure_logging
+    from moderation.v1 import moderation_pb2 as pb
+    from moderation.v1 import moderation_pb2_grpc as pb_grpc
+    from tests.servers import InProcessServer, demo_loader, free_port
+
+    path = tmp_path / "mistral.json"
+    path.write_text(json.dumps({"policy": "mistral-13", "thresholds": {"malware": 0.25}}))
+    settings = settings_from_env({"MODERATION_THRESHOLDS": str(path),
+                                  "MODERATION_THRESHOLD": "0.625"})  # fmt: skip
+    settings = dataclasses.replace(
+        settings, host="127.0.0.1", port=free_port(), model_process=False
+    )
+    configure_logging("info")  # an earlier command may have left it at warning
+    with capture_logs() as logs:
+        server = InProcessServer(settings, demo_loader(demo_checkpoint))
+        try:
+            server.wait_loaded()
+            stub = pb_grpc.ModerationServiceStub(grpc.insecure_channel(server.address))
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            get = server.server.metrics.registry.get_sample_value
+            gauges = {
+                (p, c): get("moderation_threshold", {"policy": p, "category": c, "source": s})
+                for p, c, s in (("paper", "unsafe", "MODERATION_THRESHOLD"),
+                                ("mistral-13", "malware", str(path)),
+                                ("mistral-13", "unsafe", str(path)))
+            }  # fmt: skip
+        finally:
+            server.stop()
+    assert info.default_threshold == pytest.approx(0.625)
+    policies = {p.name: p for p in info.policies}
+    paper, mistral = policies["paper"], policies["mistral-13"]
+    assert paper.threshold == pytest.approx(0.625) and not paper.category_thresholds
+    assert paper.thresholds_source == "MODERATION_THRESHOLD"
+    assert dict(mistral.category_thresholds) == {"malware": pytest.approx(0.25)}
+    assert mistral.thresholds_source == str(path)
+    assert gauges == {("paper", "unsafe"): 0.625, ("mistral-13", "malware"): 0.25,
+                      ("mistral-13", "unsafe"): None}  # fmt: skip
+    lines = {e["policy"]: e for e in logs if e["event"] == "thresholds"}
+    assert lines["mistral-13"]["category_thresholds"] == {"malware": 0.25}
+    assert lines["paper"]["threshold"] == 0.625 and lines["paper"]["source"] == (
+        "MODERATION_THRESHOLD"
+    )

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -162,6 +163,12 @@ class FakeEngine:
     def free_slots(self) -> int:
         checks = len(self.classifier.open_streams) if self.classifier else 0
         return self.max_batch_size - len(self.running) - checks
+
+    @property
+    def cache(self) -> Any:
+        """What the cache metrics read: tokens per slot (prompt and generated), the window."""
+        lengths = [len(r.prompt) + len(out) for r, out in self.running.values()]
+        return SimpleNamespace(window=64, lengths=lengths + [0] * self.max_batch_size)
 
     def step_with_checks(
         self, checks: Sequence[Any], *, relative: bool = False

@@ -8,6 +8,7 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.generation import GenerateOptions, GenerationResult
 from moderation.core.policy import Category, Policy, Role
 from moderation.core.prompts import ANSWER_MARKER
+from moderation.core.thresholds import LiveThresholds
 from moderation.v1 import moderation_pb2 as pb
 
 _ROLES = {pb.ROLE_UNSPECIFIED: Role.INPUT, pb.ROLE_INPUT: Role.INPUT, pb.ROLE_OUTPUT: Role.OUTPUT}
@@ -122,9 +123,14 @@ def generate_response(result: GenerationResult) -> pb.GenerateResponse:
     return response
 
 
-def policy_info(policies: Sequence[Policy]) -> list[pb.PolicyInfo]:
-    return [
-        pb.PolicyInfo(
+def policy_info(
+    policies: Sequence[Policy], live: Sequence[LiveThresholds] = ()
+) -> list[pb.PolicyInfo]:
+    """Policies as GetModelInfo lists them, with the thresholds a server applies to each."""
+    by_policy = {t.policy: t for t in live}
+    out = []
+    for p in policies:
+        info = pb.PolicyInfo(
             name=p.name,
             description=p.description,
             acceptable_label=p.acceptable_label,
@@ -138,8 +144,13 @@ def policy_info(policies: Sequence[Policy]) -> list[pb.PolicyInfo]:
                 for c in p.categories
             ],
         )
-        for p in policies
-    ]
+        thresholds = by_policy.get(p.name)
+        if thresholds is not None:
+            info.threshold = thresholds.threshold
+            info.category_thresholds.update(thresholds.category_thresholds)
+            info.thresholds_source = thresholds.source
+        out.append(info)
+    return out
 
 
 _ROLE_NUMBERS = {Role.INPUT: pb.ROLE_INPUT, Role.OUTPUT: pb.ROLE_OUTPUT}

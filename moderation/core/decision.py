@@ -38,7 +38,10 @@ class Classification:
     flagged: bool
     scores: dict[str, float]  # category id -> probability, "acceptable" included; sums to 1
     categories: dict[str, bool]  # category id -> flagged
-    paper_scores: dict[str, float]  # the paper's three categories + "acceptable"
+    paper_scores: dict[str, float]  # the paper's three categories + "acceptable" (sums)
+    # The paper category `category` rolls up into ("acceptable" for "acceptable"): the two
+    # never disagree. (The most probable key of paper_scores can differ, when a paper
+    # category's mass is spread over several categories; paper_scores has it for who wants it.)
     paper_category: str
     policy: str
     model: str
@@ -91,18 +94,24 @@ def decide(
     for cat in policy.categories:
         paper_scores[cat.paper_category] += scores[cat.id]
     paper_scores[ACCEPTABLE_ID] = scores[ACCEPTABLE_ID]
+    category = max(scores, key=lambda c: scores[c])
     return Classification(
-        category=max(scores, key=lambda c: scores[c]),
+        category=category,
         flagged=flagged,
         scores=scores,
         categories=categories,
         paper_scores=paper_scores,
-        paper_category=max(paper_scores, key=lambda c: paper_scores[c]),
+        paper_category=paper_category_of(policy, category),
         policy=policy.name,
         model=model_id,
         prompt_tokens=prompt_tokens,
         windows=windows,
     )
+
+
+def paper_category_of(policy: Policy, category: str) -> str:
+    """The paper category a category id rolls up into; "acceptable" stays itself."""
+    return ACCEPTABLE_ID if category == ACCEPTABLE_ID else policy.category(category).paper_category
 
 
 def check_threshold(name: str, value: float) -> None:

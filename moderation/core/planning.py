@@ -39,7 +39,12 @@ from moderation.core.prompts import (
     turn_tokens,
 )
 from moderation.core.text_safety import is_blank
-from moderation.core.thresholds import OperatingPoint, check_operating_point
+from moderation.core.thresholds import (
+    LiveThresholds,
+    OperatingPoint,
+    check_operating_point,
+    live_thresholds,
+)
 from moderation.core.turns import check_turn_order
 
 MIN_TEMPERATURE = 0.01
@@ -58,6 +63,12 @@ class PlannedItem:
     category_thresholds: Mapping[str, float]
     context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
     context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
+
+
+LONG_TEXT_HINT = (
+    "split them into windows with --long-text split (the server: MODERATION_LONG_TEXT=split)"
+)
+"""What a rejected long text's error says to do: the option of the commands and the server."""
 
 
 class Planner:
@@ -104,6 +115,10 @@ class Planner:
         for point in self.operating_points.values():
             check_operating_point(point, self.policies)
 
+    def live_thresholds(self) -> list[LiveThresholds]:
+        """Per policy, the thresholds of a request that sets none, and their source."""
+        return live_thresholds(list(self.policies), self.threshold, self.operating_points)
+
     def _default_max_text_tokens(self) -> int:
         # What the model can take: its context (the engine's limit without a sliding window),
         # less room for the longest policy prefix and label.
@@ -147,7 +162,7 @@ class Planner:
             raise InvalidArgument(
                 "text",
                 f"{len(text_tokens) + n_context} tokens (text and prompt) exceed the limit of "
-                f"{self.max_text_tokens}; long texts are rejected (long_text=reject)",
+                f"{self.max_text_tokens}; long texts are rejected: {LONG_TEXT_HINT}",
             )
         else:
             budget = self.max_text_tokens - n_context
@@ -194,7 +209,7 @@ class Planner:
             raise InvalidArgument(
                 f"messages[{last}].content",
                 f"{len(text_tokens)} tokens exceed the limit of {limit}; long texts are "
-                "rejected (long_text=reject)",
+                f"rejected: {LONG_TEXT_HINT}",
             )
         else:
             room = limit // 2

@@ -185,3 +185,38 @@ def check_operating_point(point: OperatingPoint, policies: Mapping[str, Policy])
             f"{where}: policy {policy.name!r} has no category {unknown[0]!r}; "
             f"its categories: {', '.join(policy.category_ids)}"
         )
+
+
+DEFAULT_SOURCE = "MODERATION_THRESHOLD"
+"""The source of a policy's thresholds when no thresholds file names it: the server's default."""
+
+
+@dataclass(frozen=True)
+class LiveThresholds:
+    """The thresholds a server applies to requests of a policy that set none, and where they
+    come from (a thresholds file, or the default threshold setting)."""
+
+    policy: str
+    threshold: float  # on P(not acceptable); ignored while category_thresholds is non-empty
+    category_thresholds: Mapping[str, float]
+    source: str  # the thresholds file's path, or DEFAULT_SOURCE
+
+
+def live_thresholds(
+    policies: Sequence[str], default: float, points: Mapping[str, OperatingPoint]
+) -> list[LiveThresholds]:
+    """Per policy, what a request that sets no threshold is decided with (the rule of
+    `Planner`: a thresholds file's point replaces the default threshold for its policy)."""
+    out = []
+    for name in policies:
+        point = points.get(name)
+        if point is None:
+            out.append(LiveThresholds(name, default, {}, DEFAULT_SOURCE))
+            continue
+        threshold = default if point.threshold is None else point.threshold
+        out.append(
+            LiveThresholds(
+                name, threshold, dict(point.category_thresholds), point.source or "thresholds"
+            )
+        )
+    return out

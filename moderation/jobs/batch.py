@@ -1,4 +1,6 @@
-"""`moderation batch`: score a CSV file, every row accounted for, resumable after a crash.
+"""`moderation batch`: score a CSV or JSONL file, every row accounted for, resumable after a
+crash. (CSV and JSONL, gzip-compressed or not, are `moderation.jobs.formats`' business: the
+format follows the file name; what follows says "column" for a JSONL key too.)
 
 Output: every input column unchanged, then `category`, `flagged`, `paper_category`, one
 `score_<category id>` column per category of the policy (and `score_acceptable`), and `error`.
@@ -31,11 +33,14 @@ prefixes the copied cells with a quote (OWASP's advice); the scores are never af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,7 @@ from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
+from moderation.jobs import formats
 from moderation.jobs.conversations import parse_messages
 from moderation.jobs.options import (
     add_long_text_option,
@@ -260,13 +266,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
     counting = CountingReader(raw)
-    text_in = io.TextIOWrapper(io.BufferedReader(counting), encoding=job.encoding, newline="")
-    reader = csv.reader(text_in, delimiter=job.delimiter)
+    text_in = formats.text_input(counting, job.input, job.encoding)
+    jsonl = formats.format_of(job.input, job.output) == formats.JSONL
     try:
-        header = next(reader)
+        if jsonl:
+            source = formats.JsonlReader(text_in, job.input)
+            header = source.header
+        else:
+            reader = csv.reader(text_in, delimiter=job.delimiter)
+            header = next(reader)
     except StopIteration:
         raise UsageError(f"{job.input}: empty file, no header row") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
     missing = [c for c in job.columns if c not in header]
     if missing:
@@ -279,12 +290,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if to_stdout:
         out: IO[str] = sys.stdout
     elif progress.rows or progress.output_bytes:
-        out = open(job.output, "r+", encoding="utf-8", newline="")  # noqa: SIM115
+        out = formats.open_output(job.output, "r+")
         out.truncate(progress.output_bytes)  # drop rows written after the last commit
         out.seek(progress.output_bytes)
     else:
-        out = open(job.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
-    writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
+        out = formats.open_output(job.output, "w")
+    writer: Any
+    if formats.format_of(job.output, job.input) == formats.JSONL:
+        writer = formats.JsonlWriter(out, len(header), columns)
+    elif jsonl:
+        writer = formats.CsvWriter(out, job.delimiter)
+    else:
+        writer = csv.writer(out, delimiter=job.delimiter, lineterminator="\r\n")
 
     def commit() -> None:
         out.flush()
@@ -296,17 +313,18 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if progress.rows == 0 and progress.output_bytes == 0:
         writer.writerow(columns)
         commit()
-    rows = _rows(reader, header)
+    rows = source.rows() if jsonl else _rows(reader, header)
     try:
         for _ in range(progress.rows):  # already committed by an earlier run
             next(rows)
     except StopIteration:
         pass
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(f"{job.input}: {exc}") from exc
 
     if reporter is not None:
-        reporter.started(progress.rows)
+        reporter.started(progress.rows, counting.count / total if total else 0.0)
+        reporter.start_timer()
     batch: list[tuple[list[str], ClassifyItem | str]] = []
 
     def flush_batch() -> None:
@@ -334,12 +352,14 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
                 flush_batch()
         if batch:
             flush_batch()
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except formats.READ_ERRORS as exc:
         raise UsageError(
             f"{job.input}: unreadable input after row {progress.rows + len(batch)} ({exc}); "
             "fix the file and rerun with --resume"
         ) from exc
     finally:
+        if reporter is not None:
+            reporter.stop_timer()
         if not to_stdout:
             out.close()
         if raw is not sys.stdin.buffer:
@@ -353,8 +373,48 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     return progress
 
 
-def _escape(cell: str) -> str:
-    return "'" + cell if cell.startswith(FORMULA_START) else cell
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the job."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM (a pod's stop) raise `Interrupted` in the job, so that it can say
+    how to resume; the earlier handlers are back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    earlier = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in earlier.items():
+            signal.signal(signum, handler)
+
+
+def resume_hint(job: BatchJob, signum: int) -> str:
+    """What to do after an interruption: where the job stands and the command that goes on."""
+    name = signal.Signals(signum).name
+    if job.output == "-" or job.input == "-":
+        return f"interrupted ({name}); stdin or stdout cannot be resumed: run it again"
+    path = Path(job.output + ".progress")
+    rows = Progress.load(path).rows if path.exists() else 0
+    return (
+        f"interrupted ({name}) with {rows} rows committed to {job.output}; rerun the same "
+        "command with --resume to continue from there"
+    )
+
+
+def _escape(cell: Any) -> Any:
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
 
 
 def max_failed_rows(value: str) -> tuple[int, float]:
@@ -433,7 +493,11 @@ def _run(ns: argparse.Namespace) -> int:
             scorer = make_scorer(ns, policy_files)
             reporter = ProgressReporter(sys.stderr, name="batch", interval=ns.progress_interval)
             try:
-                progress = run(job, scorer, reporter=reporter)
+                with terminate_as_interrupt():
+                    progress = run(job, scorer, reporter=reporter)
+            except Interrupted as exc:
+                print(f"moderation batch: {resume_hint(job, exc.signal)}", file=sys.stderr)
+                return 128 + exc.signal
             finally:
                 scorer.close()
     except (UsageError, InvalidArgument, PolicyError, OSError, LookupError) as exc:
@@ -455,9 +519,18 @@ def _run(ns: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `batch` subcommand."""
-    p = sub.add_parser("batch", help="score a CSV file (resumable)")
-    p.add_argument("input", help="input CSV file, or - for stdin")
-    p.add_argument("-o", "--output", required=True, help="output CSV file, or - for stdout")
+    p = sub.add_parser("batch", help="score a CSV or JSONL file (resumable)")
+    p.add_argument(
+        "input",
+        help="input file, or - for stdin: CSV, or JSONL when named .jsonl/.ndjson; .gz: gzip",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file, or - for stdout (its format by its name as for the input; - takes "
+        "the input's)",
+    )
     p.add_argument("--text-column", help="column with the text to classify")
     p.add_argument("--prompt-column", help="output role: column with the user prompt")
     p.add_argument(
@@ -468,7 +541,7 @@ def register(sub: Any) -> None:
     )
     add_role_option(p)
     p.set_defaults(role=None)  # input, unless given; and not given with --messages-column
-    add_policy_option(p, None)
+    add_policy_option(p, None, remote=True)
     add_threshold_options(p)
     add_long_text_option(p, "reject")
     add_model_options(p)

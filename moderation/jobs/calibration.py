@@ -99,21 +99,38 @@ def calibrate(
     return Calibration(policy.name, target, overall, categories, uncalibrated, curves)
 
 
+def distinct(values: Sequence[float], least: int = 4) -> list[str]:
+    """The values with the fewest significant digits (at least `least`) that tell apart the
+    ones that differ: a trained model puts many thresholds just under 1 (0.99991, 0.99997),
+    which four digits would all print as `1`. Nothing under 1 prints as `1`."""
+    wanted = len(set(values))
+    for digits in range(least, 18):
+        shown = [f"{v:.{digits}g}" for v in values]
+        rounded_up = any(t == "1" and v != 1.0 for t, v in zip(shown, values, strict=True))
+        if len(set(shown)) == wanted and not rounded_up:
+            return shown
+    return [repr(v) for v in values]
+
+
 def calibration_table(c: Calibration) -> str:
     """The chosen points and the curves around them, for a terminal."""
     lines = [f"operating point for {c.target.measure} >= {c.target.value} (policy {c.policy})"]
     chosen = {OVERALL: c.overall, **c.categories}
     for name, curve in c.curves.items():
+        shown = distinct([p.threshold for p in curve])
+        width = max(10, *(len(t) for t in shown))
         lines.append("")
-        lines.append(f"{name}: {'threshold':>10} {'precision':>9} {'recall':>7}")
-        for p in curve:
+        lines.append(f"{name}: {'threshold':>{width}} {'precision':>9} {'recall':>7}")
+        for p, threshold in zip(curve, shown, strict=True):
             mark = "  <- chosen" if p == chosen[name] else ""
             lines.append(
-                f"{'':{len(name) + 1}} {p.threshold:10.4g} {p.precision:9.3f} {p.recall:7.3f}{mark}"
+                f"{'':{len(name) + 1}} {threshold:>{width}} {p.precision:9.3f} "
+                f"{p.recall:7.3f}{mark}"
             )
     if c.uncalibrated:
+        overall = [p.threshold for p in c.curves[OVERALL]]
         lines.append(
             f"\nno positive examples for {', '.join(c.uncalibrated)}: they get the overall "
-            f"threshold {c.overall.threshold:.4g}"
+            f"threshold {distinct([c.overall.threshold, *overall])[0]}"
         )
     return "\n".join(lines)

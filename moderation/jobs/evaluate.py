@@ -1,6 +1,6 @@
 """`moderation eval`: how well the classifier does on a labelled set.
 
-Metrics, all from the same predictions:
+Metrics (moderation.jobs.metrics), all from the same predictions:
 - flagged vs unsafe: precision, recall, F1 (unsafe texts are the positives), and the area under
   the precision-recall curve from P(not acceptable) (average precision);
 - the paper's figure (section 5.2 reports precision 99.4% at recall 95.6%), which counts
@@ -14,18 +14,19 @@ Metrics, all from the same predictions:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.decision import ClassifyItem
 from moderation.core.errors import InvalidArgument
-from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, PolicyError
+from moderation.core.policy import PolicyError
 from moderation.exit_codes import EXIT_OK, EXIT_USAGE
+from moderation.extras import REPORT_MODULES, install_hint
 from moderation.jobs.calibration import Target, calibrate, calibration_table
-from moderation.jobs.datasets import UNSAFE, DatasetError, Example, read_dataset
+from moderation.jobs.datasets import DatasetError, read_dataset
+from moderation.jobs.metrics import evaluate, table
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -37,128 +38,6 @@ from moderation.jobs.options import (
 )
 from moderation.jobs.progress import DEFAULT_INTERVAL, ProgressReporter
 from moderation.jobs.scoring import make_scorer
-
-
-@dataclass(frozen=True)
-class PRF:
-    precision: float
-    recall: float
-    f1: float
-    support: int  # gold positives
-
-    @classmethod
-    def of(cls, tp: int, fp: int, fn: int) -> PRF:
-        p = tp / (tp + fp) if tp + fp else 0.0
-        r = tp / (tp + fn) if tp + fn else 0.0
-        return cls(p, r, 2 * p * r / (p + r) if p + r else 0.0, tp + fn)
-
-
-def average_precision(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """Area under the precision-recall curve, as average precision (ties broken together)."""
-    total = sum(positives)
-    if not total:
-        return 0.0
-    pairs = sorted(zip(scores, positives, strict=True), key=lambda x: -x[0])
-    ap = tp = fp = 0.0
-    i = 0
-    while i < len(pairs):
-        j = i
-        step_tp = 0
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:  # a threshold admits all ties
-            step_tp += pairs[j][1]
-            j += 1
-        tp += step_tp
-        fp += (j - i) - step_tp
-        ap += (step_tp / total) * (tp / (tp + fp))
-        i = j
-    return ap
-
-
-@dataclass(frozen=True)
-class Report:
-    n: int
-    failed: int
-    unsafe: PRF
-    paper_figure: PRF  # acceptable texts as positives
-    auc_pr: float
-    categories: dict[str, PRF]
-    confusion: dict[str, dict[str, int]]  # gold -> predicted -> count
-
-    def to_dict(self) -> dict[str, Any]:
-        def prf(x: PRF) -> dict[str, float]:
-            return {"precision": x.precision, "recall": x.recall, "f1": x.f1, "support": x.support}
-
-        return {
-            "examples": self.n,
-            "failed": self.failed,
-            "unsafe": prf(self.unsafe),
-            "paper_figure_acceptable_positive": prf(self.paper_figure),
-            "auc_pr": self.auc_pr,
-            "categories": {k: prf(v) for k, v in self.categories.items()},
-            "confusion": self.confusion,
-        }
-
-
-def evaluate(examples: Sequence[Example], results: Sequence[Classification | str]) -> Report:
-    """Metrics of predictions against gold labels; items that failed (str) are counted apart."""
-    pairs = [(e, r) for e, r in zip(examples, results, strict=True) if not isinstance(r, str)]
-    gold_unsafe = [e.unsafe for e, _ in pairs]
-    flagged = [r.flagged for _, r in pairs]
-    tp = sum(g and f for g, f in zip(gold_unsafe, flagged, strict=True))
-    fp = sum(f and not g for g, f in zip(gold_unsafe, flagged, strict=True))
-    fn = sum(g and not f for g, f in zip(gold_unsafe, flagged, strict=True))
-    tn = len(pairs) - tp - fp - fn
-    predicted = [r.paper_category if r.flagged else ACCEPTABLE_ID for _, r in pairs]
-    if any(r.flagged and r.paper_category == ACCEPTABLE_ID for _, r in pairs):
-        # Flagged, yet acceptable is the single most probable paper key: name the worst category.
-        predicted = [
-            (
-                max(PAPER_CATEGORY_IDS, key=lambda c: r.paper_scores[c])
-                if r.flagged
-                else ACCEPTABLE_ID
-            )
-            for _, r in pairs
-        ]
-    categories = {}
-    for cat in PAPER_CATEGORY_IDS:
-        ctp = sum(e.label == cat and p == cat for (e, _), p in zip(pairs, predicted, strict=True))
-        cfp = sum(e.label != cat and p == cat for (e, _), p in zip(pairs, predicted, strict=True))
-        cfn = sum(e.label == cat and p != cat for (e, _), p in zip(pairs, predicted, strict=True))
-        categories[cat] = PRF.of(ctp, cfp, cfn)
-    rows = [ACCEPTABLE_ID, *PAPER_CATEGORY_IDS, UNSAFE]
-    confusion = {g: dict.fromkeys([ACCEPTABLE_ID, *PAPER_CATEGORY_IDS], 0) for g in rows}
-    for (e, _), p in zip(pairs, predicted, strict=True):
-        confusion[e.label][p] += 1
-    return Report(
-        n=len(examples),
-        failed=len(examples) - len(pairs),
-        unsafe=PRF.of(tp, fp, fn),
-        paper_figure=PRF.of(tn, fn, fp),  # positives = acceptable: let through (tn) ...
-        auc_pr=average_precision([r.unsafe_probability for _, r in pairs], gold_unsafe),
-        categories=categories,
-        confusion=confusion,
-    )
-
-
-def table(report: Report) -> str:
-    lines = [f"{report.n} examples, {report.failed} could not be scored", ""]
-    lines.append(f"{'':34} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}")
-
-    def row(name: str, x: PRF) -> None:
-        lines.append(f"{name:34} {x.precision:9.3f} {x.recall:7.3f} {x.f1:6.3f} {x.support:8d}")
-
-    row("unsafe (flagged)", report.unsafe)
-    row("paper figure (acceptable positive)", report.paper_figure)
-    for cat, x in report.categories.items():
-        row(f"  {cat}", x)
-    lines.append(f"\narea under the precision-recall curve (unsafe): {report.auc_pr:.3f}\n")
-    cols = [ACCEPTABLE_ID, *PAPER_CATEGORY_IDS]
-    short = {c: c[:12] for c in cols}
-    lines.append("confusion (rows: gold, columns: predicted)")
-    lines.append(f"{'':28}" + "".join(f"{short[c]:>14}" for c in cols))
-    for gold, counts in report.confusion.items():
-        lines.append(f"{gold:28}" + "".join(f"{counts[c]:14d}" for c in cols))
-    return "\n".join(lines)
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -176,6 +55,15 @@ def _run(ns: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if ns.report is not None:
+        missing = [m for m in REPORT_MODULES if importlib.util.find_spec(m) is None]
+        if missing:  # before minutes of scoring
+            print(
+                f"moderation eval: error: --report needs the report extra ({missing[0]} not "
+                f"installed): {install_hint('report')}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     try:
         policy, policy_files = policy_option(ns.policy, remote=bool(ns.target))
         policy, thresholds = threshold_options(ns, policy)
@@ -193,11 +81,13 @@ def _run(ns: argparse.Namespace) -> int:
             items = [ClassifyItem(e.text, policy=policy, **thresholds) for e in examples]
             results = []
             reporter.started(0)
+            reporter.start_timer()
             for start in range(0, len(items), ns.batch_size):
                 results.extend(scorer.score(items[start : start + ns.batch_size]))
                 reporter.update(len(results), len(results) / max(len(items), 1))
             reporter.finish()
         finally:
+            reporter.stop_timer()
             scorer.close()
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
@@ -223,6 +113,16 @@ def _run(ns: argparse.Namespace) -> int:
         if calibration is not None:
             print()
             print(calibration_table(calibration))
+    if ns.report is not None:
+        from moderation.jobs.report import write_report
+
+        try:
+            page = write_report(ns.report, examples, results, report, calibration=calibration,
+                                title=f"moderation eval: {ns.file}")  # fmt: skip
+        except OSError as exc:
+            print(f"moderation eval: error: --report: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"report written to {page}", file=sys.stderr)
     if calibration is not None and ns.write_thresholds:
         try:
             calibration.write(ns.write_thresholds, ns.file, len(examples))
@@ -240,7 +140,7 @@ def register(sub: Any) -> None:
     p.add_argument("--format", default="auto", choices=("auto", "openai", "xstest", "csv"))
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    add_policy_option(p, None)
+    add_policy_option(p, None, remote=True)
     add_threshold_options(p)
     goal = p.add_mutually_exclusive_group()
     goal.add_argument(
@@ -274,10 +174,16 @@ def register(sub: Any) -> None:
         help=f"off a terminal, a progress line every SECONDS (0: none; default "
         f"{DEFAULT_INTERVAL:g}); a terminal gets a bar",
     )
-    add_long_text_option(p, "split")
+    add_long_text_option(p, "reject")  # as every command: a long text is the caller's choice
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64, help="texts per engine pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write an HTML page with figures to DIR (index.html): precision-recall "
+        "curves, confusion matrix, score histograms, reliability; needs the report extra",
+    )
     add_model_options(p)
     add_remote_options(p)
     p.set_defaults(func=_run)

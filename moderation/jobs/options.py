@@ -25,6 +25,24 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="longest sequence, in tokens; also the cache rows per slot of a model without a "
         f"sliding window (default {DEFAULT_MAX_CONTEXT})",
     )
+    p.add_argument(
+        "--torch-threads",
+        type=_threads,
+        default=0,
+        metavar="N",
+        help="torch threads of the model in this process (default 0: the CPUs the container "
+        "may use, its cgroup CPU quota, not the host's cores)",
+    )
+
+
+def _threads(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of threads (0 = auto), got {value!r}")
+    return count
 
 
 def add_long_text_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -36,11 +54,20 @@ def add_long_text_option(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def add_policy_option(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_policy_option(
+    p: argparse.ArgumentParser, default: str | None, *, remote: bool = False
+) -> None:
+    """--policy; `remote`: the command can score through servers (--target), which may know
+    more names. classify and generate cannot: their help names no server."""
+    known = (
+        "paper, mistral-13; with --target, any the servers know"
+        if remote
+        else ("paper, mistral-13")
+    )
     p.add_argument(
         "--policy",
         default=default,
-        help="policy name (paper, mistral-13, or one the server knows) or a .json/.toml file",
+        help=f"policy name ({known}) or a .json/.toml policy file",
     )
 
 

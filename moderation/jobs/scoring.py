@@ -77,8 +77,9 @@ def make_scorer(ns: argparse.Namespace, policy_files: Sequence[str] = ()) -> Sco
     # The engine only now: remote scoring runs where only the light client is installed.
     command = getattr(ns, "command", None) or "batch"
     require_server_extra(f"moderation {command} without --target")
-    from moderation.runtime import load_runtime
+    from moderation.runtime import load_runtime, set_torch_threads
 
+    set_torch_threads(ns.torch_threads)
     runtime = load_runtime(
         ns.model,
         device=ns.device,

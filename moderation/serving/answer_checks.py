@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class CheckJob:
 
     deadline: float | None = None
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue wait metric
+    started_at: float | None = None  # the tick that took it
     planned: PlannedItem | None = None
     every: int = 16
     tokens: list[int] = field(default_factory=list)  # received so far (under the lock)

@@ -52,6 +52,7 @@ class CallRecord:
     grpc_type: str = "unary"  # or "server_stream", as go-grpc-prometheus labels them
     start: float = field(default_factory=time.perf_counter)
     fields: dict[str, Any] = field(default_factory=dict)
+    span: Any = None  # the call's OpenTelemetry span, with --tracing (serving.tracing)
 
 
 _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(

@@ -29,11 +29,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
 
 from moderation.core.decision import Classification
+from moderation.core.thresholds import LiveThresholds
 
 disable_created_metrics()
 
@@ -56,6 +58,7 @@ def version_of(package: str) -> str:
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class WorkerMetrics(Protocol):
@@ -67,6 +70,13 @@ class WorkerMetrics(Protocol):
     tokens: Any
     prefix_hits: Any
     prefix_tokens: Any
+    queue_wait: Any
+    model_seconds: Any
+    step_seconds: Any
+    kv_cache_slots_in_use: Any
+    kv_cache_tokens_in_use: Any
+    kv_cache_slots: Any
+    kv_cache_tokens: Any
 
 
 WORKER_METRICS: tuple[str, ...] = tuple(WorkerMetrics.__annotations__)
@@ -95,6 +105,14 @@ class Metrics:
     decisions: Counter
     undecodable: Counter
     model_stalled: Gauge
+    threshold: Gauge
+    queue_wait: Histogram
+    model_seconds: Histogram
+    step_seconds: Histogram
+    kv_cache_slots_in_use: Gauge
+    kv_cache_tokens_in_use: Gauge
+    kv_cache_slots: Gauge
+    kv_cache_tokens: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -199,12 +217,66 @@ class Metrics:
                 "1 while the model makes no progress with work queued (health NOT_SERVING)",
                 registry=r,
             ),
+            threshold=Gauge(
+                "moderation_threshold",
+                "Thresholds applied to requests that set none, per policy: category "
+                '"unsafe" is the threshold on P(not acceptable), other categories their '
+                "own thresholds (from a thresholds file); source: the file or "
+                "MODERATION_THRESHOLD", ["policy", "category", "source"], registry=r,
+            ),
+            queue_wait=Histogram(
+                "moderation_queue_wait_seconds",
+                "Seconds a request waited in the model's queue before a tick took it",
+                buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            model_seconds=Histogram(
+                "moderation_model_seconds",
+                "Seconds from the tick that took a request to its answer (kind: classify, "
+                "generate)", ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            step_seconds=Histogram(
+                "moderation_step_seconds",
+                "Seconds per scheduler tick: its classifier pass and one engine step",
+                buckets=STEP_BUCKETS, registry=r,
+            ),
+            kv_cache_slots_in_use=Gauge(
+                "moderation_kv_cache_slots_in_use",
+                "Generation slots of the KV cache holding a sequence (an answer or its checks)",
+                registry=r,
+            ),
+            kv_cache_tokens_in_use=Gauge(
+                "moderation_kv_cache_tokens_in_use",
+                "Tokens held in the generation slots of the KV cache", registry=r,
+            ),
+            kv_cache_slots=Gauge(
+                "moderation_kv_cache_slots", "Generation slots of the KV cache", registry=r
+            ),
+            kv_cache_tokens=Gauge(
+                "moderation_kv_cache_tokens",
+                "Tokens the generation slots of the KV cache can hold (slots x window)",
+                registry=r,
+            ),
         )  # fmt: skip
 
     def record_model(self, model: str, *, demo: bool, device: str, dtype: str) -> None:
         self.model_info.labels(model=model, demo=str(demo).lower(), device=device, dtype=dtype).set(
             1
         )
+
+    def watch_model_process(self, pid: int) -> None:
+        """`moderation_model_process_*`: the model process's CPU, memory and file descriptors,
+        read from /proc/PID here. Read by this process rather than sent by the child: it costs
+        the model nothing, and it still answers while the model is busy or hung (when its
+        memory matters most). Gone with the process (no samples)."""
+        ProcessCollector(namespace="moderation_model", pid=lambda: pid, registry=self.registry)
+
+    def record_thresholds(self, live: LiveThresholds) -> None:
+        """The live thresholds of one policy (its per-category ones replace the overall one,
+        which is then not exported: it decides nothing)."""
+        if not live.category_thresholds:
+            self.threshold.labels(live.policy, "unsafe", live.source).set(live.threshold)
+        for category, value in live.category_thresholds.items():
+            self.threshold.labels(live.policy, category, live.source).set(value)
 
     def record_start(self, grpc_type: str, service: str, method: str) -> None:
         self.started.labels(grpc_type, service, method).inc()

@@ -7,12 +7,12 @@ lone caller latency. Answers of a tick go back together, as one `Batch`.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from moderation.core.cpus import available_cpus
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult
 from moderation.runtime import Runtime, checkpoint_dir
@@ -69,9 +69,15 @@ class RecordingMetrics:
 class _Sink:
     """Where the model process's jobs put their answers; sent once per tick."""
 
-    def __init__(self) -> None:
+    def __init__(self, timed: bool = False) -> None:
         self.outbox: list[msg.JobMessage | msg.MetricOps] = []
         self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
+        self.timed = timed  # tracing: answers carry their queue and model seconds
+
+    def timing(self, job: Job) -> tuple[float, float] | None:
+        if not self.timed or job.started_at is None:
+            return None
+        return job.started_at - job.queued_at, time.monotonic() - job.started_at
 
     def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
         self.outbox.append(message)
@@ -91,7 +97,8 @@ class _PipeClassify(ClassifyJob):
         if isinstance(value, BaseException):
             self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(value)), final=True)
         else:
-            self.sink.put(self.job, msg.Results(self.job, value), final=True)
+            timing = self.sink.timing(self)
+            self.sink.put(self.job, msg.Results(self.job, value, timing), final=True)
 
 
 @dataclass(eq=False)
@@ -107,7 +114,8 @@ class _PipeGenerate(GenerateJob):
             self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
         else:
             final = isinstance(event, GenerationResult)
-            self.sink.put(self.job, msg.Event(self.job, event), final=final)
+            timing = self.sink.timing(self) if final else None
+            self.sink.put(self.job, msg.Event(self.job, event, timing), final=final)
 
 
 @dataclass(eq=False)
@@ -135,7 +143,9 @@ def child_main(conn: Connection, settings: ServeSettings) -> None:
     configure_logging(settings.log_level)
     import torch
 
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    # The CPUs the pod may use (its cgroup quota, not the host's cores), less one for the
+    # gRPC process.
+    torch.set_num_threads(settings.torch_threads or max(1, available_cpus() - 1))
     try:
         runtime = load_from_settings(settings)
         folder = str(checkpoint_dir(settings.runtime_settings()))
@@ -158,7 +168,7 @@ class _Child:
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
         )
-        self.sink = _Sink()
+        self.sink = _Sink(timed=settings.tracing)
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
         self.last_sent = time.monotonic()
 

@@ -33,6 +33,8 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.serving import process_messages as msg
+from moderation.serving import tracing
+from moderation.serving.calls import CallRecord, current_call
 from moderation.serving.metrics import Metrics
 from moderation.serving.model_child import child_main
 from moderation.serving.settings import ServeSettings
@@ -65,6 +67,7 @@ class _Pending:
     future: asyncio.Future[list[Classification]] | None = None
     events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
     verdicts: asyncio.Queue[CheckVerdict | BaseException] | None = None
+    call: CallRecord | None = None  # the call's record, for its stage spans (tracing)
 
 
 class _PipeCheckHandle(QueuedCheck):
@@ -133,6 +136,8 @@ class ProcessWorker:
             self._process.join(5)
             error = message.error if isinstance(message, msg.LoadFailed) else repr(message)
             raise ModelProcessError(f"the model process could not load the model: {error}")
+        if self.metrics is not None and self._process.pid is not None:
+            self.metrics.watch_model_process(self._process.pid)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
         self._sender.start()
@@ -181,7 +186,7 @@ class ProcessWorker:
         self, planned: Sequence[PlannedItem], *, deadline: float | None = None
     ) -> list[Classification]:
         job = self._admit()
-        pending = _Pending(future=asyncio.get_running_loop().create_future())
+        pending = _Pending(future=asyncio.get_running_loop().create_future(), call=current_call())
         self._pending[job] = pending
         self._send(msg.Classify(job, list(planned), deadline))
         try:
@@ -198,7 +203,7 @@ class ProcessWorker:
         self, prep: PreparedGeneration, *, stream: bool, deadline: float | None = None
     ) -> AsyncGenerator[str | GenerationResult, None]:
         job = self._admit()
-        pending = _Pending(events=asyncio.Queue())
+        pending = _Pending(events=asyncio.Queue(), call=current_call())
         self._pending[job] = pending
         self._send(msg.Generate(job, prep, stream, deadline))
         try:
@@ -238,6 +243,7 @@ class ProcessWorker:
             return
         if isinstance(message, msg.Results):
             self._pending.pop(message.job, None)
+            tracing.model_stages(pending.call, message.timing)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(message.results)
         elif isinstance(message, msg.Event):
@@ -251,6 +257,7 @@ class ProcessWorker:
                 pending.events.put_nowait(event)
                 if isinstance(event, GenerationResult):
                     self._pending.pop(message.job, None)
+                    tracing.model_stages(pending.call, message.timing)
         else:
             self._pending.pop(message.job, None)
             self._fail(pending, message.error.exception())

@@ -101,6 +101,7 @@ class Results:
 
     job: int
     results: list[Classification]
+    timing: tuple[float, float] | None = None  # (queued, in the model) seconds, with tracing
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Event:
 
     job: int
     event: str | GenerationResult | CheckVerdict
+    timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -58,6 +59,8 @@ log = structlog.get_logger(__name__)
 class Job:
     deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue wait metric
+    started_at: float | None = None  # the tick that took it (time in the model from there)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -131,6 +134,9 @@ class Scheduler:
         self._slot_wait: list[GenerateJob] = []
         self._engine_waiting = 0  # admitted generations waiting for an engine slot
         self._stopping = False
+        if metrics is not None:  # the cache's capacity, for the in-use gauges' ratio
+            metrics.kv_cache_slots.set(self.engine.max_batch_size)
+            metrics.kv_cache_tokens.set(self.engine.max_batch_size * self.engine.cache.window)
 
     # ------------------------------------------------------------ any thread
 
@@ -197,6 +203,7 @@ class Scheduler:
 
     def run_once(self) -> None:
         """One tick over what is queued now."""
+        start = time.perf_counter()
         with self._cond:
             jobs = self._take()
         try:
@@ -206,6 +213,8 @@ class Scheduler:
             for job in jobs:
                 job.fail(exc)
         self._gauge()
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.perf_counter() - start)
 
     def _take(self) -> list[Job | CheckJob]:
         """Queued jobs for this tick, up to max_items_per_pass classification items."""
@@ -221,6 +230,9 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queue_depth)
             self.metrics.running_sequences.set(len(self._running))
+            slots, tokens = cache_in_use(self.engine)
+            self.metrics.kv_cache_slots_in_use.set(slots)
+            self.metrics.kv_cache_tokens_in_use.set(tokens)
 
     def _tick(self, jobs: list[Job | CheckJob]) -> None:
         now = time.monotonic()
@@ -231,6 +243,9 @@ class Scheduler:
                 job.fail(DeadlineExpiredError("the deadline passed while the request waited"))
             elif not job.cancelled:
                 live.append(job)
+                job.started_at = now
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(now - job.queued_at)
         self._drop_stopped(now)
         generations = [j for j in live if isinstance(j, GenerateJob)]
         self._classifier_pass([j for j in live if isinstance(j, ClassifyJob)], generations)
@@ -304,6 +319,7 @@ class Scheduler:
         for cjob in classify:
             cjob.resolve(results[at : at + len(cjob.planned)])
             at += len(cjob.planned)
+            self._answered(cjob, "classify")
         for g in gated:
             g.input_moderation = results[at]
             at += 1
@@ -424,3 +440,17 @@ class Scheduler:
         for event in events:
             if g.stream or isinstance(event, GenerationResult):
                 g.emit(event)
+        self._answered(g, "generate")
+
+    def _answered(self, job: Job, kind: str) -> None:
+        if self.metrics is not None and job.started_at is not None:
+            self.metrics.model_seconds.labels(kind=kind).observe(time.monotonic() - job.started_at)
+
+
+def cache_in_use(engine: Any) -> tuple[int, int]:
+    """Generation slots holding a sequence (an answer or its checks), and the tokens their
+    cache rows hold (a slot holds at most its window)."""
+    cache = engine.cache
+    used = engine.max_batch_size - engine.free_slots
+    tokens = sum(min(n, cache.window) for n in cache.lengths[: engine.max_batch_size])
+    return used, tokens

@@ -362,14 +362,21 @@ class ServeSettings:
     torch_threads: int = _setting(
         0,
         parse_int,
-        "torch threads of the model; 0 = all cores, less one for the gRPC process "
-        "when the model runs in its own process",
+        "torch threads of the model; 0 = the CPUs the container may use (its cgroup CPU "
+        "quota, not the host's cores), less one for the gRPC process when the model runs "
+        "in its own process",
         metavar="N",
     )
     log_text: bool = _setting(
         False,
         parse_bool,
         "log request texts (off by default: they are user data)",
+    )
+    tracing: bool = _setting(
+        False,
+        parse_bool,
+        "OpenTelemetry spans of each call and its stages (plan, queue, model), the trace id "
+        "in the log line; needs the tracing extra",
     )
     log_level: str = _setting(
         "info",

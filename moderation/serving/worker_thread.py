@@ -19,9 +19,11 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import Runtime
+from moderation.serving import tracing
 from moderation.serving.answer_checks import CheckJob
+from moderation.serving.calls import current_call
 from moderation.serving.metrics import Metrics
-from moderation.serving.scheduler import ClassifyJob, GenerateJob, Scheduler
+from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
 from moderation.serving.worker import CheckVerdict, QueuedCheck, generation_events
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -110,6 +112,13 @@ class _ThreadCheck(QueuedCheck):
         self.scheduler.cancel(self.job)  # its slot is freed at the next tick
 
 
+def _stages(job: Job) -> None:
+    """The call's `queue` and `model` spans (tracing on), from the job's times."""
+    if tracing.enabled() and job.started_at is not None:
+        timing = (job.started_at - job.queued_at, time.monotonic() - job.started_at)
+        tracing.model_stages(current_call(), timing)
+
+
 class WorkerThread:
     """A `Worker` whose scheduler ticks on a thread of this process."""
 
@@ -161,7 +170,9 @@ class WorkerThread:
         job = _LoopClassify(deadline, planned=list(planned), outbox=self._outbox, future=future)
         self.scheduler.submit(job)
         try:
-            return await future
+            results = await future
+            _stages(job)
+            return results
         except asyncio.CancelledError:  # the client cancelled or its deadline passed
             self.scheduler.cancel(job)
             raise
@@ -182,6 +193,8 @@ class WorkerThread:
         self.scheduler.submit(job)
         try:
             async for event in generation_events(events):
+                if isinstance(event, GenerationResult):
+                    _stages(job)
                 yield event
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating

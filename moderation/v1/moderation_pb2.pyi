@@ -264,7 +264,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "stream_check_tokens", "max_stream_checks", "stream_max_answer_chars")
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "stream_check_tokens", "max_stream_checks", "stream_max_answer_chars", "default_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class GetModelInfoResponse(_message.Message):
     STREAM_CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_CHECKS_FIELD_NUMBER: _ClassVar[int]
     STREAM_MAX_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     demo: bool
     dtype: str
@@ -289,19 +290,33 @@ class GetModelInfoResponse(_message.Message):
     stream_check_tokens: int
     max_stream_checks: int
     stream_max_answer_chars: int
-    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., stream_check_tokens: _Optional[int] = ..., max_stream_checks: _Optional[int] = ..., stream_max_answer_chars: _Optional[int] = ...) -> None: ...
+    default_threshold: float
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., stream_check_tokens: _Optional[int] = ..., max_stream_checks: _Optional[int] = ..., stream_max_answer_chars: _Optional[int] = ..., default_threshold: _Optional[float] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("name", "description", "acceptable_label", "categories")
+    __slots__ = ("name", "description", "acceptable_label", "categories", "threshold", "category_thresholds", "thresholds_source")
+    class CategoryThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTABLE_LABEL_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     acceptable_label: str
     categories: _containers.RepeatedCompositeFieldContainer[CategoryInfo]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., acceptable_label: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[CategoryInfo, _Mapping]]] = ...) -> None: ...
+    threshold: float
+    category_thresholds: _containers.ScalarMap[str, float]
+    thresholds_source: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., acceptable_label: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[CategoryInfo, _Mapping]]] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_source: _Optional[str] = ...) -> None: ...
 
 class CategoryInfo(_message.Message):
     __slots__ = ("id", "label", "description", "paper_category")

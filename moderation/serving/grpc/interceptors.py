@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from moderation.core.errors import InvalidArgument
+from moderation.serving import tracing
 from moderation.serving.calls import (
     OVERLOAD,
     REQUEST_ID_KEY,
@@ -266,6 +267,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         record = CallRecord(method, request_id, grpc_type)
         self.metrics.record_start(grpc_type, SERVICE, method)
         bind_call(record)  # the call runs in its own task, so this stays with the call
+        tracing.begin(record, f"{SERVICE}/{method}")
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         return record
@@ -275,6 +277,7 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
         self.metrics.in_flight.set(self.in_flight)
         latency = time.perf_counter() - record.start
         self.metrics.record_end(record.grpc_type, SERVICE, record.method, code.name, latency)
+        tracing.end(record, code.name)
         log.log(
             log_level(code),
             "request",

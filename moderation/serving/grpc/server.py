@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +25,10 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moderation.core.cpus import available_cpus
 from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
+from moderation.serving import tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
@@ -88,6 +92,7 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         address = f"{settings.host}:{settings.port}"
+        check_port_free(settings.host, settings.port)
         credentials = _credentials(settings)
         if credentials is None:
             self.port = self.grpc.add_insecure_port(address)
@@ -103,6 +108,8 @@ class Server:
 
     async def start(self) -> None:
         """Listen at once (NOT_SERVING), load the model, then report SERVING."""
+        if self.settings.tracing:
+            tracing.enable()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         if self.http is not None:
@@ -123,8 +130,7 @@ class Server:
             worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
             front = Front.of_model_process(await worker.load(), self.settings)
         else:
-            if self.settings.torch_threads:
-                torch.set_num_threads(self.settings.torch_threads)
+            torch.set_num_threads(self.settings.torch_threads or available_cpus())
             self.runtime = await _in_daemon_thread(lambda: self.loader(self.settings))
             worker = WorkerThread(
                 self.runtime,
@@ -146,6 +152,13 @@ class Server:
             model.model_id, demo=model.demo, device=model.device, dtype=model.dtype
         )
         log.info("serving", model=model.model_id, device=model.device, dtype=model.dtype)
+        for live in front.planner.live_thresholds():
+            # What a request that sets no threshold is decided with, per policy.
+            log.info(
+                "thresholds", policy=live.policy, threshold=live.threshold,
+                category_thresholds=dict(live.category_thresholds), source=live.source,
+            )  # fmt: skip
+            self.metrics.record_thresholds(live)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.model_stall_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch(worker))
@@ -210,6 +223,27 @@ class Server:
     def in_flight(self) -> int:
         """Calls being handled, over gRPC and HTTP: what the drain waits for."""
         return self.telemetry.in_flight + (self.http.in_flight if self.http is not None else 0)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError naming the port when something listens there already. Checked before gRPC
+    binds: its C core would print a raw line of its own first, and with SO_REUSEPORT (gRPC's
+    default) it could even share the port with another server silently."""
+    if port == 0:
+        return  # any free port
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # fmt: skip
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {port} on {host} is in use (--port, MODERATION_PORT): {exc.strerror}"
+            ) from None
+        # Anything else (no IPv6 here, a name to resolve): gRPC's own bind decides.
 
 
 async def _in_daemon_thread(fn: Callable[[], Runtime]) -> Runtime:

@@ -27,6 +27,7 @@ from moderation.core.classifier import PlannedItem
 from moderation.core.decision import Classification
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
+from moderation.serving import tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
 from moderation.serving.grpc.moderate_stream import moderate_stream
@@ -142,7 +143,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the planning threads: the event loop keeps answering (health above all)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+        with tracing.stage(current_call(), "plan"):  # every use plans (validates, tokenizes)
+            return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
 
     def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
         settings = self.state.settings
@@ -383,7 +385,10 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 sliding_window=limits.window,
                 max_context_tokens=limits.context,
                 default_policy=planner.default_policy,
-                policies=convert.policy_info(list(planner.policies.values())),
+                policies=convert.policy_info(
+                    list(planner.policies.values()), planner.live_thresholds()
+                ),
+                default_threshold=planner.threshold,
                 stream_check_tokens=self.state.settings.stream_check_tokens,
                 max_stream_checks=self.state.settings.max_stream_checks,
                 stream_max_answer_chars=self.state.settings.stream_max_answer_chars,

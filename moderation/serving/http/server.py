@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from moderation.serving import tracing
 from moderation.serving.calls import (
     REQUEST_ID_KEY,
     BearerToken,
@@ -173,6 +174,7 @@ class HttpServer:
         route = resource.canonical if resource is not None else ""
         record = CallRecord(method=route, request_id=request_id)
         bind_call(record)
+        tracing.begin(record, f"HTTP {request.method} {route}")
         exchange = Exchange(record)
         _exchange.set(exchange)  # each request is a task of its own: this stays with it
         self.in_flight += 1
@@ -207,6 +209,7 @@ class HttpServer:
     def _end(self, request: web.Request, exchange: Exchange, route: str, status: int) -> None:
         record, code = exchange.record, exchange.code
         latency = time.perf_counter() - record.start
+        tracing.end(record, code.name)
         self.http_metrics.duration.labels(request.method, route, str(status)).observe(latency)
         log.log(
             log_level(code),
