@@ -430,3 +430,24 @@ def test_silence_while_a_verdict_is_owed_is_not_idleness() -> None:
             await _next(requests(), 0.05, _Owed(4, fed=2))
 
     asyncio.run(main())
+
+
+def test_an_answer_past_the_prompts_room_is_refused(served: InProcessServer) -> None:
+    """The answer may take what Classify would take whole beside its context (the `room`
+    Planner.plan_answer_stream gives): past it, INVALID_ARGUMENT naming `delta`."""
+    from moderation.core.answer_text import AnswerTokens
+    from moderation.core.errors import InvalidArgument
+    from moderation.serving.grpc.moderate_stream import _feed
+
+    front = served.server.state.front
+    assert front is not None
+    fed: list[list[int]] = []
+    check = SimpleNamespace(feed=lambda tokens, end=False: fed.append(list(tokens)))
+    answer = AnswerTokens(front.planner.tokenizer)
+    tokens = answer.push("one two three four five six ")
+    _feed(check, tokens, answer, room=len(tokens))  # type: ignore[arg-type]
+    assert fed == [tokens]
+    more = answer.push("seven eight ")
+    with pytest.raises(InvalidArgument) as info:
+        _feed(check, more, answer, room=len(tokens))  # type: ignore[arg-type]
+    assert info.value.field == "delta" and len(fed) == 1
