@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 SERVE_VENV ?= .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: venv serve-venv test lint serve demo proto bench clean
+.PHONY: venv serve-venv test lint serve demo proto settings-doc bench clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,10 @@ demo: $(SERVE_STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# The README's settings reference, from the declarations (tests/test_settings_doc.py checks it).
+settings-doc: $(STAMP)
+	$(BIN)/python -m moderation.serving.settings_doc README.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_bench.py

@@ -43,9 +43,9 @@ from moderation.core.decision import ClassifyItem
 from moderation.core.policy import Role
 from moderation.core.prompts import ANSWER_MARKER, encode_text
 from moderation.runtime import Runtime, load_runtime
-from moderation.serving.answer_checks import CheckJob
-from moderation.serving.scheduler import Scheduler
 from moderation.serving.worker import CheckVerdict
+from moderation.serving.worker.answer_checks import CheckJob
+from moderation.serving.worker.scheduler import Scheduler
 
 PROMPT = "Write a long, careful answer about the history of bridges."
 WORDS = [
@@ -93,7 +93,7 @@ WORDS = [
 class _Job(CheckJob):
     verdicts: list[CheckVerdict] | None = None
 
-    def emit(self, event: CheckVerdict | BaseException) -> None:
+    def emit(self, event: CheckVerdict | BaseException) -> None:  # no reply callback here
         if isinstance(event, BaseException):
             raise event
         assert self.verdicts is not None
@@ -118,7 +118,7 @@ def open_jobs(rt: Runtime, scheduler: Scheduler, n: int, every: int) -> list[_Jo
     )
     jobs = [_Job(planned=planned, every=every, verdicts=[]) for _ in range(n)]
     for job in jobs:
-        scheduler.submit(job)
+        scheduler.open_check(job)
     scheduler.run_once()  # admits them (opens their check slots)
     return jobs
 

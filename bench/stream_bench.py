@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BENCH_ARGS, bench_checkpoint, machine
 from model import GenerationRequest
+from moderation.core.chat import ChatMessage
 from moderation.core.generation import GenerateOptions, PreparedGeneration
 from moderation.runtime import Runtime, load_runtime
 
@@ -139,7 +140,7 @@ def main() -> None:
         max_new_tokens=ns.new_tokens, moderate_output=True, threshold=1.0,
         stream_check_tokens=ns.every,
     )  # fmt: skip
-    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    messages = [ChatMessage("user", "Write a long story about a lighthouse keeper.")]
     prep = rt.generator.prepare(messages, options)
     print(
         f"# streaming with output checks, 60M config, window {BENCH_ARGS.sliding_window}, "

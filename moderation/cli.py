@@ -13,10 +13,10 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from moderation.core.builtin_policies import DEFAULT_POLICY
+from moderation.core.chat import ChatMessage, check_conversation
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions
 from moderation.core.policy import PolicyError
-from moderation.core.turns import check_turn_order
 from moderation.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from moderation.extras import (
     SERVER_EXTRA,
@@ -71,7 +71,7 @@ def _classify(ns: argparse.Namespace) -> int:
     if ns.messages is not None:
         # The file is read before the model loads: a bad one fails in a moment.
         messages = read_messages_file(ns.messages)
-        check_turn_order(messages, end=("user", "assistant"))
+        check_conversation(messages, end=("user", "assistant"))
         for given, option in ((ns.role, "--role"), (ns.prompt, "--prompt")):
             if given is not None:
                 raise InvalidArgument(
@@ -109,7 +109,7 @@ def _generate(ns: argparse.Namespace) -> int:
         policy=policy,
         stream_check_tokens=ns.stream_check_tokens,
     )
-    result = runtime.generator.generate([{"role": "user", "content": ns.prompt}], options)
+    result = runtime.generator.generate([ChatMessage("user", ns.prompt)], options)
     print(json.dumps(asdict(result), ensure_ascii=False))
     return EXIT_OK
 

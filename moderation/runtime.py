@@ -39,27 +39,28 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """What a runtime is built from; the server's settings and the jobs' options map onto it."""
+    """What a runtime is built from; the server's settings and the jobs' options map onto it.
+    A field named as a server setting is that setting (`ServeSettings.runtime_settings`)."""
 
     model: str | None = None  # checkpoint folder; None = the demo model
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"
     policy_files: tuple[str, ...] = ()
-    thresholds_files: tuple[str, ...] = ()  # operating points by policy (core.thresholds)
-    default_policy: str = DEFAULT_POLICY
+    thresholds: tuple[str, ...] = ()  # operating points by policy (core.thresholds)
+    policy: str = DEFAULT_POLICY
     threshold: float = 0.5
     long_text: str = "reject"
     max_text_tokens: int | None = None
     max_batch_size: int = 8  # generation slots asked for (fewer when the memory budget is short)
     score_batch_size: int = 16  # scoring slots asked for, likewise
-    max_new_tokens_limit: int = 4096
+    max_new_tokens: int = 4096
     stream_check_tokens: int = DEFAULT_STREAM_CHECK_TOKENS  # moderate_output: check every N tokens
     # The longest sequence served. For a model without a sliding window (v0.2/v0.3) it is also
     # the cache rows per slot: sized from the model's 32k instead, one slot costs 4 GiB (7B).
     max_context: int | None = DEFAULT_MAX_CONTEXT
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
-    cache_memory_bytes: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
+    cache_memory: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
     compile: bool = False  # decode steps as compiled graphs (CUDA graphs on CUDA)
 
 
@@ -134,7 +135,7 @@ def load(settings: RuntimeSettings) -> Runtime:
     dev = resolve_device(settings.device)
     dt = weights_dtype(settings.dtype, dev)
     policies = load_policies(settings.policy_files)  # a bad policy file fails before the load
-    load_operating_points(settings.thresholds_files)  # so does a bad thresholds file
+    load_operating_points(settings.thresholds)  # so does a bad thresholds file
     transformer = load_model(folder, device=str(dev), dtype=dt)
     tokenizer = Tokenizer.from_file(folder)
     engine = Engine(
@@ -145,7 +146,7 @@ def load(settings: RuntimeSettings) -> Runtime:
         eos_id=tokenizer.eos_id,
         max_context=settings.max_context,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        cache_memory_bytes=settings.cache_memory_bytes,
+        cache_memory_bytes=settings.cache_memory,
         compile=settings.compile,
     )
     return assemble_runtime(
@@ -185,12 +186,12 @@ def check_policies(settings: RuntimeSettings) -> None:
     """PolicyError (ThresholdsError) unless the policy files, the default policy and the
     thresholds files are valid together: what a model load would find, without the load."""
     policies = {**BUILTIN_POLICIES, **load_policies(settings.policy_files)}
-    if settings.default_policy not in policies:
+    if settings.policy not in policies:
         raise PolicyError(
-            f"unknown policy {settings.default_policy!r}; known: {', '.join(sorted(policies))} "
+            f"unknown policy {settings.policy!r}; known: {', '.join(sorted(policies))} "
             "(custom policies come from the policy files)"
         )
-    for point in load_operating_points(settings.thresholds_files).values():
+    for point in load_operating_points(settings.thresholds).values():
         check_operating_point(point, policies)
 
 
@@ -214,13 +215,13 @@ def make_planner(
         tokenizer,
         limits,
         policies=policies,
-        default_policy=settings.default_policy,
+        default_policy=settings.policy,
         threshold=settings.threshold,
         long_text=settings.long_text,
         max_text_tokens=settings.max_text_tokens,
-        max_new_tokens_limit=settings.max_new_tokens_limit,
+        max_new_tokens_limit=settings.max_new_tokens,
         stream_check_tokens=settings.stream_check_tokens,
-        operating_points=load_operating_points(settings.thresholds_files),
+        operating_points=load_operating_points(settings.thresholds),
     )
 
 

@@ -23,8 +23,8 @@ from grpc_status import rpc_status
 
 from moderation.runtime import Runtime
 from moderation.serving.grpc.server import Server
-from moderation.serving.loader import load_from_settings
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker.loader import load_from_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,29 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moderation.core.chat import ChatMessage
 from moderation.core.decision import ClassifyItem
 from moderation.core.generation import GenerateOptions, GenerationResult
 from moderation.core.policy import Role
 from moderation.core.prompts import ANSWER_MARKER, encode_text
-from moderation.serving.answer_checks import CheckJob
-from moderation.serving.scheduler import GenerateJob, Scheduler
 from moderation.serving.worker import CheckVerdict
+from moderation.serving.worker.answer_checks import CheckJob
+from moderation.serving.worker.job import Job, Reply
+from moderation.serving.worker.scheduler import Scheduler
 
 
 @dataclass(eq=False)
 class Check(CheckJob):
     got: list[CheckVerdict | BaseException] = field(default_factory=list)
 
-    def emit(self, event: CheckVerdict | BaseException) -> None:
-        self.got.append(event)
-
-
-@dataclass(eq=False)
-class Generation(GenerateJob):
-    got: list[str | GenerationResult | BaseException] = field(default_factory=list)
-
-    def emit(self, event: str | GenerationResult | BaseException) -> None:
-        self.got.append(event)
+    def __post_init__(self) -> None:
+        self.reply = self.got.append
 
 
 def check(rt: Any, every: int = 4) -> Check:
@@ -46,21 +40,23 @@ def test_checks_ride_in_the_generation_step(demo_runtime: Any) -> None:
     scheduler = Scheduler(rt)
     free = engine.free_slots
     prep = rt.generator.prepare(
-        [{"role": "user", "content": "Tell me a story"}], GenerateOptions(max_new_tokens=6)
+        [ChatMessage("user", "Tell me a story")], GenerateOptions(max_new_tokens=6)
     )
-    gen = Generation(prep=prep)
+    got: list[Reply] = []
+    gen = Job.generate(prep, got.append, stream=True)
     a, b = check(rt), check(rt)
-    for job in (gen, a, b):
-        scheduler.submit(job)
+    scheduler.submit(gen)
+    for c in (a, b):
+        scheduler.open_check(c)
     scheduler.run_once()  # the generation's pre-fill; both checks open a slot each
     assert engine.free_slots == free - 3
     ids = encode_text(rt.tokenizer, "Once upon a time there was a small village by the sea.")
     scheduler.feed(a, ids[:4], False)
     scheduler.feed(b, ids[:3], False)  # fewer than `every`: not due
-    passes, before = engine.stats.forward_passes, len(gen.got)
+    passes, before = engine.stats.forward_passes, len(got)
     scheduler.run_once()
     assert engine.stats.forward_passes == passes + 1  # one pass: a token and a's check
-    assert len(gen.got) == before + 1 and [type(v) for v in a.got] == [CheckVerdict] and not b.got
+    assert len(got) == before + 1 and [type(v) for v in a.got] == [CheckVerdict] and not b.got
     scheduler.feed(b, ids[3:8], False)
     scheduler.feed(a, ids[4:9], True)  # complete: 5 left, checked 4 then 1
     passes = engine.stats.forward_passes
@@ -70,7 +66,7 @@ def test_checks_ride_in_the_generation_step(demo_runtime: Any) -> None:
     scheduler.run_once()
     last = a.got[-1]
     assert isinstance(last, CheckVerdict) and last.complete and last.checked_tokens == 9
-    while scheduler.has_work and not isinstance(gen.got[-1], GenerationResult):
+    while scheduler.has_work and not isinstance(got[-1], GenerationResult):
         scheduler.run_once()
     scheduler.cancel(b)
     assert scheduler.has_work  # a cancelled check is work: its slot must be freed
@@ -82,7 +78,7 @@ def test_a_check_that_covered_everything_answers_done_at_once(demo_runtime: Any)
     rt = demo_runtime
     scheduler = Scheduler(rt)
     job = check(rt, every=3)
-    scheduler.submit(job)
+    scheduler.open_check(job)
     ids = encode_text(rt.tokenizer, "A short and kind answer.")[:3]
     scheduler.feed(job, ids, False)
     scheduler.run_once()

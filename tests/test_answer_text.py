@@ -137,10 +137,12 @@ def test_the_stream_prompt_is_classifys_prompt_less_the_answer(tokenizer: Tokeni
     limits = ModelLimits(window=4096, max_context=8192, max_seq_len=8192, attention_backend="sdpa")
     planner = Planner(tokenizer, limits)
     answer = SAMPLES[0] + SAMPLES[2]
+    from moderation.core.chat import ChatMessage
+
     conversation = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Say something."},
+        ChatMessage("user", "Hi"),
+        ChatMessage("assistant", "Hello!"),
+        ChatMessage("user", "Say something."),
     ]
     for stream_item, whole_item in (
         (
@@ -148,8 +150,8 @@ def test_the_stream_prompt_is_classifys_prompt_less_the_answer(tokenizer: Tokeni
             ClassifyItem(answer, role=Role.OUTPUT, user_prompt="Question?"),
         ),
         (
-            ClassifyItem(messages=[*conversation, {"role": "assistant", "content": ANSWER_MARKER}]),
-            ClassifyItem(messages=[*conversation, {"role": "assistant", "content": answer}]),
+            ClassifyItem(messages=[*conversation, ChatMessage("assistant", ANSWER_MARKER)]),
+            ClassifyItem(messages=[*conversation, ChatMessage("assistant", answer)]),
         ),
     ):
         planned, room = planner.plan_answer_stream(stream_item)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moderation.cli import main
+from moderation.core.chat import ChatMessage
 from moderation.core.generation import GenerateOptions
 from moderation.exit_codes import EXIT_USAGE
 from moderation.runtime import Runtime
@@ -92,7 +93,7 @@ def test_generate_prints_the_guarded_result(
     assert code == 0
     # The same answer as the generator in this process, with the input moderated first.
     expected = demo_runtime.generator.generate(
-        [{"role": "user", "content": "Tell me a joke"}],
+        [ChatMessage("user", "Tell me a joke")],
         GenerateOptions(max_new_tokens=5, moderate_input=True),
     )
     for key in ("text", "refused", "finish_reason", "prompt_tokens", "completion_tokens", "model"):

@@ -13,6 +13,7 @@ import pytest
 
 from moderation.cli import build_parser, main
 from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.chat import ChatMessage
 from moderation.core.decision import ClassifyItem, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.planning import Planner
@@ -45,7 +46,7 @@ def test_the_long_text_error_names_the_option_and_the_setting(demo_runtime: Runt
     assert "--long-text split" in exc.value.message
     assert "MODERATION_LONG_TEXT=split" in exc.value.message
     with pytest.raises(InvalidArgument, match="--long-text split"):
-        planner.plan(ClassifyItem(messages=[{"role": "user", "content": "word " * 40}]))
+        planner.plan(ClassifyItem(messages=[ChatMessage("user", "word " * 40)]))
 
 
 def _help(command: str) -> str:

@@ -18,7 +18,13 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.api.client import ModerationClient, ModerationError, classify_request
+from moderation.api.client import (
+    ModerationClient,
+    ModerationError,
+    classify_request,
+    generate_request,
+    stream_request,
+)
 from moderation.runtime import Runtime
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
@@ -105,6 +111,18 @@ def test_generate_and_stream_give_the_same_greedy_answer(client: ModerationClien
                            max_new_tokens=10)
     )  # fmt: skip
     assert again.text == unary.text
+
+
+def test_one_request_builder_for_generate_and_stream_leaves_unset_options_to_the_server() -> None:
+    request = generate_request(
+        [{"role": "user", "content": "hi"}], temperature=0.5, seed=7, guardrail=False
+    )
+    assert [(m.role, m.content) for m in request.messages] == [("user", "hi")]
+    assert request.disable_guardrail and request.seed == 7 and request.temperature == 0.5
+    assert not request.HasField("threshold") and not request.HasField("system_prompt")
+    streamed = stream_request(request)
+    assert isinstance(streamed, pb.GenerateStreamRequest)
+    assert streamed.SerializeToString() == request.SerializeToString()
 
 
 def test_generate_refuses_a_flagged_prompt(client: ModerationClient) -> None:

@@ -12,11 +12,12 @@ import pytest
 from model import Tokenizer
 from model.tokenizer import mistral_common_tokenizer_path
 from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.chat import ChatMessage
 from moderation.core.classifier import Classifier
-from moderation.core.decision import ClassifyItem, decide
+from moderation.core.decision import ClassifyItem, PlannedItem, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.limits import ModelLimits
-from moderation.core.planning import PlannedItem, Planner
+from moderation.core.planning import Planner
 from moderation.core.policy import Role
 from moderation.core.prompts import (
     build_prefix,
@@ -32,15 +33,15 @@ M13 = BUILTIN_POLICIES["mistral-13"]
 LIMITS = ModelLimits(window=4096, max_context=8192, max_seq_len=8192, attention_backend="sdpa")
 
 CONVERSATION = [
-    {"role": "system", "content": "You are a pharmacist."},
-    {"role": "user", "content": "I have a headache."},
-    {"role": "assistant", "content": "How long have you had it?"},
-    {"role": "user", "content": "Two days. How much ibuprofen can I take?"},
+    ChatMessage("system", "You are a pharmacist."),
+    ChatMessage("user", "I have a headache."),
+    ChatMessage("assistant", "How long have you had it?"),
+    ChatMessage("user", "Two days. How much ibuprofen can I take?"),
 ]
 
 
-def msg(role: str, content: str) -> dict[str, str]:
-    return {"role": role, "content": content}
+def msg(role: str, content: str) -> ChatMessage:
+    return ChatMessage(role, content)
 
 
 @pytest.fixture(scope="module", params=["v1", "v3"])
@@ -82,7 +83,7 @@ def test_a_conversation_ending_with_a_user_message_is_this_exact_prompt(
     # The shared instruction prefix of (paper, input) is reused: the conversation is body.
     assert planned.prefix == build_prefix(PAPER, Role.INPUT, tokenizer)
     assert planned.context_messages_dropped == 0
-    text = encode_text(tokenizer, CONVERSATION[-1]["content"])
+    text = encode_text(tokenizer, CONVERSATION[-1].content)
     closer = tokenizer.inst_close()
     assert planned.context_tokens == len(planned.bodies[0]) - len(text) - len(closer)
 
@@ -104,15 +105,15 @@ def test_a_conversation_ending_with_an_assistant_message_is_this_exact_prompt(
     assert full(planned) == chat(tokenizer, hand_built)
     assert planned.role is Role.OUTPUT
     assert planned.prefix == build_prefix(M13, Role.OUTPUT, tokenizer)
-    earlier = [(m["role"], m["content"]) for m in CONVERSATION[:-1]]
+    earlier = [(m.role, m.content) for m in CONVERSATION[:-1]]
     built = build_prompt(
-        M13, Role.OUTPUT, tokenizer, conversation[-1]["content"],
-        user_prompt=CONVERSATION[-1]["content"], earlier=earlier,
+        M13, Role.OUTPUT, tokenizer, conversation[-1].content,
+        user_prompt=CONVERSATION[-1].content, earlier=earlier,
     )  # fmt: skip
     assert full(planned) == built.tokens
     assert prompt_text(
-        M13, Role.OUTPUT, conversation[-1]["content"],
-        user_prompt=CONVERSATION[-1]["content"], earlier=earlier,
+        M13, Role.OUTPUT, conversation[-1].content,
+        user_prompt=CONVERSATION[-1].content, earlier=earlier,
     ) == hand_built  # fmt: skip
 
 
@@ -204,7 +205,7 @@ def test_earlier_turns_are_dropped_oldest_first_to_fit(tokenizer: Tokenizer) -> 
 
     def context_size(k: int) -> int:
         """Tokens of context with the newest k earlier turns, from the prompt built by hand."""
-        kept = [(m["role"], m["content"]) for m in turns[len(turns) - k :]] if k else []
+        kept = [(m.role, m.content) for m in turns[len(turns) - k :]] if k else []
         body = build_prompt(PAPER, Role.INPUT, tokenizer, "And the last question?", earlier=kept)
         return len(body.body) - len(text) - len(closer)
 
@@ -215,7 +216,7 @@ def test_earlier_turns_are_dropped_oldest_first_to_fit(tokenizer: Tokenizer) -> 
         for room in {sizes[k], (sizes[k + 1] - 1) if k < len(turns) else sizes[k]}:
             p = planner(tokenizer, max_text_tokens=len(text) + room)
             planned = p.plan(ClassifyItem(messages=conversation))
-            kept = [(m["role"], m["content"]) for m in turns[len(turns) - k :]] if k else []
+            kept = [(m.role, m.content) for m in turns[len(turns) - k :]] if k else []
             want = build_prompt(
                 PAPER, Role.INPUT, tokenizer, "And the last question?", earlier=kept
             )
@@ -284,8 +285,9 @@ def test_a_long_last_message_is_rejected_or_split_with_the_context_in_every_wind
         (ClassifyItem(messages=[msg("user", "a"), msg("system", "b")]), "messages[1].role"),
         (ClassifyItem(messages=[msg("user", "a"), msg("assistant", " \u200b")]),
          "messages[1].content"),
-        (ClassifyItem(messages=["hello"]), "messages[0]"),  # type: ignore[list-item]
-        (ClassifyItem(messages=[{"role": "user", "content": 3}]), "messages[0].content"),
+        # The one rule of Classify and Generate: no empty assistant turn, earlier ones included.
+        (ClassifyItem(messages=[msg("user", "a"), msg("assistant", ""), msg("user", "b")]),
+         "messages[1].content"),
         (ClassifyItem(messages=[msg("user", "a")], policy="nope"), "policy"),
         (ClassifyItem(messages=[msg("user", "a")], threshold=2.0), "threshold"),
     ],

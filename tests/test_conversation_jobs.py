@@ -14,6 +14,7 @@ import pytest
 
 from moderation.api.remote import RemoteOptions, RemoteScorer
 from moderation.cli import main
+from moderation.core.chat import chat_messages
 from moderation.core.decision import ClassifyItem
 from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
 from moderation.jobs.batch import BatchJob, run
@@ -46,7 +47,9 @@ def test_classify_messages_prints_the_decision_of_the_last_message(
     model = ("--model", str(demo_checkpoint))
     code, got, _ = run_cli(capsys, "classify", *model, "--policy", "mistral-13", "--messages", path)
     assert code == EXIT_OK
-    want = demo_runtime.classifier.classify(messages=CONVERSATION, policy="mistral-13")
+    want = demo_runtime.classifier.classify(
+        messages=chat_messages(CONVERSATION), policy="mistral-13"
+    )
     assert got == json.loads(json.dumps(want.to_dict()))
     assert got["context_tokens"] > 0 and got["context_messages_dropped"] == 0
     # A user and answer pair is the answer with its prompt, from the command line too.
@@ -138,7 +141,7 @@ def check_rows(rows: list[dict[str, str]], cells: list[str], runtime: Any) -> No
     assert errors[4].startswith("messages: expected a JSON list")
     assert errors[5].startswith("messages[1].role: expected 'assistant'")
     for i in (0, 1, 6):
-        want = runtime.classifier.classify(messages=json.loads(cells[i]))
+        want = runtime.classifier.classify(messages=chat_messages(json.loads(cells[i])))
         assert rows[i]["category"] == want.category
         assert float(rows[i]["score_acceptable"]) == pytest.approx(
             want.scores["acceptable"], abs=2e-6
@@ -201,7 +204,10 @@ def test_batch_remote_mode_sends_the_conversations(
         progress = run(job(inp, out), remote)
         # A conversation the server refuses comes back as that row's error, the rest scored.
         results = remote.score(
-            [ClassifyItem(messages=CONVERSATION), ClassifyItem(messages=[CONVERSATION[0]])]
+            [
+                ClassifyItem(messages=chat_messages(CONVERSATION)),
+                ClassifyItem(messages=chat_messages(CONVERSATION[:1])),
+            ]
         )
     finally:
         remote.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from moderation.core.chat import ChatMessage
 from moderation.core.decision import ClassifyItem
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
@@ -127,6 +128,21 @@ def test_bad_conversations_are_invalid_argument_naming_the_field(
     assert err.value.details().startswith(f"{field}: ")
 
 
+def test_an_empty_earlier_assistant_turn_is_refused_by_classify_and_generate_alike(
+    stub: pb_grpc.ModerationServiceStub,
+) -> None:
+    messages = [m("user", "a"), m("assistant", ""), m("user", "b")]
+    for call, request_ in (
+        (stub.Classify, pb.ClassifyRequest(messages=messages)),
+        (stub.Generate, pb.GenerateRequest(messages=messages, max_new_tokens=1)),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request_)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert invalid_field(err.value) == "messages[1].content"
+        assert err.value.details() == "messages[1].content: must not be empty"
+
+
 def test_a_batch_mixes_texts_and_conversations_and_equals_one_by_one(
     stub: pb_grpc.ModerationServiceStub,
 ) -> None:
@@ -165,7 +181,7 @@ def test_batch_errors_name_the_item_and_the_message(stub: pb_grpc.ModerationServ
 def test_the_remote_request_of_a_conversation_item_round_trips() -> None:
     from moderation.api import convert
 
-    item = ClassifyItem(messages=[{"role": "user", "content": "a"}], policy="paper", threshold=0.5)
+    item = ClassifyItem(messages=[ChatMessage("user", "a")], policy="paper", threshold=0.5)
     request = convert.classify_request(item)
     assert request.role == pb.ROLE_UNSPECIFIED and not request.text
     assert [(x.role, x.content) for x in request.messages] == [("user", "a")]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from moderation.core.builtin_policies import BUILTIN_POLICIES
+from moderation.core.chat import ChatMessage
 from moderation.core.decision import ClassifyItem, decide
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import (
@@ -18,9 +19,10 @@ from moderation.core.generation import (
     GenerationResult,
 )
 from moderation.core.guarded import GuardedGenerator, TextStream
-from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT
+from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Role
 
-USER = [{"role": "user", "content": "Write a haiku about the sea."}]
+DICTS = [{"role": "user", "content": "Write a haiku about the sea."}]
+USER = [ChatMessage("user", "Write a haiku about the sea.")]
 ALWAYS = 0.0  # P(not acceptable) >= 0: flagged whatever the model says
 NEVER = 1.0  # flagged only at certainty, which the scores of the demo model never reach
 
@@ -34,7 +36,7 @@ def test_the_guardrail_system_prompt_is_on_by_default(generator: GuardedGenerato
     tok = generator.tokenizer
     prep = generator.prepare(USER, GenerateOptions())
     system = {"role": "system", "content": GUARDRAIL_SYSTEM_PROMPT}
-    assert prep.prompt == tok.encode_chat([system, *USER])
+    assert prep.prompt == tok.encode_chat([system, *DICTS])
     assert GUARDRAIL_SYSTEM_PROMPT in tok.decode(prep.prompt)
 
 
@@ -42,10 +44,20 @@ def test_the_guardrail_can_be_replaced_or_turned_off(generator: GuardedGenerator
     tok = generator.tokenizer
     replaced = generator.prepare(USER, GenerateOptions(system_prompt="Answer in French."))
     assert replaced.prompt == tok.encode_chat(
-        [{"role": "system", "content": "Answer in French."}, *USER]
+        [{"role": "system", "content": "Answer in French."}, *DICTS]
     )
     off = generator.prepare(USER, GenerateOptions(guardrail=False))
-    assert off.prompt == tok.encode_chat(USER)
+    assert off.prompt == tok.encode_chat(DICTS)
+
+
+def test_input_moderation_is_planned_once_when_the_generation_is_prepared(
+    generator: GuardedGenerator,
+) -> None:
+    planner = generator.classifier.planner
+    prep = generator.prepare(USER, GenerateOptions(moderate_input=True, policy="mistral-13"))
+    item = ClassifyItem(USER[-1].content, role=Role.INPUT, policy="mistral-13")
+    assert prep.input_planned == planner.plan(item)
+    assert generator.prepare(USER, GenerateOptions()).input_planned is None
 
 
 def test_generation_without_moderation_returns_the_answer(generator: GuardedGenerator) -> None:
@@ -143,7 +155,9 @@ def test_text_stream_waits_for_complete_characters(demo_runtime: Any) -> None:
     ("messages", "options", "field"),
     [
         ([], GenerateOptions(), "messages"),
-        ([{"role": "wizard", "content": "x"}], GenerateOptions(), "messages[0].role"),
+        ([ChatMessage("wizard", "x")], GenerateOptions(), "messages[0].role"),
+        # The one rule of Classify and Generate: no empty assistant turn, earlier ones included.
+        ([*USER, ChatMessage("assistant", " "), *USER], GenerateOptions(), "messages[1].content"),
         (USER, GenerateOptions(temperature=float("inf")), "temperature"),
         (USER, GenerateOptions(temperature=float("nan")), "temperature"),
         (USER, GenerateOptions(max_new_tokens=0), "max_new_tokens"),
@@ -198,12 +212,21 @@ class ScriptedClassifier:
             items.append(stream.prep.output_item(self.tokenizer.decode(stream.checked)))
         return self.classify_many(items)
 
+    def run(self, planned: list[Any]) -> list[Any]:
+        """Planned input items (planned at `prepare`): flagged when their prompt quotes a
+        flagged text."""
+        texts = [self.tokenizer.decode(list(p.bodies[0])) for p in planned]
+        return self._decide([any(f in t for f in self.flag) for t in texts])
+
     def classify_many(self, items: list[ClassifyItem]) -> list[Any]:
         self.seen.extend(items)
+        return self._decide([item.text in self.flag for item in items])
+
+    def _decide(self, flagged: list[bool]) -> list[Any]:
         policy = BUILTIN_POLICIES["paper"]
         out = []
-        for item in items:
-            bad = item.text in self.flag or "*" in self.flag
+        for bad in flagged:
+            bad = bad or "*" in self.flag
             lps = [0.0, -9.0, -9.0, -9.0] if bad else [-9.0, -9.0, -9.0, 0.0]
             out.append(
                 decide(
@@ -227,14 +250,14 @@ def test_refusal_logic_with_a_scripted_classifier(demo_runtime: Any) -> None:
         model_id="t",  # type: ignore[arg-type]
     )
     options = GenerateOptions(moderate_input=True, moderate_output=True, max_new_tokens=4)
-    refused = generator.generate([{"role": "user", "content": "bad question"}], options)
+    refused = generator.generate([ChatMessage("user", "bad question")], options)
     assert refused.finish_reason == "input_flagged"
-    fine = generator.generate([{"role": "user", "content": "good question"}], options)
+    fine = generator.generate([ChatMessage("user", "good question")], options)
     assert not fine.refused
     # Output moderation saw the answer, with the user prompt as its context.
     answer_checks = [i for i in scripted.seen if i.role == "output"]
     assert answer_checks and answer_checks[-1].user_prompt == "good question"
     scripted.flag = {"*"}
-    withheld = generator.generate([{"role": "user", "content": "x"}], GenerateOptions(
+    withheld = generator.generate([ChatMessage("user", "x")], GenerateOptions(
         moderate_output=True, max_new_tokens=4))  # fmt: skip
     assert withheld.finish_reason == "output_flagged" and withheld.text == ""

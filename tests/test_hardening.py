@@ -23,6 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from model.tokenizer import Tokenizer
+from moderation.core.chat import ChatMessage
 from moderation.core.generation import GenerateOptions
 from moderation.core.prompts import _find
 from moderation.serving.grpc.interceptors import _code_of
@@ -199,9 +200,9 @@ def test_the_system_prompt_cannot_break_the_turn_structure(demo_runtime: Any, sy
     planner = demo_runtime.planner
     tok = demo_runtime.tokenizer
     for messages, options in (
-        ([{"role": "user", "content": "hi"}], GenerateOptions(system_prompt=system)),
+        ([ChatMessage("user", "hi")], GenerateOptions(system_prompt=system)),
         (
-            [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+            [ChatMessage("system", system), ChatMessage("user", "hi")],
             GenerateOptions(guardrail=False),
         ),
     ):

@@ -22,7 +22,7 @@ import pytest
 
 from moderation.api.client import ModerationClient, ModerationError
 from moderation.api.guard import chunk_texts, guard_openai_stream
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port, invalid_field

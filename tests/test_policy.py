@@ -13,8 +13,8 @@ from moderation.core.builtin_policies import (
     BUILTIN_POLICIES,
     DEFAULT_POLICY,
     MISTRAL_13_POLICY,
-    resolve_policy,
 )
+from moderation.core.chat import ChatMessage
 from moderation.core.policy import (
     GUARDRAIL_SYSTEM_PROMPT,
     PAPER_CATEGORIES,
@@ -67,7 +67,7 @@ def test_guarded_conversations_open_with_the_papers_guardrail_prompt() -> None:
         "Avoid harmful, unethical, prejudiced, or negative content.",
         "Ensure replies promote fairness and positivity.",
     ]
-    conversation = guarded_messages([{"role": "user", "content": "hi"}])
+    conversation = guarded_messages([ChatMessage("user", "hi")])
     assert conversation[0] == {"role": "system", "content": " ".join(paper)}
     assert conversation[0]["content"] == GUARDRAIL_SYSTEM_PROMPT
     assert conversation[1:] == [{"role": "user", "content": "hi"}]
@@ -444,22 +444,3 @@ def test_unsupported_extension_missing_file_and_bad_encoding_are_policy_errors(
 def test_policy_from_dict_names_its_source() -> None:
     with pytest.raises(PolicyError, match=r"^settings: missing field 'name'"):
         policy_from_dict({}, source="settings")
-
-
-def test_resolve_policy_by_name_default_extra_and_path(tmp_path: Path) -> None:
-    assert resolve_policy("mistral-13") is MISTRAL_13_POLICY
-    assert resolve_policy("") is BUILTIN_POLICIES[DEFAULT_POLICY]
-    custom = policy_from_dict(_CUSTOM)
-    assert resolve_policy("shop", {"shop": custom}) is custom
-    # A deployment may replace a built-in name on purpose.
-    assert resolve_policy("paper", {"paper": custom}) is custom
-    path = tmp_path / "shop.toml"
-    path.write_text(_CUSTOM_TOML, encoding="utf-8")
-    assert resolve_policy(str(path)) == custom
-
-
-def test_resolve_unknown_policy_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="unknown policy 'nope': use one of mistral-13, paper"):
-        resolve_policy("nope")
-    with pytest.raises(PolicyError, match="policy file not found"):
-        resolve_policy(str(tmp_path / "missing.json"))

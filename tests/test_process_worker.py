@@ -18,9 +18,6 @@ import pytest
 
 from moderation.core.errors import InvalidArgument
 from moderation.serving.metrics import Metrics
-from moderation.serving.model_child import RecordingMetrics
-from moderation.serving.model_process import ProcessWorker, replay
-from moderation.serving.process_messages import WireError
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     DeadlineExpiredError,
@@ -28,6 +25,9 @@ from moderation.serving.worker import (
     QueueFullError,
     WorkerStoppedError,
 )
+from moderation.serving.worker.model_child import RecordingMetrics
+from moderation.serving.worker.model_process import ProcessWorker, replay
+from moderation.serving.worker.process_messages import WireError
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import (

@@ -59,28 +59,6 @@ def test_service_has_the_six_rpcs() -> None:
         assert getattr(ModerationServicer, name) is not getattr(base, name), name
 
 
-def test_messages_round_trip() -> None:
-    from moderation.v1 import moderation_pb2 as pb
-
-    request = pb.ClassifyRequest(
-        text="hi", role=pb.ROLE_OUTPUT, prompt="q", policy="paper", threshold=0.7
-    )
-    request.category_thresholds["fraud"] = 0.3
-    back = pb.ClassifyRequest.FromString(request.SerializeToString())
-    assert (back.text, back.role, back.prompt, back.policy) == ("hi", pb.ROLE_OUTPUT, "q", "paper")
-    assert back.threshold == pytest.approx(0.7) and back.HasField("threshold")
-    assert dict(back.category_thresholds) == pytest.approx({"fraud": 0.3})
-    assert not pb.ClassifyRequest.FromString(b"").HasField("threshold")  # unset stays unset
-    final = pb.GenerateStreamResponse.FromString(
-        pb.GenerateStreamResponse(
-            final=pb.GenerateResponse(text="x", finish_reason=pb.FINISH_REASON_STOP)
-        ).SerializeToString()
-    )
-    assert final.WhichOneof("event") == "final" and final.final.text == "x"
-    seeded = pb.GenerateRequest.FromString(pb.GenerateRequest(seed=0).SerializeToString())
-    assert seeded.HasField("seed")  # optional: 0 differs from unset, also on the wire
-
-
 def test_every_rpc_has_an_http_rule() -> None:
     """Envoy / grpc-gateway transcoding and the built-in HTTP listener read these rules. A
     stream in both directions (ModerateStream) has none: HTTP/JSON transcoding cannot carry

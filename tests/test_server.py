@@ -18,8 +18,8 @@ import structlog
 
 from moderation.runtime import Runtime
 from moderation.serving.logs import configure_logging
-from moderation.serving.scheduler import ClassifyJob
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.job import Job
+from moderation.serving.worker.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port, invalid_field
@@ -296,7 +296,7 @@ def test_a_full_queue_is_resource_exhausted(
     assert real is not None and runtime is not None
     # A worker that is not running holds its one queued job: the next request cannot queue.
     stalled = WorkerThread(runtime, max_queue=1)
-    stalled.scheduler.submit(ClassifyJob(planned=[]))
+    stalled.scheduler.submit(Job.classify([], reply=lambda _: None))
     state.worker = stalled
     try:
         with pytest.raises(grpc.RpcError) as err:

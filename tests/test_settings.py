@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from moderation.serving.settings import (
+    DECLARATIONS,
     DEFAULTS,
     ENV_PREFIX,
     OPTIONS,
@@ -200,11 +201,36 @@ def test_settings_map_onto_the_runtime_they_load() -> None:
     r = s.runtime_settings()
     assert (r.model, r.device, r.dtype) == ("/models/m", "cpu", "float32")
     assert r.attention_backend == "sdpa"
-    assert (r.default_policy, r.policy_files, r.threshold) == ("mistral-13", ("a.json",), 0.25)
+    assert (r.policy, r.policy_files, r.threshold) == ("mistral-13", ("a.json",), 0.25)
     assert (r.long_text, r.max_batch_size, r.score_batch_size) == ("split", 5, 5)
-    assert r.max_new_tokens_limit == 77
-    assert (r.max_context, r.gpu_memory_utilization, r.cache_memory_bytes) == (2048, 0.5, 1 << 30)
+    assert r.max_new_tokens == 77
+    assert (r.max_context, r.gpu_memory_utilization, r.cache_memory) == (2048, 0.5, 1 << 30)
     assert r.compile is True
+    # A runtime field named as a setting is that setting: no second name to keep in step.
+    shared = [f.name for f in dataclasses.fields(r) if f.name in OPTIONS]
+    assert set(shared) == {f.name for f in dataclasses.fields(r)} - {
+        "max_text_tokens",
+        "score_batch_size",
+    }
+    assert all(getattr(r, name) == getattr(s, name) for name in shared)
+
+
+def test_bounds_are_declared_with_each_setting_and_checked_from_there() -> None:
+    for name, option in DECLARATIONS.items():
+        if isinstance(DEFAULTS[name], int | float) and not isinstance(DEFAULTS[name], bool):
+            assert option.bounds() is not None, f"{name} declares no bounds"
+    assert DECLARATIONS["port"].bounds() == "in [1, 65535]"
+    assert DECLARATIONS["gpu_memory_utilization"].bounds() == "in (0, 1]"
+    assert DECLARATIONS["max_queue"].bounds() == "at least 1"
+    assert DECLARATIONS["log_level"].bounds() == "one of debug, info, warning, error"
+    with pytest.raises(
+        SettingsError, match=r"--stream-check-tokens .*must be in \[1, 4096\], got 4097"
+    ):
+        ServeSettings(stream_check_tokens=4097)
+    with pytest.raises(SettingsError, match=r"must be an integer at least 1, got 2\.5"):
+        ServeSettings(max_queue=2.5)  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match=r"must be above 0, got 0.0"):
+        ServeSettings(keepalive_time=0.0)
 
 
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:

@@ -16,6 +16,7 @@ from model import Engine, GenerationRequest, ModelArgs, Prefix, ScoreRequest, St
 from model.demo import random_weights
 from model.errors import RequestError
 from model.transformer import Transformer
+from moderation.core.chat import ChatMessage
 from moderation.core.classifier import Classifier
 from moderation.core.decision import Classification
 from moderation.core.generation import GenerateOptions, GenerationResult
@@ -26,7 +27,7 @@ from moderation.core.prompts import (
     checkable_answer_tokens,
     label_continuations,
 )
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.worker_thread import WorkerThread
 
 TOL = 1e-4
 
@@ -341,7 +342,7 @@ def test_guarded_stream_releases_checked_chunks_with_verdicts_equal_to_from_scra
         return results
 
     monkeypatch.setattr(classifier, "check_outputs", spy)
-    messages = [{"role": "user", "content": "Tell me a story"}]
+    messages = [ChatMessage("user", "Tell me a story")]
     options = GenerateOptions(max_new_tokens=45, moderate_output=True, threshold=1.0,
                               stream_check_tokens=7)  # fmt: skip
     *deltas, result = rt.generator.stream(messages, options)
@@ -366,7 +367,7 @@ def test_a_flagging_check_stops_generation_mid_answer(
     """The real engine, a threshold between two checks' scores: the checks before it release
     their tokens, the one that reaches it ends the stream."""
     rt = demo_runtime
-    messages = [{"role": "user", "content": "Write a long poem"}]
+    messages = [ChatMessage("user", "Write a long poem")]
     every = 4
     options = GenerateOptions(max_new_tokens=60, moderate_output=True, threshold=1.0,
                               stream_check_tokens=every)  # fmt: skip
@@ -406,7 +407,7 @@ def test_concurrent_streams_get_the_same_verdicts_as_one_at_a_time(demo_runtime:
 
     def prep(text: str, every: int) -> Any:
         return rt.generator.prepare(
-            [{"role": "user", "content": text}],
+            [ChatMessage("user", text)],
             GenerateOptions(max_new_tokens=30, moderate_output=True, threshold=1.0,
                             stream_check_tokens=every),
         )  # fmt: skip
@@ -443,7 +444,7 @@ def test_with_one_generation_slot_the_answer_is_checked_once_at_the_end(
 
     rt = load_runtime(demo_checkpoint, device="cpu", dtype="float32", max_batch_size=1)
     assert rt.engine.max_batch_size == 1
-    messages = [{"role": "user", "content": "Tell me a story"}]
+    messages = [ChatMessage("user", "Tell me a story")]
     options = GenerateOptions(max_new_tokens=12, moderate_output=True, threshold=1.0,
                               stream_check_tokens=4)  # fmt: skip
     *deltas, result = rt.generator.stream(messages, options)

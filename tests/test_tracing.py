@@ -20,9 +20,9 @@ from moderation.cli import main
 from moderation.exit_codes import EXIT_USAGE
 from moderation.serving import tracing
 from moderation.serving.logs import configure_logging
-from moderation.serving.model_child import _Sink
-from moderation.serving.scheduler import ClassifyJob
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker.job import Job
+from moderation.serving.worker.model_child import answer_timing
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_loader, free_port
@@ -102,9 +102,10 @@ def test_off_nothing_is_traced_or_measured(
     assert spans.get_finished_spans() == ()
     assert not tracing.enabled()
     assert all("trace_id" not in e for e in logs)
-    job = ClassifyJob(started_at=1.0)
-    assert _Sink(timed=False).timing(job) is None  # the model process measures nothing more
-    assert _Sink(timed=True).timing(job) is not None
+    job = Job.classify([], reply=lambda _: None)
+    job.started_at = 1.0
+    assert answer_timing(job, timed=False) is None  # the model process measures nothing more
+    assert answer_timing(job, timed=True) is not None
 
 
 def test_tracing_without_the_extra_is_a_usage_error(

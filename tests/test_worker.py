@@ -24,7 +24,7 @@ from moderation.core.policy import Role
 from moderation.runtime import Runtime
 from moderation.serving.metrics import Metrics
 from moderation.serving.worker import DeadlineExpiredError, QueueFullError, WorkerStoppedError
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.worker_thread import WorkerThread
 
 T = TypeVar("T")
 EOS = 2
@@ -61,6 +61,7 @@ class FakeClassifier:
 
     def __init__(self) -> None:
         self.passes: list[list[str]] = []
+        self.planned: list[str] = []  # texts planned on the worker's thread
         self.in_pass = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
@@ -98,6 +99,7 @@ class FakeClassifier:
         return out
 
     def plan(self, item: ClassifyItem) -> ClassifyItem:
+        self.planned.append(item.text)
         if not item.text:
             raise InvalidArgument("text", "must not be empty")
         return item
@@ -460,6 +462,7 @@ def test_input_moderation_shares_the_pass_with_classifications(parts: Any) -> No
 
     ok, bad, _ = run(scenario)
     assert classifier.passes == [["busy"], ["other", "hello", "bad idea"]]
+    assert classifier.planned == []  # the inputs ran as planned at the door, not planned again
     assert ok[-1].input_moderation.flagged is False and ok[-1].finish_reason == "length"
     refused = bad[-1]
     assert refused.refused and refused.finish_reason == "input_flagged"

@@ -149,23 +149,23 @@ def classify_request(
     return request
 
 
-def _generate_fields(
+def generate_request(
     messages: Sequence[Message],
     *,
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    guardrail: bool,
-    system_prompt: str | None,
-    moderate_input: bool,
-    moderate_output: bool,
-    policy: str | None,
-    threshold: float | None,
-    stream_check_tokens: int | None,
-) -> dict[str, Any]:
-    """The fields GenerateRequest and GenerateStreamRequest share; unset ones are left out so
-    that the server's defaults apply."""
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    guardrail: bool = True,
+    system_prompt: str | None = None,
+    moderate_input: bool = False,
+    moderate_output: bool = False,
+    policy: str | None = None,
+    threshold: float | None = None,
+    stream_check_tokens: int | None = None,
+) -> pb.GenerateRequest:
+    """One GenerateRequest (GenerateStream takes the same message: `stream_request`); unset
+    options are left out so that the server's defaults apply."""
     fields: dict[str, Any] = {
         "messages": [_message(m) for m in messages],
         "max_new_tokens": max_new_tokens or 0,
@@ -180,7 +180,12 @@ def _generate_fields(
     for name, value in (("seed", seed), ("system_prompt", system_prompt), ("threshold", threshold)):
         if value is not None:
             fields[name] = value
-    return fields
+    return pb.GenerateRequest(**fields)
+
+
+def stream_request(request: pb.GenerateRequest) -> pb.GenerateStreamRequest:
+    """The same request for GenerateStream (the two messages are the same on the wire)."""
+    return pb.GenerateStreamRequest.FromString(request.SerializeToString())
 
 
 def _credentials(
@@ -318,21 +323,19 @@ class ModerationClient:
         if isinstance(messages, pb.GenerateRequest):
             request = messages
         else:
-            request = pb.GenerateRequest(
-                **_generate_fields(
-                    messages,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
-                    guardrail=guardrail,
-                    system_prompt=system_prompt,
-                    moderate_input=moderate_input,
-                    moderate_output=moderate_output,
-                    policy=policy,
-                    threshold=threshold,
-                    stream_check_tokens=stream_check_tokens,
-                )
+            request = generate_request(
+                messages,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                guardrail=guardrail,
+                system_prompt=system_prompt,
+                moderate_input=moderate_input,
+                moderate_output=moderate_output,
+                policy=policy,
+                threshold=threshold,
+                stream_check_tokens=stream_check_tokens,
             )
         return self._unary(lambda s: s.Generate, request, timeout)
 
@@ -360,8 +363,8 @@ class ModerationClient:
         if isinstance(messages, pb.GenerateStreamRequest):
             request = messages
         else:
-            request = pb.GenerateStreamRequest(
-                **_generate_fields(
+            request = stream_request(
+                generate_request(
                     messages,
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from moderation.core.chat import ChatMessage
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.generation import GenerateOptions, GenerationResult
 from moderation.core.policy import Category, Policy, Role
@@ -35,14 +36,14 @@ def classify_item(request: pb.ClassifyRequest) -> ClassifyItem:
         policy=request.policy or None,
         threshold=request.threshold if request.HasField("threshold") else None,
         category_thresholds=dict(request.category_thresholds),
-        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+        messages=chat_messages(request.messages) or None,
     )
 
 
 def answer_stream_item(request: pb.ModerateStreamOpen) -> ClassifyItem:
     """The output item a ModerateStream check is planned with (`Planner.plan_answer_stream`):
     a stand-in answer after the user prompt, or after the conversation so far."""
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    messages = chat_messages(request.messages)
     common = {
         "policy": request.policy or None,
         "threshold": request.threshold if request.HasField("threshold") else None,
@@ -51,7 +52,7 @@ def answer_stream_item(request: pb.ModerateStreamOpen) -> ClassifyItem:
     if messages:
         return ClassifyItem(
             user_prompt=request.prompt or None,
-            messages=[*messages, {"role": "assistant", "content": ANSWER_MARKER}],
+            messages=[*messages, ChatMessage("assistant", ANSWER_MARKER)],
             **common,  # type: ignore[arg-type]
         )
     return ClassifyItem(
@@ -101,8 +102,12 @@ def generate_options(request: GenerateMessage, default_max_new_tokens: int) -> G
     )
 
 
-def messages(request: GenerateMessage) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in request.messages]
+def chat_messages(messages: Iterable[pb.ChatMessage]) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in messages]
+
+
+def chat_messages_pb(messages: Iterable[ChatMessage]) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=m.role, content=m.content) for m in messages]
 
 
 def generate_response(result: GenerationResult) -> pb.GenerateResponse:
@@ -162,9 +167,7 @@ def classify_request(item: ClassifyItem) -> pb.ClassifyRequest:
         text=item.text,
         role=pb.ROLE_UNSPECIFIED if item.role is None else _ROLE_NUMBERS[Role(item.role)],
         prompt=item.user_prompt or "",
-        messages=[
-            pb.ChatMessage(role=m["role"], content=m["content"]) for m in item.messages or ()
-        ],
+        messages=chat_messages_pb(item.messages or ()),
         policy=item.policy or "",
         category_thresholds=dict(item.category_thresholds),
     )

@@ -6,15 +6,10 @@ Mistral's published self-reflection prompt, reproduced exactly).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from moderation.core.policy import (
     PAPER_CATEGORIES,
     Category,
     Policy,
-    PolicyError,
-    is_policy_file,
-    load_policy_file,
 )
 
 PAPER_POLICY = Policy(
@@ -168,21 +163,3 @@ MISTRAL_13_POLICY = Policy(
 
 BUILTIN_POLICIES: dict[str, Policy] = {p.name: p for p in (PAPER_POLICY, MISTRAL_13_POLICY)}
 DEFAULT_POLICY = "paper"
-
-
-def resolve_policy(name_or_path: str, extra: Mapping[str, Policy] | None = None) -> Policy:
-    """A policy by name (from `extra`, then the built-ins) or from a .json/.toml file path.
-
-    An empty name means the default policy. Names in `extra` take precedence, so a deployment
-    can replace a built-in on purpose.
-    """
-    key = name_or_path.strip() or DEFAULT_POLICY
-    named = {**BUILTIN_POLICIES, **(extra or {})}
-    if key in named:
-        return named[key]
-    if is_policy_file(key):
-        return load_policy_file(key)
-    raise PolicyError(
-        f"unknown policy {key!r}: use one of {', '.join(sorted(named))} "
-        "or the path of a .json/.toml policy file"
-    )

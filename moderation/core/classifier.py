@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import Engine, Prefix, ScoreRequest, StreamCheck, Tokenizer
-from moderation.core.decision import Classification, ClassifyItem, decide
+from moderation.core.decision import Classification, ClassifyItem, PlannedItem, decide
 from moderation.core.generation import PreparedGeneration
-from moderation.core.planning import PlannedItem, Planner
+from moderation.core.planning import Planner
 from moderation.core.policy import Policy
 from moderation.core.prompts import checkable_answer_tokens, label_continuations
 
@@ -63,14 +63,6 @@ class Classifier:
         self._continuations: dict[str, list[tuple[int, ...]]] = {}
 
     # --------------------------------------------------------------- planning
-
-    @property
-    def policies(self) -> dict[str, Policy]:
-        return self.planner.policies
-
-    @property
-    def default_policy(self) -> str:
-        return self.planner.default_policy
 
     def policy(self, name: str | None) -> Policy:
         return self.planner.policy(name)

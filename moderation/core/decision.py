@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moderation.core.chat import ChatMessage
 from moderation.core.errors import InvalidArgument, quote
 from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Policy, Role
 
@@ -16,7 +17,8 @@ from moderation.core.policy import ACCEPTABLE_ID, PAPER_CATEGORY_IDS, Policy, Ro
 class ClassifyItem:
     """One text, or the last message of a conversation, to classify and how.
 
-    `messages` (ChatMessage-like mappings with role and content) is the alternative to `text`:
+    `messages` (a conversation, checked by `core.chat.check_conversation`) is the alternative
+    to `text`:
     its last message is classified in the context of the earlier ones, and `text`,
     `user_prompt` and `role` must then be left unset ("", None, None).
     """
@@ -27,7 +29,21 @@ class ClassifyItem:
     policy: str | None = None  # None = the classifier's default
     threshold: float | None = None  # None = the classifier's default
     category_thresholds: Mapping[str, float] = field(default_factory=dict)
-    messages: Sequence[Mapping[str, Any]] | None = None
+    messages: Sequence[ChatMessage] | None = None
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    """An item turned into prompts (one per window) for one batched engine pass."""
+
+    policy: Policy
+    role: Role
+    bodies: list[tuple[int, ...]]
+    prefix: tuple[int, ...]
+    threshold: float
+    category_thresholds: Mapping[str, float]
+    context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
+    context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.decision import Classification, ClassifyItem, PlannedItem
 from moderation.core.policy import Role
 
 INPUT_REFUSAL = "I'm sorry, but I can't help with that request."
@@ -57,7 +57,7 @@ class PreparedGeneration:
     options: GenerateOptions
     prompt: list[int]
     user_prompt: str  # the last user message, what input moderation classifies
-    input_item: ClassifyItem | None
+    input_planned: PlannedItem | None  # with moderate_input: the user prompt's planned item
 
     def output_item(self, answer: str) -> ClassifyItem:
         return ClassifyItem(

@@ -13,8 +13,7 @@ generation; nothing after it is released.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 from model import (
     Engine,
@@ -25,6 +24,7 @@ from model import (
     TokenEvent,
     Tokenizer,
 )
+from moderation.core.chat import ChatMessage
 from moderation.core.classifier import Classifier, OutputStream
 from moderation.core.decision import Classification
 from moderation.core.generation import (
@@ -181,7 +181,7 @@ class GuardedGenerator:
         self.output_refusal = output_refusal
 
     def prepare(
-        self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
+        self, messages: Sequence[ChatMessage], options: GenerateOptions
     ) -> PreparedGeneration:
         """Validate and build the prompt (the classifier's planner); InvalidArgument names the
         bad field."""
@@ -319,12 +319,12 @@ class GuardedGenerator:
         return events, deltas, results[n:]
 
     def moderate_input(self, prep: PreparedGeneration) -> Classification | None:
-        if prep.input_item is None:
+        if prep.input_planned is None:
             return None
-        return self.classifier.classify_many([prep.input_item])[0]
+        return self.classifier.run([prep.input_planned])[0]
 
     def stream(
-        self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
+        self, messages: Sequence[ChatMessage], options: GenerateOptions
     ) -> Iterator[str | GenerationResult]:
         """Text deltas, then the result. With output moderation on, no text is yielded before
         a check has covered it; a flagging check stops the generation."""
@@ -363,7 +363,7 @@ class GuardedGenerator:
         yield from self.finish_decoded(prep, decoder, input_moderation)
 
     def generate(
-        self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions | None = None
+        self, messages: Sequence[ChatMessage], options: GenerateOptions | None = None
     ) -> GenerationResult:
         """Generate one guarded answer in-process (the service batches through its worker)."""
         result: GenerationResult | None = None

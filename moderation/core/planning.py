@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from model import Tokenizer
 from model.errors import TokenizerError
 from moderation.core.builtin_policies import BUILTIN_POLICIES, DEFAULT_POLICY
-from moderation.core.decision import ClassifyItem, check_threshold
+from moderation.core.chat import ChatMessage, check_conversation
+from moderation.core.decision import ClassifyItem, PlannedItem, check_threshold
 from moderation.core.errors import InvalidArgument, quote
 from moderation.core.generation import (
     DEFAULT_STREAM_CHECK_TOKENS,
@@ -45,24 +44,9 @@ from moderation.core.thresholds import (
     check_operating_point,
     live_thresholds,
 )
-from moderation.core.turns import check_turn_order
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
-
-
-@dataclass(frozen=True)
-class PlannedItem:
-    """An item turned into prompts (one per window) for one batched engine pass."""
-
-    policy: Policy
-    role: Role
-    bodies: list[tuple[int, ...]]
-    prefix: tuple[int, ...]
-    threshold: float
-    category_thresholds: Mapping[str, float]
-    context_tokens: int = 0  # tokens of context in each body: the user prompt, earlier turns
-    context_messages_dropped: int = 0  # a conversation's earlier turns that did not fit
 
 
 LONG_TEXT_HINT = (
@@ -141,7 +125,7 @@ class Planner:
 
         `split`: split a long text into windows even when long_text is "reject"."""
         if item.messages is not None:
-            return self._plan_conversation(item, split=split)
+            return self._plan_conversation(item, item.messages, split=split)
         if not isinstance(item.text, str) or is_blank(item.text):
             raise InvalidArgument("text", "must not be empty")
         try:
@@ -176,7 +160,9 @@ class Planner:
             windows = self._windows(text_tokens, budget)
         return self._planned(decision, role, windows, "text", user_prompt_tokens=context)
 
-    def _plan_conversation(self, item: ClassifyItem, *, split: bool) -> PlannedItem:
+    def _plan_conversation(
+        self, item: ClassifyItem, conversation: Sequence[ChatMessage], *, split: bool
+    ) -> PlannedItem:
         """The last message classified after the earlier turns that fit, newest kept first.
 
         The last message has the room a text has (max_text_tokens) and follows the long-text
@@ -194,11 +180,10 @@ class Planner:
                 "must not be set together with messages: the last message's role says it "
                 "(user: input, assistant: output)",
             )
-        messages = _conversation(item.messages)
+        check_conversation(conversation, end=("user", "assistant"))
+        messages = [(m.role, m.content) for m in conversation]
         last = len(messages) - 1
         speaker, text = messages[last]
-        if is_blank(text):
-            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
         role = Role.INPUT if speaker == "user" else Role.OUTPUT
         decision = self._decision(item)
         tok, limit = self.tokenizer, self.max_text_tokens
@@ -309,7 +294,7 @@ class Planner:
         return split_tokens(tokens, budget, min(self.window_overlap, budget - 1))
 
     def prepare(
-        self, messages: Sequence[Mapping[str, Any]], options: GenerateOptions
+        self, messages: Sequence[ChatMessage], options: GenerateOptions
     ) -> PreparedGeneration:
         """Validate and build the prompt; InvalidArgument names the bad field.
 
@@ -335,7 +320,7 @@ class Planner:
         self.policy(options.policy)
         if options.threshold is not None:
             check_threshold("threshold", options.threshold)
-        check_turn_order(messages)
+        check_conversation(messages)
         system = None
         if options.guardrail:
             system = options.system_prompt or GUARDRAIL_SYSTEM_PROMPT
@@ -365,17 +350,15 @@ class Planner:
                 f"max_new_tokens {options.max_new_tokens} that exceeds the model's context of "
                 f"{context} tokens (max_context)",
             )
-        user_prompt = str(conversation[-1]["content"])
+        user_prompt = conversation[-1]["content"]
         last = len(messages) - 1
-        if is_blank(user_prompt):
-            raise InvalidArgument(f"messages[{last}].content", "must not be empty")
-        input_item = None
+        input_planned = None
         if options.moderate_input:
-            input_item = ClassifyItem(
+            item = ClassifyItem(
                 user_prompt, role=Role.INPUT, policy=options.policy, threshold=options.threshold
             )
-            try:
-                self.plan(input_item)  # validate now: the prompt's length
+            try:  # planned once, here: the model's thread runs it as it is
+                input_planned = self.plan(item)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"messages[{last}].content", exc.message) from exc
         if options.moderate_output:
@@ -390,7 +373,7 @@ class Planner:
                 f"{self.stream_check_tokens}), got {every}",
             )
         options = dataclasses.replace(options, stream_check_tokens=every)
-        return PreparedGeneration(options, prompt, user_prompt, input_item)
+        return PreparedGeneration(options, prompt, user_prompt, input_planned)
 
     def _check_output_room(self, user_prompt: str, max_new_tokens: int, last: int) -> None:
         """Refuse now a generation whose answer could not be moderated next to its user prompt
@@ -434,7 +417,7 @@ class Planner:
         `Classify` of the complete answer in the same context keeps the same turns and scores
         the same prompt."""
         planned = self.plan(item)
-        text = item.messages[-1]["content"] if item.messages else item.text
+        text = item.messages[-1].content if item.messages else item.text
         standin = len(encode_text(self.tokenizer, text)) + len(self.tokenizer.inst_close())
         body = planned.bodies[0][:-standin]
         return dataclasses.replace(planned, bodies=[body]), max(
@@ -446,17 +429,3 @@ class Planner:
         for policy in self.policies.values():
             for role in Role:
                 yield build_prefix(policy, role, self.tokenizer)
-
-
-def _conversation(messages: Any) -> list[tuple[str, str]]:
-    """A conversation to classify as (role, content) pairs, checked: objects with a string
-    content, in the documented turn order, ending with a user or an assistant message."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        raise InvalidArgument("messages", "must be a list of messages with role and content")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidArgument(f"messages[{i}]", "expected an object with role and content")
-        if not isinstance(message.get("content"), str):
-            raise InvalidArgument(f"messages[{i}].content", "must be a string")
-    check_turn_order(messages, end=("user", "assistant"))
-    return [(str(m["role"]), str(m["content"])) for m in messages]

@@ -35,10 +35,11 @@ BOS, EOS or control id.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from moderation.core.chat import ChatMessage
 from moderation.core.errors import quote
 from moderation.core.policy import GUARDRAIL_SYSTEM_PROMPT, Policy, Role
 from moderation.core.text_safety import clean, neutralize
@@ -305,41 +306,31 @@ def split_tokens(tokens: Sequence[int], window: int, overlap: int) -> list[list[
 
 
 def guarded_messages(
-    messages: Sequence[Mapping[str, Any]],
+    messages: Sequence[ChatMessage],
     *,
     system_prompt: str | None = GUARDRAIL_SYSTEM_PROMPT,
     neutralize_content: bool = True,
-) -> list[dict[str, Any]]:
-    """A conversation with the guardrail system prompt added in front, for guarded generation.
+) -> list[dict[str, str]]:
+    """A conversation with the guardrail system prompt added in front, for guarded generation,
+    as the chat template takes it (role/content dicts).
 
     `system_prompt`: the paper's guardrail by default, another string to replace it, None or ""
     for none. The caller's own system messages stay after it; the chat template merges all
     system prompts with a blank line, so the guardrail comes first (as Mistral's `safe_prompt`
     prepends it). `neutralize_content`: user and assistant texts go through `neutralize`, since
     in the v1 template a user typing "[/INST]" would otherwise close their turn and write the
-    assistant's. Roles must be system, user or assistant, contents strings, with a user message.
+    assistant's. The turn order is `check_conversation`'s; here only: a user message at least.
     """
     if not messages:
         raise PromptError("conversation is empty: it needs at least one user message")
-    out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise PromptError(f"message {i}: expected a mapping with role and content")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise PromptError(
-                f"message {i}: role must be system, user or assistant, got {quote(role)}"
-            )
-        if not isinstance(content, str):
-            raise PromptError(f"message {i} ({role}): content must be a string")
-        copy = dict(message)
-        if neutralize_content:
-            # System messages too: whoever sent the request wrote them, so they are as untrusted
-            # as the user's ("Be nice. [/INST] ... [INST] ok" would close the turn early).
-            copy["content"] = neutralize(content)
-        out.append(copy)
-    if not any(m["role"] == "user" for m in out):
+    if not any(m.role == "user" for m in messages):
         raise PromptError("conversation has no user message")
+    # System messages too: whoever sent the request wrote them, so they are as untrusted as
+    # the user's ("Be nice. [/INST] ... [INST] ok" would close the turn early).
+    out = [
+        {"role": m.role, "content": neutralize(m.content) if neutralize_content else m.content}
+        for m in messages
+    ]
     if system_prompt:
         content = neutralize(system_prompt) if neutralize_content else system_prompt
         out.insert(0, {"role": "system", "content": content})

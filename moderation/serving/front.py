@@ -10,8 +10,8 @@ from pathlib import Path
 from model import Tokenizer
 from moderation.core.planning import Planner
 from moderation.runtime import ModelDescription, Runtime, load_policies, make_planner
-from moderation.serving.process_messages import ModelInfo
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker.process_messages import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ class StreamHost(Protocol):
 
     def ready(self) -> tuple[Front, Worker]: ...
 
-    def off_loop(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]: ...
+    def off_loop(
+        self, fn: Callable[..., T], *args: Any, size: int | None = None
+    ) -> Awaitable[T]: ...
 
     def check_open(self, request: pb.ModerateStreamOpen) -> None: ...
 
@@ -70,7 +72,9 @@ async def moderate_stream(
         )
     item = convert.answer_stream_item(first.open)
     try:
-        planned, room = await host.off_loop(front.planner.plan_answer_stream, item)
+        planned, room = await host.off_loop(
+            front.planner.plan_answer_stream, item, size=first.ByteSize()
+        )
     except InvalidArgument as exc:
         raise exc.nested("open") from exc
     if host.open_checks >= settings.max_stream_checks:
@@ -195,10 +199,12 @@ async def _read(
                         f"the answer exceeds {limit} characters "
                         "(MODERATION_STREAM_MAX_ANSWER_CHARS)",
                     )
-                _feed(check, await host.off_loop(answer.push, text), answer, room)
+                tokens = await host.off_loop(answer.push, text, size=len(text))
+                _feed(check, tokens, answer, room)
             if message.done:
                 utf8.whole()
-                _feed(check, await host.off_loop(answer.finish), answer, room, end=True)
+                tokens = await host.off_loop(answer.finish, size=0)  # a held tail at most
+                _feed(check, tokens, answer, room, end=True)
                 return  # what the caller sends after `done` is not read
             owed.fed = answer.tokens
             following = await _next(requests, settings.stream_idle_timeout, owed)

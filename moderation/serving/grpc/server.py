@@ -33,12 +33,12 @@ from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
 from moderation.serving.http.server import HttpServer
-from moderation.serving.loader import load_from_settings
 from moderation.serving.metrics import Metrics
-from moderation.serving.model_process import ProcessWorker
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import Worker
-from moderation.serving.worker_thread import WorkerThread
+from moderation.serving.worker.loader import load_from_settings
+from moderation.serving.worker.model_process import ProcessWorker
+from moderation.serving.worker.worker_thread import WorkerThread
 from moderation.v1 import moderation_pb2, moderation_pb2_grpc
 
 log = structlog.get_logger("moderation.serving.grpc.server")
@@ -125,7 +125,7 @@ class Server:
         )  # fmt: skip
         worker: Worker
         if self.settings.model_process:
-            # The model in a process of its own (see moderation.serving.model_process); this
+            # The model in a process of its own (see moderation.serving.worker.model_process); this
             # process keeps what validates requests at the door.
             worker = ProcessWorker(self.settings, self.metrics, on_exit=self._model_exited)
             front = Front.of_model_process(await worker.load(), self.settings)

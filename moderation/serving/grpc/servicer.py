@@ -1,9 +1,10 @@
 """The ModerationService servicer: validate, hand the work to the model worker, answer.
 
-Domain errors become gRPC status codes in exactly one place (`status_for`); invalid arguments
-carry a `google.rpc.BadRequest` naming the field. Request logging and metrics live in the
-interceptor (`moderation.serving.grpc.interceptors`); the servicer only adds what it knows to
-the call's record: token counts, category, and the text when the operator turned `log_text` on.
+The RPCs raise domain errors; they become gRPC status codes in one place for every RPC,
+streaming included (`moderation.serving.grpc.errors`, `@mapped_errors`). Request logging and
+metrics live in the interceptor (`moderation.serving.grpc.interceptors`); the servicer only
+adds what it knows to the call's record: token counts, category, and the text when the
+operator turned `log_text` on.
 """
 
 from __future__ import annotations
@@ -12,31 +13,26 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-import structlog
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf.message import Message
 
 from moderation.api import convert
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
 from moderation.serving import tracing
 from moderation.serving.front import Front
-from moderation.serving.grpc.interceptors import REQUEST_ID_KEY, CallRecord, current_call
+from moderation.serving.grpc.errors import NotReadyError, mapped_errors
+from moderation.serving.grpc.interceptors import CallRecord, current_call
 from moderation.serving.grpc.moderate_stream import moderate_stream
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
-    DeadlineExpiredError,
-    GenerationFailedError,
-    QueueFullError,
     Worker,
     WorkerStoppedError,
 )
@@ -45,17 +41,12 @@ from moderation.v1 import moderation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-log = structlog.get_logger("moderation.serving.grpc.servicer")
 
-MAX_ERROR_CHARS = 512
-"""The longest status message sent or logged; domain errors quote only prefixes of values, this
-is the last line of defence (a message past ~8 kB would also fail in gRPC's metadata)."""
+INLINE_PLAN_BYTES = 2048
+"""Requests up to this size are planned on the event loop: tokenizing a short text takes tens of
+microseconds, less than the hop to a planning thread and back (and its two GIL hand-offs)."""
 LOGGED_TEXT_CHARS = 200
 """With log_text on, how much of each text the request log keeps."""
-
-
-class NotReadyError(Exception):
-    """The model is still loading."""
 
 
 @dataclass
@@ -75,41 +66,6 @@ class ServiceState:
         self.planning = ThreadPoolExecutor(self.settings.plan_threads, thread_name_prefix="plan")
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
-    """(code, message, offending field) for a domain error: the one mapping of the service."""
-    if isinstance(exc, InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field
-    if isinstance(exc, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
-    if isinstance(exc, NotReadyError | WorkerStoppedError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc), None
-    if isinstance(exc, DeadlineExpiredError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), None
-    if isinstance(exc, GenerationFailedError):  # the server's fault, said plainly
-        return grpc.StatusCode.INTERNAL, str(exc), None
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", None
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    code, message, bad_field = status_for(exc)
-    if len(message) > MAX_ERROR_CHARS:
-        message = message[:MAX_ERROR_CHARS] + "..."
-    current_call().fields["error"] = message
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("request failed", exc_info=exc)
-    if bad_field is None:
-        await context.abort(code, message)
-    # Rich details for clients that read them: a BadRequest naming the field.
-    violation = error_details_pb2.BadRequest.FieldViolation(field=bad_field, description=message)
-    status = status_pb2.Status(code=code.value[0], message=message)
-    status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    rich = rpc_status.to_status(status)
-    # The details travel in trailing metadata, which would replace the request id set there.
-    call = current_call()
-    metadata = (*rich.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
-    await context.abort(rich.code, rich.details, metadata)
-
-
 def _logged(text: str) -> str:
     """A text as the request log keeps it (log_text on): a prefix, never a whole document."""
     if len(text) <= LOGGED_TEXT_CHARS:
@@ -127,6 +83,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+@mapped_errors  # every RPC's errors become its status there, streaming included
 class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def __init__(self, state: ServiceState):
         self.state = state
@@ -140,10 +97,13 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             raise NotReadyError("the model is still loading; retry shortly")
         return self.state.front, self.state.worker
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on the planning threads: the event loop keeps answering (health above all)."""
-        loop = asyncio.get_running_loop()
+    async def _off_loop(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), the planning of `request`: on the planning threads, so that the event loop
+        keeps answering (health above all), unless the request is small enough to plan here."""
         with tracing.stage(current_call(), "plan"):  # every use plans (validates, tokenizes)
+            if request.ByteSize() <= INLINE_PLAN_BYTES:
+                return fn(*args)
+            loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
 
     def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
@@ -201,18 +161,6 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 m.record_decision(mod)
                 call.fields["category"] = mod.category
 
-    async def _guard(
-        self, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]
-    ) -> T:
-        """Run a unary RPC's body with its domain errors mapped to a status."""
-        try:
-            return await body()
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-            raise AssertionError("unreachable") from exc
-
     def _check_messages(self, messages: Sequence[pb.ChatMessage], *, last_splittable: bool) -> None:
         """A conversation's size against the limits: how many messages, and each one's length
         (the last one of a conversation to classify may be split, as a text)."""
@@ -241,7 +189,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         front, worker = self._ready()
         self._check_generation(request)
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = await self._off_loop(front.planner.prepare, convert.messages(request), options)
+        prep = await self._off_loop(
+            request, front.planner.prepare, convert.chat_messages(request.messages), options
+        )
         if self.state.settings.log_text:
             current_call().fields["text"] = _logged(prep.user_prompt)
         events = worker.generate(prep, stream=stream, deadline=_deadline(context))
@@ -266,8 +216,13 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def ready(self) -> tuple[Front, Worker]:
         return self._ready()
 
-    def off_loop(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        return self._off_loop(fn, *args)
+    async def off_loop(self, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
+        """fn(*args) on the planning threads, or here when its input (`size` bytes) is small
+        enough to handle on the event loop (as `_off_loop` plans small requests)."""
+        if size is not None and size <= INLINE_PLAN_BYTES:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
 
     def check_open(self, request: pb.ModerateStreamOpen) -> None:
         """The sizes of a ModerateStream's context, before anything reads it."""
@@ -282,66 +237,52 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        async def body() -> pb.ClassifyResponse:
-            front, worker = self._ready()
-            planned = await self._off_loop(self._plan, front, request)
-            result = (await worker.classify([planned], deadline=_deadline(context)))[0]
-            self._record([result], [_classified_text(request)])
-            return convert.classify_response(result)
-
-        return await self._guard(context, body)
+        front, worker = self._ready()
+        planned = await self._off_loop(request, self._plan, front, request)
+        result = (await worker.classify([planned], deadline=_deadline(context)))[0]
+        self._record([result], [_classified_text(request)])
+        return convert.classify_response(result)
 
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
-        async def body() -> pb.ClassifyBatchResponse:
-            front, worker = self._ready()
-            limit = self.state.settings.max_batch_items
-            if not request.requests:
-                raise InvalidArgument("requests", "must not be empty")
-            if len(request.requests) > limit:
-                raise InvalidArgument(
-                    "requests",
-                    f"{len(request.requests)} items exceed the limit of {limit} "
-                    "(MODERATION_MAX_BATCH_ITEMS)",
-                )
-            planned = await self._off_loop(self._plan_batch, front, request)
-            results = await worker.classify(planned, deadline=_deadline(context))
-            self._record(results, [_classified_text(r) for r in request.requests])
-            return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
-
-        return await self._guard(context, body)
+        front, worker = self._ready()
+        limit = self.state.settings.max_batch_items
+        if not request.requests:
+            raise InvalidArgument("requests", "must not be empty")
+        if len(request.requests) > limit:
+            raise InvalidArgument(
+                "requests",
+                f"{len(request.requests)} items exceed the limit of {limit} "
+                "(MODERATION_MAX_BATCH_ITEMS)",
+            )
+        planned = await self._off_loop(request, self._plan_batch, front, request)
+        results = await worker.classify(planned, deadline=_deadline(context))
+        self._record(results, [_classified_text(r) for r in request.requests])
+        return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        async def body() -> pb.GenerateResponse:
-            events = self._generation(request, context, stream=False)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, GenerationResult):
-                        self._record_generation(current_call(), event)
-                        return convert.generate_response(event)
-            raise RuntimeError("generation ended without a result")
-
-        return await self._guard(context, body)
+        events = self._generation(request, context, stream=False)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    self._record_generation(current_call(), event)
+                    return convert.generate_response(event)
+        raise RuntimeError("generation ended without a result")
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        try:
-            events = self._generation(request, context, stream=True)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, str):
-                        yield pb.GenerateStreamResponse(delta=event)
-                        continue
-                    self._record_generation(current_call(), event)
-                    yield pb.GenerateStreamResponse(final=convert.generate_response(event))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+        events = self._generation(request, context, stream=True)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, str):
+                    yield pb.GenerateStreamResponse(delta=event)
+                    continue
+                self._record_generation(current_call(), event)
+                yield pb.GenerateStreamResponse(final=convert.generate_response(event))
 
     async def ModerateStream(
         self,
@@ -349,49 +290,41 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModerateStreamResponse]:
         call = current_call()
-        try:
-            stream = moderate_stream(self, request_iterator, _deadline(context))
-            async with contextlib.aclosing(stream):
-                async for response in stream:
-                    call.fields.update(
-                        checked_tokens=response.checked_tokens,
-                        category=response.result.category,
-                        flagged=response.result.flagged,
+        stream = moderate_stream(self, request_iterator, _deadline(context))
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                call.fields.update(
+                    checked_tokens=response.checked_tokens,
+                    category=response.result.category,
+                    flagged=response.result.flagged,
+                )
+                if response.complete or response.result.flagged:
+                    self.state.metrics.record_decision(convert.classification(response.result))
+                    self.state.metrics.tokens.labels(kind="prompt").inc(
+                        response.result.prompt_tokens
                     )
-                    if response.complete or response.result.flagged:
-                        self.state.metrics.record_decision(convert.classification(response.result))
-                        self.state.metrics.tokens.labels(kind="prompt").inc(
-                            response.result.prompt_tokens
-                        )
-                    yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+                yield response
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        async def body() -> pb.GetModelInfoResponse:
-            front, _ = self._ready()
-            planner, model = front.planner, front.model
-            limits = model.limits
-            return pb.GetModelInfoResponse(
-                model=model.model_id,
-                demo=model.demo,
-                dtype=model.dtype,
-                device=model.device,
-                attention_backend=limits.attention_backend,
-                sliding_window=limits.window,
-                max_context_tokens=limits.context,
-                default_policy=planner.default_policy,
-                policies=convert.policy_info(
-                    list(planner.policies.values()), planner.live_thresholds()
-                ),
-                default_threshold=planner.threshold,
-                stream_check_tokens=self.state.settings.stream_check_tokens,
-                max_stream_checks=self.state.settings.max_stream_checks,
-                stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
-            )
-
-        return await self._guard(context, body)
+        front, _ = self._ready()
+        planner, model = front.planner, front.model
+        limits = model.limits
+        return pb.GetModelInfoResponse(
+            model=model.model_id,
+            demo=model.demo,
+            dtype=model.dtype,
+            device=model.device,
+            attention_backend=limits.attention_backend,
+            sliding_window=limits.window,
+            max_context_tokens=limits.context,
+            default_policy=planner.default_policy,
+            policies=convert.policy_info(
+                list(planner.policies.values()), planner.live_thresholds()
+            ),
+            default_threshold=planner.threshold,
+            stream_check_tokens=self.state.settings.stream_check_tokens,
+            max_stream_checks=self.state.settings.max_stream_checks,
+            stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
+        )

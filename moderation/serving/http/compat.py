@@ -33,6 +33,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from moderation.api import convert
+from moderation.core.chat import chat_messages
+from moderation.core.errors import InvalidArgument
 from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
@@ -40,7 +43,6 @@ Call = Callable[[str, Message], Awaitable[Any]]
 """Calls a ModerationService method in-process: (method name, request) -> response."""
 
 PAPER_CATEGORIES = ("illegal_activities", "hateful_harassing_violent", "unqualified_advice")
-ACCEPTABLE = "acceptable"
 
 
 def _bad(field: str, message: str) -> CallError:
@@ -173,20 +175,15 @@ def _content(value: Any, where: str) -> str:
 
 
 def _conversation(value: Any, where: str) -> list[pb.ChatMessage]:
+    """A Mistral conversation read as the core's chat messages (the turn order is checked with
+    every other conversation's, by the planner), sent on as ClassifyRequest.messages."""
     if not isinstance(value, list) or not value:
         raise _bad(where, "must be a non-empty array of messages")
-    messages = []
-    for j, message in enumerate(value):
-        at = f"{where}[{j}]"
-        if not isinstance(message, dict):
-            raise _bad(at, "must be a message object")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise _bad(f"{at}.role", "must be a string")
-        messages.append(
-            pb.ChatMessage(role=role, content=_content(message.get("content"), f"{at}.content"))
-        )
-    return messages
+    try:
+        messages = chat_messages(value, where, content=_content)
+    except InvalidArgument as exc:
+        raise _bad(exc.field, exc.message) from None
+    return convert.chat_messages_pb(messages)
 
 
 async def mistral_chat_moderations(call: Call, body: Any, request_id: str) -> dict[str, Any]:

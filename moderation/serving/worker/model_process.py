@@ -1,15 +1,13 @@
 """The model in a process of its own, behind the same interface as the in-process worker.
 
-Why: in one process, the gRPC event loop and the model worker thread share one GIL. Every torch
-call the worker makes releases it and has to win it back from the event loop, which costs the
-model most of a core under load (measured on 2 cores: one torch thread in the server process
-gives 426-598 decisions/s at 32 callers; the same model in a process of its own 843-948/s).
+Why: in one process the gRPC event loop and the model's thread share one GIL, and the model
+loses most of a core winning it back after every torch call (docs/benchmarks.md has the runs).
 
 The parent (the gRPC server) keeps a *front* (`moderation.serving.front`): the planner
 (tokenizer, policies, limits), everything that validates a request at the door, but no weights.
-The child (`moderation.serving.model_child`) loads the model and runs the ordinary scheduler;
+The child (`moderation.serving.worker.model_child`) loads the model and runs the ordinary scheduler;
 jobs cross a pipe already planned, answers and generation events come back, with the worker's
-metrics, as typed messages (`moderation.serving.process_messages`). Errors become the same
+metrics, as typed messages (`moderation.serving.worker.process_messages`). Errors become the same
 exception classes on this side, so the servicer maps
 them to the same status codes. A model process that dies fails every call in flight with
 UNAVAILABLE and marks the server NOT_SERVING (`on_exit`), so that Kubernetes restarts the pod.
@@ -29,14 +27,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
-from moderation.serving import process_messages as msg
 from moderation.serving import tracing
 from moderation.serving.calls import CallRecord, current_call
 from moderation.serving.metrics import Metrics
-from moderation.serving.model_child import child_main
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     CheckVerdict,
@@ -45,6 +40,8 @@ from moderation.serving.worker import (
     WorkerStoppedError,
     generation_events,
 )
+from moderation.serving.worker import process_messages as msg
+from moderation.serving.worker.model_child import child_main
 
 log = structlog.get_logger(__name__)
 
@@ -111,7 +108,10 @@ class ProcessWorker:
         self._ids = itertools.count()
         # Messages go out from a thread of their own: a send blocks when the pipe is full (the
         # model busy with a long pass), and the event loop must keep answering meanwhile.
-        self._outgoing: queue.SimpleQueue[msg.ToModel | None] = queue.SimpleQueue()
+        self._outgoing: queue.SimpleQueue[list[msg.ToModel] | None] = queue.SimpleQueue()
+        # The event loop's messages of one loop iteration, handed to the sender together: one
+        # wake-up of its thread (and one GIL hand-off) for all of them, not one per request.
+        self._unsent: list[msg.ToModel] = []
         self._sender = threading.Thread(target=self._send_loop, name="model-pipe", daemon=True)
         self._stopping = False
         self._dead: str | None = None
@@ -159,14 +159,34 @@ class ProcessWorker:
         return sum(1 for p in self._pending.values() if p.verdicts is None)
 
     def _send(self, message: msg.ToModel) -> None:
-        # Never raises: a model process that is gone is for the reader to report.
-        self._outgoing.put(message)
+        """Queue a message for the model process (on the event loop). Never raises: a model
+        process that is gone is for the reader to report."""
+        self._unsent.append(message)
+        if len(self._unsent) == 1 and self._loop is not None:
+            self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        self._outgoing.put(unsent)
 
     def _send_loop(self) -> None:
-        while (message := self._outgoing.get()) is not None:
+        # What queued up while the last send ran goes as one message too: under load that is
+        # one pickle (the policy and the shared prefix once) and one write for many requests,
+        # and the model process finds them all at its next tick.
+        while (batch := self._outgoing.get()) is not None:
+            stopping = False
+            while not stopping:
+                try:
+                    more = self._outgoing.get_nowait()
+                except queue.Empty:
+                    break
+                stopping = more is None
+                batch += more or []
             try:
-                self._conn.send(message)
+                self._conn.send(msg.Requests(batch))
             except (OSError, ValueError):  # the model process is gone: the reader reports it
+                return
+            if stopping:
                 return
 
     def _admit(self) -> int:
@@ -293,7 +313,7 @@ class ProcessWorker:
         """Finish what the model process holds, then end it (called from a thread)."""
         self._stopping = True
         if self._process.is_alive():
-            self._send(msg.Stop(timeout or 0.0))
+            self._outgoing.put([msg.Stop(timeout or 0.0)])  # from a thread: not via the loop
             self._process.join((timeout or 0.0) + 10)
         self._outgoing.put(None)  # ends the sender
         if self._process.is_alive():

@@ -2,7 +2,9 @@
 
 The engine, classifier and generator are not thread-safe, so one thread runs the ticks (the
 worker thread, or the model process's main loop); `submit` and `cancel` are thread-safe. Each
-tick
+tick is planned from plain data first (`tick_plan.plan_tick`: what expires, what rides in the
+classifier pass, which generations enter the engine, whose checks ride in the step), then
+executed here:
 
 1. drops cancelled and expired work: queued jobs never start, running sequences leave the
    engine (`engine.cancel`) before the next step, so they cost nothing more;
@@ -18,32 +20,28 @@ tick
 The scheduler never waits to fill a batch: under load, requests queue up while a pass runs and
 the next pass takes them all, so batches grow with the load and a lone request runs at once.
 (A gathering delay was measured and brought nothing on top of that.) How answers reach their
-callers is the jobs' business: `WorkerThread` and the model process subclass them.
+callers is each job's `reply` callback's business (`serving.job`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from model.errors import RequestError
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification, ClassifyItem
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
-from moderation.core.generation import (
-    GenerationResult,
-    PreparedGeneration,
-)
+from moderation.core.generation import GenerationResult
 from moderation.core.guarded import AnswerDecoder
 from moderation.core.text_safety import is_blank
 from moderation.runtime import Runtime
-from moderation.serving.answer_checks import AnswerChecks, CheckJob, Due
 from moderation.serving.metrics import WorkerMetrics
 from moderation.serving.worker import (
     DeadlineExpiredError,
@@ -51,59 +49,25 @@ from moderation.serving.worker import (
     QueueFullError,
     WorkerStoppedError,
 )
+from moderation.serving.worker.answer_checks import AnswerChecks, CheckJob, Due
+from moderation.serving.worker.job import Job
+from moderation.serving.worker.tick_plan import (
+    Held,
+    Queued,
+    TickPlan,
+    TickState,
+    has_slots_for_checks,
+    plan_tick,
+)
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(eq=False)  # identity equality: jobs are removed from the queue by identity
-class Job:
-    deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
-    cancelled: bool = False
-    queued_at: float = field(default_factory=time.monotonic)  # for the queue wait metric
-    started_at: float | None = None  # the tick that took it (time in the model from there)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def fail(self, exc: BaseException) -> None:
-        raise NotImplementedError
-
-
-@dataclass(eq=False)
-class ClassifyJob(Job):
-    """Items already planned (validated) at the door; `resolve` gets their results in order."""
-
-    planned: list[PlannedItem] = field(default_factory=list)
-
-    def resolve(self, value: list[Classification] | BaseException) -> None:
-        raise NotImplementedError
-
-    def fail(self, exc: BaseException) -> None:
-        self.resolve(exc)
-
-
-@dataclass(eq=False)
-class GenerateJob(Job):
-    """A guarded generation; `emit` gets its events: str deltas, then a GenerationResult, or an
-    exception."""
-
-    prep: PreparedGeneration | None = None
-    stream: bool = True  # send text deltas (unary Generate only needs the result)
-    decoder: AnswerDecoder | None = None  # set when the engine takes it
-    input_moderation: Classification | None = None
-
-    def emit(self, event: str | GenerationResult | BaseException) -> None:
-        raise NotImplementedError
-
-    def fail(self, exc: BaseException) -> None:
-        self.emit(exc)
 
 
 @dataclass
 class _OutputCheck:
     """A finished answer waiting for its output moderation in the next classifier pass."""
 
-    job: GenerateJob
+    job: Job
     planned: PlannedItem
     finish_reason: str
 
@@ -124,14 +88,14 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_items_per_pass = max_items_per_pass
-        self._pending: deque[Job | CheckJob] = deque()
+        self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._answers = AnswerChecks(runtime.classifier, self._cond)
-        self._running: dict[int, GenerateJob] = {}  # engine request id -> job
+        self._running: dict[int, Job] = {}  # engine request id -> job
         self._checks: list[_OutputCheck] = []
         # Generations with output moderation waiting for two free slots (the answer's and its
         # check's), admitted first at the next tick.
-        self._slot_wait: list[GenerateJob] = []
+        self._slot_wait: list[Job] = []
         self._engine_waiting = 0  # admitted generations waiting for an engine slot
         self._stopping = False
         if metrics is not None:  # the cache's capacity, for the in-use gauges' ratio
@@ -150,7 +114,7 @@ class Scheduler:
             + len(self._answers.waiting)
         )
 
-    def submit(self, job: Job | CheckJob) -> None:
+    def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
                 raise WorkerStoppedError("the server is shutting down")
@@ -161,6 +125,14 @@ class Scheduler:
             self._pending.append(job)
             self._cond.notify()
         self._gauge()
+
+    def open_check(self, job: CheckJob) -> None:
+        """Open a ModerateStream check (its slot is taken at the next tick that has one)."""
+        with self._cond:
+            if self._stopping:
+                raise WorkerStoppedError("the server is shutting down")
+            self._answers.incoming.append(job)
+            self._cond.notify()
 
     def feed(self, job: CheckJob, tokens: list[int], end: bool) -> None:
         """A ModerateStream check's next tokens (`end`: the answer is complete)."""
@@ -173,8 +145,9 @@ class Scheduler:
         with self._cond:
             job.cancelled = True
             # Not started: dropped, it costs nothing. Running: stopped at the next tick.
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
+            if isinstance(job, Job):
+                with contextlib.suppress(ValueError):
+                    self._pending.remove(job)
             self._cond.notify()
         self._gauge()
 
@@ -202,12 +175,13 @@ class Scheduler:
         return bool(self._pending or self._busy())
 
     def run_once(self) -> None:
-        """One tick over what is queued now."""
+        """One tick: plan it from the queue and what runs, then execute the plan."""
         start = time.perf_counter()
         with self._cond:
-            jobs = self._take()
+            plan = plan_tick(self._state())
+            jobs = [self._pending.popleft() for _ in range(plan.take)]
         try:
-            self._tick(jobs)
+            self._execute(plan, jobs)
         except Exception as exc:  # a bug must fail this tick's requests, not the worker
             log.exception("model worker tick failed")
             for job in jobs:
@@ -216,15 +190,34 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - start)
 
-    def _take(self) -> list[Job | CheckJob]:
-        """Queued jobs for this tick, up to max_items_per_pass classification items."""
-        jobs: list[Job | CheckJob] = []
-        items = 0
-        while self._pending and (items < self.max_items_per_pass or not jobs):
-            job = self._pending.popleft()
-            jobs.append(job)
-            items += len(job.planned) if isinstance(job, ClassifyJob) else 1
-        return jobs
+    def _state(self) -> TickState:
+        """What the plan is made from: plain data (called with the lock held)."""
+        now = time.monotonic()
+        limit = self.max_items_per_pass
+        queued = [
+            Queued(
+                j.key,
+                j.deadline,
+                j.cancelled,
+                j.items,
+                j.prep is not None,
+                j.prep is not None and j.prep.input_planned is not None,
+            )
+            for j in itertools.islice(self._pending, limit)  # each job has an item at least
+        ]
+        return TickState(
+            now,
+            queued,
+            running=[
+                Held(
+                    g.key, g.deadline, g.cancelled, g.decoder is not None and g.decoder.check_due()
+                )
+                for g in self._running.values()
+            ],
+            slot_wait=[Held(g.key, g.deadline, g.cancelled) for g in self._slot_wait],
+            output_checks=[Held(c.job.key, c.job.deadline, c.job.cancelled) for c in self._checks],
+            max_items_per_pass=limit,
+        )
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -234,29 +227,44 @@ class Scheduler:
             self.metrics.kv_cache_slots_in_use.set(slots)
             self.metrics.kv_cache_tokens_in_use.set(tokens)
 
-    def _tick(self, jobs: list[Job | CheckJob]) -> None:
-        now = time.monotonic()
+    def _execute(self, plan: TickPlan, jobs: list[Job]) -> None:
         computed = self.engine.stats.tokens_computed
-        live: list[Job | CheckJob] = []
-        for job in jobs:
-            if job.expired(now):
-                job.fail(DeadlineExpiredError("the deadline passed while the request waited"))
-            elif not job.cancelled:
-                live.append(job)
-                job.started_at = now
-                if self.metrics is not None:
-                    self.metrics.queue_wait.observe(now - job.queued_at)
-        self._drop_stopped(now)
-        generations = [j for j in live if isinstance(j, GenerateJob)]
-        self._classifier_pass([j for j in live if isinstance(j, ClassifyJob)], generations)
-        waiting, self._slot_wait = self._slot_wait, []
-        for g in [*waiting, *generations]:
-            self._admit(g)
-        self._answers.admit([j for j in live if isinstance(j, CheckJob)])
+        taken = {j.key: j for j in jobs}
+        running = {g.key: g for g in self._running.values()}
+        waiting = {g.key: g for g in self._slot_wait}
+        for key in plan.expired:
+            taken[key].fail(DeadlineExpiredError("the deadline passed while the request waited"))
+        now = time.monotonic()
+        for key in (*plan.classify, *(k for k in plan.admit if k in taken)):
+            taken[key].started_at = now  # time in the model from here
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(now - taken[key].queued_at)
+        for key in (*plan.stop, *plan.stop_expired):
+            g = running[key]
+            assert g.engine_id is not None
+            self._stop(g.engine_id, g)
+            del self._running[g.engine_id]
+        for key in plan.stop_expired:
+            running[key].fail(DeadlineExpiredError("the deadline passed during generation"))
+        for key in plan.unwait_expired:
+            waiting[key].fail(DeadlineExpiredError("the deadline passed while the request waited"))
+        keep = set(plan.output_checks)
+        self._checks = [c for c in self._checks if c.job.key in keep]
+        refused = self._classifier_pass(
+            [taken[k] for k in plan.classify], [taken[k] for k in plan.moderate_inputs]
+        )
+        self._slot_wait = []
+        for key in plan.admit:
+            if key not in refused:
+                self._admit(waiting[key] if key in waiting else taken[key])
+        with self._cond:
+            opened = self._answers.take_incoming()
+        self._answers.drop_stopped(time.monotonic())
+        self._answers.admit(opened)
         due = self._answers.due()
         if self.engine.has_unfinished() or self._running or due:
             try:
-                self._step(due)
+                self._step(set(plan.step_checks), due)
                 self._finish_checked()
             except Exception as exc:  # fail the batch, keep the server
                 log.exception("engine step failed")
@@ -271,54 +279,32 @@ class Scheduler:
                 self.engine.stats.tokens_computed - computed
             )
 
-    def _drop_stopped(self, now: float) -> None:
-        """Cancelled or expired generations leave the engine before the next step."""
-        for engine_id, g in list(self._running.items()):
-            if g.cancelled or g.expired(now):
-                self._stop(engine_id, g)
-                del self._running[engine_id]
-                if not g.cancelled:
-                    g.fail(DeadlineExpiredError("the deadline passed during generation"))
-        self._checks = [c for c in self._checks if not c.job.cancelled]
-        self._answers.drop_stopped(now)
-        for g in list(self._slot_wait):
-            if g.cancelled or g.expired(now):
-                self._slot_wait.remove(g)
-                if not g.cancelled:
-                    g.fail(DeadlineExpiredError("the deadline passed while the request waited"))
-
-    def _stop(self, engine_id: int, g: GenerateJob) -> None:
+    def _stop(self, engine_id: int, g: Job) -> None:
         """Take a generation out of the engine: its sequence and its output checks' slot."""
         self.engine.cancel(engine_id)
         if g.decoder is not None:
             self.runtime.generator.close_checks(g.decoder)
 
-    def _classifier_pass(self, classify: list[ClassifyJob], generations: list[GenerateJob]) -> None:
-        """One classifier pass for every classification due this tick."""
-        rt = self.runtime
-        gated: list[GenerateJob] = []  # generations whose input is moderated first
-        inputs: list[ClassifyItem] = []
-        for g in generations:
-            if g.prep is not None and g.prep.input_item is not None:
-                gated.append(g)
-                inputs.append(g.prep.input_item)
+    def _classifier_pass(self, classify: list[Job], gated: list[Job]) -> set[int]:
+        """One classifier pass for every classification due this tick: the classifications,
+        the input moderation of `gated` generations (planned at the door) and the output checks
+        kept. The keys of the generations that failed with it."""
         checks, self._checks = self._checks, []
-        planned = [p for j in classify for p in j.planned]
+        planned = [p for j in classify for p in j.planned or ()]
+        planned += [g.prep.input_planned for g in gated if g.prep and g.prep.input_planned]
+        planned += [c.planned for c in checks]
         try:
-            planned += [rt.classifier.plan(item) for item in inputs]
-            planned += [c.planned for c in checks]
             results = self._run_classifier(planned) if planned else []
         except Exception as exc:
             log.exception("classifier pass failed")
             for job in [*classify, *gated, *(c.job for c in checks)]:
                 job.fail(exc)
-            for g in gated:
-                generations.remove(g)
-            return
+            return {g.key for g in gated}
         at = 0
         for cjob in classify:
-            cjob.resolve(results[at : at + len(cjob.planned)])
-            at += len(cjob.planned)
+            n = cjob.items
+            cjob.reply(results[at : at + n])
+            at += n
             self._answered(cjob, "classify")
         for g in gated:
             g.input_moderation = results[at]
@@ -326,6 +312,7 @@ class Scheduler:
         for check in checks:
             self._finish(check.job, check.finish_reason, results[at])
             at += 1
+        return set()
 
     def _run_classifier(self, planned: list[PlannedItem]) -> list[Classification]:
         rt = self.runtime
@@ -339,21 +326,19 @@ class Scheduler:
                 self.metrics.prefix_tokens.inc(delta)
         return results
 
-    def _admit(self, g: GenerateJob) -> None:
+    def _admit(self, g: Job) -> None:
         """Refuse a flagged input, otherwise queue the sequence into the engine."""
         rt = self.runtime
         assert g.prep is not None
         moderation = g.input_moderation
         if moderation is not None and moderation.flagged:
-            g.emit(rt.generator.refuse_input(g.prep, moderation))
+            g.reply(rt.generator.refuse_input(g.prep, moderation))
             return
         checks = None
         if g.prep.options.moderate_output and self.engine.max_batch_size >= 2:
-            # The answer's checks hold a slot of their own as long as the answer runs: admit
-            # it only when its sequence will find a slot too, or two waiting generations could
-            # each hold one slot and wait for the other's forever. (With one generation slot,
-            # open_checks declines: the answer is checked once, at the end.)
-            if self.engine.free_slots - self.engine.num_waiting < 2:
+            # (With one generation slot, open_checks declines: the answer is checked once, at
+            # the end.)
+            if not has_slots_for_checks(self.engine.free_slots, self.engine.num_waiting):
                 self._slot_wait.append(g)
                 return
             try:
@@ -368,15 +353,16 @@ class Scheduler:
             rt.generator.close_checks(decoder)
             g.fail(InvalidArgument("messages", str(exc)))
             return
-        g.decoder = decoder
+        g.decoder, g.engine_id = decoder, engine_id
         self._running[engine_id] = g
 
-    def _step(self, answers: Due) -> None:
-        """One engine step, with the checks of every answer due riding in its pass (they
-        cover the tokens generated before it), ModerateStream's `answers` too: sends what
-        passed, then the step's tokens."""
+    def _step(self, checks: set[int], answers: Due | None = None) -> None:
+        """One engine step, with the checks the plan chose riding in its pass (they cover the
+        tokens generated before it), ModerateStream's `answers` too: sends what passed, then
+        the step's tokens."""
         rt = self.runtime
-        due = [g for g in self._running.values() if g.decoder and g.decoder.check_due()]
+        due = [g for g in self._running.values() if g.key in checks]
+        answers = answers or []
         events, deltas, verdicts = rt.generator.step_with(
             [g.decoder for g in due if g.decoder is not None], self._answers.streams(answers)
         )
@@ -387,7 +373,7 @@ class Scheduler:
             self.metrics.batch_size.labels(kind="answer_check").observe(len(answers))
         for job, delta in zip(due, deltas, strict=True):
             if delta:
-                job.emit(delta)
+                job.reply(delta)
         if self.metrics is not None and events:
             self.metrics.batch_size.labels(kind="generate").observe(len(events))
         for ev in events:
@@ -396,7 +382,7 @@ class Scheduler:
                 continue
             delta = g.decoder.push(ev)
             if delta:
-                g.emit(delta)
+                g.reply(delta)
             reason = g.decoder.finish_reason
             if reason is None or g.decoder.checks is not None:
                 continue  # answers checked as they grow finish in _finish_checked
@@ -431,7 +417,7 @@ class Scheduler:
                 continue
             self._finish(g, d.finish_reason or "length", None)
 
-    def _finish(self, g: GenerateJob, reason: str, output: Classification | None) -> None:
+    def _finish(self, g: Job, reason: str, output: Classification | None) -> None:
         assert g.prep is not None and g.decoder is not None
         g.decoder.finish_reason = g.decoder.finish_reason or reason
         events = self.runtime.generator.finish_decoded(
@@ -439,7 +425,7 @@ class Scheduler:
         )
         for event in events:
             if g.stream or isinstance(event, GenerationResult):
-                g.emit(event)
+                g.reply(event)
         self._answered(g, "generate")
 
     def _answered(self, job: Job, kind: str) -> None:

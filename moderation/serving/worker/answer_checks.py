@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from moderation.core.classifier import Classifier, OutputStream, PlannedItem
@@ -29,8 +29,10 @@ Due = list[tuple["CheckJob", list[int]]]
 
 @dataclass(eq=False)  # identity equality, as every job
 class CheckJob:
-    """A ModerateStream check; `emit` gets its verdicts, then maybe an exception."""
+    """A ModerateStream check; `reply` gets its verdicts, then maybe an exception (the worker
+    thread's hands them to the caller's event loop, the model process's to the pipe)."""
 
+    reply: Callable[[CheckVerdict | BaseException], None] | None = None
     deadline: float | None = None
     cancelled: bool = False
     queued_at: float = field(default_factory=time.monotonic)  # for the queue wait metric
@@ -48,7 +50,8 @@ class CheckJob:
         return self.deadline is not None and now >= self.deadline
 
     def emit(self, event: CheckVerdict | BaseException) -> None:
-        raise NotImplementedError
+        assert self.reply is not None
+        self.reply(event)
 
     def fail(self, exc: BaseException) -> None:
         self.over = True
@@ -62,6 +65,7 @@ class AnswerChecks:
         self.classifier = classifier
         self.engine = classifier.engine
         self.lock = lock
+        self.incoming: list[CheckJob] = []  # opened by callers, not yet taken (under the lock)
         self.open: list[CheckJob] = []
         self.waiting: list[CheckJob] = []  # admitted, waiting for a free slot
 
@@ -74,8 +78,15 @@ class AnswerChecks:
             job.tokens.extend(tokens)
             job.ended = end
 
+    def take_incoming(self) -> list[CheckJob]:
+        """The checks opened since the last tick (with the lock held)."""
+        taken, self.incoming = self.incoming, []
+        return taken
+
     def busy(self) -> bool:
         """Whether a tick has something to do for the checks (with the lock held)."""
+        if self.incoming:
+            return True
         for job in self.open:
             if job.cancelled or self._next(job) is not None:
                 return True
@@ -88,9 +99,14 @@ class AnswerChecks:
     def admit(self, jobs: Sequence[CheckJob]) -> None:
         """Open the engine streams of new checks (and of those waiting for a slot)."""
         waiting, self.waiting = self.waiting, []
+        now = time.monotonic()
         for job in [*waiting, *jobs]:
             if job.cancelled:
                 continue
+            if job.expired(now):
+                job.fail(DeadlineExpiredError("the deadline passed while the request waited"))
+                continue
+            job.started_at = job.started_at or now
             if not self._room():
                 self.waiting.append(job)
                 continue

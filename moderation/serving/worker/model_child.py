@@ -9,21 +9,20 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 
 from moderation.core.cpus import available_cpus
-from moderation.core.decision import Classification
-from moderation.core.generation import GenerationResult
 from moderation.runtime import Runtime, checkpoint_dir
-from moderation.serving import process_messages as msg
-from moderation.serving.answer_checks import CheckJob
-from moderation.serving.loader import load_from_settings
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
-from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import CheckVerdict
+from moderation.serving.worker import process_messages as msg
+from moderation.serving.worker.answer_checks import CheckJob
+from moderation.serving.worker.job import Job, Reply
+from moderation.serving.worker.loader import load_from_settings
+from moderation.serving.worker.scheduler import Scheduler
 
 METRICS_FLUSH_S = 0.25  # how often the model process sends its metrics when it has any
 
@@ -66,72 +65,11 @@ class RecordingMetrics:
         return taken
 
 
-class _Sink:
-    """Where the model process's jobs put their answers; sent once per tick."""
-
-    def __init__(self, timed: bool = False) -> None:
-        self.outbox: list[msg.JobMessage | msg.MetricOps] = []
-        self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
-        self.timed = timed  # tracing: answers carry their queue and model seconds
-
-    def timing(self, job: Job) -> tuple[float, float] | None:
-        if not self.timed or job.started_at is None:
-            return None
-        return job.started_at - job.queued_at, time.monotonic() - job.started_at
-
-    def put(self, job: int, message: msg.JobMessage, *, final: bool) -> None:
-        self.outbox.append(message)
-        if final:
-            self.open.pop(job, None)
-
-
-@dataclass(eq=False)
-class _PipeClassify(ClassifyJob):
-    """A classification whose answer goes back over the pipe."""
-
-    job: int = 0
-    sink: _Sink | None = None
-
-    def resolve(self, value: list[Classification] | BaseException) -> None:
-        assert self.sink is not None
-        if isinstance(value, BaseException):
-            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(value)), final=True)
-        else:
-            timing = self.sink.timing(self)
-            self.sink.put(self.job, msg.Results(self.job, value, timing), final=True)
-
-
-@dataclass(eq=False)
-class _PipeGenerate(GenerateJob):
-    """A generation whose events go back over the pipe."""
-
-    job: int = 0
-    sink: _Sink | None = None
-
-    def emit(self, event: str | GenerationResult | BaseException) -> None:
-        assert self.sink is not None
-        if isinstance(event, BaseException):
-            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
-        else:
-            final = isinstance(event, GenerationResult)
-            timing = self.sink.timing(self) if final else None
-            self.sink.put(self.job, msg.Event(self.job, event, timing), final=final)
-
-
-@dataclass(eq=False)
-class _PipeCheck(CheckJob):
-    """A ModerateStream check whose verdicts go back over the pipe."""
-
-    job: int = 0
-    sink: _Sink | None = None
-
-    def emit(self, event: CheckVerdict | BaseException) -> None:
-        assert self.sink is not None
-        if isinstance(event, BaseException):
-            self.sink.put(self.job, msg.Failed(self.job, msg.WireError.of(event)), final=True)
-        else:
-            final = event.complete or event.result.flagged
-            self.sink.put(self.job, msg.Event(self.job, event), final=final)
+def answer_timing(job: Job, *, timed: bool) -> tuple[float, float] | None:
+    """What an answer carries for tracing (`timed`): its job's queue and model seconds."""
+    if not timed or job.started_at is None:
+        return None
+    return job.started_at - job.queued_at, time.monotonic() - job.started_at
 
 
 def child_main(conn: Connection, settings: ServeSettings) -> None:
@@ -168,7 +106,9 @@ class _Child:
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
         )
-        self.sink = _Sink(timed=settings.tracing)
+        self.outbox: list[msg.JobMessage | msg.MetricOps] = []  # sent once per tick
+        self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
+        self.timed = settings.tracing  # answers carry their queue and model seconds
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
         self.last_sent = time.monotonic()
 
@@ -179,7 +119,8 @@ class _Child:
                 # Idle: sleep in poll until a message comes (or it is time for metrics).
                 if self.conn.poll(0 if self.scheduler.has_work else METRICS_FLUSH_S):
                     while self.conn.poll():
-                        self._handle(self.conn.recv())
+                        for message in self.conn.recv().messages:
+                            self._handle(message)
             except (EOFError, OSError):  # the server process is gone: nobody to answer
                 return
             if self.scheduler.has_work:
@@ -189,12 +130,10 @@ class _Child:
                 last_metrics = now
                 ops = self.metrics.take()
                 if ops:
-                    self.sink.outbox.append(msg.MetricOps(ops))
-            if self.sink.outbox or (
-                self.scheduler.has_work and now - self.last_sent >= METRICS_FLUSH_S
-            ):
+                    self.outbox.append(msg.MetricOps(ops))
+            if self.outbox or (self.scheduler.has_work and now - self.last_sent >= METRICS_FLUSH_S):
                 # An empty batch is a heartbeat: the server's watchdog sees the model working.
-                messages, self.sink.outbox = self.sink.outbox, []
+                messages, self.outbox = self.outbox, []
                 self._send(msg.Batch(messages))
                 self.last_sent = now
             if self.stop_at is not None and (not self.scheduler.has_work or now >= self.stop_at):
@@ -205,40 +144,59 @@ class _Child:
         with contextlib.suppress(OSError):  # the server is gone: nothing to tell
             self.conn.send(message)
 
+    def _timing(self, job_id: int) -> tuple[float, float] | None:
+        job = self.open.get(job_id)
+        return None if not isinstance(job, Job) else answer_timing(job, timed=self.timed)
+
+    def _verdict(self, job: int, reply: CheckVerdict | BaseException) -> None:
+        """A ModerateStream check's verdict (or error) to the pipe."""
+        if isinstance(reply, BaseException):
+            self.outbox.append(msg.Failed(job, msg.WireError.of(reply)))
+            final = True
+        else:
+            self.outbox.append(msg.Event(job, reply))
+            final = reply.complete or reply.result.flagged
+        if final:
+            self.open.pop(job, None)
+
+    def _reply(self, job: int, reply: Reply) -> None:
+        message, final = msg.job_message(job, reply, self._timing(job))
+        self.outbox.append(message)
+        if final:
+            self.open.pop(job, None)
+
     def _handle(self, message: msg.ToModel) -> None:
-        job: Job | CheckJob
+        job: Job
         if isinstance(message, msg.Classify):
-            job = _PipeClassify(
-                message.deadline, planned=message.planned, job=message.job, sink=self.sink
-            )
+            reply = partial(self._reply, message.job)
+            job = Job.classify(message.planned, reply, message.deadline)
         elif isinstance(message, msg.Generate):
-            job = _PipeGenerate(
-                message.deadline,
-                prep=message.prep,
-                stream=message.stream,
-                job=message.job,
-                sink=self.sink,
+            reply = partial(self._reply, message.job)
+            job = Job.generate(
+                message.prep, reply, stream=message.stream, deadline=message.deadline
             )
         elif isinstance(message, msg.CheckAnswer):
-            job = _PipeCheck(
+            check = CheckJob(
+                partial(self._verdict, message.job),
                 message.deadline,
                 planned=message.planned,
                 every=message.every,
-                job=message.job,
-                sink=self.sink,
             )
+            self.open[message.job] = check
+            self.scheduler.open_check(check)
+            return
         elif isinstance(message, msg.Feed):
-            check = self.sink.open.get(message.job)
-            if isinstance(check, CheckJob):
-                self.scheduler.feed(check, message.tokens, message.end)
+            fed = self.open.get(message.job)
+            if isinstance(fed, CheckJob):
+                self.scheduler.feed(fed, message.tokens, message.end)
             return
         elif isinstance(message, msg.Cancel):
-            old = self.sink.open.pop(message.job, None)
+            old = self.open.pop(message.job, None)
             if old is not None:
                 self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
             return
         else:
             self.stop_at = time.monotonic() + message.timeout
             return
-        self.sink.open[message.job] = job
+        self.open[message.job] = job
         self.scheduler.submit(job)

@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
@@ -19,6 +18,7 @@ from moderation.serving.worker import (
     QueueFullError,
     WorkerStoppedError,
 )
+from moderation.serving.worker.job import Reply
 
 # ------------------------------------------------------------- server -> model process
 
@@ -72,6 +72,14 @@ class Stop:
 
 
 ToModel = Classify | Generate | CheckAnswer | Feed | Cancel | Stop
+
+
+@dataclass(frozen=True)
+class Requests:
+    """The messages queued while the last send ran, sent together."""
+
+    messages: list[ToModel]
+
 
 # ------------------------------------------------------------- model process -> server
 
@@ -148,6 +156,19 @@ class Failed:
     error: WireError
 
 
+def job_message(
+    job: int, reply: Reply, timing: tuple[float, float] | None = None
+) -> tuple[JobMessage, bool]:
+    """A job's reply as the message that carries it, and whether it is the job's last (its
+    answer carries `timing`, the queue and model seconds, for tracing)."""
+    if isinstance(reply, BaseException):
+        return Failed(job, WireError.of(reply)), True
+    if isinstance(reply, list):
+        return Results(job, reply, timing), True
+    final = isinstance(reply, GenerationResult)
+    return Event(job, reply, timing if final else None), final
+
+
 @dataclass(frozen=True)
 class MetricOp:
     """One update of a scheduler metric, recorded in the model process."""
@@ -164,7 +185,6 @@ class MetricOps:
 
 
 JobMessage = Results | Event | Failed
-ToServer = Ready | LoadFailed | JobMessage | MetricOps
 
 
 @dataclass(frozen=True)

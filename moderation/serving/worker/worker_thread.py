@@ -12,19 +12,19 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from moderation.core.classifier import PlannedItem
-from moderation.core.decision import Classification
+from moderation.core.decision import Classification, PlannedItem
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import Runtime
 from moderation.serving import tracing
-from moderation.serving.answer_checks import CheckJob
 from moderation.serving.calls import current_call
 from moderation.serving.metrics import Metrics
-from moderation.serving.scheduler import ClassifyJob, GenerateJob, Job, Scheduler
-from moderation.serving.worker import CheckVerdict, QueuedCheck, generation_events
+from moderation.serving.worker import QueuedCheck, generation_events
+from moderation.serving.worker.answer_checks import CheckJob
+from moderation.serving.worker.job import Job, Reply
+from moderation.serving.worker.scheduler import Scheduler
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -54,56 +54,13 @@ def _deliver(calls: list[Call]) -> None:
         fn(*args)
 
 
-@dataclass(eq=False)
-class _LoopClassify(ClassifyJob):
-    outbox: Outbox | None = None
-    future: asyncio.Future[list[Classification]] | None = None
-
-    def resolve(self, value: list[Classification] | BaseException) -> None:
-        fut = self.future
-        assert fut is not None and self.outbox is not None
-
-        def settle() -> None:
-            if fut.done():
-                return
-            if isinstance(value, BaseException):
-                fut.set_exception(value)
-            else:
-                fut.set_result(value)
-
-        self.outbox.put(fut.get_loop(), settle)
-
-
-@dataclass(eq=False)
-class _LoopGenerate(GenerateJob):
-    outbox: Outbox | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
-
-    def emit(self, event: str | GenerationResult | BaseException) -> None:
-        assert self.outbox is not None and self.loop is not None and self.events is not None
-        self.outbox.put(self.loop, self.events.put_nowait, event)
-
-
-@dataclass(eq=False)
-class _LoopCheck(CheckJob):
-    outbox: Outbox | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue[CheckVerdict | BaseException] | None = None
-
-    def emit(self, event: CheckVerdict | BaseException) -> None:
-        assert self.outbox is not None and self.loop is not None and self.events is not None
-        self.outbox.put(self.loop, self.events.put_nowait, event)
-
-
 class _ThreadCheck(QueuedCheck):
     """The caller's side of a ModerateStream check in this process's scheduler."""
 
-    def __init__(self, scheduler: Scheduler, job: _LoopCheck):
+    def __init__(self, scheduler: Scheduler, outbox: Outbox, loop: asyncio.AbstractEventLoop):
         super().__init__()
         self.scheduler = scheduler
-        self.job = job
-        job.events = self.events
+        self.job = CheckJob(partial(outbox.put, loop, self.events.put_nowait))
 
     def send_feed(self, tokens: list[int], end: bool) -> None:
         self.scheduler.feed(self.job, tokens, end)
@@ -166,8 +123,19 @@ class WorkerThread:
         self, planned: Sequence[PlannedItem], *, deadline: float | None = None
     ) -> list[Classification]:
         """Results of planned items, in order, from a shared classifier pass."""
-        future = asyncio.get_running_loop().create_future()
-        job = _LoopClassify(deadline, planned=list(planned), outbox=self._outbox, future=future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Classification]] = loop.create_future()
+
+        def settle(value: Reply) -> None:  # on the loop
+            if future.done():
+                return
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+            else:
+                assert isinstance(value, list)
+                future.set_result(value)
+
+        job = Job.classify(list(planned), partial(self._outbox.put, loop, settle), deadline)
         self.scheduler.submit(job)
         try:
             results = await future
@@ -182,13 +150,12 @@ class WorkerThread:
     ) -> AsyncGenerator[str | GenerationResult, None]:
         """Text deltas (when `stream`), then the result; the engine batches it with others."""
         events: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
-        job = _LoopGenerate(
-            deadline,
-            prep=prep,
+        loop = asyncio.get_running_loop()
+        job = Job.generate(
+            prep,
+            partial(self._outbox.put, loop, events.put_nowait),
             stream=stream,
-            outbox=self._outbox,
-            loop=asyncio.get_running_loop(),
-            events=events,
+            deadline=deadline,
         )
         self.scheduler.submit(job)
         try:
@@ -203,10 +170,7 @@ class WorkerThread:
         self, planned: PlannedItem, every: int, *, deadline: float | None = None
     ) -> _ThreadCheck:
         """Open a ModerateStream check; its verdicts come from the scheduler's ticks."""
-        job = _LoopCheck(
-            deadline, planned=planned, every=every, outbox=self._outbox,
-            loop=asyncio.get_running_loop(),
-        )  # fmt: skip
-        handle = _ThreadCheck(self.scheduler, job)
-        self.scheduler.submit(job)
+        handle = _ThreadCheck(self.scheduler, self._outbox, asyncio.get_running_loop())
+        handle.job.planned, handle.job.every, handle.job.deadline = planned, every, deadline
+        self.scheduler.open_check(handle.job)
         return handle
