@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/classifier_bench.py
 	$(BIN)/python bench/service_bench.py
 	$(BIN)/python bench/batch_bench.py
+	$(BIN)/python bench/flex_bench.py --models 60m
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -25,8 +25,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from model import flash_ops
 from model.cache import ForwardMetadata, RollingCache
 from model.errors import EngineError
+from model.flex import FlexBackend
 
 
 class AttentionBackend(Protocol):
@@ -292,15 +294,13 @@ class SdpaBackend:
 
 
 class FlashBackend:
-    """flash-attn 2: varlen kernel with window_size for pre-fill, kvcache kernel for decode."""
+    """flash-attn 2: varlen kernel with window_size for pre-fill, kvcache kernel for decode,
+    called as the custom ops of model/flash_ops.py, which compiled and captured steps trace
+    through (on CPU tensors those run their plain-torch reference)."""
 
     name = "flash"
 
     def __init__(self) -> None:
-        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-
-        self._varlen = flash_attn_varlen_func
-        self._kvcache = flash_attn_with_kvcache
         # Token trees (label scoring) need arbitrary masks, which flash-attn has no form for;
         # those passes are a few dozen tokens, so SDPA serves them.
         self._trees = SdpaBackend()
@@ -330,16 +330,15 @@ class FlashBackend:
             cache.write(layer, k, v, meta)
         # causal=True aligns the band bottom-right when keys outnumber queries (flash-attn >= 2.1),
         # which is what a chunk attending to its cached window needs.
-        out = self._varlen(
+        out = flash_ops.varlen(
             q[nd:],
             keys,
             values,
-            cu_seqlens_q=meta.cu_seqlens_q,
-            cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_seqlen_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            causal=True,
-            window_size=(meta.window - 1, 0),
+            meta.cu_seqlens_q,
+            meta.cu_seqlens_k,
+            meta.max_seqlen_q,
+            meta.max_seqlen_k,
+            meta.window,
         )
         if nd:
             assert cache is not None
@@ -355,15 +354,7 @@ class FlashBackend:
         # The buffer already holds exactly the window (see module docstring), so no
         # window_size is needed; cache_batch_idx maps each query to its slot, and the kernel
         # reads only cache_seqlens rows of it.
-        out = self._kvcache(
-            q[:, None],
-            kc,
-            vc,
-            cache_seqlens=d.lengths,
-            cache_batch_idx=d.slots,
-            causal=True,
-        )
-        return out[:, 0]
+        return flash_ops.kvcache(q, kc, vc, d.lengths, d.slots)
 
 
 _log = logging.getLogger(__name__)
@@ -398,23 +389,47 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def flex_backend(
+    device: torch.device, compile_kernel: bool | None = None, *, flex_decode: bool = False
+) -> FlexBackend:
+    """FlexAttention for pre-fill, mixed and tree passes; decode through SDPA over the filled
+    rows, or (flex_decode) FlexAttention over every slot's rows in place; the kernel compiled
+    on CUDA unless told (see model/flex.py)."""
+    if compile_kernel is None:
+        compile_kernel = device.type == "cuda"
+    return FlexBackend(
+        SdpaBackend._decode, compile_kernel=compile_kernel, cuda=device.type == "cuda",
+        flex_decode=flex_decode,
+    )  # fmt: skip
+
+
 def select_backend(
     name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
 ) -> AttentionBackend:
     """`auto` picks flash-attn when CUDA, a half dtype and a working flash-attn are present,
-    else SDPA (saying why once, when CUDA would have used flash-attn)."""
+    else FlexAttention on CUDA (saying why once) and SDPA on CPU, where it measured faster
+    than flex (docs/benchmarks.md, #24)."""
     global _fallback_logged
     if name == "sdpa":
         return SdpaBackend()
+    if name == "flex":
+        return flex_backend(device)
     if name not in ("flash", "auto"):
-        raise EngineError(f"unknown attention backend {name!r}; choose auto, flash or sdpa")
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        raise EngineError(f"unknown attention backend {name!r}; choose auto, flash, flex or sdpa")
+    if device.type != "cuda":
         if name == "flash":
             raise EngineError(
                 "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
                 f"package (device={device}, dtype={dtype})"
             )
         return SdpaBackend()
+    if dtype not in (torch.float16, torch.bfloat16):
+        if name == "flash":
+            raise EngineError(
+                "attention backend 'flash' needs CUDA, fp16/bf16 weights and the flash-attn "
+                f"package (device={device}, dtype={dtype})"
+            )
+        return flex_backend(device)
     error = flash_import_error()
     if error is None:
         return FlashBackend()
@@ -423,5 +438,5 @@ def select_backend(
     if not _fallback_logged:
         _fallback_logged = True
         level = logging.INFO if error == "flash-attn is not installed" else logging.WARNING
-        _log.log(level, "attention backend auto: using sdpa on %s, %s", device, error)
-    return SdpaBackend()
+        _log.log(level, "attention backend auto: using flex on %s, %s", device, error)
+    return flex_backend(device)

@@ -44,6 +44,7 @@ class DecodePlan:
     # With slot_range: every layer's keys and values as views [layers, count, kv_heads, span,
     # head_dim] of the buffers, made once per pass (not ten views per layer).
     views: tuple[torch.Tensor, torch.Tensor] | None = None
+    n_slots: int = 0  # slots of the cache (what a decode over every slot's rows is shaped by)
 
 
 @dataclass
@@ -78,20 +79,25 @@ class ForwardMetadata:
     # causal), or the pass as one padded batch (model.attention.PaddedLayout).
     masks: list[torch.Tensor | None] | None = None
     padded: Any = None
+    # Set by the flex backend's prepare(): the pass's block masks (model.flex.FlexPass for its
+    # pre-fill sequences, model.flex.FlexDecode for its decoders when flex decodes).
+    flex: Any = None
+    flex_decode: Any = None
     prepared: bool = False
 
     @property
     def n_decode(self) -> int:
         return self.decoding.count if self.decoding is not None else 0
 
+    # Lists with a 0 rather than max(..., default=0), which dynamo cannot trace (a compiled
+    # step through the flash-attn ops reads these).
     @property
     def max_seqlen_q(self) -> int:
-        return max(self.seqlens, default=0)
+        return max([0, *self.seqlens])
 
     @property
     def max_seqlen_k(self) -> int:
-        pairs = zip(self.cached_lens, self.seqlens, strict=True)
-        return max((c + s for c, s in pairs), default=0)
+        return max([0] + [c + s for c, s in zip(self.cached_lens, self.seqlens, strict=True)])
 
     @classmethod
     def fresh(cls, seqlens: list[int], window: int, device: torch.device) -> ForwardMetadata:
@@ -263,6 +269,7 @@ class RollingCache:
         logits_rows: list[int] | None = None,
         write: list[bool] | None = None,
         trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
+        pad: tuple[int, int] | None = None,
     ) -> ForwardMetadata:
         """Plan a pass adding `seqlens[b]` tokens to the sequence in `slots[b]`.
 
@@ -276,6 +283,10 @@ class RollingCache:
         token j sits at position length + depths[j] and sees only its ancestors and itself,
         which scores many continuations of one prompt in one pass. Trees never write.
         Written slots advance their length.
+
+        `pad = (rows, slot)`, for a pass of decoders only (model/graphs.py): `rows` padding
+        decoders after them, which write rows 0.. of `slot` (an idle one) and read one row of
+        it, so that the step has its bucket's batch size. The slot's length is left alone.
         """
         n_seq = len(slots)
         trees = trees if trees is not None else [None] * n_seq
@@ -304,7 +315,9 @@ class RollingCache:
             write, trees = [write[b] for b in order], [trees[b] for b in order]
         nd = sum(decoding)
         if nd == n_seq:
-            return self._plan_decode(slots, tokens, logits_rows)
+            return self._plan_decode(slots, tokens, logits_rows, pad)
+        if pad is not None:
+            raise ValueError("only a pass of decoders is padded")
         return self._plan_mixed(nd, slots, seqlens, tokens, logits_rows, write, trees)
 
     def _decode_host(self, slots: list[int]) -> tuple[list[int], list[int], list[int], int]:
@@ -323,7 +336,9 @@ class RollingCache:
     ) -> DecodePlan:  # fmt: skip
         span = decode_span(longest, self.window, self.bucket_spans)
         mask = None
-        if shortest < span:  # built once per pass rather than in every layer
+        # Built once per pass rather than in every layer; always in compiled steps, so that a
+        # step's graph does not depend on whether its slots are equally long.
+        if shortest < span or self.static_steps:
             keep = torch.arange(span, device=self.device)[None, :] < lengths_t[:, None]
             if self.device.type == "cuda":
                 zero = torch.zeros((), dtype=self.k.dtype, device=self.device)
@@ -349,15 +364,27 @@ class RollingCache:
             mask=mask,
             slot_range=(slots[0], n) if consecutive else None,
             views=views,
+            n_slots=self.n_slots,
         )
 
     def _plan_decode(
-        self, slots: list[int], tokens: list[int] | None, logits_rows: list[int] | None
+        self,
+        slots: list[int],
+        tokens: list[int] | None,
+        logits_rows: list[int] | None,
+        pad: tuple[int, int] | None = None,
     ) -> ForwardMetadata:
         """The common step: one new token per sequence. Built from plain lists, because this
         runs once per generated token, and copied to the device in one transfer."""
-        n = len(slots)
         starts, rows, lengths, longest = self._decode_host(slots)
+        if pad is not None and pad[0] > 0:
+            count, slot = pad
+            starts = starts + [0] * count
+            rows = rows + [slot * self.window + j % self.window for j in range(count)]
+            slots = slots + [slot] * count
+            lengths = lengths + [1] * count
+            tokens = tokens + [0] * count if tokens is not None else None
+        n = len(slots)
         rows_wanted = logits_rows is not None and logits_rows != list(range(n))
         host = starts + rows + slots + lengths + (tokens or []) + (
             logits_rows if rows_wanted and logits_rows is not None else []

@@ -13,14 +13,15 @@ import bisect
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import select_backend
-from model.cache import ForwardMetadata, RollingCache, decode_span
+from model.attention import AttentionBackend, select_backend
+from model.cache import ForwardMetadata, RollingCache
 from model.errors import RequestError, SamplingError
+from model.graphs import DecodeGraphs, warm_up_prefill
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     activation_bytes,
@@ -74,37 +75,6 @@ class _Sequence:
         return self.fed < len(self.request.prompt)
 
 
-def compile_decode_step(
-    model: Transformer, cache: RollingCache, max_batch_size: int
-) -> Callable[..., torch.Tensor]:
-    """The forward of a decode pass as one compiled graph (`fullgraph`: no Python between
-    ops), specialised per batch size and decode span bucket.
-
-    CUDA: inductor with mode="reduce-overhead", which replays each shape as a CUDA graph: one
-    launch per step instead of one per op. The cache buffers are marked static so that the
-    graphs write them in place. CPU: inductor cannot lower the oneDNN pre-packed GEMMs of the
-    eager path and was measured slower without them, and "aot_eager" functionalises each cache
-    write into a copy of the whole cache (no re-inplacing pass there), so the step is captured
-    by dynamo alone (backend "eager"): one graph, in-place writes, run by eager kernels
-    without the modules' Python (ENGINE_NOTES.md).
-    """
-    cache.bucket_spans = True
-    cache.static_steps = True
-    # One graph per (batch size, span bucket, span mask or none), all of them of the one
-    # function `Transformer.run` whatever the engine: dynamo's default of 8 per function would
-    # stop a fullgraph step with a hard error at the 9th shape. Each engine adds its own.
-    buckets = len({decode_span(n, cache.window, True) for n in range(1, cache.window + 1)})
-    graphs = 2 * max_batch_size * buckets
-    config = torch._dynamo.config
-    config.recompile_limit += graphs
-    config.accumulated_recompile_limit += graphs
-    if cache.device.type == "cuda":
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
-        return torch.compile(model.run, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(model.run, backend="eager", fullgraph=True, dynamic=False)
-
-
 class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this engine's mixins
     """Batched generation and scoring over a rolling-buffer cache.
 
@@ -132,15 +102,21 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         max_context: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         cache_memory_bytes: int | None = None,
-        backend: str = "auto",
+        backend: str | AttentionBackend = "auto",
         eos_id: int = 2,
-        compile: bool = False,
+        compile: bool | None = None,
         compile_on_cpu: bool = False,
     ):
         self.model = model
         self.args = model.args
         self.eos_id = eos_id
-        self.backend = select_backend(backend, model.device, model.dtype)
+        # A name (auto, flash, flex, sdpa), or a backend built by the caller (for example
+        # model.attention.flex_backend(device, flex_decode=True)).
+        self.backend = (
+            select_backend(backend, model.device, model.dtype)
+            if isinstance(backend, str)
+            else backend
+        )
         # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
         # of a 7B).
         weights = weights_bytes(model)
@@ -216,11 +192,14 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         # Check streams (model/stream_checks.py): a growing text checked as it grows.
         self._stream_checks: dict[int, _CheckStream] = {}
         self._stream_ids = itertools.count()
-        # compile=True: decode passes run as one compiled graph per (batch size, span bucket),
-        # captured as CUDA graphs on CUDA (see compile_decode_step). On CPU the compiled step
-        # was measured slower than eager (the eager kernels it keeps, plus dynamo's guards; no
-        # launch overhead for a graph to remove), so compile=True declines there and says so;
-        # compile_on_cpu=True compiles anyway (tests of the compiled step on a CPU machine).
+        # compile (None: on CUDA): decode steps run as compiled graphs over a few batch
+        # buckets, captured as CUDA graphs on CUDA and all warmed here, before the engine
+        # serves (model/graphs.py). On CPU the compiled step was measured slower than eager
+        # (the eager kernels it keeps, plus dynamo's guards; no launch overhead for a graph to
+        # remove), so compile=True declines there and says so; compile_on_cpu=True compiles
+        # anyway (tests of the compiled step on a CPU machine).
+        if compile is None:
+            compile = model.device.type == "cuda"
         if compile and model.device.type == "cpu" and not compile_on_cpu:
             _log.warning(
                 "compile: ignored on CPU, where the compiled decode step is slower than eager "
@@ -228,11 +207,37 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
             )
             compile = False
         self.compile = compile
-        self._decode_step = (
-            compile_decode_step(model, self.cache, max_batch_size) if compile else None
-        )
         # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
         self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
+        self._decode_step: DecodeGraphs | None = None
+        if compile:
+            # Padding decoders use the last scoring slot, idle during a decode step.
+            self._decode_step = DecodeGraphs(
+                model, self.cache, self.backend, max_batch_size=max_batch_size,
+                pad_slot=self._score_slots[-1],
+            )  # fmt: skip
+            self._decode_step.warm_up(self._free_slots)
+        # The compiled FlexAttention kernel (CUDA) likewise, before the first caller waits.
+        self.prefill_compile_seconds = 0.0
+        if model.device.type == "cuda" and getattr(self.backend, "compile_kernel", False):
+            self.prefill_compile_seconds = warm_up_prefill(self.score, self.args.vocab_size)
+
+    @property
+    def graph_capture_seconds(self) -> float | None:
+        """Start-up time spent compiling and capturing the decode graphs; None without."""
+        return self._decode_step.capture_seconds if self._decode_step is not None else None
+
+    @property
+    def graph_recompiles(self) -> int | None:
+        """Decode-step graphs compiled since the start-up warm-up (goal: 0); None without."""
+        if self._decode_step is None:
+            return None
+        return self._decode_step.recompiles_since_warm_up()
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes decode steps are padded to and run as graphs; () when eager."""
+        return tuple(self._decode_step.buckets) if self._decode_step is not None else ()
 
     # ----------------------------------------------------------------- forward
 
@@ -246,6 +251,11 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
         hidden: bool = False,
     ) -> torch.Tensor:
+        graphs = self._decode_step
+        if graphs is not None and graphs.serves(chunks, write, trees, hidden):
+            self.stats.forward_passes += 1
+            self.stats.tokens_computed += len(chunks)
+            return graphs.decode(slots, [c[0] for c in chunks], logits_rows)
         tokens = list(itertools.chain.from_iterable(chunks))
         meta = self.cache.plan(
             slots,
@@ -263,11 +273,6 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         assert meta.tokens is not None
         self.stats.forward_passes += 1
         self.stats.tokens_computed += int(meta.tokens.numel())
-        if self._decode_step is not None and meta.n_decode == meta.tokens.numel():
-            with torch.no_grad():
-                return self._decode_step(
-                    meta.tokens, meta, self.cache, meta.logits_index, self.backend, hidden
-                )
         return self.model(
             meta.tokens,
             meta,

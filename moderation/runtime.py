@@ -32,7 +32,7 @@ from moderation.core.policy import Policy, PolicyError, load_policy_file
 from moderation.core.thresholds import check_operating_point, load_operating_points
 
 DEMO_MODEL_ID = "demo-tiny-random-mistral (random weights: decisions are meaningless)"
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,8 @@ class RuntimeSettings:
     max_context: int | None = DEFAULT_MAX_CONTEXT
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cache_memory: int | None = None  # CPU: the cache's budget (None = auto); CUDA: a cap
-    compile: bool = False  # decode steps as compiled graphs (CUDA graphs on CUDA)
+    # Decode steps as CUDA graphs where they pay (CUDA; CPU runs eager); False: eager.
+    compile: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def load(settings: RuntimeSettings) -> Runtime:
         max_context=settings.max_context,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cache_memory_bytes=settings.cache_memory,
-        compile=settings.compile,
+        # On: the engine's default (graphs on CUDA, eager on CPU, no warning); off: eager.
+        compile=None if settings.compile else False,
     )
     return assemble_runtime(
         engine,

@@ -156,7 +156,7 @@ def test_token_tree_passes_avoid_the_math_kernel_on_cuda() -> None:
         m = Transformer(ARGS)
     m.load_state_dict(random_weights(ARGS, seed=11), assign=True)
     m = m.to("cuda", torch.bfloat16).eval()
-    gpu = Engine(m, max_batch_size=1, score_batch_size=2, backend="sdpa")
+    gpu = Engine(m, max_batch_size=1, score_batch_size=2, backend="sdpa", compile=False)
     conts = [[4, 5], [4, 6, 7], [8]]
     want = gpu.score(random_tokens(2 * W + 1, 8), conts)
     # Forbid the math kernel: tree passes must run on the efficient (or flash) one.
@@ -206,7 +206,7 @@ def test_a_cuda_graph_decode_step_gives_the_eager_tokens_with_one_sync() -> None
         m = Transformer(ARGS)
     m.load_state_dict(random_weights(ARGS, seed=11), assign=True)
     m = m.to("cuda").eval()
-    eager = Engine(m, max_batch_size=2, score_batch_size=1, backend="sdpa")
+    eager = Engine(m, max_batch_size=2, score_batch_size=1, backend="sdpa", compile=False)
     compiled = Engine(m, max_batch_size=2, score_batch_size=1, backend="sdpa", compile=True)
     prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
     want = eager.generate(prompts, W + 3, stop_tokens=frozenset())

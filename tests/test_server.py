@@ -165,6 +165,9 @@ def test_model_info_describes_model_and_policies(stub: pb_grpc.ModerationService
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.demo and "demo" in info.model
     assert info.attention_backend == "sdpa" and info.device == "cpu" and info.dtype == "float32"
+    # CPU decodes eagerly (graphs are CUDA's default): no buckets, no capture time.
+    assert not info.decode_graphs and not info.decode_graph_batch_sizes
+    assert info.graph_capture_seconds == 0
     assert info.default_policy == "paper" and info.sliding_window == 32
     policies = {p.name: p for p in info.policies}
     assert {"paper", "mistral-13"} <= set(policies)

@@ -236,8 +236,8 @@ def test_bounds_are_declared_with_each_setting_and_checked_from_there() -> None:
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:
     s = parse([])
     assert (s.max_context, s.gpu_memory_utilization, s.cache_memory) == (8192, 0.9, None)
-    assert s.compile is False and parse(["--compile"]).compile is True
-    assert settings_from_env({"MODERATION_COMPILE": "true"}).compile is True
+    assert s.compile is True and parse(["--no-compile"]).compile is False
+    assert settings_from_env({"MODERATION_COMPILE": "false"}).compile is False
     s = parse(["--max-context", "4096", "--cache-memory", "512MiB"])
     assert (s.max_context, s.cache_memory) == (4096, 512 << 20)
     env = {

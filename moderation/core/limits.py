@@ -36,6 +36,10 @@ class ModelLimits:
     max_context: int | None  # the engine's context limit; None = the model's max_seq_len
     max_seq_len: int  # the model's own longest sequence
     attention_backend: str  # what GetModelInfo reports
+    # Decode steps as captured graphs (model/graphs.py): their batch buckets (empty: eager) and
+    # the start-up seconds their compile and capture took (GetModelInfo reports both).
+    graph_batch_sizes: tuple[int, ...] = ()
+    graph_capture_seconds: float = 0.0
 
     @classmethod
     def of(cls, engine: Engine) -> ModelLimits:
@@ -44,6 +48,8 @@ class ModelLimits:
             max_context=engine.max_context,
             max_seq_len=engine.args.max_seq_len,
             attention_backend=engine.backend.name,
+            graph_batch_sizes=engine.graph_batch_sizes,
+            graph_capture_seconds=engine.graph_capture_seconds or 0.0,
         )
 
     @property

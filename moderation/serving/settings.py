@@ -242,11 +242,12 @@ class ServeSettings:
         low=1,
     )
     compile: bool = _setting(
-        False,
+        True,
         parse_bool,
-        "compile the decode step (torch.compile; captured as CUDA graphs on CUDA), which removes "
-        "the per-step launch overhead at the cost of a slower start; ignored (with a warning) "
-        "on CPU, where the compiled step is slower than eager",
+        "CUDA: run decode steps as CUDA graphs (torch.compile, mode reduce-overhead), one per "
+        "batch bucket and span, all compiled and captured at start-up before health says "
+        "SERVING (which takes longer); --no-compile runs eager. CPU runs eager either way: "
+        "the compiled step is slower there",
     )
     max_queue: int = _setting(
         1024,

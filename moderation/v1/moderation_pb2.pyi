@@ -264,7 +264,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "stream_check_tokens", "max_stream_checks", "stream_max_answer_chars", "default_threshold")
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "stream_check_tokens", "max_stream_checks", "stream_max_answer_chars", "decode_graphs", "decode_graph_batch_sizes", "graph_capture_seconds", "default_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,9 @@ class GetModelInfoResponse(_message.Message):
     STREAM_CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_CHECKS_FIELD_NUMBER: _ClassVar[int]
     STREAM_MAX_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     demo: bool
@@ -290,8 +293,11 @@ class GetModelInfoResponse(_message.Message):
     stream_check_tokens: int
     max_stream_checks: int
     stream_max_answer_chars: int
+    decode_graphs: bool
+    decode_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    graph_capture_seconds: float
     default_threshold: float
-    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., stream_check_tokens: _Optional[int] = ..., max_stream_checks: _Optional[int] = ..., stream_max_answer_chars: _Optional[int] = ..., default_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., stream_check_tokens: _Optional[int] = ..., max_stream_checks: _Optional[int] = ..., stream_max_answer_chars: _Optional[int] = ..., decode_graphs: _Optional[bool] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., graph_capture_seconds: _Optional[float] = ..., default_threshold: _Optional[float] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
     __slots__ = ("name", "description", "acceptable_label", "categories", "threshold", "category_thresholds", "thresholds_source")

@@ -327,4 +327,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             stream_check_tokens=self.state.settings.stream_check_tokens,
             max_stream_checks=self.state.settings.max_stream_checks,
             stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
+            decode_graphs=bool(limits.graph_batch_sizes),
+            decode_graph_batch_sizes=list(limits.graph_batch_sizes),
+            graph_capture_seconds=limits.graph_capture_seconds,
         )
