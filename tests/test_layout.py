@@ -30,6 +30,17 @@ def test_the_client_loads_only_grpc_protobuf_and_the_stubs() -> None:
     stubs = {"moderation.v1", "moderation.v1.moderation_pb2", "moderation.v1.moderation_pb2_grpc"}
     assert ours == {"moderation", "moderation.api", "moderation.api.client", *stubs}
     assert not {m for m in loaded if m.split(".")[0] in SERVER_EXTRA}
+    # the OpenAI stream guard is as light
+    loaded = _modules_after("import moderation.api.guard")
+    ours = {m for m in loaded if m.split(".")[0] in ("moderation", "model")}
+    assert ours == {
+        "moderation",
+        "moderation.api",
+        "moderation.api.client",
+        "moderation.api.guard",
+        *stubs,
+    }
+    assert not {m for m in loaded if m.split(".")[0] in SERVER_EXTRA}
 
 
 def test_the_command_and_remote_scoring_load_no_engine() -> None:

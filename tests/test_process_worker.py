@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -326,6 +327,45 @@ def test_a_stopped_model_process_is_found_whatever_the_callers_deadlines(
     finally:
         os.kill(pid, signal.SIGCONT)
         server.stop()
+
+
+def test_moderate_stream_crosses_to_the_model_process(process_server: InProcessServer) -> None:
+    """ModerateStream's checks run in the model process: the final verdict equals Classify,
+    and a caller that hangs up leaves nothing pending on the server's side."""
+    stub = stub_of(process_server)
+    answer = "It is sunny today in Paris, with a light breeze from the west and no rain."
+    opened = pb.ModerateStreamOpen(prompt="Weather?", check_tokens=4, threshold=1.0)
+    requests = [
+        pb.ModerateStreamRequest(open=opened),
+        *(pb.ModerateStreamRequest(delta=answer[i : i + 7]) for i in range(0, len(answer), 7)),
+        pb.ModerateStreamRequest(done=True),
+    ]
+    verdicts = list(stub.ModerateStream(iter(requests), timeout=60))
+    whole = stub.Classify(
+        pb.ClassifyRequest(text=answer, role=pb.ROLE_OUTPUT, prompt="Weather?", threshold=1.0)
+    )
+    assert len(verdicts) > 2 and verdicts[-1].complete
+    for k, v in whole.scores.items():
+        assert verdicts[-1].result.scores[k] == pytest.approx(v, abs=1e-4)
+
+    gate = threading.Event()
+
+    def never_done() -> Iterator[pb.ModerateStreamRequest]:
+        yield from requests[:3]
+        gate.wait(30)
+
+    call = stub.ModerateStream(never_done(), timeout=60)
+    assert not next(call).complete
+    worker = process_server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    # open and waiting for its caller: not queued work (the hang watchdog reads queue_depth)
+    assert worker.queue_depth == 0 and len(worker._pending) == 1
+    call.cancel()
+    gate.set()
+    deadline = time.monotonic() + 30
+    while worker._pending or process_server.server.state.open_checks:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def _scrape(server: InProcessServer) -> dict[str, float]:

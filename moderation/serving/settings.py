@@ -395,6 +395,31 @@ class ServeSettings:
         low=1,
         high=MAX_STREAM_CHECK_TOKENS,
     )
+    max_stream_checks: int = _setting(
+        16,
+        parse_int,
+        "most ModerateStream checks open at once (each holds a generation cache slot while "
+        "open); more are refused with RESOURCE_EXHAUSTED",
+        metavar="N",
+        low=1,
+    )
+    stream_max_answer_chars: int = _setting(
+        65536,
+        parse_int,
+        "longest answer a ModerateStream check takes, in characters (INVALID_ARGUMENT past it; "
+        "the model's classification prompt also bounds it in tokens)",
+        metavar="N",
+        low=1,
+    )
+    stream_idle_timeout: float = _setting(
+        30.0,
+        parse_float,
+        "seconds a ModerateStream check may wait for the caller's next message; then it ends "
+        "with DEADLINE_EXCEEDED and frees its cache slot",
+        metavar="SECONDS",
+        low=0.0,
+        low_exclusive=True,
+    )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024,
         parse_int,

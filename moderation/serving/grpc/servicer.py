@@ -35,6 +35,7 @@ from moderation.serving.grpc.interceptors import (
     Deferred,
     current_call,
 )
+from moderation.serving.grpc.moderate_stream import moderate_stream
 from moderation.serving.metrics import Metrics
 from moderation.serving.request_limits import Limits
 from moderation.serving.settings import ServeSettings
@@ -64,6 +65,7 @@ class ServiceState:
     front: Front | None = None
     worker: Worker | None = None
     draining: bool = False
+    open_checks: int = 0  # ModerateStream calls holding a check (MODERATION_MAX_STREAM_CHECKS)
     # Validation and tokenizing run here, not on the event loop: a 4 MB request takes ~1 s.
     planning: ThreadPoolExecutor = field(init=False)
 
@@ -222,6 +224,39 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             async for event in events:
                 yield event
 
+    # ------------------------------------- ModerateStream's host (moderate_stream.StreamHost)
+
+    @property
+    def settings(self) -> ServeSettings:
+        return self.state.settings
+
+    @property
+    def open_checks(self) -> int:
+        return self.state.open_checks
+
+    @open_checks.setter
+    def open_checks(self, value: int) -> None:
+        self.state.open_checks = value
+
+    def ready(self) -> tuple[Front, Worker]:
+        return self._ready()
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
+        """fn(*args) on the planning threads, or here when its input (`size` bytes) is small
+        enough to handle on the event loop (as `_off_loop` plans small requests)."""
+        if size is not None and size <= INLINE_PLAN_BYTES:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+
+    def check_open(self, request: pb.ModerateStreamOpen) -> None:
+        """The sizes of a ModerateStream's context, before anything reads it."""
+        try:
+            self._check_chars(request.prompt, "prompt", splittable=False)
+            self._check_messages(request.messages, last_splittable=False)
+        except InvalidArgument as exc:
+            raise exc.nested("open") from exc
+
     # ------------------------------------------------------------------- RPCs
 
     async def Classify(
@@ -278,6 +313,27 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 self._record_generation(current_call(), event)
                 yield pb.GenerateStreamResponse(final=convert.generate_response(event))
 
+    async def ModerateStream(
+        self,
+        request_iterator: AsyncIterator[pb.ModerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModerateStreamResponse]:
+        call = current_call()
+        stream = moderate_stream(self, request_iterator, _deadline(context))
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                call.fields.update(
+                    checked_tokens=response.checked_tokens,
+                    category=response.result.category,
+                    flagged=response.result.flagged,
+                )
+                if response.complete or response.result.flagged:
+                    self.state.metrics.record_decision(convert.classification(response.result))
+                    self.state.metrics.tokens.labels(kind="prompt").inc(
+                        response.result.prompt_tokens
+                    )
+                yield response
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -302,6 +358,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             generation_slots=limits.generation_slots,
             scoring_slots=limits.scoring_slots,
             kv_cache_bytes=limits.kv_cache_bytes,
+            stream_check_tokens=self.state.settings.stream_check_tokens,
+            max_stream_checks=self.state.settings.max_stream_checks,
+            stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
             decode_graphs=bool(limits.graph_batch_sizes),
             decode_graph_batch_sizes=list(limits.graph_batch_sizes),
             graph_capture_seconds=limits.graph_capture_seconds,

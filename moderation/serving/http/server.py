@@ -39,7 +39,7 @@ from moderation.serving.calls import (
     log_level,
     new_request_id,
 )
-from moderation.serving.http import bodies, compat, transcoding
+from moderation.serving.http import bodies, compat, moderate_stream, transcoding
 from moderation.serving.http.connections import Connections, GuardedSite
 from moderation.serving.http.context import HttpContext
 from moderation.serving.http.status import CallError
@@ -134,6 +134,17 @@ class HttpServer:
             self.app.router.add_route(route.verb, route.path, handler)
         for path, reader, answer in COMPAT_ROUTES:
             self.app.router.add_post(path, self._compat(reader, answer))
+        self.app.router.add_get(
+            moderate_stream.PATH,
+            moderate_stream.handler(
+                servicer,
+                max_message_bytes=settings.max_message_bytes,
+                heartbeat=settings.keepalive_time,
+                deadline_of=self._deadline,
+                error_answer=self._error,
+                note=self._note_stream,
+            ),
+        )
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ life
@@ -250,6 +261,16 @@ class HttpServer:
         body = compat.openai_error(exc) if compatible else exc.body()
         headers = {REQUEST_ID_KEY: record.request_id}
         return web.json_response(body, status=exc.status, headers=headers)
+
+    def _note_stream(self, exc: CallError | None) -> dict[str, str]:
+        """A ModerateStream call, for its log line (with its error once it failed): the
+        headers of its WebSocket upgrade."""
+        exchange = _exchange.get()
+        exchange.rpc = "ModerateStream"
+        if exc is not None:
+            exchange.code = exc.code
+            exchange.record.fields.setdefault("error", exc.message)
+        return {REQUEST_ID_KEY: exchange.record.request_id}
 
     def _route_error(self, request: web.Request, exc: web.HTTPException) -> web.Response:
         if exc.status == 405:

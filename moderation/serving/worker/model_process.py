@@ -33,7 +33,13 @@ from moderation.serving import tracing
 from moderation.serving.calls import CallRecord, current_call
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
-from moderation.serving.worker import QueueFullError, WorkerStoppedError, generation_events
+from moderation.serving.worker import (
+    CheckVerdict,
+    QueuedCheck,
+    QueueFullError,
+    WorkerStoppedError,
+    generation_events,
+)
 from moderation.serving.worker import process_messages as msg
 from moderation.serving.worker.model_child import child_main
 
@@ -57,7 +63,25 @@ def replay(metrics: Metrics, ops: Sequence[msg.MetricOp]) -> None:
 class _Pending:
     future: asyncio.Future[list[Classification]] | None = None
     events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
+    verdicts: asyncio.Queue[CheckVerdict | BaseException] | None = None
     call: CallRecord | None = None  # the call's record, for its stage spans (tracing)
+
+
+class _PipeCheckHandle(QueuedCheck):
+    """The caller's side of a ModerateStream check in the model process."""
+
+    def __init__(self, worker: ProcessWorker, job: int):
+        super().__init__()
+        self.worker = worker
+        self.job = job
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        if self.job in self.worker._pending:
+            self.worker._send(msg.Feed(self.job, tokens, end))
+
+    def send_close(self) -> None:
+        if self.worker._pending.pop(self.job, None) is not None:
+            self.worker._send(msg.Cancel(self.job))  # nobody waits: free its slot
 
 
 class ProcessWorker:
@@ -138,8 +162,10 @@ class ProcessWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Requests in the model process, queued or running."""
-        return len(self._pending)
+        """Requests in the model process, queued or running. An open ModerateStream check is
+        not one: it may wait for its caller's text, with nothing for the model to do (the
+        hang watchdog must not take that for a stalled model)."""
+        return sum(1 for p in self._pending.values() if p.verdicts is None)
 
     def _send(self, message: msg.ToModel) -> None:
         """Queue a message for the model process (on the event loop). Never raises: a model
@@ -215,6 +241,15 @@ class ProcessWorker:
             if self._pending.pop(job, None) is not None:
                 self._send(msg.Cancel(job))  # nobody waits: stop generating
 
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _PipeCheckHandle:
+        job = self._admit()
+        handle = _PipeCheckHandle(self, job)
+        self._pending[job] = _Pending(verdicts=handle.events)
+        self._send(msg.CheckAnswer(job, planned, every, deadline))
+        return handle
+
     def _on_readable(self) -> None:
         self._last_progress = time.monotonic()
         try:
@@ -242,9 +277,15 @@ class ProcessWorker:
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(message.results)
         elif isinstance(message, msg.Event):
-            if pending.events is not None:
-                pending.events.put_nowait(message.event)
-                if isinstance(message.event, GenerationResult):
+            event = message.event
+            if isinstance(event, CheckVerdict):
+                if pending.verdicts is not None:
+                    pending.verdicts.put_nowait(event)
+                    if event.complete or event.result.flagged:
+                        self._pending.pop(message.job, None)
+            elif pending.events is not None:
+                pending.events.put_nowait(event)
+                if isinstance(event, GenerationResult):
                     self._pending.pop(message.job, None)
                     tracing.model_stages(pending.call, message.timing)
         else:
@@ -257,6 +298,8 @@ class ProcessWorker:
             pending.future.set_exception(exc)
         if pending.events is not None:
             pending.events.put_nowait(exc)
+        if pending.verdicts is not None:
+            pending.verdicts.put_nowait(exc)
 
     def _died(self) -> None:
         if self._loop is not None:

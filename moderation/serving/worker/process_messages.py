@@ -12,6 +12,7 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
 from moderation.serving.worker import (
+    CheckVerdict,
     DeadlineExpiredError,
     GenerationFailedError,
     QueueFullError,
@@ -38,6 +39,25 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class CheckAnswer:
+    """Open a ModerateStream check."""
+
+    job: int
+    planned: PlannedItem
+    every: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A ModerateStream check's next tokens (`end`: the last)."""
+
+    job: int
+    tokens: list[int]
+    end: bool
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Nobody waits for this job any more."""
 
@@ -56,7 +76,7 @@ class Ping:
     """Answer with a Pong between two passes, idle or busy: the server's watchdog expects it."""
 
 
-ToModel = Classify | Generate | Cancel | Stop | Ping
+ToModel = Classify | Generate | CheckAnswer | Feed | Cancel | Stop | Ping
 
 
 @dataclass(frozen=True)
@@ -99,10 +119,10 @@ class Results:
 
 @dataclass(frozen=True)
 class Event:
-    """A generation's text delta, or its result (the last event)."""
+    """A generation's text delta, or its result (the last event); or a check's verdict."""
 
     job: int
-    event: str | GenerationResult
+    event: str | GenerationResult | CheckVerdict
     timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 

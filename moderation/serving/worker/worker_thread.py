@@ -21,7 +21,8 @@ from moderation.runtime import Runtime
 from moderation.serving import tracing
 from moderation.serving.calls import current_call
 from moderation.serving.metrics import Metrics
-from moderation.serving.worker import generation_events
+from moderation.serving.worker import QueuedCheck, generation_events
+from moderation.serving.worker.answer_checks import CheckJob
 from moderation.serving.worker.job import Job, Reply
 from moderation.serving.worker.scheduler import Scheduler
 
@@ -51,6 +52,21 @@ class Outbox:
 def _deliver(calls: list[Call]) -> None:
     for fn, args in calls:
         fn(*args)
+
+
+class _ThreadCheck(QueuedCheck):
+    """The caller's side of a ModerateStream check in this process's scheduler."""
+
+    def __init__(self, scheduler: Scheduler, outbox: Outbox, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self.scheduler = scheduler
+        self.job = CheckJob(partial(outbox.put, loop, self.events.put_nowait))
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        self.scheduler.feed(self.job, tokens, end)
+
+    def send_close(self) -> None:
+        self.scheduler.cancel(self.job)  # its slot is freed at the next tick
 
 
 def _stages(job: Job) -> None:
@@ -155,3 +171,12 @@ class WorkerThread:
                 yield event
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating
+
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _ThreadCheck:
+        """Open a ModerateStream check; its verdicts come from the scheduler's ticks."""
+        handle = _ThreadCheck(self.scheduler, self._outbox, asyncio.get_running_loop())
+        handle.job.planned, handle.job.every, handle.job.deadline = planned, every, deadline
+        self.scheduler.open_check(handle.job)
+        return handle
