@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 SERVE_VENV ?= .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: venv serve-venv test lint serve demo proto settings-doc bench clean
+.PHONY: venv serve-venv test lint serve demo proto settings-doc bench clean gpu-bundle
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ serve: $(SERVE_STAMP)
 
 demo: $(SERVE_STAMP)
 	$(SERVE_VENV)/bin/python -m model.demo demo-model
+
+# Wheels bench/gpu_check.sh brings to a GPU image that has only torch and cannot download
+# (CPython 3.12, manylinux x86-64; under 64 MiB; git-ignored): see bench/gpu_bundle.py.
+gpu-bundle: $(STAMP)
+	$(BIN)/python bench/gpu_bundle.py build gpu-bundle
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -6,7 +6,7 @@ scale the matrix work are tiny (dim 256, hidden 512), so the step's fixed costs 
 attention over the cache are what is measured. 16-token prompts, greedy decode; each decode
 step after the pre-fill is timed alone (ours: `Engine.step()`; transformers: the forward and
 argmax loop that `generate` runs), and the lowest per-round median is kept.
-Also prints aten ops and host syncs per decode step (model/step_counts.py).
+Also prints aten ops and host syncs per decode step (bench/step_counts.py).
 
     python bench/engine_7b_bench.py [--repeats N] [--steps N] [--batches 1,32] [--compile]
 """
@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine
+from bench.step_counts import StepCounter
 from model import Engine, GenerationRequest, ModelArgs, load_model
 from model.args import MISTRAL_7B
 from model.demo import random_weights
 from model.memory import kv_bytes_per_token
-from model.step_counts import StepCounter
 from model.tokenizer import mistral_common_tokenizer_path
 from model.weights import save_hf
 

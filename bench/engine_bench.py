@@ -45,7 +45,7 @@ def main() -> None:
 
     def our_prefill() -> None:
         engine.cache.reset(0)
-        engine._forward([0], [prompt[0].tolist()], logits_rows=[1023])
+        engine.passes.forward([0], [prompt[0].tolist()], logits_rows=[1023])
 
     def hf_decode(prompts: torch.Tensor, new: int) -> None:
         with torch.inference_mode():

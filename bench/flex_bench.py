@@ -97,7 +97,7 @@ def bench_model(label: str, args: ModelArgs, prompt: int, chunk: int, texts: int
 
     def prefill_chunked() -> None:
         engine.cache.reset(0)
-        engine._prefill([0], [long_prompt])
+        engine.passes.prefill([0], [long_prompt])
         engine.cache.reset(0)
 
     def classify() -> None:
@@ -152,7 +152,7 @@ def bench_graphs() -> None:
     start = time.perf_counter()
     engine = Engine(model, max_batch_size=8, score_batch_size=1, compile=True, compile_on_cpu=True)
     total = time.perf_counter() - start
-    graphs = engine._decode_step
+    graphs = engine.passes.decode_step
     assert graphs is not None
     g = torch.Generator().manual_seed(1)
     steps = 0

@@ -3,23 +3,27 @@ of passes, a window small enough that every sequence wraps the rolling buffer se
 
     PYTHONPATH=. python bench/gpu_parity.py [--device cuda] [--dtypes bf16,fp32]
 
-Needs only torch and the model package (no pytest, no transformers). Prints one line per check,
-PASS, FAIL or SKIP, and exits 1 when one fails. `--device cpu` rehearses the checks on the CPU
-(bf16 against fp32), which is how the tolerances are known to be neither vacuous nor too tight.
+Needs only torch and the model package (no pytest, transformers or safetensors). Prints one
+line per check, PASS, FAIL or SKIP, and exits 1 when one fails. `--device cpu` rehearses the
+checks on the CPU (bf16 against fp32), which is how the tolerances are known to be neither
+vacuous nor too tight.
 Checks: chunked pre-fill mixed with decode in one pass, decode-only steps, scoring with token
 trees and a reused prefix, greedy generation through the continuous-batching step loop.
+`against_transformers` (for bench/gpu_measure.py; needs transformers and safetensors) compares
+with the reference implementation on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from bench.gpu_bench import random_model
 from model import Engine, ModelArgs, ScoreRequest
-from model.demo import random_weights
 from model.transformer import Transformer
 
 W = 16
@@ -46,9 +50,11 @@ class Check:
         return f"{status} {self.name}: {self.detail}"
 
 
-def build(state: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> Transformer:
+def build(
+    state: dict[str, torch.Tensor], device: str, dtype: torch.dtype, args: ModelArgs = ARGS
+) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(ARGS)
+        model = Transformer(args)
     model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
     return model.eval()
 
@@ -79,7 +85,9 @@ def mixed_passes(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
                 step = 5 if fed[i] < prompt_lens[i] else 1
                 batch.append((i, s[fed[i] : fed[i] + step]))
         rows = list(range(sum(len(c) for _, c in batch)))
-        logits = engine._forward([i for i, _ in batch], [c for _, c in batch], logits_rows=rows)
+        logits = engine.passes.forward(
+            [i for i, _ in batch], [c for _, c in batch], logits_rows=rows
+        )
         (decode if all(len(c) == 1 for _, c in batch) else mixed).append(logits.float().cpu())
         for i, chunk in batch:
             fed[i] += len(chunk)
@@ -111,7 +119,10 @@ def close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, unit: str
 
 
 def run(device: str, dtype_names: list[str]) -> list[Check]:
-    state = random_weights(ARGS, seed=1)
+    # Made by torch alone (model.demo's needs safetensors, which a bare GPU image lacks).
+    state = {
+        k: v.clone() for k, v in random_model(ARGS, "cpu", torch.float32, 1).state_dict().items()
+    }
     reference = make_engine(build(state, "cpu", torch.float32))
     ref_mixed, ref_decode = mixed_passes(reference)
     ref_scores = scores(reference)
@@ -138,6 +149,44 @@ def run(device: str, dtype_names: list[str]) -> list[Check]:
         checks.append(Check(f"{tag}: greedy generation", same == total or dtype != torch.float32,
                             detail))  # fmt: skip
     return checks
+
+
+def against_transformers(
+    args: ModelArgs, n: int, device: str, dtype: torch.dtype
+) -> tuple[float, str]:
+    """Ours against transformers' MistralForCausalLM on `device` in `dtype`, same random
+    weights: our logits of every token of a sequence wrapping the window, from chunked
+    pre-fill and then decode steps through the rolling cache, theirs from one full forward
+    with the sliding-window mask. (max |diff| / logit scale, what was compared)."""
+    from transformers import MistralForCausalLM
+
+    from model.weights import save_hf
+
+    made = random_model(args, "cpu", torch.float32, 3).state_dict()
+    state = {k: v.clone() for k, v in made.items()}
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, args.vocab_size, (n,), generator=g).tolist()
+    prefilled = n * 6 // 7  # in chunks; the rest in decode steps
+    chunk = max(1, prefilled // 6)
+    spans = [(i, min(i + chunk, prefilled)) for i in range(0, prefilled, chunk)]
+    spans += [(i, i + 1) for i in range(prefilled, n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(tmp, args, state)
+        hf = MistralForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
+    hf = hf.to(device).eval()  # type: ignore[arg-type]
+    with torch.inference_mode():
+        ref = hf(torch.tensor([tokens], device=device)).logits[0].float()
+    del hf
+    engine = Engine(build(state, device, dtype, args), max_batch_size=1, score_batch_size=1,
+                    chunk_size=chunk)  # fmt: skip
+    got = [
+        engine.passes.forward([0], [tokens[i:j]], logits_rows=list(range(j - i))) for i, j in spans
+    ]
+    scale = max(1.0, float(ref.abs().max()))
+    diff = float((torch.cat(got).float() - ref).abs().max()) / scale
+    detail = (f"{n} tokens, window {args.window}, {len(spans)} passes, backend "
+              f"{engine.backend.name}")  # fmt: skip
+    return diff, detail
 
 
 def main() -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError
@@ -106,22 +104,6 @@ class ModelArgs:
             sliding_window=int(window) if window else None,
             max_seq_len=int(config.get("max_position_embeddings") or 32768),
         )
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> ModelArgs:
-        """Read params.json, or config.json when there is no params.json."""
-        folder = Path(folder)
-        for name, build in (("params.json", cls.from_params), ("config.json", cls.from_hf_config)):
-            path = folder / name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError) as exc:
-                    raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-                if not isinstance(data, dict):
-                    raise CheckpointError(f"{path}: expected a JSON object")
-                return build(data, str(path))
-        raise CheckpointError(f"{folder}: no params.json or config.json")
 
 
 # Mistral 7B v0.1 (params.json of the release): the shape the cache-memory test and the GPU

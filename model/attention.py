@@ -381,14 +381,6 @@ def flash_import_error() -> str | None:
     return None
 
 
-def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and flash_import_error() is None
-    )
-
-
 def flex_backend(
     device: torch.device, compile_kernel: bool | None = None, *, flex_decode: bool = False
 ) -> FlexBackend:

@@ -38,11 +38,9 @@ class DecodePlan:
     # are stale or padding): bool on CPU, additive in the cache dtype on CUDA (what the
     # efficient SDPA kernel takes, converted once per pass instead of once per layer).
     mask: torch.Tensor | None
-    # (first, count) when the sequences sit in consecutive slots, in order: the buffers are
-    # then read as a view instead of copied.
-    slot_range: tuple[int, int] | None
-    # With slot_range: every layer's keys and values as views [layers, count, kv_heads, span,
-    # head_dim] of the buffers, made once per pass (not ten views per layer).
+    # When the sequences sit in consecutive slots, in order (the buffers are then read as a
+    # view instead of copied): every layer's keys and values as views [layers, count,
+    # kv_heads, span, head_dim] of the buffers, made once per pass (not ten views per layer).
     views: tuple[torch.Tensor, torch.Tensor] | None = None
     n_slots: int = 0  # slots of the cache (what a decode over every slot's rows is shaped by)
 
@@ -362,7 +360,6 @@ class RollingCache:
             lengths=lengths_t.int(),
             span=span,
             mask=mask,
-            slot_range=(slots[0], n) if consecutive else None,
             views=views,
             n_slots=self.n_slots,
         )

@@ -1,81 +1,44 @@
-"""The batched engine: owns the cache slots and the step loop.
+"""The batched engine: owns the model, the memory plan and the cache slots, and composes the
+parts that use them.
 
-Generation is continuous batching: requests join and leave between steps, and each step packs
-the running sequences' new tokens (one per decoding sequence, a chunk per pre-filling one) into
-a single forward pass. Scoring pre-fills prompts in chunks, then scores every continuation of a
-prompt in one pass over a token tree (shared label prefixes computed once). A prompt prefix used
-by many requests (a policy's instructions) can be pre-filled once and restored into a slot.
+`Passes` (model/passes.py) runs forward passes over the cache. Generation (model/generation.py)
+is continuous batching over the generation slots: requests join and leave between steps, each
+step one forward pass. Scoring (model/scoring.py) pre-fills prompts in chunks, then scores
+every continuation of a prompt in one pass over a token tree, over slots of its own; a prompt
+prefix used by many requests (a policy's instructions) is pre-filled once and restored. Stream
+checks (model/stream_checks.py) score a growing text in generation slots. The engine's methods
+are theirs, and `step_with_checks` runs a generation step and checks in one pass.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from model.attention import AttentionBackend, select_backend
-from model.cache import ForwardMetadata, RollingCache
-from model.errors import RequestError, SamplingError
+from model.cache import RollingCache
+from model.cpu_gemm import pack_for_cpu
+from model.generation import Generation, GenerationRequest, TokenEvent
 from model.graphs import DecodeGraphs, warm_up_prefill
 from model.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
-    activation_bytes,
     cache_rows,
-    device_budget,
-    plan_memory,
+    device_memory,
+    plan_engine_memory,
     weights_bytes,
 )
-from model.sampling import INVALID, SamplingParams, make_generator, sample_batch
-from model.scoring import ContinuationTree
+from model.passes import Passes, SlotPool
+from model.scoring import Prefix, ScoreRequest, Scoring
 from model.stats import EngineStats
-from model.stream_checks import StreamCheck, StreamChecks, _CheckStream
-from model.transformer import Transformer, pack_for_cpu
+from model.stream_checks import StreamCheck, StreamChecks
+from model.transformer import Transformer
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: Sequence[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_tokens: frozenset[int] | None = None  # None = the tokenizer's EOS
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step's outcome for one request: a new token, and whether the request is done."""
-
-    request_id: int
-    token: int
-    finished: bool
-    # "stop" (a stop token), "length" (the token budget) or "error" (no token could be
-    # sampled for this sequence: `error` says why, `token` is INVALID; the others go on).
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class _Sequence:
-    id: int
-    request: GenerationRequest
-    slot: int
-    stop: frozenset[int]
-    gen: torch.Generator | None
-    fed: int = 0  # prompt tokens already in the cache
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.request.prompt)
-
-
-class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this engine's mixins
+class Engine:
     """Batched generation and scoring over a rolling-buffer cache.
 
     `max_batch_size` slots serve generation, `score_batch_size` more serve scoring, so a burst
@@ -88,15 +51,17 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
     each; MemoryBudgetError below two). The budget: on CUDA `gpu_memory_utilization` of the
     device for weights + activations + cache; on CPU `cache_memory_bytes` for the cache
     (default min(25% of available RAM, 4 GiB)), which also caps the cache on CUDA when given.
-    `memory` is the resulting MemoryPlan.
+    `memory` is the resulting MemoryPlan. `max_batch_size` / `score_batch_size` "auto": on
+    CUDA as many slots as the budget holds, at most 256 of each (vLLM's default number of
+    sequences); elsewhere 32.
     """
 
     def __init__(
         self,
         model: Transformer,
         *,
-        max_batch_size: int = 8,
-        score_batch_size: int = 16,
+        max_batch_size: int | str = 8,
+        score_batch_size: int | str = 16,
         chunk_size: int | None = None,
         max_step_tokens: int | None = None,
         max_context: int | None = None,
@@ -112,7 +77,7 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         self.eos_id = eos_id
         # A name (auto, flash, flex, sdpa), or a backend built by the caller (for example
         # model.attention.flex_backend(device, flex_decode=True)).
-        self.backend = (
+        backend_choice = (
             select_backend(backend, model.device, model.dtype)
             if isinstance(backend, str)
             else backend
@@ -120,8 +85,9 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         # Before pack_for_cpu, which adds at most a packed copy of the output projection (1.8%
         # of a 7B).
         weights = weights_bytes(model)
-        if model.device.type == "cpu":
-            pack_for_cpu(model)
+        # The CPU kernel of each matrix multiply, measured on this host and logged (None on
+        # a GPU).
+        self.cpu_gemm = pack_for_cpu(model) if model.device.type == "cpu" else None
         rows = cache_rows(model.args, max_context)[0]
         # Chunks of at most 4096 tokens (the 7B's window) bound activations for models whose
         # rows are a long context.
@@ -131,43 +97,27 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         # Tokens one forward pass may carry: bounds activation memory when many long prompts
         # arrive together (pre-fill of the rest continues in the next passes).
         self.max_step_tokens = max_step_tokens or max(self.chunk_size, 4096)
-        activations = activation_bytes(
+        total, free = device_memory(model.device)
+        # Requested slots are caps: fewer when fewer fit, MemoryBudgetError below two; "auto"
+        # sizes them from the budget on CUDA.
+        self.memory = plan_engine_memory(
             model.args,
             model.dtype,
-            step_tokens=self.max_step_tokens,
-            chunk_tokens=self.chunk_size,
-            rows=rows,
-            sequences=max(max_batch_size, score_batch_size),
-            logits_rows=max_batch_size + 32 * score_batch_size,
-            # On CUDA neither backend holds the scores: flash-attn never does, and SDPA's masked
-            # passes are built for the memory-efficient kernel (additive mask, expanded heads).
-            materialised_scores=model.device.type != "cuda",
-        )
-        budget, total, free = device_budget(
-            model.device,
-            weights=weights,
-            activations=activations,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cache_memory_bytes=cache_memory_bytes,
-        )
-        # Requested slots are caps: fewer when fewer fit, MemoryBudgetError below two.
-        self.memory = plan_memory(
-            model.args,
-            model.dtype,
-            max_context=max_context,
-            budget_bytes=budget,
+            device=str(model.device),
             weights_bytes=weights,
-            activation_bytes=activations,
             max_batch_size=max_batch_size,
             score_batch_size=score_batch_size,
-            device=str(model.device),
+            chunk_tokens=self.chunk_size,
+            step_tokens=self.max_step_tokens,
+            max_context=max_context,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cache_memory_bytes=cache_memory_bytes,
             device_total_bytes=total,
             device_free_bytes=free,
         )
         _log.log(logging.WARNING if self.memory.scaled_down else logging.INFO,
                  self.memory.describe())  # fmt: skip
-        max_batch_size = self.memory.generation_slots
-        score_batch_size = self.memory.scoring_slots
+        generation, scoring = self.memory.generation_slots, self.memory.scoring_slots
         self.cache = RollingCache.for_model(
             model.args,
             self.memory.slots,
@@ -178,20 +128,9 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         self.window = self.cache.window
         # Sequences longer than this are refused; None (a sliding window, no limit given): any.
         self.max_context = self.memory.max_context
-        self.max_batch_size = max_batch_size
-        self.score_batch_size = score_batch_size
-        # Kept sorted and taken lowest first, so running sequences tend to sit in consecutive
-        # slots and the decode path reads the cache as a view.
-        self._free_slots = list(range(max_batch_size))
-        self._score_slots = list(range(max_batch_size, max_batch_size + score_batch_size))
-        self._waiting: deque[_Sequence] = deque()
-        self._running: dict[int, _Sequence] = {}
-        self._ids = itertools.count()
+        self.max_batch_size = generation
+        self.score_batch_size = scoring
         self.stats = EngineStats()
-        self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
-        # Check streams (model/stream_checks.py): a growing text checked as it grows.
-        self._stream_checks: dict[int, _CheckStream] = {}
-        self._stream_ids = itertools.count()
         # compile (None: on CUDA): decode steps run as compiled graphs over a few batch
         # buckets, captured as CUDA graphs on CUDA and all warmed here, before the engine
         # serves (model/graphs.py). On CPU the compiled step was measured slower than eager
@@ -207,166 +146,128 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
             )
             compile = False
         self.compile = compile
-        # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
-        self._logit_block_rows = max(1, (2 << 20) // (4 * self.args.vocab_size))
-        self._decode_step: DecodeGraphs | None = None
+        # The parts that share the cache: forward passes, the generation slots (which check
+        # streams also take), scoring over its own slots, and stream checks.
+        self.passes = Passes(
+            model,
+            self.cache,
+            backend_choice,
+            self.stats,
+            chunk_size=self.chunk_size,
+            max_step_tokens=self.max_step_tokens,
+            max_context=self.max_context,
+        )
+        self._free_slots = SlotPool(range(generation))
+        self.scoring = Scoring(self.passes, range(generation, generation + scoring))
+        self.stream_checks = StreamChecks(self.passes, self.scoring, self._free_slots)
+        self.generation = Generation(self.passes, self._free_slots, eos_id=eos_id)
         if compile:
             # Padding decoders use the last scoring slot, idle during a decode step.
-            self._decode_step = DecodeGraphs(
-                model, self.cache, self.backend, max_batch_size=max_batch_size,
-                pad_slot=self._score_slots[-1],
+            graphs = DecodeGraphs(
+                model, self.cache, backend_choice, max_batch_size=generation,
+                pad_slot=self.scoring.slots[-1],
             )  # fmt: skip
-            self._decode_step.warm_up(self._free_slots)
+            graphs.warm_up(list(range(generation)))
+            self.passes.decode_step = graphs
         # The compiled FlexAttention kernel (CUDA) likewise, before the first caller waits.
         self.prefill_compile_seconds = 0.0
-        if model.device.type == "cuda" and getattr(self.backend, "compile_kernel", False):
+        if model.device.type == "cuda" and getattr(backend_choice, "compile_kernel", False):
             self.prefill_compile_seconds = warm_up_prefill(self.score, self.args.vocab_size)
 
     @property
     def graph_capture_seconds(self) -> float | None:
         """Start-up time spent compiling and capturing the decode graphs; None without."""
-        return self._decode_step.capture_seconds if self._decode_step is not None else None
+        graphs = self.passes.decode_step
+        return graphs.capture_seconds if graphs is not None else None
 
     @property
     def graph_recompiles(self) -> int | None:
         """Decode-step graphs compiled since the start-up warm-up (goal: 0); None without."""
-        if self._decode_step is None:
-            return None
-        return self._decode_step.recompiles_since_warm_up()
+        graphs = self.passes.decode_step
+        return graphs.recompiles_since_warm_up() if graphs is not None else None
 
     @property
     def graph_batch_sizes(self) -> tuple[int, ...]:
         """Batch sizes decode steps are padded to and run as graphs; () when eager."""
-        return tuple(self._decode_step.buckets) if self._decode_step is not None else ()
+        graphs = self.passes.decode_step
+        return tuple(graphs.buckets) if graphs is not None else ()
 
-    # ----------------------------------------------------------------- forward
+    @property
+    def backend(self) -> AttentionBackend:
+        """The attention backend of every pass (settable: tests run both SDPA paddings)."""
+        return self.passes.backend
 
-    def _forward(
-        self,
-        slots: list[int],
-        chunks: list[Sequence[int]],
-        *,
-        logits_rows: list[int],
-        write: list[bool] | None = None,
-        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
-        hidden: bool = False,
-    ) -> torch.Tensor:
-        graphs = self._decode_step
-        if graphs is not None and graphs.serves(chunks, write, trees, hidden):
-            self.stats.forward_passes += 1
-            self.stats.tokens_computed += len(chunks)
-            return graphs.decode(slots, [c[0] for c in chunks], logits_rows)
-        tokens = list(itertools.chain.from_iterable(chunks))
-        meta = self.cache.plan(
-            slots,
-            [len(c) for c in chunks],
-            tokens=tokens,
-            logits_rows=logits_rows,
-            write=write,
-            trees=trees,
-        )
-        return self._run_planned(meta, hidden=hidden)
+    @backend.setter
+    def backend(self, backend: AttentionBackend) -> None:
+        self.passes.backend = backend
 
-    def _run_planned(self, meta: ForwardMetadata, *, hidden: bool = False) -> torch.Tensor:
-        """The forward of a planned pass: logits (or hidden states) of `meta.logits_index`."""
-        self.backend.prepare(meta, self.model.dtype)
-        assert meta.tokens is not None
-        self.stats.forward_passes += 1
-        self.stats.tokens_computed += int(meta.tokens.numel())
-        return self.model(
-            meta.tokens,
-            meta,
-            self.cache,
-            logits_index=meta.logits_index,
-            backend=self.backend,
-            hidden=hidden,
-        )
+    # ----------------------------------------------------- scoring and checks
 
-    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
-        """Feed whole prompts into their slots, chunk by chunk, all slots in each pass."""
-        offsets = [0] * len(prompts)
-        while True:
-            batch: list[tuple[int, Sequence[int], int]] = []
-            budget = self.max_step_tokens
-            for i, (slot, prompt, off) in enumerate(zip(slots, prompts, offsets, strict=True)):
-                if off < len(prompt) and (budget > 0 or not batch):
-                    chunk = prompt[off : off + min(self.chunk_size, max(budget, 1))]
-                    batch.append((slot, chunk, i))
-                    budget -= len(chunk)
-            if not batch:
-                return
-            self._forward([b[0] for b in batch], [b[1] for b in batch], logits_rows=[])
-            for _, chunk, i in batch:
-                offsets[i] += len(chunk)
+    def prefill_prefix(self, tokens: Sequence[int]) -> Prefix:
+        """Pre-fill a prompt prefix once; ScoreRequests carrying it skip those tokens."""
+        return self.scoring.prefill_prefix(tokens)
 
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        for t in tokens:
-            if not 0 <= t < self.args.vocab_size:
-                raise RequestError(
-                    f"{what}: token id {t} outside the vocabulary (0..{self.args.vocab_size - 1})"
-                )
+    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-probability of each continuation given the prompt."""
+        return self.scoring.score(prompt, continuations)
 
-    def _check_length(self, n: int, what: str) -> None:
-        if self.max_context is not None and n > self.max_context:
-            raise RequestError(f"{what}: {n} tokens exceed the context of {self.max_context}")
+    def score_batch(
+        self, requests: Sequence[ScoreRequest], *, relative: bool = False
+    ) -> list[list[float]]:
+        """Scoring.score_batch: many prompts, `score_batch_size` at a time."""
+        return self.scoring.score_batch(requests, relative=relative)
+
+    @property
+    def free_slots(self) -> int:
+        """Generation slots free now (a check stream takes one)."""
+        return len(self._free_slots)
+
+    def open_stream(self, prompt: Sequence[int], prefix: Prefix | None = None) -> int | None:
+        """Start a check stream (StreamChecks.open_stream); None when no slot is free now."""
+        return self.stream_checks.open_stream(prompt, prefix)
+
+    def close_stream(self, stream_id: int) -> bool:
+        """Free a check stream's slot; False if unknown (already closed)."""
+        return self.stream_checks.close_stream(stream_id)
+
+    @property
+    def open_streams(self) -> int:
+        return self.stream_checks.open_streams
+
+    def stream_length(self, stream_id: int) -> int:
+        """Tokens of prompt + text the stream holds (its last check's coverage)."""
+        return self.stream_checks.stream_length(stream_id)
+
+    def check_streams(
+        self, checks: Sequence[StreamCheck], *, relative: bool = False
+    ) -> list[list[float]]:
+        """StreamChecks.check: append each check's tokens to its stream, score its labels."""
+        return self.stream_checks.check(checks, relative=relative)
 
     # -------------------------------------------------------------- generation
 
     def add_request(self, request: GenerationRequest) -> int:
         """Queue a generation; it joins the running batch at the next step with a free slot."""
-        if not request.prompt:
-            raise RequestError("prompt is empty")
-        if request.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        self._check_tokens(request.prompt, "prompt")
-        self._check_length(len(request.prompt) + request.max_new_tokens, "prompt + max_new_tokens")
-        seq = _Sequence(
-            id=next(self._ids),
-            request=request,
-            slot=-1,
-            stop=request.stop_tokens
-            if request.stop_tokens is not None
-            else frozenset({self.eos_id}),
-            gen=make_generator(request.sampling, self.model.device),
-        )
-        self._waiting.append(seq)
-        return seq.id
+        return self.generation.add_request(request)
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request wherever it is; its slot is free for the next step. False if unknown."""
-        for seq in self._waiting:
-            if seq.id == request_id:
-                self._waiting.remove(seq)
-                return True
-        seq_or_none = self._running.pop(request_id, None)
-        if seq_or_none is None:
-            return False
-        self._release(seq_or_none)
-        return True
+        return self.generation.cancel(request_id)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self.generation.num_waiting
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return self.generation.num_running
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
-
-    def _release(self, seq: _Sequence) -> None:
-        self.cache.reset(seq.slot)
-        bisect.insort(self._free_slots, seq.slot)
+        return self.generation.has_unfinished()
 
     def step(self) -> list[TokenEvent]:
         """Run one forward pass over the running batch and return one event per sampled token."""
-        self._admit()
-        if not self._running:
-            return []
-        slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens)
-        logits = self._forward(slots, chunks, logits_rows=rows)
-        return self._step_events(logits, sampled)
+        return self.generation.step()
 
     def step_with_checks(
         self, checks: Sequence[StreamCheck], *, relative: bool = False
@@ -382,119 +283,24 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         only, and on CUDA it is the faster path)."""
         if not checks:
             return self.step(), []
-        self._validate_checks(checks)
-        self._admit()
-        self._prefill_long_prompts(checks)
-        check_tokens = sum(self._check_size(c) for c in checks)
-        decoders = sum(1 for q in self._running.values() if not q.prefilling)
+        streams = self.stream_checks
+        gen = self.generation
+        streams.validate(checks)
+        gen.admit()
+        streams.prefill_long_prompts(checks)
+        check_tokens = sum(streams.size(c) for c in checks)
         if (
-            not self._running
-            or self._decode_step is not None
-            or decoders + check_tokens > self.max_step_tokens
+            not gen.num_running
+            or self.passes.decode_step is not None
+            or gen.decoding + check_tokens > self.max_step_tokens
         ):
             return self.step(), self.check_streams(checks, relative=relative)
         with torch.inference_mode():
-            slots, chunks, sampled, rows = self._step_batch(self.max_step_tokens - check_tokens)
-            hidden, trees = self._forward_with_checks(slots, chunks, rows, checks)
-            events = self._step_events(self.model.project(hidden[: len(rows)]), sampled)
-            scores = self._tree_scores(hidden[len(rows) :], trees, relative=relative)
+            slots, chunks, sampled, rows = gen.step_batch(self.max_step_tokens - check_tokens)
+            hidden, trees = streams.forward_with_checks(slots, chunks, rows, checks)
+            events = gen.step_events(self.model.project(hidden[: len(rows)]), sampled)
+            scores = self.scoring.tree_scores(hidden[len(rows) :], trees, relative=relative)
         return events, scores
-
-    def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop(0)
-            self.cache.reset(seq.slot)
-            self._running[seq.id] = seq
-
-    def _step_batch(
-        self, max_tokens: int
-    ) -> tuple[list[int], list[Sequence[int]], list[_Sequence], list[int]]:
-        """The running batch's slots and new tokens for one pass of at most `max_tokens`
-        (decoders always advance), which sequences sample a token, and their packed rows."""
-        slots: list[int] = []
-        chunks: list[Sequence[int]] = []
-        sampled: list[_Sequence] = []
-        rows: list[int] = []
-        n_tokens = 0
-        # Decoding sequences always advance and are packed first, in slot order (the plan's
-        # decode path; consecutive slots read the cache as a view); pre-fill chunks share what
-        # is left of the budget (at least one chunk per step, so a long prompt never starves).
-        running = sorted(self._running.values(), key=lambda q: (q.prefilling, q.slot))
-        budget = max_tokens - sum(1 for q in running if not q.prefilling)
-        prefill_started = False
-        for seq in running:
-            if seq.prefilling:
-                if budget <= 0 and prefill_started:
-                    continue
-                size = min(self.chunk_size, max(budget, 1))
-                chunk = seq.request.prompt[seq.fed : seq.fed + size]
-                seq.fed += len(chunk)
-                budget -= len(chunk)
-                prefill_started = True
-            else:
-                chunk = [seq.generated[-1]]
-            slots.append(seq.slot)
-            chunks.append(chunk)
-            n_tokens += len(chunk)
-            if not seq.prefilling:
-                # The last prompt chunk and every decode token yield the next token.
-                sampled.append(seq)
-                rows.append(n_tokens - 1)
-        return slots, chunks, sampled, rows
-
-    def _step_events(self, logits: torch.Tensor, sampled: list[_Sequence]) -> list[TokenEvent]:
-        new_tokens, errors = self._sample(logits, sampled)
-        events: list[TokenEvent] = []
-        for seq, token, error in zip(sampled, new_tokens, errors, strict=True):
-            reason = None
-            if error is not None:
-                reason = "error"
-            else:
-                seq.generated.append(token)
-                if token in seq.stop:
-                    reason = "stop"
-                elif len(seq.generated) >= seq.request.max_new_tokens:
-                    reason = "length"
-            if reason is not None:
-                del self._running[seq.id]
-                self._release(seq)
-            events.append(TokenEvent(seq.id, token, reason is not None, reason, error))
-        return events
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[_Sequence]
-    ) -> tuple[list[int], list[str | None]]:
-        """Each sequence's next token, or why it has none: one sequence's failure ends that
-        sequence only. One batched sampling call and one read of its tokens (the step's only
-        sync); when the batched call raises, each row is sampled alone to find which fail."""
-        params = [q.request.sampling for q in seqs]
-        gens = [q.gen for q in seqs]
-        try:
-            tokens = sample_batch(logits, params, gens).tolist()
-        except Exception:
-            _log.exception("sampling a batch of %d failed; sampling each row alone", len(seqs))
-            tokens = []
-            failed: dict[int, str] = {}
-            for i in range(len(seqs)):
-                try:
-                    tokens.append(int(sample_batch(logits[i : i + 1], params[i:i + 1],
-                                                   gens[i:i + 1])[0]))  # fmt: skip
-                except Exception as exc:
-                    tokens.append(INVALID)
-                    failed[i] = f"sampling failed: {type(exc).__name__}: {str(exc)[:200]}"
-            return tokens, [failed.get(i) for i in range(len(seqs))]
-        errors: list[str | None] = [None] * len(seqs)
-        for i, token in enumerate(tokens):
-            if token == INVALID:
-                errors[i] = (
-                    "sampling failed: the model's logits for this sequence are not finite "
-                    "(NaN or infinity), or its temperature scales them out of range"
-                )
-        if any(errors):
-            _log.warning("sampling failed for %d of %d sequences: non-finite logits",
-                         sum(e is not None for e in errors), len(seqs))  # fmt: skip
-        return tokens, errors
 
     def generate(
         self,
@@ -507,19 +313,11 @@ class Engine(StreamChecks):  # StreamChecks builds on Scoring: both are this eng
         stop_tokens: frozenset[int] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (stop token included when one ended it)."""
-        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        ids = [
-            self.add_request(GenerationRequest(p, max_new_tokens, params, stop_tokens))
-            for p in prompts
-        ]
-        out: dict[int, list[int]] = {i: [] for i in ids}
-        errors: list[str] = []
-        while self.has_unfinished():
-            for ev in self.step():
-                if ev.error is not None:
-                    errors.append(ev.error)
-                else:
-                    out[ev.request_id].append(ev.token)
-        if errors:  # the others ran to their end; a list of lists has no place for an error
-            raise SamplingError(f"{len(errors)} of {len(ids)} sequences failed: {errors[0]}")
-        return [out[i] for i in ids]
+        return self.generation.generate(
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_tokens=stop_tokens,
+        )

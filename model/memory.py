@@ -13,8 +13,9 @@ Pure arithmetic (the 7B shapes are planned in tests without allocating them); on
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,9 +31,14 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 DEFAULT_CPU_CACHE_BYTES = 4 * GiB
 # One generation slot and one scoring slot: below this the engine cannot serve both.
 MIN_SLOTS = 2
+# `max_batch_size="auto"`: the most slots of each kind sized from the budget (vLLM's default
+# max_num_seqs), and what auto means off CUDA (the service's default before auto).
+AUTO = "auto"
+AUTO_CEILING = 256
+AUTO_ELSEWHERE = 32
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Where the engine's memory goes; `Engine.memory` holds the one it started with."""
 
@@ -50,6 +56,7 @@ class MemoryPlan:
     sliding: bool  # the rows are a rolling window (positions past it are overwritten)
     device_total_bytes: int | None = None  # CUDA: the device, at start-up
     device_free_bytes: int | None = None
+    auto_ceiling: int | None = None  # slots sized from the budget ("auto"), at most this many
 
     @property
     def slots(self) -> int:
@@ -76,7 +83,7 @@ class MemoryPlan:
             f"kv cache {_size(self.cache_bytes)} = {self.slots} slots x {self.tokens_per_slot} "
             f"tokens x {_size(self.bytes_per_token)}; "
             f"slots {self.generation_slots} generation + {self.scoring_slots} scoring "
-            f"(asked {self.requested_generation_slots} + {self.requested_scoring_slots}); "
+            f"({self._asked()}); "
             f"context {context}; budget {_size(self.budget_bytes)}"
         )
         if self.device_total_bytes is not None and self.device_free_bytes is not None:
@@ -85,6 +92,11 @@ class MemoryPlan:
                 f"{_size(self.device_free_bytes)} free at start-up)"
             )
         return line
+
+    def _asked(self) -> str:
+        if self.auto_ceiling is not None:
+            return f"auto: as many as fit, at most {self.auto_ceiling} each"
+        return f"asked {self.requested_generation_slots} + {self.requested_scoring_slots}"
 
 
 def _size(n: int) -> str:
@@ -132,13 +144,18 @@ def activation_bytes(
     sequences: int,
     logits_rows: int,
     materialised_scores: bool = True,
+    expanded_heads: bool = False,
 ) -> int:
     """Estimated peak of the temporaries of one pass (per layer; layers run one at a time).
 
     step_tokens new tokens in the pass, each sequence's chunk at most chunk_tokens, reading up
     to `rows` cached keys each; `sequences` of them gather their cached window. With
     materialised_scores (SDPA with a mask: its math kernel) the fp32 scores and probabilities
-    of every query over its keys are counted; flash-attn never holds them.
+    of every query over its keys are counted; flash-attn never holds them. With
+    expanded_heads (CUDA: SDPA's masked passes, which label-tree scoring passes are whatever
+    the backend) the gathered keys and values are also copied padded per sequence and
+    expanded to every query head for the memory-efficient kernel: for the 7B, 32 sequences
+    of a 4096-token window, 2.6 GiB more.
     """
     e = torch.empty((), dtype=dtype, device="meta").element_size()
     T, C = step_tokens, min(chunk_tokens, step_tokens)
@@ -148,9 +165,40 @@ def activation_bytes(
     keys = (T + sequences * rows) * KV * D * e * 4  # K and V gathered, then put in order
     attn = T * H * D * e * 2
     scores = H * T * (C + rows) * 8 if materialised_scores else 0
+    # Padded per sequence (KV heads), then expanded to all H heads, K and V each.
+    expanded = (T + sequences * rows) * (KV + H) * D * e * 2 if expanded_heads else 0
     ffn = T * args.hidden_dim * 4 * e  # w1|w3 outputs, SiLU, product
     logits = logits_rows * args.vocab_size * 4 * 2  # fp32 logits and their log-softmax
-    return hidden + qkv + keys + attn + scores + ffn + logits
+    return hidden + qkv + keys + attn + scores + expanded + ffn + logits
+
+
+def engine_activation_bytes(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    generation_slots: int,
+    scoring_slots: int,
+    step_tokens: int,
+    chunk_tokens: int,
+    rows: int,
+    cuda: bool,
+) -> int:
+    """activation_bytes of the engine's largest pass for these slot counts: a pass of every
+    generation or every scoring slot (each reading its window), the sampled rows and up to 32
+    label-tree nodes per scoring slot projected onto the vocabulary. On CUDA neither backend
+    holds the scores (flash-attn never does; SDPA's masked passes are built for the
+    memory-efficient kernel, which expands the heads)."""
+    return activation_bytes(
+        args,
+        dtype,
+        step_tokens=step_tokens,
+        chunk_tokens=chunk_tokens,
+        rows=rows,
+        sequences=max(generation_slots, scoring_slots),
+        logits_rows=generation_slots + 32 * scoring_slots,
+        materialised_scores=not cuda,
+        expanded_heads=cuda,
+    )
 
 
 def weights_bytes(model: nn.Module) -> int:
@@ -196,29 +244,105 @@ def cuda_budget(*, total: int, free: int, weights: int, utilization: float) -> i
     return int(total * utilization) - held_by_others
 
 
-def device_budget(
-    device: torch.device,
+def budget_bytes(
     *,
     weights: int,
     activations: int,
     gpu_memory_utilization: float,
     cache_memory_bytes: int | None,
-) -> tuple[int, int | None, int | None]:
-    """(budget for weights + activations + cache, device total, device free) where the
-    engine runs. CUDA: `gpu_memory_utilization` of the device (see cuda_budget), capped by
-    cache_memory_bytes when given. Elsewhere: cache_memory_bytes for the cache, by default
-    min(25% of available RAM, 4 GiB)."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = cuda_budget(
-            total=total, free=free, weights=weights, utilization=gpu_memory_utilization
-        )
+    device_total: int | None,
+    device_free: int | None,
+) -> int:
+    """Bytes for weights + activations + cache. CUDA (a device total and free given):
+    `gpu_memory_utilization` of the device (see cuda_budget), capped by cache_memory_bytes
+    when given. Elsewhere: cache_memory_bytes for the cache, by default min(25% of available
+    RAM, 4 GiB)."""
+    if device_total is not None and device_free is not None:
+        budget = cuda_budget(total=device_total, free=device_free, weights=weights,
+                             utilization=gpu_memory_utilization)  # fmt: skip
         if cache_memory_bytes is not None:
             budget = min(budget, weights + activations + cache_memory_bytes)
-        return budget, total, free
+        return budget
     if cache_memory_bytes is None:
         cache_memory_bytes = default_cpu_cache_bytes(available_ram_bytes())
-    return weights + activations + cache_memory_bytes, None, None
+    return weights + activations + cache_memory_bytes
+
+
+def device_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(total, free) bytes of a CUDA device now; (None, None) elsewhere."""
+    if device.type != "cuda":
+        return None, None
+    free, total = torch.cuda.mem_get_info(device)
+    return total, free
+
+
+def plan_engine_memory(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    device: str,
+    weights_bytes: int,
+    max_batch_size: int | str,
+    score_batch_size: int | str,
+    chunk_tokens: int,
+    step_tokens: int,
+    max_context: int | None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    cache_memory_bytes: int | None = None,
+    device_total_bytes: int | None = None,
+    device_free_bytes: int | None = None,
+) -> MemoryPlan:
+    """The engine's plan: its activation estimate, its budget on this device (CUDA when the
+    device's total and free bytes are given) and the slots that fit. A batch size of AUTO is
+    sized from the budget (auto_slots, up to AUTO_CEILING) on CUDA, and is AUTO_ELSEWHERE on
+    other devices. Pure arithmetic: tests plan the 7B on simulated cards."""
+    for name, value in (("max_batch_size", max_batch_size), ("score_batch_size", score_batch_size)):
+        if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or {AUTO!r}, got {value!r}")
+    rows = cache_rows(args, max_context)[0]
+    cuda = device_total_bytes is not None and device_free_bytes is not None
+
+    def activations(generation: int, scoring: int) -> int:
+        return engine_activation_bytes(args, dtype, generation_slots=generation,
+                                       scoring_slots=scoring, step_tokens=step_tokens,
+                                       chunk_tokens=chunk_tokens, rows=rows, cuda=cuda)  # fmt: skip
+
+    def budget(act: int) -> int:
+        return budget_bytes(
+            weights=weights_bytes,
+            activations=act,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cache_memory_bytes=cache_memory_bytes,
+            device_total=device_total_bytes,
+            device_free=device_free_bytes,
+        )
+
+    generation = None if max_batch_size == AUTO else int(max_batch_size)
+    scoring = None if score_batch_size == AUTO else int(score_batch_size)
+    if not cuda:
+        generation = AUTO_ELSEWHERE if generation is None else generation
+        scoring = AUTO_ELSEWHERE if scoring is None else scoring
+    elif generation is None or scoring is None:
+        generation, scoring = auto_slots(args, dtype, max_context=max_context,
+                                         budget_bytes=budget, weights_bytes=weights_bytes,
+                                         activation_bytes=activations, generation=generation,
+                                         scoring=scoring)  # fmt: skip
+    act = activations(generation, scoring)
+    plan = plan_memory(
+        args,
+        dtype,
+        max_context=max_context,
+        budget_bytes=budget(act),
+        weights_bytes=weights_bytes,
+        activation_bytes=act,
+        max_batch_size=generation,
+        score_batch_size=scoring,
+        device=device,
+        device_total_bytes=device_total_bytes,
+        device_free_bytes=device_free_bytes,
+    )
+    auto = cuda and AUTO in (max_batch_size, score_batch_size)
+    return dataclasses.replace(plan, auto_ceiling=AUTO_CEILING) if auto else plan
 
 
 def plan_memory(
@@ -282,3 +406,38 @@ def plan_memory(
         device_total_bytes=device_total_bytes,
         device_free_bytes=device_free_bytes,
     )
+
+
+def auto_slots(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    max_context: int | None,
+    budget_bytes: Callable[[int], int],
+    weights_bytes: int,
+    activation_bytes: Callable[[int, int], int],
+    generation: int | None,
+    scoring: int | None,
+    ceiling: int = AUTO_CEILING,
+) -> tuple[int, int]:
+    """(generation, scoring) slots where those given as None are sized from the budget: the
+    largest n <= ceiling such that n of each (with the others as given) fit, their cache and
+    the activations of a pass over them (`activation_bytes(generation, scoring)`) within
+    `budget_bytes(activations)`. At least 1 each; plan_memory then refuses what cannot run."""
+    per_slot = cache_rows(args, max_context)[0] * kv_bytes_per_token(args, dtype)
+
+    def counts(n: int) -> tuple[int, int]:
+        return (n if generation is None else generation, n if scoring is None else scoring)
+
+    def fits(n: int) -> bool:
+        g, s = counts(n)
+        act = activation_bytes(g, s)
+        return weights_bytes + act + (g + s) * per_slot <= budget_bytes(act)
+
+    lo, hi = 1, ceiling  # fits() shrinks as n grows: the largest n that fits, by bisection
+    if not fits(lo):
+        return counts(lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return counts(lo)

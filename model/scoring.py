@@ -4,8 +4,8 @@ Prompts are pre-filled in chunks, then every continuation of a prompt is scored 
 over a token tree (shared label prefixes computed once). A prompt prefix used by many requests
 (a policy's instructions) is pre-filled once and restored into the scoring slots.
 
-`Scoring` is a mixin of `Engine`: it uses the engine's cache, scoring slots and forward pass,
-and keeps scoring's code apart from generation's.
+`Scoring` holds the engine's forward passes (model/passes.py) and its own scoring slots; the
+engine delegates its scoring methods to it, and stream checks score their label trees with it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.cache import CacheSnapshot, RollingCache
+from model.cache import CacheSnapshot
 from model.errors import RequestError
-from model.stats import EngineStats
-from model.transformer import Transformer
+from model.passes import Passes
 
 
 @dataclass(frozen=True)
@@ -40,46 +39,27 @@ class ScoreRequest:
 
 
 class Scoring:
-    """Engine.score, score_batch and prefill_prefix (see the module docstring)."""
+    """Score requests over the engine's scoring slots (see the module docstring)."""
 
-    model: Transformer
-    cache: RollingCache
-    stats: EngineStats
-    score_batch_size: int
-    _score_slots: list[int]
-    _trees: dict[tuple[tuple[int, ...], ...], ContinuationTree]
-    _logit_block_rows: int
-
-    def _forward(
-        self,
-        slots: list[int],
-        chunks: list[Sequence[int]],
-        *,
-        logits_rows: list[int],
-        write: list[bool] | None = None,
-        trees: list[tuple[list[int], torch.Tensor] | None] | None = None,
-        hidden: bool = False,
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
-        raise NotImplementedError
-
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        raise NotImplementedError
-
-    def _check_length(self, n: int, what: str) -> None:
-        raise NotImplementedError
+    def __init__(self, passes: Passes, slots: range):
+        self.passes = passes
+        self.cache = passes.cache
+        self.stats = passes.stats
+        self.slots = list(slots)
+        self.batch_size = len(self.slots)
+        self._trees: dict[tuple[tuple[int, ...], ...], ContinuationTree] = {}
+        # Rows of full logits per block when scoring on CPU: ~2 MiB of fp32, cache-sized.
+        self.logit_block_rows = max(1, (2 << 20) // (4 * passes.model.args.vocab_size))
 
     def prefill_prefix(self, tokens: Sequence[int]) -> Prefix:
         """Pre-fill a prompt prefix once; ScoreRequests carrying it skip those tokens."""
         if not tokens:
             raise RequestError("prefix is empty")
-        self._check_tokens(tokens, "prefix")
-        self._check_length(len(tokens), "prefix")
-        slot = self._score_slots[0]
+        self.passes.check_tokens(tokens, "prefix")
+        self.passes.check_length(len(tokens), "prefix")
+        slot = self.slots[0]
         self.cache.reset(slot)
-        self._prefill([slot], [tokens])
+        self.passes.prefill([slot], [tokens])
         snap = self.cache.snapshot(slot)
         self.cache.reset(slot)
         return Prefix(tuple(tokens), snap)
@@ -100,8 +80,8 @@ class Scoring:
         for i, r in enumerate(requests):
             self._validate_score(r, f"request {i}")
         results: list[list[float]] = []
-        for start in range(0, len(requests), self.score_batch_size):
-            group = requests[start : start + self.score_batch_size]
+        for start in range(0, len(requests), self.batch_size):
+            group = requests[start : start + self.batch_size]
             results.extend(self._score_group(group, relative=relative))
         return results
 
@@ -111,14 +91,15 @@ class Scoring:
             raise RequestError(f"{what}: prompt is empty")
         if not r.continuations or any(len(c) == 0 for c in r.continuations):
             raise RequestError(f"{what}: continuations must be non-empty token lists")
-        self._check_tokens(r.prompt, f"{what} prompt")
+        self.passes.check_tokens(r.prompt, f"{what} prompt")
         for c in r.continuations:
-            self._check_tokens(c, f"{what} continuation")
+            self.passes.check_tokens(c, f"{what} continuation")
         prefix_len = len(r.prefix.tokens) if r.prefix else 0
         longest = max(len(c) for c in r.continuations)
-        self._check_length(prefix_len + len(r.prompt) + longest - 1, what)
+        self.passes.check_length(prefix_len + len(r.prompt) + longest - 1, what)
 
-    def _tree(self, continuations: Sequence[Sequence[int]]) -> ContinuationTree:
+    def tree(self, continuations: Sequence[Sequence[int]]) -> ContinuationTree:
+        """The token tree of these continuations (one per label set, built once)."""
         # A classifier scores the same labels for every text: build their tree once.
         key = tuple(tuple(c) for c in continuations)
         tree = self._trees.get(key)
@@ -132,7 +113,7 @@ class Scoring:
     def _score_group(
         self, requests: Sequence[ScoreRequest], *, relative: bool = False
     ) -> list[list[float]]:
-        slots = self._score_slots[: len(requests)]
+        slots = self.slots[: len(requests)]
         # Slots sharing a prefix get it in one copy (a classifier batch: one policy prefix).
         by_prefix: dict[int, tuple[Prefix, list[int]]] = {}
         for slot, r in zip(slots, requests, strict=True):
@@ -142,12 +123,12 @@ class Scoring:
                 self.stats.prefix_tokens_reused += len(r.prefix.tokens)
         for prefix, prefix_slots in by_prefix.values():
             self.cache.restore_many(prefix_slots, prefix.snapshot)
-        self._prefill(slots, [r.prompt[:-1] for r in requests])
-        trees = [self._tree(r.continuations) for r in requests]
+        self.passes.prefill(slots, [r.prompt[:-1] for r in requests])
+        trees = [self.tree(r.continuations) for r in requests]
         chunks: list[Sequence[int]] = [
             [r.prompt[-1], *t.tokens[1:]] for r, t in zip(requests, trees, strict=True)
         ]
-        hidden = self._forward(
+        hidden = self.passes.forward(
             slots,
             chunks,
             logits_rows=list(range(sum(len(c) for c in chunks))),
@@ -155,12 +136,12 @@ class Scoring:
             trees=[(t.depths, t.ancestors) for t in trees],
             hidden=True,
         )
-        out = self._tree_scores(hidden, trees, relative=relative)
+        out = self.tree_scores(hidden, trees, relative=relative)
         for slot in slots:
             self.cache.reset(slot)
         return out
 
-    def _tree_scores(
+    def tree_scores(
         self, hidden: torch.Tensor, trees: Sequence[ContinuationTree], *, relative: bool
     ) -> list[list[float]]:
         """Each tree's continuation scores from the hidden states of its nodes, packed tree
@@ -204,7 +185,7 @@ class Scoring:
         raw = [i for i, norm in enumerate(normalised) if not norm]
         if raw:
             raw_nodes = torch.tensor([nodes[i] for i in raw], device=device)
-            out[torch.tensor(raw, device=device)] = self.model.token_logits(
+            out[torch.tensor(raw, device=device)] = self.passes.model.token_logits(
                 hidden.index_select(0, raw_nodes),
                 torch.tensor([tokens[i] for i in raw], device=device),
             )
@@ -217,10 +198,12 @@ class Scoring:
             )
             pair_rows = [p[0] for p in pairs]
             full_t = torch.tensor(full, device=device)
-            block = self._logit_block_rows if device.type == "cpu" else len(full)
+            block = self.logit_block_rows if device.type == "cpu" else len(full)
             for first in range(0, len(full), block):
                 rows = full_t[first : first + block]
-                logp = torch.log_softmax(self.model.project(hidden.index_select(0, rows)), -1)
+                logp = torch.log_softmax(
+                    self.passes.model.project(hidden.index_select(0, rows)), -1
+                )
                 lo = bisect.bisect_left(pair_rows, first)
                 hi = bisect.bisect_left(pair_rows, first + block)
                 these = pairs[lo:hi]

@@ -22,7 +22,6 @@ generated, so both hold one slot for as long as it runs).
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from model import transfer
 from model.cache import ForwardMetadata
 from model.errors import RequestError
+from model.passes import Passes, SlotPool
 from model.scoring import ContinuationTree, Prefix, Scoring
 
 
@@ -53,23 +53,18 @@ class _CheckStream:
     length: int = 0  # tokens of prompt + text in the slot (or pending)
 
 
-class StreamChecks(Scoring):
-    """Engine.open_stream, check_streams and close_stream (see the module docstring). Built on
-    `Scoring`: a check's label tree is scored as a scoring pass's is."""
+class StreamChecks:
+    """Check streams over generation slots (see the module docstring): a check's label tree is
+    scored by the engine's `Scoring`, its pass run by the engine's `Passes`."""
 
-    chunk_size: int
-    max_step_tokens: int
-    _free_slots: list[int]
-    _stream_checks: dict[int, _CheckStream]
-    _stream_ids: itertools.count[int]
-
-    def _run_planned(self, meta: ForwardMetadata, *, hidden: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
-    @property
-    def free_slots(self) -> int:
-        """Generation slots free now (a check stream takes one)."""
-        return len(self._free_slots)
+    def __init__(self, passes: Passes, scoring: Scoring, free_slots: SlotPool):
+        self.passes = passes
+        self.scoring = scoring
+        self.cache = passes.cache
+        self.stats = passes.stats
+        self.free_slots = free_slots
+        self._streams: dict[int, _CheckStream] = {}
+        self._ids = itertools.count()
 
     def open_stream(self, prompt: Sequence[int], prefix: Prefix | None = None) -> int | None:
         """Start a check stream on prefix.tokens + prompt; None when no slot is free now.
@@ -77,51 +72,50 @@ class StreamChecks(Scoring):
         The prefix's cached window is restored into the slot; the prompt is fed with the first
         check (or before it, when too long to share its pass).
         """
-        self._check_tokens(prompt, "stream prompt")
-        if not self._free_slots:
+        self.passes.check_tokens(prompt, "stream prompt")
+        slot = self.free_slots.take()
+        if slot is None:
             return None
-        slot = self._free_slots.pop(0)
         self.cache.reset(slot)
         if prefix is not None:
             self.cache.restore_many([slot], prefix.snapshot)
             self.stats.prefix_tokens_reused += len(prefix.tokens)
-        stream_id = next(self._stream_ids)
-        self._stream_checks[stream_id] = _CheckStream(
+        stream_id = next(self._ids)
+        self._streams[stream_id] = _CheckStream(
             slot, list(prompt), self.cache.lengths[slot] + len(prompt)
         )
         return stream_id
 
     def close_stream(self, stream_id: int) -> bool:
         """Free a check stream's slot; False if unknown (already closed)."""
-        stream = self._stream_checks.pop(stream_id, None)
+        stream = self._streams.pop(stream_id, None)
         if stream is None:
             return False
         self.cache.reset(stream.slot)
-        bisect.insort(self._free_slots, stream.slot)
+        self.free_slots.give(stream.slot)
         return True
 
     @property
     def open_streams(self) -> int:
-        return len(self._stream_checks)
+        """Check streams open now."""
+        return len(self._streams)
 
     def stream_length(self, stream_id: int) -> int:
         """Tokens of prompt + text the stream holds (its last check's coverage)."""
-        return self._stream_checks[stream_id].length
+        return self._streams[stream_id].length
 
-    def check_streams(
-        self, checks: Sequence[StreamCheck], *, relative: bool = False
-    ) -> list[list[float]]:
+    def check(self, checks: Sequence[StreamCheck], *, relative: bool = False) -> list[list[float]]:
         """Append each check's tokens to its stream and score its continuations after the
         closer: one pass for as many checks as `max_step_tokens` allows (see score_batch for
         `relative`). `Engine.step_with_checks` runs them in a generation step's pass."""
-        self._validate_checks(checks)
-        self._prefill_long_prompts(checks)
+        self.validate(checks)
+        self.prefill_long_prompts(checks)
         results: list[list[float]] = []
         group: list[StreamCheck] = []
         size = 0
         for c in checks:
-            n = self._check_size(c)
-            if group and size + n > self.max_step_tokens:
+            n = self.size(c)
+            if group and size + n > self.passes.max_step_tokens:
                 results.extend(self._check_group(group, relative=relative))
                 group, size = [], 0
             group.append(c)
@@ -130,10 +124,10 @@ class StreamChecks(Scoring):
             results.extend(self._check_group(group, relative=relative))
         return results
 
-    def _validate_checks(self, checks: Sequence[StreamCheck]) -> None:
+    def validate(self, checks: Sequence[StreamCheck]) -> None:
         seen: set[int] = set()
         for i, c in enumerate(checks):
-            if c.stream_id not in self._stream_checks:
+            if c.stream_id not in self._streams:
                 raise RequestError(f"check {i}: unknown stream {c.stream_id}")
             if c.stream_id in seen:
                 raise RequestError(f"check {i}: stream {c.stream_id} is checked twice")
@@ -142,38 +136,38 @@ class StreamChecks(Scoring):
                 raise RequestError(f"check {i}: the closer is empty")
             if not c.continuations or any(len(x) == 0 for x in c.continuations):
                 raise RequestError(f"check {i}: continuations must be non-empty token lists")
-            self._check_tokens(c.tokens, f"check {i} tokens")
-            self._check_tokens(c.closer, f"check {i} closer")
+            self.passes.check_tokens(c.tokens, f"check {i} tokens")
+            self.passes.check_tokens(c.closer, f"check {i} closer")
             for x in c.continuations:
-                self._check_tokens(x, f"check {i} continuation")
-            n = self._stream_checks[c.stream_id].length + len(c.tokens) + len(c.closer)
-            self._check_length(n + max(len(x) for x in c.continuations) - 1, f"check {i}")
+                self.passes.check_tokens(x, f"check {i} continuation")
+            n = self._streams[c.stream_id].length + len(c.tokens) + len(c.closer)
+            self.passes.check_length(n + max(len(x) for x in c.continuations) - 1, f"check {i}")
 
-    def _prefill_long_prompts(self, checks: Sequence[StreamCheck]) -> None:
+    def prefill_long_prompts(self, checks: Sequence[StreamCheck]) -> None:
         """A prompt too long to share a check's pass is pre-filled first, in chunks."""
         long = [
             s
-            for s in (self._stream_checks[c.stream_id] for c in checks)
-            if len(s.pending) > self.chunk_size
+            for s in (self._streams[c.stream_id] for c in checks)
+            if len(s.pending) > self.passes.chunk_size
         ]
         if long:
-            self._prefill([s.slot for s in long], [s.pending for s in long])
+            self.passes.prefill([s.slot for s in long], [s.pending for s in long])
             for s in long:
                 s.pending = []
 
-    def _check_size(self, c: StreamCheck) -> int:
+    def size(self, c: StreamCheck) -> int:
         """Tokens a check adds to a pass: its chain, then its label tree less the root."""
-        return self._chain_tokens(c) + len(self._tree(c.continuations).tokens) - 1
+        return self._chain_tokens(c) + len(self.scoring.tree(c.continuations).tokens) - 1
 
     def _chain_tokens(self, c: StreamCheck) -> int:
-        return len(self._stream_checks[c.stream_id].pending) + len(c.tokens) + len(c.closer)
+        return len(self._streams[c.stream_id].pending) + len(c.tokens) + len(c.closer)
 
     @torch.inference_mode()
     def _check_group(self, checks: Sequence[StreamCheck], *, relative: bool) -> list[list[float]]:
-        hidden, trees = self._forward_with_checks([], [], [], checks)
-        return self._tree_scores(hidden, trees, relative=relative)
+        hidden, trees = self.forward_with_checks([], [], [], checks)
+        return self.scoring.tree_scores(hidden, trees, relative=relative)
 
-    def _forward_with_checks(
+    def forward_with_checks(
         self,
         slots: list[int],
         chunks: list[Sequence[int]],
@@ -190,7 +184,7 @@ class StreamChecks(Scoring):
         window before this pass's keys are written (model.attention), so the trees see the
         slot as it was plus their own tokens; the decoders write first and read their own
         slots only, which no check touches."""
-        streams = [self._stream_checks[c.stream_id] for c in checks]
+        streams = [self._streams[c.stream_id] for c in checks]
         check_slots = [s.slot for s in streams]
         check_chunks: list[list[int]] = []
         tree_specs: list[tuple[list[int], torch.Tensor] | None] = []
@@ -199,7 +193,7 @@ class StreamChecks(Scoring):
         check_rows: list[int] = []  # packed rows whose hidden states score the labels
         offset = sum(len(c) for c in chunks)  # the checks are packed after the step's tokens
         for c, s in zip(checks, streams, strict=True):
-            tree = self._tree(c.continuations)
+            tree = self.scoring.tree(c.continuations)
             chain = [*s.pending, *c.tokens, *c.closer]
             chunk = chain + tree.tokens[1:]
             depths = list(range(len(chain))) + [len(chain) - 1 + d for d in tree.depths[1:]]
@@ -238,7 +232,7 @@ class StreamChecks(Scoring):
         for c, s in zip(checks, streams, strict=True):
             s.pending = []
             s.length += len(c.tokens)
-        return self._run_planned(meta, hidden=True), trees
+        return self.passes.run_planned(meta, hidden=True), trees
 
 
 def _add_writes(

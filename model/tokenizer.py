@@ -145,6 +145,18 @@ class Tokenizer:
             raise TokenizerError(f"token id(s) {bad[:5]} out of range for a {n}-token vocabulary")
         return str(self._sp.decode([int(i) for i in ids if i not in self._control_ids]))
 
+    def text_pieces(self) -> list[str]:
+        """The pieces that encoding text may merge characters into ("\u2581" for a space):
+        the learned, user-defined and unused ones (BPE may form an unused piece before it
+        splits it again). Byte, control and unknown pieces are left out: text never becomes
+        them by merging (a byte token stands for one byte of one character)."""
+        sp = self._sp
+        return [
+            str(sp.id_to_piece(i))
+            for i in range(sp.get_piece_size())
+            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))
+        ]
+
     def id_to_piece(self, token: int) -> str:
         """The sentencepiece piece of one id (for debugging and label checks)."""
         return str(self._sp.id_to_piece(token))

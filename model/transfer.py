@@ -3,7 +3,7 @@
 Every index a forward pass needs (tokens, positions, cache rows, ...) is built on the host and
 copied in one transfer: on CUDA from pinned memory with non_blocking=True, so the host does not
 wait for the GPU and the copy can precede a captured or compiled step. A `torch.tensor(xs,
-device=cuda)` per index would be a blocking copy each (model/step_counts.py counts them).
+device=cuda)` per index would be a blocking copy each (bench/step_counts.py counts them).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
 """The Mistral 7B transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-Parameter names are Mistral's consolidated checkpoint keys, so a state dict loads as is.
+State dict keys are Mistral's consolidated checkpoint keys, so a state dict loads as is; the
+parameters themselves hold q/k/v and w1/w3 fused (one matrix multiply each, on every device,
+as gpt-fast does), converted by the state dict hooks. The CPU kernel of each matrix multiply
+is chosen in model/cpu_gemm.py.
 Tokens of all sequences in a forward pass are packed into one flat tensor (no padding); the
 per-pass indexing (positions, cache slots, masks) lives in `ForwardMetadata`, computed once by
 the cache and only read here.
 """
 
 from __future__ import annotations
-
-import functools
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,211 +18,57 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import AttentionBackend, select_backend
 from model.cache import ForwardMetadata, RollingCache
+from model.cpu_gemm import CpuGemmChoice, Linear
 
 
-class Linear(nn.Linear):
-    """nn.Linear (no bias) that can use a oneDNN pre-packed weight on CPU; see `pack_for_cpu`."""
-
-    packed: torch.Tensor | None = None
-    mkldnn: bool = False  # `packed` is oneDNN-packed (else a plain column-major matrix)
-    # Calls of fewer rows use the plain weight instead of `packed` (the output projection,
-    # whose plain weight scoring keeps anyway; see pack_for_cpu).
-    packed_from_rows: int = 0
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= self.packed_from_rows:
-            return packed_linear(x, self.packed, self.mkldnn)
-        return F.linear(x, self.weight)
+def fuse_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Replace each layer's q/k/v weights by one `wqkv` and its w1/w3 by one `w13`, in place
+    (a layer already fused is left as is). Popped one layer at a time, so a loaded checkpoint
+    is never held twice."""
+    for fused, parts in _FUSED.items():
+        blocks = [k.removesuffix(parts[0]) for k in state if k.startswith(prefix)
+                  and k.endswith(parts[0])]  # fmt: skip
+        for block in blocks:
+            names = [block + part for part in parts]
+            if all(name in state for name in names):
+                state[block + fused] = torch.cat([state.pop(name) for name in names])
 
 
-class PackedLinear(Linear):
-    """A Linear whose plain weight pack_for_cpu dropped: `weight` is rebuilt on demand from the
-    packed matrix holding it (tests, debugging; the forward pass never reads it). A class of
-    its own so that unpacked (GPU) layers pay nothing for the lookup."""
-
-    packed_rows: tuple[torch.Tensor, int, int]  # (packed matrix, first row, end row)
-
-    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
-        if name == "weight":
-            packed, start, end = self.packed_rows
-            return packed.to_dense()[start:end]
-        return super().__getattr__(name)
-
-
-def packed_linear(x: torch.Tensor, matrix: torch.Tensor, mkldnn: bool) -> torch.Tensor:
-    """x @ matrix.T for a fused matrix of pack_for_cpu: oneDNN-packed (`mkldnn`, the matrix's
-    is_mkldnn: a plain bool so that a traced step does not ask a fake tensor, which answers
-    False), or plain where packing was measured slower on this host."""
-    if mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
-    return F.linear(x, matrix)
+def split_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, prefix: str = "") -> None:
+    """The inverse of fuse_state_dict, in place: the consolidated keys, each a view of its rows
+    of the fused weight (a checkpoint's layout; packed layers, whose weights are dropped, are
+    absent either way)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    sizes = {"attention.wqkv.weight": (q, kv, kv),
+             "feed_forward.w13.weight": (args.hidden_dim, args.hidden_dim)}  # fmt: skip
+    for fused, parts in _FUSED.items():
+        for key in [k for k in state if k.startswith(prefix) and k.endswith(fused)]:
+            block = key.removesuffix(fused)
+            rows = state.pop(key).split(sizes[fused])
+            for part, weight in zip(parts, rows, strict=True):
+                state[block + part] = weight
 
 
-def column_major(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] with its storage transposed ([in, out] contiguous): same values, same
-    shape. F.linear(x, w) is x @ w.T, and with this layout w.T is a contiguous matrix, which
-    the default CPU GEMM runs 1.3-2x faster for a decode step's few rows than the [out, in]
-    layout nn.Linear keeps (measured on the Intel Xeon of docs/benchmarks.md, one thread, one
-    row: 35 vs 55 us for the 7B structure's fused q/k/v, 5 vs 11 us for its w2)."""
-    return weight.t().contiguous().t()
+# Fused weight -> the consolidated weights it stacks, by row, in this order.
+_FUSED = {
+    "attention.wqkv.weight": (
+        "attention.wq.weight",
+        "attention.wk.weight",
+        "attention.wv.weight",
+    ),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
 
 
-def _reorder(weight: torch.Tensor) -> torch.Tensor:
-    # Batch-size hint 8: measured best across 1..256 rows on the AMD EPYC that chose packing.
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+def _fuse_on_load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
+                  *_: object) -> None:  # fmt: skip
+    fuse_state_dict(state, prefix)
 
 
-def _ratio(a: Callable[[], object], b: Callable[[], object], budget: float = 0.25) -> float:
-    """Shortest time of a over shortest time of b, the two timed in alternation (at least 7
-    calls each, after a warm-up; up to ~budget seconds for more). Alternating and the
-    shortest: on a shared machine noise only ever adds time, and timing one after the other
-    let a burst of another process's work land on one side only (it once chose packing for
-    most matrices here, which made a decode step 50% slower)."""
-    a()
-    b()
-    ta: list[float] = []
-    tb: list[float] = []
-    start = time.perf_counter()
-    while len(ta) < 7 or (len(ta) < 200 and time.perf_counter() - start < budget):
-        for fn, times in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return min(ta) / min(tb)
-
-
-PACKING_MARGIN = 0.8
-"""Packing is kept when its time ratio (packed / plain, product over 1 and 64 rows) is below
-this. The AMD EPYC that first chose packing ran decode rows 2-5x faster packed; the Intel
-Xeon of docs/benchmarks.md gives products of 1.5-3 for the 7B structure's matrices."""
-
-_PACKING_PAYS: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
-
-
-def packing_pays(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's packed GEMM beats the default one for this matrix on this host.
-
-    Which is faster depends on the CPU: on the AMD EPYC this engine was first measured on, the
-    packed call ran a decode step's few rows 2-5x faster; on an Intel Xeon (480 MiB L3) the
-    packed call of the 7B structure's small matrices took 30-130 us at one row against 10-50 us
-    for F.linear. So it is measured here, at one row (decode) and 64 (pre-fill chunks and
-    label trees), and packing is kept when the product of the two time ratios favours it
-    clearly (PACKING_MARGIN).
-    """
-    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
-    if key in _PACKING_PAYS:  # measured once per process (a test suite builds many engines)
-        return _PACKING_PAYS[key]
-    threads = torch.get_num_threads()
-    # On one thread: with more, a parallel GEMM waits for a core another process holds, and
-    # which kernel won then depended on the neighbours' load, not on the kernels.
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            packed = _reorder(weight)
-            plain = column_major(weight)  # the layout a matrix that is not packed gets
-            ratio = 1.0
-            for rows in (1, 64):
-                x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-                ratio *= _ratio(
-                    functools.partial(packed_linear, x, packed, True),
-                    functools.partial(F.linear, x, plain),
-                )
-    finally:
-        torch.set_num_threads(threads)
-    # A clear margin: where the two are close (this Intel Xeon at 64 rows), noise would pick
-    # either, and the plain matrix is the one every backend (and inductor) can run.
-    _PACKING_PAYS[key] = ratio < PACKING_MARGIN
-    return ratio < PACKING_MARGIN
-
-
-def _fuse(*layers: Linear, packed: bool) -> torch.Tensor:
-    """One matrix of the layers' weights stacked (oneDNN-packed, or plain), which then drop
-    their own: a plain fused matrix lends each layer a view of its rows as its weight."""
-    # Without no_grad the fused matrix would carry an autograd graph that keeps the dropped
-    # parameters alive.
-    with torch.no_grad():
-        plain = torch.cat([layer.weight for layer in layers])
-        matrix = _reorder(plain) if packed else column_major(plain)
-    start = 0
-    for layer in layers:
-        end = start + layer.out_features
-        del layer.weight
-        if packed:
-            layer.__class__ = PackedLinear
-            assert isinstance(layer, PackedLinear)
-            layer.packed_rows = (matrix, start, end)
-        else:
-            layer.weight = nn.Parameter(matrix[start:end], requires_grad=False)
-        start = end
-    return matrix
-
-
-def pack_for_cpu(model: Transformer, *, packed: bool | None = None) -> bool:
-    """Fuse and, where it pays on this host, oneDNN-pack the linear weights for CPU inference;
-    same values, same results.
-
-    q/k/v and w1/w3 become one matrix each: every GEMM call has a fixed cost (~40 us for a
-    oneDNN call here), seven per layer per step add up. Packing (`packed=None`: measured per
-    matrix shape by `packing_pays`; True/False forces it) changes the GEMM kernel only. Packed
-    layers drop their plain weights (a 7B would otherwise need twice its 14.5 GB of bf16),
-    except the output projection's, which scoring reads row by row (token_logits): 1.8% of the
-    7B. A packed model is for CPU inference: its state_dict lacks the dropped weights and .to()
-    does not move the packed ones. Packing twice is a no-op. Returns False (and changes
-    nothing) where oneDNN or a supported dtype is absent.
-    """
-    weight = model.output.weight
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if model.cpu_fused:
-        return True
-    model.cpu_fused = True
-    decided: dict[tuple[int, int], bool] = {}
-
-    def pays(*layers: Linear) -> bool:
-        shape = (sum(layer.out_features for layer in layers), layers[0].in_features)
-        if shape not in decided:
-            if packed is not None:
-                decided[shape] = packed
-            elif len(layers) == 1:  # no copy of a lone matrix (the output projection: 1.8% of a 7B)
-                decided[shape] = packing_pays(layers[0].weight.detach())
-            else:
-                with torch.no_grad():
-                    fused = torch.cat([layer.weight for layer in layers]).contiguous()
-                decided[shape] = packing_pays(fused)
-        return decided[shape]
-
-    for layer in model.layers:
-        assert isinstance(layer, TransformerBlock)
-        attn, ffn = layer.attention, layer.feed_forward
-        attn.qkv_packed = _fuse(attn.wq, attn.wk, attn.wv, packed=pays(attn.wq, attn.wk, attn.wv))
-        attn.wo.packed = _fuse(attn.wo, packed=pays(attn.wo))
-        ffn.w13_packed = _fuse(ffn.w1, ffn.w3, packed=pays(ffn.w1, ffn.w3))
-        ffn.w2.packed = _fuse(ffn.w2, packed=pays(ffn.w2))
-        attn.qkv_mkldnn = attn.qkv_packed.is_mkldnn
-        attn.wo.mkldnn = attn.wo.packed.is_mkldnn
-        ffn.w13_mkldnn = ffn.w13_packed.is_mkldnn
-        ffn.w2.mkldnn = ffn.w2.packed.is_mkldnn
-    if pays(model.output):
-        with torch.no_grad():
-            model.output.packed = _reorder(weight.contiguous())
-            model.output.mkldnn = True
-    else:  # scoring reads its rows: kept as a parameter, in the faster layout
-        model.output.weight = nn.Parameter(column_major(weight.detach()), requires_grad=False)
-        if packed is None:
-            # Both forms of the largest matrix (1.8% of a 7B; the plain one is kept for
-            # scoring anyway): packed for 8 rows and more, where the engine ran it faster
-            # with the weights streaming from memory although timed hot it loses (60M model,
-            # 8 sequences: 373 against 456 ms; one sequence, plain, unchanged).
-            with torch.no_grad():
-                model.output.packed = _reorder(weight.detach().contiguous())
-            model.output.mkldnn = True
-            model.output.packed_from_rows = 8
-    return True
+def _split_on_save(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
+                   *_: object) -> None:  # fmt: skip
+    assert isinstance(module, Transformer)
+    split_state_dict(state, module.args, prefix)
 
 
 class RMSNorm(nn.Module):
@@ -282,12 +127,10 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        # q, k and v stacked by rows: one GEMM (one launch on a GPU) instead of three; a
+        # checkpoint's wq/wk/wv are fused on loading (Transformer's state dict hooks).
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
-        self.qkv_packed: torch.Tensor | None = None  # set by pack_for_cpu
-        self.qkv_mkldnn = False
 
     def forward(
         self,
@@ -300,17 +143,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         H, KV = self.n_heads, self.n_kv_heads
-        if self.qkv_packed is not None:
-            # One projection for q, k and v, then one RoPE call over the q and k heads.
-            qkv = packed_linear(x, self.qkv_packed, self.qkv_mkldnn).view(
-                T, H + 2 * KV, self.head_dim
-            )
-            qk = apply_rope(qkv[:, : H + KV], freqs)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
-        else:
-            q = apply_rope(self.wq(x).view(T, H, self.head_dim), freqs)
-            k = apply_rope(self.wk(x).view(T, KV, self.head_dim), freqs)
-            v = self.wv(x).view(T, KV, self.head_dim)
+        # One projection for q, k and v, then one RoPE call over the q and k heads.
+        qkv = self.wqkv.forward(x).view(T, H + 2 * KV, self.head_dim)
+        qk = apply_rope(qkv[:, : H + KV], freqs)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         out = backend.attend(q, k, v, meta, cache, layer)
         return self.wo.forward(out.reshape(T, self.n_heads * self.head_dim))
 
@@ -318,17 +154,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = Linear(args.dim, args.hidden_dim)
+        # w1 (gate) and w3 (up) stacked by rows: one GEMM for both (see Attention.wqkv).
+        self.w13 = Linear(args.dim, 2 * args.hidden_dim)
         self.w2 = Linear(args.hidden_dim, args.dim)
-        self.w3 = Linear(args.dim, args.hidden_dim)
-        self.w13_packed: torch.Tensor | None = None  # set by pack_for_cpu
-        self.w13_mkldnn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13_packed is not None:
-            gate, up = packed_linear(x, self.w13_packed, self.w13_mkldnn).chunk(2, dim=-1)
-            return self.w2.forward(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13.forward(x).chunk(2, dim=-1)
+        return self.w2.forward(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -356,7 +188,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    cpu_fused: bool = False  # pack_for_cpu has run
+    cpu_gemm: CpuGemmChoice | None = None  # set by pack_for_cpu
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -365,6 +197,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+        # State dicts keep the checkpoint's (consolidated) keys: q/k/v and w1/w3 are fused on
+        # loading and split (as views) on saving, so checkpoints and tests see Mistral's names.
+        self.register_load_state_dict_pre_hook(_fuse_on_load)
+        self.register_state_dict_post_hook(_split_on_save)
 
     @property
     def device(self) -> torch.device:

@@ -258,9 +258,13 @@ def load_model(
     dtype: torch.dtype | str | None = None,
 ) -> Transformer:
     """A Transformer in eval mode, no grads, with the weights of a checkpoint folder."""
-    from model.transformer import Transformer  # here: the engine is not needed to read weights
+    # here: the engine is not needed to read weights
+    from model.transformer import Transformer, fuse_state_dict
 
     args, state = load_checkpoint(path, device=device, dtype=dtype)
+    # q/k/v and w1/w3 fused here, layer by layer, rather than by the model's load hook, which
+    # sees a copy of this dict: each layer's parts are freed as soon as they are stacked.
+    fuse_state_dict(state)
     # Built on meta then assigned the loaded tensors: no random init, no second copy in memory.
     with torch.device("meta"):
         model = Transformer(args)

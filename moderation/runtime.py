@@ -52,8 +52,10 @@ class RuntimeSettings:
     threshold: float = 0.5
     long_text: str = "reject"
     max_text_tokens: int | None = None
-    max_batch_size: int = 8  # generation slots asked for (fewer when the memory budget is short)
-    score_batch_size: int = 16  # scoring slots asked for, likewise
+    # Generation slots asked for (fewer when the memory budget is short; "auto": sized from it
+    # on CUDA, 32 elsewhere).
+    max_batch_size: int | str = 8
+    score_batch_size: int | str = 16  # scoring slots asked for, likewise
     max_new_tokens: int = 4096
     stream_check_tokens: int = DEFAULT_STREAM_CHECK_TOKENS  # moderate_output: check every N tokens
     # The longest sequence served. For a model without a sliding window (v0.2/v0.3) it is also

@@ -19,7 +19,7 @@ import pytest
 
 from moderation.api.remote import RemoteOptions, RemoteScorer
 from moderation.cli import main
-from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK
+from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
 from moderation.jobs.batch import BatchJob, Progress, UsageError, run
 from moderation.jobs.progress import ProgressReporter
 from moderation.jobs.scoring import LocalScorer
@@ -141,7 +141,8 @@ def test_resume_after_rows_written_but_not_committed(tmp_path: Path, scorer: Loc
     lines = out.read_bytes().split(b"\r\n")
     committed = b"\r\n".join(lines[:10]) + b"\r\n"  # header + 9 rows
     Progress(rows=9, output_bytes=len(committed)).save(Path(str(out) + ".progress"))
-    out.write_bytes(committed + b"row 9,half-writ")
+    # Longer than the rows still to come: only truncating to the journal's length removes it.
+    out.write_bytes(committed + b"row 9,half-writ" + b"x" * 10_000)
     run(job(inp, out, resume=True), scorer)
     assert out.read_bytes() == whole.read_bytes()
 
@@ -283,8 +284,12 @@ def test_a_finished_job_resumed_scores_nothing_and_reports_the_earlier_outcome(
     again = run(job(inp, out, resume=True), NoScoring())  # type: ignore[arg-type]
     assert (again.rows, again.failed, again.flagged) == (first.rows, first.failed, first.flagged)
     assert out.read_bytes() == before
-    # Without --resume the job starts over and writes the same file.
-    run(job(inp, out), scorer)
+    # Without --resume the job is refused (nothing overwritten); --overwrite starts it over
+    # and writes the same file.
+    with pytest.raises(UsageError, match=r"--resume .* or --overwrite"):
+        run(job(inp, out), scorer)
+    assert out.read_bytes() == before
+    run(job(inp, out, overwrite=True), scorer)
     assert out.read_bytes() == before
     # Rows appended to the input since: --resume scores those, as one run of the whole would.
     with open(inp, "a") as f:
@@ -363,3 +368,91 @@ def test_batch_off_a_terminal_prints_progress_lines(tmp_path: Path) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("batch: ")]
     assert lines and "rows/s" in lines[-1] and "12 rows (100%)" in lines[-1], proc.stderr
     assert "\r" not in proc.stderr
+
+
+# ------------------------------------------------ issue #19: every byte kept
+
+
+def test_an_unterminated_quote_stops_the_job_naming_its_line(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    inp.write_text('text,n\nfine,1\nalso fine,2\n"never closed,3\nlost,4\nlost too,5\n')
+    with pytest.raises(UsageError, match="line 4: a quoted cell is never closed"):
+        run(job(inp, out), scorer)
+    rows = read(out)  # the rows before it are scored and committed, nothing merged
+    assert [r["text"] for r in rows] == ["fine", "also fine"]
+    assert all(r["category"] for r in rows)
+
+
+def test_a_row_longer_than_the_header_is_that_rows_error(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    inp.write_text("text,n\nfine,1\nan, unquoted comma,2\nlast,3\n")
+    progress = run(job(inp, out), scorer)
+    assert (progress.rows, progress.failed) == (3, 1)
+    rows = read(out)
+    assert [r["text"] for r in rows] == ["fine", "an", "last"]
+    assert "3 cells, the header has 2" in rows[1]["error"] and rows[1]["category"] == ""
+    assert rows[0]["category"] and rows[2]["category"] and not rows[2]["error"]
+    assert [r["n"] for r in rows] == ["1", " unquoted comma", "3"]  # nothing shifted
+
+
+def test_invalid_utf8_names_its_line_and_the_rows_before_it_are_scored(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    good = "".join(f"row {i}\n" for i in range(100)).encode()
+    inp.write_bytes(b"text\n" + good + b"bad \xff byte\n" + b"after\n")
+    with pytest.raises(UsageError, match=r"line 102: not valid utf-8.*100 rows before it"):
+        run(job(inp, out, batch_size=7), scorer)
+    rows = read(out)
+    assert len(rows) == 100 and rows[-1]["text"] == "row 99"
+    assert all(r["category"] for r in rows)
+    # Fixed, --resume scores the rest: the same file as one run of the fixed input.
+    inp.write_bytes(b"text\n" + good + b"bad  byte\n" + b"after\n")
+    run(job(inp, out, resume=True, batch_size=7), scorer)
+    whole = tmp_path / "whole.csv"
+    run(job(inp, whole, batch_size=7), scorer)
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_inputs_are_checked_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import moderation.jobs.batch as batch_module
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(batch_module, "make_scorer", no_model)
+    inp, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    base = ["batch", "-o", str(out), "--text-column", "text"]
+    assert main([*base, str(tmp_path / "missing.csv")]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip().endswith("missing.csv: no such file")
+    inp.write_text("body\nhi\n")
+    assert main([*base, str(inp)]) == EXIT_USAGE
+    assert "no column 'text'" in capsys.readouterr().err
+    inp.write_text("text\nhi\n")
+    thresholds = tmp_path / "t.json"
+    thresholds.write_text("[" * 200_000 + "]" * 200_000)
+    assert main([*base, str(inp), "--thresholds", str(thresholds)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "t.json is not valid JSON" in err and len(err.strip().splitlines()) == 1
+    out.write_text("an earlier job's output\n")
+    assert main([*base, str(inp)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "an earlier job's output\n"
+
+
+def test_invalid_utf8_in_jsonl_names_its_line_and_the_rows_before_it_are_scored(
+    tmp_path: Path, scorer: LocalScorer
+) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = "".join(f'{{"text": "row {i}"}}\n' for i in range(30)).encode()
+    inp.write_bytes(good + b'{"text": "bad \xff"}\n{"text": "after"}\n')
+    with pytest.raises(UsageError, match=r"line 31: not valid utf-8.*30 rows before it"):
+        run(job(inp, out, batch_size=7), scorer)
+    assert len(out.read_text().splitlines()) == 30

@@ -67,7 +67,7 @@ def test_a_serving_mix_compiles_nothing_after_warm_up(decode: str) -> None:
     backend = flex_backend(torch.device("cpu"), flex_decode=True) if decode == "flex" else "sdpa"
     graphed = Engine(model, max_batch_size=5, score_batch_size=1, compile=True,
                      compile_on_cpu=True, backend=backend)  # fmt: skip
-    graphs = graphed._decode_step
+    graphs = graphed.passes.decode_step
     assert graphs is not None and graphs.buckets == [1, 2, 4, 5] and graphs.spans == [64, 128]
     assert graphs.compiles >= 1 and graphed.graph_capture_seconds is not None
     # What GetModelInfo reports (decode_graph_batch_sizes, graph_capture_seconds).
@@ -94,7 +94,7 @@ def test_compile_is_the_default_on_cuda_only() -> None:
     with torch.device("meta"):
         model = Transformer(ARGS)
     model.load_state_dict(random_weights(ARGS, seed=3), assign=True)
-    assert Engine(model.eval(), max_batch_size=2, score_batch_size=1)._decode_step is None
+    assert Engine(model.eval(), max_batch_size=2, score_batch_size=1).passes.decode_step is None
 
 
 @pytest.mark.gpu
@@ -106,6 +106,6 @@ def test_cuda_graphs_serve_the_mix_without_recompiles() -> None:
     model = model.to("cuda").eval()
     eager = Engine(model, max_batch_size=5, score_batch_size=1, compile=False, backend="sdpa")
     graphed = Engine(model, max_batch_size=5, score_batch_size=1, backend="flex")
-    assert graphed._decode_step is not None  # the default on CUDA
+    assert graphed.passes.decode_step is not None  # the default on CUDA
     assert serve(graphed) == serve(eager)
-    assert graphed._decode_step.recompiles_since_warm_up() == 0
+    assert graphed.passes.decode_step.recompiles_since_warm_up() == 0

@@ -1,7 +1,7 @@
 """What a decode step costs: attention over what is cached, one host sync, one transfer.
 
 A GPU step that synchronises cannot run ahead of the device nor be captured; this machine has
-no GPU, so `model.step_counts.StepCounter` also flags what would synchronise on CUDA.
+no GPU, so `bench.step_counts.StepCounter` also flags what would synchronise on CUDA.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import logging
 import pytest
 import torch
 
+from bench.step_counts import StepCounter
 from model import Engine, GenerationRequest, ModelArgs, SamplingError, SamplingParams, TokenEvent
 from model.cache import ForwardMetadata
+from model.cpu_gemm import pack_for_cpu
 from model.demo import random_weights
-from model.step_counts import StepCounter
-from model.transformer import Transformer, pack_for_cpu
+from model.transformer import Transformer
 
 W = 16
 ARGS = ModelArgs(
@@ -112,7 +113,7 @@ def test_a_mixed_step_gathers_only_the_pre_filling_windows(model: Transformer) -
     engine = Engine(model, max_batch_size=3, score_batch_size=1)
     cache = engine.cache
     for slot, n in ((0, 10), (1, 40)):
-        engine._forward([slot], [random_tokens(n, slot)], logits_rows=[])
+        engine.passes.forward([slot], [random_tokens(n, slot)], logits_rows=[])
     # Slot 2 pre-fills a chunk between two decoders; the decoders are packed first.
     meta = cache.plan([0, 2, 1], [1, 5, 1], tokens=[7, 1, 2, 3, 4, 5, 8], logits_rows=[0, 5, 6])
     assert meta.decoding is not None and meta.decoding.count == 2
@@ -170,7 +171,7 @@ def test_compile_declines_on_cpu_with_a_warning(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="model.engine"):
         engine = Engine(model, max_batch_size=2, score_batch_size=1, compile=True)
-    assert not engine.compile and engine._decode_step is None
+    assert not engine.compile and engine.passes.decode_step is None
     assert any("compile: ignored on CPU" in r.getMessage() for r in caplog.records)
 
 
@@ -190,7 +191,7 @@ def test_a_compiled_decode_step_gives_the_eager_tokens(
     compiled = Engine(
         model, max_batch_size=2, score_batch_size=1, compile=True, compile_on_cpu=True
     )
-    assert compiled._decode_step is not None
+    assert compiled.passes.decode_step is not None
     prompts = [random_tokens(3, 12), random_tokens(W + 2, 13)]
     # Past the window, so the spans go through several buckets and the buffers wrap.
     want = eager.generate(prompts, W + 3, stop_tokens=frozenset())
@@ -248,7 +249,7 @@ def test_non_finite_logits_end_only_their_sequence(
     alone = run_all(Engine(model, max_batch_size=3, score_batch_size=1),
                     [requests[0], requests[2]])  # fmt: skip
     engine = Engine(model, max_batch_size=3, score_batch_size=1)
-    real_forward = engine._forward
+    real_forward = engine.passes.forward
     steps = 0
 
     def forward(*args: object, **kwargs: object) -> torch.Tensor:
@@ -260,7 +261,7 @@ def test_non_finite_logits_end_only_their_sequence(
             logits[1, 17] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine, "_forward", forward)
+    monkeypatch.setattr(engine.passes, "forward", forward)
     got = run_all(engine, requests)
     failed = got[1][-1]
     assert failed.finished and failed.finish_reason == "error"
@@ -292,7 +293,7 @@ def test_a_temperature_that_overflows_the_logits_fails_its_sequence_only(
 def test_a_sampler_that_raises_fails_only_the_rows_that_raise(
     model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import model.engine as engine_module
+    import model.generation as engine_module
 
     real = engine_module.sample_batch
 

@@ -120,7 +120,7 @@ def test_chunked_prefill_and_rolling_decode_equal_full_forward(
                 step = chunk_size if fed[i] < prompt_lens[i] else 1
                 batch.append((i, s[fed[i] : fed[i] + step]))
         rows = list(range(sum(len(c) for _, c in batch)))
-        logits = engine._forward(
+        logits = engine.passes.forward(
             [slots[i] for i, _ in batch], [c for _, c in batch], logits_rows=rows
         )
         offset = 0
@@ -136,13 +136,15 @@ def test_rolling_buffer_holds_position_i_at_row_i_mod_w(model: Transformer) -> N
     engine = Engine(model, max_batch_size=2, score_batch_size=1, chunk_size=5)
     tokens = random_tokens(3 * W + 7, seed=4)
     slot = 1
-    engine._forward([slot], [tokens], logits_rows=[])
+    engine.passes.forward([slot], [tokens], logits_rows=[])
     # Keys of layer 0 computed directly for every position.
     from model.transformer import apply_rope, rope_frequencies
 
     layer = model.layers[0]
     x = layer.attention_norm(model.tok_embeddings(torch.tensor(tokens)))
-    k = layer.attention.wk(x).view(len(tokens), ARGS.n_kv_heads, ARGS.head_dim)
+    q_rows, kv_rows = ARGS.n_heads * ARGS.head_dim, ARGS.n_kv_heads * ARGS.head_dim
+    wk = layer.attention.wqkv.weight[q_rows : q_rows + kv_rows]  # wk's rows of the fused q/k/v
+    k = torch.nn.functional.linear(x, wk).view(len(tokens), ARGS.n_kv_heads, ARGS.head_dim)
     k = apply_rope(k, rope_frequencies(torch.arange(len(tokens)), ARGS.head_dim, ARGS.rope_theta))
     cache = engine.cache
     for pos in range(len(tokens) - W, len(tokens)):
@@ -202,7 +204,9 @@ def test_score_equals_log_probabilities_of_one_full_forward(
     model: Transformer, block_rows: int
 ) -> None:
     engine = Engine(model, max_batch_size=1, score_batch_size=4, chunk_size=7)
-    engine._logit_block_rows = block_rows  # full logits one row at a time, or all in one block
+    engine.scoring.logit_block_rows = (
+        block_rows  # full logits one row at a time, or all in one block
+    )
     prompt = random_tokens(3 * W + 2, seed=7)
     # Shared prefixes, different lengths, a single-token continuation.
     conts = [[5, 6, 7], [5, 6, 8], [9], [5, 10, 11, 12], [5, 6]]
@@ -350,13 +354,13 @@ def test_a_step_token_budget_bounds_every_pass_without_changing_results(
 ) -> None:
     engine = Engine(model, max_batch_size=3, score_batch_size=3, chunk_size=5, max_step_tokens=7)
     sizes: list[int] = []
-    real = engine._forward
+    real = engine.passes.forward
 
     def spy(slots, chunks, **kw):  # type: ignore[no-untyped-def]
         sizes.append(sum(len(c) for c in chunks))
         return real(slots, chunks, **kw)
 
-    monkeypatch.setattr(engine, "_forward", spy)
+    monkeypatch.setattr(engine.passes, "forward", spy)
     prompts = [random_tokens(n, seed=50 + n) for n in (3 * W, 2 * W + 1, 9)]
     got = engine.generate(prompts, 6, stop_tokens=frozenset())
     assert max(sizes) <= 7

@@ -4,6 +4,7 @@ included: the servicer's bodies raise, the mapping answers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,12 +20,19 @@ from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import QueueFullError
 from moderation.v1 import moderation_pb2 as pb
 
+
+async def _opened() -> AsyncIterator[pb.ModerateStreamRequest]:
+    """ModerateStream's request stream: one message that opens, sends and ends the answer."""
+    yield pb.ModerateStreamRequest(open=pb.ModerateStreamOpen(), delta="x", done=True)
+
+
 REQUESTS = {
     "Classify": pb.ClassifyRequest(text="x"),
     "ClassifyBatch": pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text="x")]),
     "Generate": pb.GenerateRequest(),
     "GenerateStream": pb.GenerateStreamRequest(),
     "GetModelInfo": pb.GetModelInfoRequest(),
+    "ModerateStream": _opened(),
 }
 
 

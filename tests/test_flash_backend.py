@@ -126,8 +126,8 @@ def test_flash_attn_equals_sdpa_on_gpu() -> None:
         assert flash.score(prompt, conts) == pytest.approx(sdpa.score(prompt, conts), abs=5e-2)
     slot = [0]
     for prompt in prompts:
-        a = flash._forward(slot, [prompt], logits_rows=list(range(len(prompt))))
-        b = sdpa._forward(slot, [prompt], logits_rows=list(range(len(prompt))))
+        a = flash.passes.forward(slot, [prompt], logits_rows=list(range(len(prompt))))
+        b = sdpa.passes.forward(slot, [prompt], logits_rows=list(range(len(prompt))))
         flash.cache.reset(0)
         sdpa.cache.reset(0)
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)

@@ -66,15 +66,15 @@ def test_a_pass_through_the_ops_compiles_as_one_graph() -> None:
     run = torch.compile(model.run, backend="eager", fullgraph=True)
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(3, ARGS.vocab_size, (W + 3,), generator=g).tolist()
-    eager._forward([0], [prompt], logits_rows=[])
-    engine._forward([0], [prompt], logits_rows=[])
+    eager.passes.forward([0], [prompt], logits_rows=[])
+    engine.passes.forward([0], [prompt], logits_rows=[])
     # A mixed pass (varlen for the chunk, kvcache for the decoder), then a decode pass.
     passes: list[tuple[list[int], list[Sequence[int]]]] = [
         ([0, 1], [[7], prompt[:5]]),
         ([0, 1], [[8], [9]]),
     ]
     for slots, chunks in passes:
-        want = eager._forward(slots, chunks, logits_rows=[0, 1])
+        want = eager.passes.forward(slots, chunks, logits_rows=[0, 1])
         n = [len(c) for c in chunks]
         meta = engine.cache.plan(slots, n, tokens=[t for c in chunks for t in c],
                                  logits_rows=[0, 1])  # fmt: skip

@@ -62,8 +62,8 @@ def passes() -> list[tuple[list[int], list[Sequence[int]], list[int]]]:
 def test_every_kind_of_pass_gives_the_sdpa_logits(model: Transformer, flex_decode: bool) -> None:
     sdpa, flex = engines(model, flex_backend(torch.device("cpu"), flex_decode=flex_decode))
     for slots, chunks, rows in passes():
-        want = sdpa._forward(slots, chunks, logits_rows=rows)
-        got = flex._forward(slots, chunks, logits_rows=rows)
+        want = sdpa.passes.forward(slots, chunks, logits_rows=rows)
+        got = flex.passes.forward(slots, chunks, logits_rows=rows)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -115,11 +115,11 @@ def test_flex_holds_in_a_fullgraph_compiled_pass(model: Transformer) -> None:
     backend = flex_backend(torch.device("cpu"))
     sdpa, flex = engines(model, backend)
     slots, chunks, rows = passes()[0]
-    sdpa._forward(slots, chunks, logits_rows=rows)
-    flex._forward(slots, chunks, logits_rows=rows)
+    sdpa.passes.forward(slots, chunks, logits_rows=rows)
+    flex.passes.forward(slots, chunks, logits_rows=rows)
     # A mixed step with a tree-free chunk, traced whole by dynamo (no graph break).
     meta_args = ([0, 1], [len(tokens(12, 3)), 1])
-    want = sdpa._forward(meta_args[0], [tokens(12, 3), [7]], logits_rows=list(range(13)))
+    want = sdpa.passes.forward(meta_args[0], [tokens(12, 3), [7]], logits_rows=list(range(13)))
     meta = flex.cache.plan(*meta_args, tokens=[*tokens(12, 3), 7], logits_rows=list(range(13)))
     backend.prepare(meta, model.dtype)
     assert meta.tokens is not None
@@ -169,8 +169,8 @@ def test_the_cuda_kernel_gives_the_sdpa_logits_and_scores() -> None:
     assert isinstance(flex.backend, FlexBackend) and flex.backend.compile_kernel
     assert flex.prefill_compile_seconds > 0  # compiled before serving
     for slots, chunks, rows in passes()[:3]:
-        want = sdpa._forward(slots, chunks, logits_rows=rows)
-        got = flex._forward(slots, chunks, logits_rows=rows)
+        want = sdpa.passes.forward(slots, chunks, logits_rows=rows)
+        got = flex.passes.forward(slots, chunks, logits_rows=rows)
         torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
     prompt = tokens(2 * W + 3, 50)
     assert flex.score(prompt, CONTS) == pytest.approx(sdpa.score(prompt, CONTS), abs=1e-3)

@@ -26,7 +26,7 @@ from model.tokenizer import Tokenizer
 from moderation.core.chat import ChatMessage
 from moderation.core.generation import GenerateOptions
 from moderation.core.prompts import _find
-from moderation.serving.grpc.interceptors import _code_of
+from moderation.serving.grpc.interceptors import DEFER_BYTES, Deferred, _code_of
 from moderation.serving.logs import configure_logging
 from moderation.serving.settings import ServeSettings, settings_from_env
 from moderation.v1 import moderation_pb2 as pb
@@ -170,6 +170,44 @@ def test_health_answers_while_big_requests_are_tokenized(
         server.stop()
 
 
+def test_large_grpc_bodies_are_counted_before_they_are_parsed(
+    stub: pb_grpc.ModerationServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue #19: protobuf's parser holds the GIL for the whole message (1.3 M empty batch items:
+    # 156 ms on the event loop). A large body is counted on its bytes first, off the loop.
+    parsed: list[str] = []
+    parse = Deferred.parse
+
+    def recording(self: Deferred) -> Any:
+        parsed.append(threading.current_thread().name)
+        return parse(self)
+
+    monkeypatch.setattr(Deferred, "parse", recording)
+    hi = pb.ChatMessage(role="user", content="hi")
+    bombs = [
+        (stub.ClassifyBatch, pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest()] * 300_000),
+         "requests", "257+ items exceed the limit of 256"),
+        (stub.Classify, pb.ClassifyRequest(messages=[hi] * 30_000), "messages",
+         "51+ messages exceed the limit of 50"),
+        (stub.ClassifyBatch,
+         pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(messages=[hi] * 30_000)]),
+         "requests[0].messages", "51+ messages"),
+        (stub.Classify,
+         pb.ClassifyRequest(text="x", category_thresholds={str(i): 0.5 for i in range(30_000)}),
+         "request", "more than"),
+    ]  # fmt: skip
+    for call, request, field, message in bombs:
+        err = refused(call, request)
+        assert bad_field(err) == field and message in err.details(), err.details()
+    assert parsed == []  # refused on their counts: never parsed
+    # A large valid body is parsed, on a planning thread.
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(text="word " * 700)] * 20)
+    assert batch.ByteSize() > DEFER_BYTES
+    answer = stub.ClassifyBatch(batch, timeout=120)
+    assert len(answer.results) == 20
+    assert parsed and all(n.startswith("plan") for n in parsed), parsed
+
+
 # ------------------------------------------------ 3. output moderation is decided before generating
 
 
@@ -181,12 +219,16 @@ def test_output_moderation_of_a_long_prompt_is_decided_before_generating(
         pb.GenerateRequest(messages=user("x " * 7400), moderate_output=True, max_new_tokens=4),
     )
     assert bad_field(err) == "messages[0].content" and "moderate_output" in err.details()
-    # A prompt that leaves room for the answer is generated and its answer checked.
+    # A prompt that leaves room for the answer is generated and its answer checked: with this
+    # seed the demo model answers 4 tokens (the check flags them: withheld, refused).
     r = stub.Generate(
-        pb.GenerateRequest(messages=user("x " * 2000), moderate_output=True, max_new_tokens=4),
+        pb.GenerateRequest(
+            messages=user("x " * 2000), moderate_output=True, max_new_tokens=4, seed=7
+        ),
         timeout=60,
     )
-    assert r.HasField("output_moderation") or r.completion_tokens == 0 or not r.text.strip()
+    assert r.completion_tokens == 4 and r.HasField("output_moderation"), r
+    assert r.refused == r.output_moderation.flagged
 
 
 # ------------------------------------------------ 4. the system prompt is untrusted too

@@ -6,18 +6,25 @@ bodies), sent from many threads at once while a probe checks health.
 Every answer must be OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED or UNAVAILABLE with a message
 under 1 kB (never INTERNAL or UNKNOWN); health answers throughout; the server's memory stays
 bounded. `HOSTILE_REPORT=path` writes the figures as JSON (docs/reliability.md quotes them).
+
+The HTTP part (issue #19) replays hostile JSON bodies, raw garbage and hostile headers to every
+route of `HTTP_ROUTES` (one line per route: a route added to the listener joins the replay with
+its line), with health probed on both transports: no 5xx, error bodies under 2 kB, every
+health answer SERVING in under 1 s.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import http.client
 import json
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ from tests.servers import (
     SERVING,
     InProcessServer,
     demo_server,
+    free_port,
     health_status,
 )
 
@@ -188,6 +196,7 @@ def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
         max_batch_items=8,
         max_queue=64,
         max_message_bytes=256 * 1024,
+        http_port=free_port(),
     ) as server:
         yield server
 
@@ -285,3 +294,228 @@ def test_hostile_inputs_get_only_expected_codes(served: InProcessServer) -> None
     # round (measured: +115, +73 MiB for 1,195 generations). Python's heap does not grow.
     assert rss_after - rss_before < 512 * 2**20
     assert health_status(probe) == SERVING
+
+
+# ------------------------------------------------------------------ HTTP (issue #19)
+
+HTTP_REQUESTS = int(os.environ.get("HOSTILE_HTTP_REQUESTS", "2000"))
+HUGE_INT = "__HUGE_INT__"  # replaced by 5,000 digits in the bytes (json.dumps refuses them)
+HTTP_HEALTH = ("GET", "/health")
+
+
+def message_json(rng: random.Random) -> dict[str, Any]:
+    return {"role": rng.choice(["user", "assistant", "system", "robot", ""]),
+            "content": hostile_text(rng)}  # fmt: skip
+
+
+def classify_json(rng: random.Random) -> dict[str, Any]:
+    body: dict[str, Any] = {"text": hostile_text(rng), "policy": hostile_policy(rng)}
+    if rng.random() < 0.3:
+        body = {"messages": [message_json(rng) for _ in range(rng.randint(0, 20))]}
+    if rng.random() < 0.3:
+        body["categoryThresholds"] = {hostile_text(rng, big=100): rng.random()}
+    return body
+
+
+def generate_json(rng: random.Random) -> dict[str, Any]:
+    return {"messages": [message_json(rng) for _ in range(rng.randint(0, 4))],
+            "maxNewTokens": rng.choice([0, 1, 8, 9, 1 << 20]),
+            "moderateOutput": rng.random() < 0.3}  # fmt: skip
+
+
+def openai_json(rng: random.Random) -> dict[str, Any]:
+    texts: Any = [hostile_text(rng) for _ in range(rng.randint(0, 12))]
+    if rng.random() < 0.3:
+        texts = hostile_text(rng)
+    elif rng.random() < 0.3:
+        texts = [{"type": rng.choice(["text", "image_url"]), "text": t} for t in texts]
+    return {"input": texts, "model": rng.choice([None, "paper", "nope", "m" * 50_000])}
+
+
+def mistral_json(rng: random.Random) -> dict[str, Any]:
+    conversation = [message_json(rng) for _ in range(rng.randint(0, 20))]
+    if rng.random() < 0.5:
+        return {"input": conversation}
+    return {"input": [conversation] * rng.randint(0, 10)}
+
+
+def chat_json(rng: random.Random) -> dict[str, Any]:
+    return {"model": rng.choice(["", "paper", "nope", "m" * 50_000]),
+            "messages": [message_json(rng) for _ in range(rng.randint(0, 4))],
+            "max_tokens": rng.choice([0, 1, 8, 1 << 20]), "stream": rng.random() < 0.5,
+            "stop": rng.choice([None, "x", [hostile_text(rng)]])}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    """A route of the HTTP listener the replay sends to, and a well-formed body to spoil."""
+
+    method: str
+    path: str
+    body: Callable[[random.Random], Any] | None  # None: no body (a GET)
+
+
+HTTP_ROUTES: list[HttpRoute] = [
+    HttpRoute("POST", "/v1/classify", classify_json),
+    HttpRoute("POST", "/v1/classify/batch",
+              lambda rng: {"requests": [classify_json(rng) for _ in range(rng.randint(0, 10))]}),
+    HttpRoute("POST", "/v1/generate", generate_json),
+    HttpRoute("POST", "/v1/generate/stream", generate_json),
+    HttpRoute("GET", "/v1/model", None),
+    HttpRoute("POST", "/v1/moderations", openai_json),
+    HttpRoute("POST", "/v1/chat/moderations", mistral_json),
+    HttpRoute("POST", "/v1/chat/completions", chat_json),
+]  # fmt: skip
+
+
+def hostile_json(rng: random.Random) -> Any:
+    """A value no route expects: deep, huge, of the wrong type."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        depth = rng.choice([40, 1000, 50_000])
+        return (
+            json.loads("[" * min(depth, 900) + "]" * min(depth, 900))
+            if depth < 900
+            else ("__DEEP__")
+        )
+    if kind == 1:
+        return HUGE_INT
+    if kind == 2:
+        return "z" * rng.choice([41, 5000, 200_000])
+    if kind == 3:
+        return rng.choice([None, True, -1, 1e308, 0.5, [], {}])
+    if kind == 4:
+        return {"k" * rng.choice([1, 100_000]): 1}
+    if kind == 5:
+        return [{} for _ in range(rng.choice([10, 10_000]))]
+    if kind == 6:
+        return hostile_text(rng)
+    return [hostile_text(rng)] * rng.randint(1, 300)
+
+
+def spoil(value: Any, rng: random.Random) -> Any:
+    """`value` with one part replaced by a hostile one, or an unknown key added."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        key = rng.choice(list(value))
+        return {**value, key: spoil(value[key], rng)}
+    if isinstance(value, dict) and rng.random() < 0.5:
+        return {**value, rng.choice(["nope", "x" * 100_000, "text", "input"]): hostile_json(rng)}
+    if isinstance(value, list) and value and rng.random() < 0.6:
+        i = rng.randrange(len(value))
+        return [*value[:i], spoil(value[i], rng), *value[i + 1 :]]
+    return hostile_json(rng)
+
+
+def http_body(route: HttpRoute, rng: random.Random) -> bytes:
+    if route.body is None:
+        return b""
+    kind = rng.random()
+    if kind < 0.1:  # not JSON at all
+        return rng.choice([b"", b"{", b"\xff\xfe{}", b"null", b"[]", b'"text"', b"{}" * 1000,
+                           bytes(rng.randint(0, 255) for _ in range(200))])  # fmt: skip
+    value = route.body(rng) if kind < 0.4 else spoil(route.body(rng), rng)
+    data = json.dumps(value).encode()
+    data = data.replace(f'"{HUGE_INT}"'.encode(), b"9" * 5000)
+    return data.replace(b'"__DEEP__"', b"[" * 50_000 + b"]" * 50_000)
+
+
+def http_headers(rng: random.Random) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if rng.random() < 0.1:
+        headers["grpc-timeout"] = rng.choice(["1n", "5S", "x", "99999999H", "1" * 30 + "S"])
+    if rng.random() < 0.05:  # latin-1 characters go out as their bytes: invalid UTF-8
+        headers["Authorization"] = rng.choice(["Bearer \xff\xe9", "\xff" * 300, "Bearer"])
+    if rng.random() < 0.05:
+        headers["x-request-id"] = "r" * rng.choice([1, 129, 5000])
+    return headers
+
+
+def http_send(port: int, method: str, path: str, body: bytes,
+              headers: dict[str, str]) -> tuple[int, bytes]:  # fmt: skip
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_hostile_http_requests_get_no_5xx_and_health_answers(served: InProcessServer) -> None:
+    port = served.settings.http_port
+    probe = grpc.insecure_channel(served.address)
+    rng = random.Random(SEED)
+    work = []
+    for _ in range(HTTP_REQUESTS):
+        route = rng.choice(HTTP_ROUTES)
+        work.append((route, http_body(route, rng), http_headers(rng)))
+
+    latencies: dict[str, list[float]] = {"grpc": [], "http": []}
+    failures: list[str] = []
+    done = threading.Event()
+
+    def watch_health() -> None:
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                if health_status(probe) != SERVING:
+                    failures.append("grpc NOT_SERVING")
+            except grpc.RpcError as exc:
+                failures.append(f"grpc {exc.code().name}")
+            latencies["grpc"].append(time.monotonic() - start)
+            start = time.monotonic()
+            try:
+                status, _ = http_send(port, *HTTP_HEALTH, b"", {})
+                if status != 200:
+                    failures.append(f"http {status}")
+            except OSError as exc:
+                failures.append(f"http {exc}")
+            latencies["http"].append(time.monotonic() - start)
+            time.sleep(0.05)
+
+    statuses: collections.Counter[int] = collections.Counter()
+    bad: list[str] = []
+    counting = threading.Lock()
+
+    def send(item: tuple[HttpRoute, bytes, dict[str, str]]) -> None:
+        route, body, headers = item
+        try:
+            status, answer = http_send(port, route.method, route.path, body, headers)
+        except (OSError, http.client.HTTPException) as exc:
+            status, answer = 0, repr(exc).encode()
+        with counting:
+            statuses[status] += 1
+        # 504 is the answer a caller's own grpc-timeout asks for ("1n"); any other 5xx is ours.
+        expired = status == 504 and "grpc-timeout" in headers
+        if (
+            (status >= 500 and not expired)
+            or status == 0
+            or (status >= 400 and len(answer) >= 2048)
+        ):
+            bad.append(f"{route.path} {status} {answer[:200]!r} ({len(body)}-byte body)")
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(send, work))
+    finally:
+        done.set()
+        watcher.join(10)
+    figures = {
+        "http_requests": sum(statuses.values()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "seconds": round(time.monotonic() - start, 1),
+        "health_checks": len(latencies["grpc"]),
+        "worst_grpc_health_ms": round(1000 * max(latencies["grpc"], default=0.0), 1),
+        "worst_http_health_ms": round(1000 * max(latencies["http"], default=0.0), 1),
+    }
+    print(json.dumps(figures))
+    if os.environ.get("HOSTILE_REPORT"):
+        Path(os.environ["HOSTILE_REPORT"] + ".http").write_text(json.dumps(figures, indent=2))
+    assert not bad, bad[:10]
+    assert not failures, failures[:10]
+    assert len(latencies["grpc"]) > 10
+    # The issue's bound (a readiness probe allows 3 s): every health answer under 1 s.
+    assert max(latencies["grpc"]) < 1.0 and max(latencies["http"]) < 1.0, figures

@@ -30,6 +30,17 @@ def test_the_client_loads_only_grpc_protobuf_and_the_stubs() -> None:
     stubs = {"moderation.v1", "moderation.v1.moderation_pb2", "moderation.v1.moderation_pb2_grpc"}
     assert ours == {"moderation", "moderation.api", "moderation.api.client", *stubs}
     assert not {m for m in loaded if m.split(".")[0] in SERVER_EXTRA}
+    # the OpenAI stream guard is as light
+    loaded = _modules_after("import moderation.api.guard")
+    ours = {m for m in loaded if m.split(".")[0] in ("moderation", "model")}
+    assert ours == {
+        "moderation",
+        "moderation.api",
+        "moderation.api.client",
+        "moderation.api.guard",
+        *stubs,
+    }
+    assert not {m for m in loaded if m.split(".")[0] in SERVER_EXTRA}
 
 
 def test_the_command_and_remote_scoring_load_no_engine() -> None:
@@ -45,3 +56,32 @@ def test_the_domain_core_runs_without_grpc_or_an_event_loop() -> None:
     loaded = _modules_after("import moderation.core.decision, moderation.core.policy")
     assert "moderation.core.decision" in loaded
     assert not {m for m in loaded if m.split(".")[0] in ("grpc", "asyncio", "torch")}
+
+
+def test_the_engine_imports_with_torch_alone() -> None:
+    """A GPU image may have torch and nothing else (bench/gpu_check.sh): the tokenizer's
+    sentencepiece and the checkpoint reader's safetensors load on first use only."""
+    loaded = _modules_after("import model, model.engine, model.memory")
+    assert "model.engine" in loaded
+    assert not loaded & {"sentencepiece", "safetensors", "model.tokenizer", "model.weights"}
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A leading underscore means "this module's own": the engine's parts (passes, scoring,
+    stream checks) and the service reach each other through public names only."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for package in ("model", "moderation"):
+        for path in (root / package).rglob("*.py"):
+            if "v1" in path.relative_to(root).parts:  # generated gRPC code
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    if node.module.split(".")[0] not in ("model", "moderation"):
+                        continue
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    found += [f"{path.relative_to(root)}: {node.module}.{n}" for n in private]
+    assert not found

@@ -16,11 +16,14 @@ from model.demo import random_weights
 from model.errors import MemoryBudgetError, RequestError
 from model.memory import (
     GiB,
+    MemoryPlan,
     activation_bytes,
     cache_rows,
     cuda_budget,
     default_cpu_cache_bytes,
+    engine_activation_bytes,
     kv_bytes_per_token,
+    plan_engine_memory,
     plan_memory,
     weights_bytes,
 )
@@ -141,6 +144,91 @@ def test_fewer_slots_keep_one_of_each_kind() -> None:
         assert (plan.generation_slots, plan.scoring_slots) == want
 
 
+# Cards as torch reports them (mem_get_info's total): an H200 (141 GB) and an H100 (80 GB).
+H200 = int(139.7 * GiB)
+H100 = int(79.1 * GiB)
+
+
+def seven_b_plan(total: int, asked: int | str, **kw: object) -> MemoryPlan:
+    weights = seven_b_weights()
+    return plan_engine_memory(
+        V01, BF16, device="cuda:0", weights_bytes=weights, max_batch_size=asked,
+        score_batch_size=asked, chunk_tokens=4096, step_tokens=4096, max_context=8192,
+        device_total_bytes=total, device_free_bytes=total - weights - GiB // 2, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_scoring_passes_expanded_keys_count_on_cuda() -> None:
+    """On CUDA a label-tree pass's keys and values are padded per sequence and expanded to all
+    32 heads (SDPA's memory-efficient kernel): 32 slots reading a 4096-token window hold
+    (4096 + 32 x 4096) tokens x (8 + 32) heads x 128 x 2 bytes, for K and V: 2.58 GiB."""
+    rows = 4096
+    common = dict(step_tokens=4096, chunk_tokens=4096, rows=rows, sequences=32,
+                  logits_rows=32 + 32 * 32, materialised_scores=False)  # fmt: skip
+    extra = activation_bytes(V01, BF16, **common, expanded_heads=True) - activation_bytes(  # type: ignore[arg-type]
+        V01,
+        BF16,
+        **common,  # type: ignore[arg-type]
+    )
+    assert extra == (4096 + 32 * rows) * (8 + 32) * 128 * 2 * 2
+    # The engine's plan on CUDA counts them; on CPU (scores materialised instead) it does not.
+    cuda = engine_activation_bytes(
+        V01, BF16, generation_slots=32, scoring_slots=32, step_tokens=4096, chunk_tokens=4096,
+        rows=rows, cuda=True,
+    )  # fmt: skip
+    expanded = activation_bytes(V01, BF16, **common, expanded_heads=True)  # type: ignore[arg-type]
+    assert cuda == expanded
+
+
+@pytest.mark.parametrize(("total", "slots"), [(H200, 99), (H100, 50)])
+def test_auto_fills_the_card_with_slots_where_32_left_it_mostly_empty(
+    total: int, slots: int
+) -> None:
+    auto = seven_b_plan(total, "auto")
+    fixed = seven_b_plan(total, 32)
+    assert (auto.generation_slots, auto.scoring_slots) == (slots, slots)
+    assert auto.auto_ceiling == 256 and "auto: as many as fit, at most 256" in auto.describe()
+    used = auto.weights_bytes + auto.activation_bytes + auto.cache_bytes
+    assert used <= auto.budget_bytes
+    # The largest count that fits: one more slot of each, and its larger pass, would not.
+    more = engine_activation_bytes(V01, BF16, generation_slots=slots + 1,
+                                   scoring_slots=slots + 1, step_tokens=4096, chunk_tokens=4096,
+                                   rows=4096, cuda=True)  # fmt: skip
+    assert auto.weights_bytes + more + (auto.slots + 2) * auto.bytes_per_slot > auto.budget_bytes
+    # The old default of 32 + 32 slots used at most half the H200's budget; auto uses it all
+    # but one slot pair and its activations.
+    assert used > 0.97 * auto.budget_bytes
+    if total == H200:
+        fixed_used = fixed.weights_bytes + fixed.activation_bytes + fixed.cache_bytes
+        assert fixed_used < 0.5 * fixed.budget_bytes and auto.slots > 3 * fixed.slots
+
+
+def test_auto_stops_at_256_slots_and_means_32_off_cuda() -> None:
+    huge = seven_b_plan(2048 * GiB, "auto")
+    assert (huge.generation_slots, huge.scoring_slots) == (256, 256)
+    cpu = plan_engine_memory(TINY, torch.float32, device="cpu", weights_bytes=0,
+                             max_batch_size="auto", score_batch_size="auto", chunk_tokens=64,
+                             step_tokens=64, max_context=256, cache_memory_bytes=GiB)  # fmt: skip
+    assert (cpu.generation_slots, cpu.scoring_slots) == (32, 32) and cpu.auto_ceiling is None
+    # One side auto, the other fixed: the fixed side is kept.
+    one = seven_b_plan(H100, "auto")
+    mixed = plan_engine_memory(
+        V01, BF16, device="cuda:0", weights_bytes=one.weights_bytes, max_batch_size="auto",
+        score_batch_size=8, chunk_tokens=4096, step_tokens=4096, max_context=8192,
+        device_total_bytes=H100, device_free_bytes=H100 - one.weights_bytes - GiB // 2,
+    )  # fmt: skip
+    assert mixed.scoring_slots == 8 and mixed.generation_slots > one.generation_slots
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer or 'auto'"):
+        seven_b_plan(H100, "many")
+
+
+def test_an_auto_engine_on_cpu_asks_for_32_slots_of_each() -> None:
+    engine = Engine(tiny_model(), max_batch_size="auto", score_batch_size="auto",
+                    max_context=256)  # fmt: skip
+    assert (engine.memory.requested_generation_slots, engine.max_batch_size) == (32, 32)
+    assert engine.score_batch_size == 32
+
+
 def test_cpu_default_is_a_quarter_of_available_ram_at_most_4_gib() -> None:
     assert default_cpu_cache_bytes(8 * GiB) == 2 * GiB
     assert default_cpu_cache_bytes(64 * GiB) == 4 * GiB
@@ -221,15 +309,17 @@ def test_engine_refuses_to_start_when_two_slots_do_not_fit() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None:
     from model.cache import ForwardMetadata
-    from model.transformer import PackedLinear, pack_for_cpu
+    from model.cpu_gemm import PackedLinear, pack_for_cpu
 
     args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
     model = tiny_model(args).to(dtype)
     plain = tiny_model(args).to(dtype)
     before = weights_bytes(model)
-    wk = model.layers[0].attention.wk.weight.detach().clone()
+    wk = model.state_dict()["layers.0.attention.wk.weight"].clone()
     dropped = weakref.ref(model.layers[0].feed_forward.w2.weight)
-    assert pack_for_cpu(model, packed=True) and pack_for_cpu(model)  # the second: no change
+    choice = pack_for_cpu(model, packed=True)
+    assert choice is not None and pack_for_cpu(model) is choice  # the second: no change
+    assert choice.packed == len(choice.matrices) and all(m.ratio is None for m in choice.matrices)
     gc.collect()
     assert dropped() is None  # freed, not merely unregistered (nothing else refers to it)
     after = weights_bytes(model)
@@ -237,34 +327,43 @@ def test_packing_for_cpu_does_not_double_the_weights(dtype: torch.dtype) -> None
     output = args.vocab_size * args.dim * model.output.weight.element_size()
     assert after == before + output
     packed_layers = [m for m in model.layers.modules() if isinstance(m, PackedLinear)]
-    assert packed_layers and all("weight" not in m._parameters for m in packed_layers)
+    assert len(packed_layers) == 4 * args.n_layers  # wqkv, wo, w13, w2
+    assert all("weight" not in m._parameters for m in packed_layers)
     # Same results, and a dropped weight can still be read back.
     tokens = torch.tensor([5, 9, 100, 7, 3] * 8)
     meta = ForwardMetadata.fresh([len(tokens)], 16, torch.device("cpu"))
     torch.testing.assert_close(model(tokens, meta), plain(tokens, meta), atol=2e-2, rtol=2e-2)
-    assert torch.equal(model.layers[0].attention.wk.weight, wk)
+    kv = args.n_kv_heads * args.head_dim
+    q = args.n_heads * args.head_dim
+    assert torch.equal(model.layers[0].attention.wqkv.weight[q : q + kv], wk)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 @pytest.mark.parametrize("packed", [False, None])
-def test_fused_plain_weights_are_views_and_give_the_same_results(packed: bool | None) -> None:
-    """Where packing does not pay (forced here, or as measured on this host), q/k/v and w1/w3
-    are still one matrix each, and each layer's weight is a view of its rows: nothing doubled."""
+def test_plain_weights_are_kept_in_place_and_give_the_same_results(packed: bool | None) -> None:
+    """Where packing does not pay (forced here, or as measured on this host), each matrix keeps
+    one plain copy (column-major): nothing doubled; the measured choice says why."""
     from model.cache import ForwardMetadata
-    from model.transformer import pack_for_cpu
+    from model.cpu_gemm import PACKING_MARGIN, pack_for_cpu
 
     args = ModelArgs(**{**TINY.to_params(), "sliding_window": 16})
     model, plain = tiny_model(args), tiny_model(args)
     before = weights_bytes(model)
-    wq = model.layers[0].attention.wq.weight.detach().clone()
-    assert pack_for_cpu(model, packed=packed)
+    wq = model.state_dict()["layers.0.attention.wq.weight"].clone()
+    choice = pack_for_cpu(model, packed=packed)
+    assert choice is not None
+    shapes = {m.shape for m in choice.matrices}
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    assert (q + 2 * kv, args.dim) in shapes and (2 * args.hidden_dim, args.dim) in shapes
     attn = model.layers[0].attention
-    assert attn.qkv_packed is not None and model.layers[0].feed_forward.w13_packed is not None
     if packed is False:
-        assert not attn.qkv_packed.is_mkldnn
-        assert attn.wq.weight.untyped_storage().data_ptr() == attn.qkv_packed.data_ptr()
+        assert attn.wqkv.packed is None and not attn.wqkv.weight.is_contiguous()  # column-major
         assert weights_bytes(model) == before
-    assert torch.equal(attn.wq.weight, wq)
+    else:  # measured: each shape packed exactly when its measured ratio is below the margin
+        for m in choice.matrices:
+            assert m.ratio is not None and m.packed == (m.ratio < PACKING_MARGIN)
+        assert "measured in" in choice.describe() and "wqkv" in choice.describe()
+    assert torch.equal(model.state_dict()["layers.0.attention.wq.weight"], wq)
     if packed is None:  # the output projection: packed (copy) for 8 rows and more at least
         assert model.output.packed is not None and model.output.packed.is_mkldnn
         assert model.output.packed_from_rows in (0, 8)

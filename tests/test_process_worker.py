@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -84,6 +85,9 @@ def test_the_model_runs_in_another_process_without_weights_here(
     assert info.demo and info.attention_backend == "sdpa" and info.sliding_window > 0
     limits = front.model.limits  # reported by the model process, planned with here
     assert (info.sliding_window, info.max_context_tokens) == (limits.window, limits.context)
+    assert (info.generation_slots, info.kv_cache_bytes) == (limits.generation_slots,
+                                                            limits.kv_cache_bytes)  # fmt: skip
+    assert info.generation_slots > 0 and info.cpu_gemm == limits.cpu_gemm
     assert front.planner.limits == limits
 
 
@@ -288,6 +292,80 @@ def test_a_hung_model_process_turns_health_not_serving(demo_checkpoint: Path) ->
     finally:
         os.kill(pid, signal.SIGCONT)
         server.stop()
+
+
+def test_a_stopped_model_process_is_found_whatever_the_callers_deadlines(
+    demo_checkpoint: Path,
+) -> None:
+    # Issue #19: expired calls leave the queue, and an empty queue used to hide the hang (12/12
+    # DEADLINE_EXCEEDED, health SERVING throughout). The model process answers the watchdog's
+    # pings, idle or busy: stopped, it goes NOT_SERVING with nothing queued.
+    server = InProcessServer(settings(demo_checkpoint, model_stall_timeout=1.0))
+    server.wait_loaded()
+    worker = server.server.state.worker
+    assert isinstance(worker, ProcessWorker) and worker._process.pid is not None
+    pid = worker._process.pid
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.ModerationServiceStub(channel)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(text="anyone?"), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 15
+        while worker.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.queue_depth == 0  # nothing queued: only the ping can tell
+        while health_status(channel) != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == NOT_SERVING
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while health_status(channel) != SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel) == SERVING
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_moderate_stream_crosses_to_the_model_process(process_server: InProcessServer) -> None:
+    """ModerateStream's checks run in the model process: the final verdict equals Classify,
+    and a caller that hangs up leaves nothing pending on the server's side."""
+    stub = stub_of(process_server)
+    answer = "It is sunny today in Paris, with a light breeze from the west and no rain."
+    opened = pb.ModerateStreamOpen(prompt="Weather?", check_tokens=4, threshold=1.0)
+    requests = [
+        pb.ModerateStreamRequest(open=opened),
+        *(pb.ModerateStreamRequest(delta=answer[i : i + 7]) for i in range(0, len(answer), 7)),
+        pb.ModerateStreamRequest(done=True),
+    ]
+    verdicts = list(stub.ModerateStream(iter(requests), timeout=60))
+    whole = stub.Classify(
+        pb.ClassifyRequest(text=answer, role=pb.ROLE_OUTPUT, prompt="Weather?", threshold=1.0)
+    )
+    assert len(verdicts) > 2 and verdicts[-1].complete
+    for k, v in whole.scores.items():
+        assert verdicts[-1].result.scores[k] == pytest.approx(v, abs=1e-4)
+
+    gate = threading.Event()
+
+    def never_done() -> Iterator[pb.ModerateStreamRequest]:
+        yield from requests[:3]
+        gate.wait(30)
+
+    call = stub.ModerateStream(never_done(), timeout=60)
+    assert not next(call).complete
+    worker = process_server.server.state.worker
+    assert isinstance(worker, ProcessWorker)
+    # open and waiting for its caller: not queued work (the hang watchdog reads queue_depth)
+    assert worker.queue_depth == 0 and len(worker._pending) == 1
+    call.cancel()
+    gate.set()
+    deadline = time.monotonic() + 30
+    while worker._pending or process_server.server.state.open_checks:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def _scrape(server: InProcessServer) -> dict[str, float]:

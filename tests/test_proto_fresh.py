@@ -15,7 +15,7 @@ GENERATED = (
     "moderation/v1/moderation_pb2.pyi",
     "moderation/v1/moderation_pb2_grpc.py",
 )
-RPCS = {"Classify", "ClassifyBatch", "Generate", "GenerateStream", "GetModelInfo"}
+RPCS = {"Classify", "ClassifyBatch", "Generate", "GenerateStream", "ModerateStream", "GetModelInfo"}
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     )
 
 
-def test_service_has_the_five_rpcs() -> None:
+def test_service_has_the_six_rpcs() -> None:
     from moderation.v1 import moderation_pb2, moderation_pb2_grpc
 
     service = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
@@ -46,7 +46,9 @@ def test_service_has_the_five_rpcs() -> None:
     assert service.full_name == "moderation.v1.ModerationService"
     stream = service.methods_by_name["GenerateStream"]
     assert stream.server_streaming and not stream.client_streaming
-    for name in RPCS - {"GenerateStream"}:
+    both = service.methods_by_name["ModerateStream"]
+    assert both.server_streaming and both.client_streaming
+    for name in RPCS - {"GenerateStream", "ModerateStream"}:
         method = service.methods_by_name[name]
         assert not method.server_streaming and not method.client_streaming
     # The server implements every RPC (the generated base class answers UNIMPLEMENTED).
@@ -58,7 +60,9 @@ def test_service_has_the_five_rpcs() -> None:
 
 
 def test_every_rpc_has_an_http_rule() -> None:
-    """Envoy / grpc-gateway transcoding and the built-in HTTP listener read these rules."""
+    """Envoy / grpc-gateway transcoding and the built-in HTTP listener read these rules. A
+    stream in both directions (ModerateStream) has none: HTTP/JSON transcoding cannot carry
+    it; the listener serves it as a WebSocket."""
     from google.api import annotations_pb2
 
     from moderation.v1 import moderation_pb2
@@ -66,6 +70,9 @@ def test_every_rpc_has_an_http_rule() -> None:
     service = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"]
     paths = {}
     for method in service.methods:
+        if method.client_streaming:
+            assert not method.GetOptions().HasExtension(annotations_pb2.http), method.name
+            continue
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
         assert verb in {"get", "post"}, f"{method.name} has no google.api.http rule"

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import torch
 
 from model.args import ModelArgs
 from model.demo import random_weights
@@ -60,3 +61,11 @@ def test_a_32k_model_without_a_window_starts_under_serve_with_default_settings(
     assert len(memory) == 1, out
     assert "x 8192 tokens x 16 KiB" in memory[0]["event"]
     assert memory[0]["logger"] == "model.engine"
+    # So does the CPU kernel choice, measured at start-up (where oneDNN is present).
+    gemm = [
+        json.loads(line) for line in out.splitlines() if line.startswith("{") and
+        json.loads(line).get("event", "").startswith("cpu gemm:")
+    ]  # fmt: skip
+    if torch.backends.mkldnn.is_available():
+        assert len(gemm) == 1 and gemm[0]["logger"] == "model.cpu_gemm", out
+        assert "wqkv" in gemm[0]["event"] and "measured in" in gemm[0]["event"]

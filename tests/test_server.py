@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+import torch
 
 from moderation.runtime import Runtime
 from moderation.serving.logs import configure_logging
@@ -90,6 +91,11 @@ def test_generate_and_stream(stub: pb_grpc.ModerationServiceStub) -> None:
     assert "".join(deltas) == events[-1].final.text == unary.text  # greedy: same answer
 
 
+STREAM_DEADLINE_S = 60
+"""A flagged stream must end by itself: past this it failed (DEADLINE_EXCEEDED), rather than
+leaving the test to hang until the suite's timeout."""
+
+
 def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServiceStub) -> None:
     refused = stub.Generate(
         pb.GenerateRequest(messages=user("hi"), moderate_input=True, threshold=0.0)
@@ -100,7 +106,8 @@ def test_guarded_generation_refuses_and_withholds(stub: pb_grpc.ModerationServic
         stub.GenerateStream(
             pb.GenerateStreamRequest(
                 messages=user("hi"), moderate_output=True, threshold=0.0, max_new_tokens=6
-            )
+            ),
+            timeout=STREAM_DEADLINE_S,  # a stream that never ends fails here, not by hanging
         )
     )
     assert [e.WhichOneof("event") for e in events] == ["final"]  # nothing unchecked was sent
@@ -133,7 +140,7 @@ def test_a_flagging_check_ends_the_stream(stub: pb_grpc.ModerationServiceStub) -
         messages=user("Tell me a story"), moderate_output=True, threshold=0.0,
         max_new_tokens=40, stream_check_tokens=3,
     )  # fmt: skip
-    events = list(stub.GenerateStream(request))
+    events = list(stub.GenerateStream(request, timeout=STREAM_DEADLINE_S))
     assert [e.WhichOneof("event") for e in events] == ["final"]  # the first check flagged
     final = events[0].final
     assert final.finish_reason == pb.FINISH_REASON_OUTPUT_FLAGGED and final.refused
@@ -169,6 +176,13 @@ def test_model_info_describes_model_and_policies(stub: pb_grpc.ModerationService
     assert not info.decode_graphs and not info.decode_graph_batch_sizes
     assert info.graph_capture_seconds == 0
     assert info.default_policy == "paper" and info.sliding_window == 32
+    # --max-batch-size auto (the default) is 32 of each on CPU; the cache holds every slot.
+    assert (info.generation_slots, info.scoring_slots) == (32, 32)
+    assert info.kv_cache_bytes > 0 and info.kv_cache_bytes % 64 == 0
+    # The CPU kernel choice measured at start-up, per matrix shape (fused q/k/v among them).
+    if torch.backends.mkldnn.is_available():
+        assert info.cpu_gemm.startswith("cpu gemm:") and "wqkv" in info.cpu_gemm
+        assert info.cpu_gemm_measure_seconds >= 0
     policies = {p.name: p for p in info.policies}
     assert {"paper", "mistral-13"} <= set(policies)
     assert len(policies["mistral-13"].categories) == 13
@@ -377,7 +391,7 @@ def test_a_generation_whose_sampling_fails_errs_alone(
     # a step.
     doomed = pb.GenerateRequest(messages=user("another story"), max_new_tokens=500)
     alone = stub.Generate(ok).text
-    real_sample = engine._sample
+    real_sample = engine.generation._sample
     doomed_running = threading.Event()
     poisoned_steps = []
 
@@ -392,7 +406,7 @@ def test_a_generation_whose_sampling_fails_errs_alone(
             logits[doomed_rows[0], 100] = float("nan")
         return real_sample(logits, seqs)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine.generation, "_sample", sample)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         failing = pool.submit(stub.Generate, doomed)
         assert doomed_running.wait(10)
@@ -416,7 +430,7 @@ def test_a_checked_answer_whose_sampling_fails_errs_and_frees_its_check_slot(
     runtime = served.server.runtime
     assert runtime is not None
     engine = runtime.engine
-    real_sample = engine._sample
+    real_sample = engine.generation._sample
     steps = []
 
     def sample(logits, seqs):  # type: ignore[no-untyped-def]
@@ -426,7 +440,7 @@ def test_a_checked_answer_whose_sampling_fails_errs_and_frees_its_check_slot(
             logits[0, 100] = float("nan")
         return real_sample(logits, seqs)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine.generation, "_sample", sample)
     request = pb.GenerateStreamRequest(
         messages=user("a long story"), max_new_tokens=64, moderate_output=True,
         threshold=1.0, stream_check_tokens=4,

@@ -87,7 +87,14 @@ def test_reflection_describes_the_service(authed: InProcessServer) -> None:
     db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(authed.address))
     proto = db.FindFileContainingSymbol("moderation.v1.ModerationService")
     methods = {m.name for s in proto.service for m in s.method}
-    assert methods == {"Classify", "ClassifyBatch", "Generate", "GenerateStream", "GetModelInfo"}
+    assert methods == {
+        "Classify",
+        "ClassifyBatch",
+        "Generate",
+        "GenerateStream",
+        "ModerateStream",
+        "GetModelInfo",
+    }
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_defaults() -> None:
     assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9464)
     assert (s.device, s.dtype, s.attention_backend) == ("auto", "auto", "auto")
     assert (s.policy, s.policy_files, s.threshold) == ("paper", (), 0.5)
-    assert (s.max_batch_size, s.max_queue, s.max_batch_items) == (32, 1024, 256)
+    assert (s.max_batch_size, s.max_queue, s.max_batch_items) == ("auto", 1024, 256)
     assert (s.max_text_chars, s.long_text, s.max_new_tokens) == (32768, "reject", 512)
     assert s.max_message_bytes == 4 * 1024 * 1024
     assert s.grace_period == 30.0
@@ -129,6 +129,7 @@ def test_uses_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ([], {"MODERATION_THRESHOLD": "-0.1"}, "threshold"),
         ([], {"MODERATION_THRESHOLD": "nan"}, "threshold"),
         (["--max-batch-size", "0"], {}, "max_batch_size"),
+        ([], {"MODERATION_MAX_BATCH_SIZE": "lots"}, "max_batch_size"),
         (["--max-context", "0"], {}, "max_context"),
         ([], {"MODERATION_GPU_MEMORY_UTILIZATION": "1.5"}, "gpu_memory_utilization"),
         (["--gpu-memory-utilization", "0"], {}, "gpu_memory_utilization"),
@@ -231,6 +232,15 @@ def test_bounds_are_declared_with_each_setting_and_checked_from_there() -> None:
         ServeSettings(max_queue=2.5)  # type: ignore[arg-type]
     with pytest.raises(SettingsError, match=r"must be above 0, got 0.0"):
         ServeSettings(keepalive_time=0.0)
+
+
+def test_max_batch_size_auto_reaches_the_engine() -> None:
+    """auto (the default) is passed on for both kinds of slots; the engine sizes them (32 on
+    CPU, from the memory budget on CUDA: tests/test_memory.py)."""
+    r = parse([]).runtime_settings()
+    assert (r.max_batch_size, r.score_batch_size) == ("auto", "auto")
+    assert parse(["--max-batch-size", "AUTO"]).max_batch_size == "auto"
+    assert parse(["--max-batch-size", "12"]).max_batch_size == 12
 
 
 def test_memory_settings_from_the_command_line_and_the_environment() -> None:

@@ -19,6 +19,7 @@ from moderation.core.thresholds import (
     OperatingPoint,
     ThresholdsError,
     choose_point,
+    load_operating_point,
     parse_operating_point,
     pr_curve,
 )
@@ -203,6 +204,28 @@ def test_eval_writes_thresholds_that_classify_batch_and_serve_use(
     assert settings.thresholds == (str(out),)
     runtime = load(settings.runtime_settings())
     assert runtime.planner.operating_points["paper"].threshold == pytest.approx(t)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[" * 200_000 + "]" * 200_000,  # nested past Python's decoder
+        '{"policy": "paper", "threshold": ' + "9" * 5000 + "}",  # past int's 4,300 digits
+        '{"policy": "paper", "threshold": "' + "x" * 100_000 + '"}',
+        '{"policy": "paper", "thresholds": {"' + "k" * 100_000 + '": 2}}',
+        '{"policy": "paper", "thresholds": [0.5]}',
+        '{"policy": ["paper"]}',
+        "[]",
+        "\xff",
+        "",
+    ],
+)
+def test_a_thresholds_file_of_any_shape_is_one_short_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(content, encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(ThresholdsError) as err:
+        load_operating_point(path)
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
 
 
 def test_distinct_prints_thresholds_near_one_apart() -> None:

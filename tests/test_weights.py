@@ -284,11 +284,20 @@ def test_load_model(tmp_path: Path, state: dict[str, torch.Tensor]) -> None:
     model = load_model(tmp_path, dtype="bf16")
     assert model.args == ARGS
     assert not model.training
-    params = dict(model.named_parameters())
-    assert params.keys() == state.keys()
-    for name, p in params.items():
+    for name, p in model.named_parameters():
         assert not p.requires_grad and p.device.type == "cpu" and p.dtype == torch.bfloat16, name
-        assert torch.equal(p, state[name].bfloat16()), name
+    # q/k/v and w1/w3 are fused on loading (one matrix multiply each, on every device) ...
+    attn, ffn = model.layers[1].attention, model.layers[1].feed_forward
+    names = ("wq", "wk", "wv")
+    parts = [state[f"layers.1.attention.{n}.weight"].bfloat16() for n in names]
+    assert torch.equal(attn.wqkv.weight, torch.cat(parts))
+    parts = [state[f"layers.1.feed_forward.{n}.weight"].bfloat16() for n in ("w1", "w3")]
+    assert torch.equal(ffn.w13.weight, torch.cat(parts))
+    # ... and the state dict keeps the checkpoint's names and values.
+    saved = model.state_dict()
+    assert saved.keys() == state.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, state[name].bfloat16()), name
 
 
 # --- errors: each names the file, and the key where there is one --------------------------------

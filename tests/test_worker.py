@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from model.engine import EngineStats, GenerationRequest, TokenEvent
+from model import GenerationRequest, TokenEvent
 from model.errors import RequestError
+from model.stats import EngineStats
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerateOptions, GenerationResult, PreparedGeneration
@@ -577,3 +578,22 @@ def test_answers_wait_for_a_slot_for_their_checks(parts: Any) -> None:
     assert [r[-1].text for r in results] == ["def"] * 3
     assert max(len(s) for s in engine.steps) == 2  # the third waited: no deadlock, no overlap
     assert not classifier.open_streams
+
+
+def test_the_watchdog_sees_an_idle_thread_alive_and_a_stuck_pass_stalled(parts: Any) -> None:
+    # Issue #19: the in-process worker's sign of life for the watchdog (`last_progress`): now,
+    # while it waits for work, however long; the start of its pass while a pass runs.
+    worker, _, classifier = parts
+    time.sleep(0.3)
+    assert time.monotonic() - worker.last_progress < 0.2  # idle for 0.3 s, and not stalled
+
+    async def scenario() -> None:
+        classifier.gate.clear()  # the next pass hangs until the gate opens
+        job = asyncio.ensure_future(worker.classify([ClassifyItem("stuck")]))
+        await until(classifier.in_pass.is_set)
+        await asyncio.sleep(0.3)
+        assert time.monotonic() - worker.last_progress >= 0.3  # the pass is what stalls
+        classifier.gate.set()
+        await job
+
+    run(scenario)

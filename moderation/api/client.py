@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -380,6 +380,56 @@ class ModerationClient:
                 )
             )
         return self._stream(request, timeout)
+
+    def moderate_stream(
+        self,
+        deltas: Iterable[str | bytes],
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        policy: str | None = None,
+        threshold: float | None = None,
+        category_thresholds: Mapping[str, float] | None = None,
+        check_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[pb.ModerateStreamResponse]:
+        """Check an answer another LLM is writing, as it is written (ModerateStream).
+
+        `deltas`: the answer's text pieces as the LLM produces them (read as they come, on
+        gRPC's thread), `str`, or UTF-8 `bytes` that may end inside a character; `prompt`
+        (the user prompt) or `messages` (the conversation so far) is what it replies to.
+        Yields a verdict every `check_tokens` tokens (None = the server's default) with
+        `released_chars`, how much of the text may be shown; the last one is flagged or
+        `complete` (the verdict on the whole answer). Not retried: the deltas are consumed as
+        they are sent. `timeout` bounds the whole call (None: no deadline, the server's idle
+        limit bounds a silent caller); breaking off the iteration cancels it."""
+        opened = pb.ModerateStreamOpen(
+            policy=policy or "",
+            prompt=prompt or "",
+            messages=[_message(m) for m in messages or ()],
+            category_thresholds=dict(category_thresholds or {}),
+            check_tokens=check_tokens or 0,
+        )
+        if threshold is not None:
+            opened.threshold = threshold
+
+        def requests() -> Iterator[pb.ModerateStreamRequest]:
+            yield pb.ModerateStreamRequest(open=opened)
+            for delta in deltas:
+                if isinstance(delta, bytes):
+                    if delta:
+                        yield pb.ModerateStreamRequest(delta_bytes=delta)
+                elif delta:
+                    yield pb.ModerateStreamRequest(delta=delta)
+            yield pb.ModerateStreamRequest(done=True)
+
+        call = self._stub().ModerateStream(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise ModerationError.from_rpc_error(err) from err
+        finally:
+            call.cancel()  # no-op when finished; frees the server's check when the caller left
 
     def get_model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The served model, its limits, and the policies the server knows."""

@@ -8,6 +8,7 @@ from moderation.core.chat import ChatMessage
 from moderation.core.decision import Classification, ClassifyItem
 from moderation.core.generation import GenerateOptions, GenerationResult
 from moderation.core.policy import Category, Policy, Role
+from moderation.core.prompts import ANSWER_MARKER
 from moderation.core.thresholds import LiveThresholds
 from moderation.v1 import moderation_pb2 as pb
 
@@ -36,6 +37,29 @@ def classify_item(request: pb.ClassifyRequest) -> ClassifyItem:
         threshold=request.threshold if request.HasField("threshold") else None,
         category_thresholds=dict(request.category_thresholds),
         messages=chat_messages(request.messages) or None,
+    )
+
+
+def answer_stream_item(request: pb.ModerateStreamOpen) -> ClassifyItem:
+    """The output item a ModerateStream check is planned with (`Planner.plan_answer_stream`):
+    a stand-in answer after the user prompt, or after the conversation so far."""
+    messages = chat_messages(request.messages)
+    common = {
+        "policy": request.policy or None,
+        "threshold": request.threshold if request.HasField("threshold") else None,
+        "category_thresholds": dict(request.category_thresholds),
+    }
+    if messages:
+        return ClassifyItem(
+            user_prompt=request.prompt or None,
+            messages=[*messages, ChatMessage("assistant", ANSWER_MARKER)],
+            **common,  # type: ignore[arg-type]
+        )
+    return ClassifyItem(
+        ANSWER_MARKER,
+        role=Role.OUTPUT,
+        user_prompt=request.prompt or None,
+        **common,  # type: ignore[arg-type]
     )
 
 

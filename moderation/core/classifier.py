@@ -139,11 +139,17 @@ class Classifier:
             n = len(planned.prefix) + len(body) + prep.options.max_new_tokens + closer + labels
             if n > engine.max_context:
                 return None
-        if not engine.free_slots:
+        return self.open_stream(planned)
+
+    def open_stream(self, planned: PlannedItem) -> OutputStream | None:
+        """Start checking an answer as it grows after `planned` (its one body ends where the
+        answer begins); None when the engine has no free slot now."""
+        if not self.engine.free_slots:
             return None
+        body = planned.bodies[0]
         prefix = self._prefix(planned.prefix) if self.reuse_prefix else None
         prompt = body if prefix is not None else planned.prefix + body
-        stream_id = engine.open_stream(prompt, prefix)
+        stream_id = self.engine.open_stream(prompt, prefix)
         return None if stream_id is None else OutputStream(planned, stream_id)
 
     def check_outputs(

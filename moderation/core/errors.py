@@ -24,6 +24,12 @@ QUOTE_CHARS = 40
 """How much of a caller's value an error message quotes."""
 
 
+def prefix(text: str, limit: int = QUOTE_CHARS) -> str:
+    """A caller's string as a log field or a field name shows it: whole when short, else its
+    first `limit` characters and its length (`quote` is the same, for error messages)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def quote(value: object, limit: int = QUOTE_CHARS) -> str:
     """`repr` of a caller's value, cut to a short prefix: error messages, their details and the
     logs never echo a request's value whole (a 1 MB policy name must not make a 1 MB error)."""

@@ -289,9 +289,23 @@ class GuardedGenerator:
         A check covers the tokens generated before this step, so the text it releases was
         checked; push the events after them: a flagged answer takes no token from the step it
         was flagged in (AnswerDecoder.push)."""
-        pairs = [(d.checks, d.unchecked()) for d in decoders if d.checks is not None]
+        events, deltas, _ = self.step_with(decoders)
+        return events, deltas
+
+    def step_with(
+        self,
+        decoders: Sequence[AnswerDecoder],
+        answers: Sequence[tuple[OutputStream, Sequence[int]]] = (),
+    ) -> tuple[list[TokenEvent], list[str], list[Classification]]:
+        """`step`, with the checks of `answers` (streams of answers this server did not
+        generate, and their new tokens: ModerateStream) riding in the same pass: the step's
+        events, the text each decoder's check releases, each answer's classification."""
+        pairs: list[tuple[OutputStream, Sequence[int]]] = [
+            (d.checks, d.unchecked()) for d in decoders if d.checks is not None
+        ]
+        pairs += answers
         if not pairs:
-            return self.engine.step(), []
+            return self.engine.step(), [], []
         events: list[TokenEvent] = []
 
         def run(requests: list[StreamCheck]) -> list[list[float]]:
@@ -300,7 +314,9 @@ class GuardedGenerator:
             return scores
 
         results = self.classifier.check_outputs(pairs, run=run)
-        return events, [d.checked(r) for d, r in zip(decoders, results, strict=True)]
+        n = len(decoders)
+        deltas = [d.checked(r) for d, r in zip(decoders, results[:n], strict=True)]
+        return events, deltas, results[n:]
 
     def moderate_input(self, prep: PreparedGeneration) -> Classification | None:
         if prep.input_planned is None:

@@ -35,7 +35,12 @@ class ModelLimits:
     window: int  # the sliding window (the context length when the model has none)
     max_context: int | None  # the engine's context limit; None = the model's max_seq_len
     max_seq_len: int  # the model's own longest sequence
-    attention_backend: str  # what GetModelInfo reports
+    attention_backend: str  # what GetModelInfo reports, as the fields below
+    cpu_gemm: str = ""  # the CPU kernel choice (model/cpu_gemm.py); empty on a GPU
+    cpu_gemm_measure_seconds: float = 0.0
+    generation_slots: int = 0
+    scoring_slots: int = 0
+    kv_cache_bytes: int = 0
     # Decode steps as captured graphs (model/graphs.py): their batch buckets (empty: eager) and
     # the start-up seconds their compile and capture took (GetModelInfo reports both).
     graph_batch_sizes: tuple[int, ...] = ()
@@ -43,11 +48,17 @@ class ModelLimits:
 
     @classmethod
     def of(cls, engine: Engine) -> ModelLimits:
+        gemm = engine.cpu_gemm
         return cls(
             window=engine.window,
             max_context=engine.max_context,
             max_seq_len=engine.args.max_seq_len,
             attention_backend=engine.backend.name,
+            cpu_gemm=gemm.describe() if gemm is not None else "",
+            cpu_gemm_measure_seconds=gemm.measure_seconds if gemm is not None else 0.0,
+            generation_slots=engine.memory.generation_slots,
+            scoring_slots=engine.memory.scoring_slots,
+            kv_cache_bytes=engine.memory.cache_bytes,
             graph_batch_sizes=engine.graph_batch_sizes,
             graph_capture_seconds=engine.graph_capture_seconds or 0.0,
         )

@@ -405,6 +405,25 @@ class Planner:
         closer = len(self.tokenizer.inst_close())
         return dataclasses.replace(planned, bodies=[body[:-closer]])
 
+    def plan_answer_stream(self, item: ClassifyItem) -> tuple[PlannedItem, int]:
+        """The output-moderation prompt of an answer that arrives in pieces (ModerateStream),
+        and how many answer tokens it may take.
+
+        `item` is the answer's output item with a stand-in text (ANSWER_MARKER) as its text
+        (or as the content of its last, assistant, message): it is planned as any item
+        (policy, thresholds, the user prompt or the earlier turns that fit), then its body
+        ends before the answer's tokens and the turn closer, which the checks append. The
+        answer may take what a text may take beside that context without being split, so that
+        `Classify` of the complete answer in the same context keeps the same turns and scores
+        the same prompt."""
+        planned = self.plan(item)
+        text = item.messages[-1].content if item.messages else item.text
+        standin = len(encode_text(self.tokenizer, text)) + len(self.tokenizer.inst_close())
+        body = planned.bodies[0][:-standin]
+        return dataclasses.replace(planned, bodies=[body]), max(
+            0, self.max_text_tokens - planned.context_tokens
+        )
+
     def prefixes(self) -> Iterator[tuple[int, ...]]:
         """The shared prefix of every (policy, role): what a classifier pre-fills once."""
         for policy in self.policies.values():

@@ -59,3 +59,36 @@ def is_blank(text: str) -> bool:
     characters or invisible format characters ("\\x00", "\\u200b"). Such text has nothing to
     classify or answer."""
     return not _IGNORABLE_RE.sub("", clean(text))
+
+
+# One ignorable character, and the marker's letters as CHAT_MARKER_RE matches them (case
+# insensitively, as its flags say), for `open_marker`.
+_IGNORABLE_CHAR_RE = re.compile(_IGNORABLE[:-1])
+_MARKER_LETTERS = [re.compile(letter, re.IGNORECASE) for letter in "INST"]
+
+
+def open_marker(text: str) -> int:
+    """Where in `text` a chat marker may still begin once more text is appended: the index of
+    the first "[" whose rest is an unfinished `CHAT_MARKER_RE` match, else len(text).
+
+    `neutralize` of text arriving in pieces is decided up to there: any marker before it is
+    complete (a marker holds no "[" but its first), so text[:i] neutralizes alike whatever
+    follows. The walk is CHAT_MARKER_RE's pattern, one character at a time (its parts are
+    disjoint, so it never backtracks)."""
+    i = text.find("[")
+    while i != -1:
+        letters = 0  # of I, N, S, T matched so far
+        slash = True  # a slash may still come (only before the letters)
+        for ch in text[i + 1 :]:
+            if _IGNORABLE_CHAR_RE.fullmatch(ch):
+                continue
+            if slash and ch in "/\\":
+                slash = False
+            elif letters < 4 and _MARKER_LETTERS[letters].fullmatch(ch):
+                letters, slash = letters + 1, False
+            else:
+                break  # complete ("]" after T) or not a marker: decided either way
+        else:
+            return i  # the text ended inside a possible marker
+        i = text.find("[", i + 1)
+    return len(text)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moderation.core.errors import prefix, quote
 from moderation.core.policy import Policy, PolicyError
 
 
@@ -125,9 +126,9 @@ class OperatingPoint:
 
 def _check(name: str, value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ThresholdsError(f"{where}: {name} must be a number, got {value!r}")
+        raise ThresholdsError(f"{where}: {name} must be a number, got {quote(value)}")
     if not 0.0 <= value <= 1.0:
-        raise ThresholdsError(f"{where}: {name} must be between 0 and 1, got {value!r}")
+        raise ThresholdsError(f"{where}: {name} must be between 0 and 1, got {quote(value)}")
     return float(value)
 
 
@@ -140,7 +141,7 @@ def parse_operating_point(data: Any, where: str = "thresholds") -> OperatingPoin
     per = data.get("thresholds") or {}
     if not isinstance(per, dict):
         raise ThresholdsError(f'{where}: "thresholds" must map category ids to numbers')
-    categories = {str(k): _check(f"thresholds[{k}]", v, where) for k, v in per.items()}
+    categories = {str(k): _check(f"thresholds[{prefix(k)}]", v, where) for k, v in per.items()}
     if threshold is None and not categories:
         raise ThresholdsError(f'{where}: neither "threshold" nor "thresholds" is set')
     return OperatingPoint(data["policy"], threshold, categories, where)
@@ -152,8 +153,12 @@ def load_operating_point(path: str | Path) -> OperatingPoint:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ThresholdsError(f"cannot read thresholds file {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ThresholdsError(f"thresholds file {path} is not valid JSON: {exc}") from exc
+    except RecursionError:  # nested past Python's decoder (a file 200k levels deep)
+        message = f"thresholds file {path} is not valid JSON: nested too deep"
+        raise ThresholdsError(message) from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, integers past 4,300 digits
+        reason = str(exc).split(":")[0]
+        raise ThresholdsError(f"thresholds file {path} is not valid JSON: {reason}") from exc
     return parse_operating_point(data, str(path))
 
 

@@ -25,6 +25,13 @@ percentage of the rows such as `1%`; default 0); 4 (EXIT_FAILED_ROWS) when more 
 the job ran to the end and rerunning it gives the same rows, so a Kubernetes Job should not
 retry it (deploy/examples/batch maps 2 and 4 to FailIndex).
 
+Reading: strict (CSV: `moderation.jobs.csv_input`; JSONL: `formats.JsonlReader`): an unreadable
+line (an unterminated quote, an invalid byte, a JSONL line that is not an object) stops the job
+with exit 2 naming the line, after scoring the rows before it; a CSV row longer than the header
+is that row's error. Nothing is overwritten: an existing OUT or journal needs `--resume`
+(continue it) or `--overwrite` (start over), else exit 2. The input (file, columns) and the
+thresholds file are checked before the model loads.
+
 CSV injection: input columns are copied unchanged (the contract); texts that start with
 `=`, `+`, `-` or `@` can run as formulas if OUT is opened in a spreadsheet. `--escape-formulas`
 prefixes the copied cells with a quote (OWASP's advice); the scores are never affected.
@@ -53,6 +60,7 @@ from moderation.core.policy import ACCEPTABLE_ID, Policy, PolicyError
 from moderation.exit_codes import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
 from moderation.jobs import formats
 from moderation.jobs.conversations import parse_messages
+from moderation.jobs.csv_input import DecodedLines, Input, InputError, Row, read_csv
 from moderation.jobs.options import (
     add_long_text_option,
     add_model_options,
@@ -177,6 +185,7 @@ class BatchJob:
     escape_formulas: bool
     category_thresholds: Mapping[str, float] = field(default_factory=dict)
     messages_column: str | None = None
+    overwrite: bool = False  # start over even if OUT or its journal exists
 
     @property
     def columns(self) -> list[str]:
@@ -221,13 +230,71 @@ class BatchJob:
         )
 
 
-def _rows(
-    reader: Iterator[list[str]], columns: list[str]
-) -> Iterator[tuple[list[str], dict[str, str | None]]]:
-    for cells in reader:
-        # A short row lacks columns (None); a long row keeps its extra cells in the output.
-        values: list[str | None] = [*cells, *([None] * (len(columns) - len(cells)))]
-        yield cells, dict(zip(columns, values, strict=False))
+UNREADABLE: tuple[type[Exception], ...] = (InputError, *formats.READ_ERRORS)
+"""What reading a broken input raises: the job stops there (exit 2, naming the line)."""
+
+
+def _named(row: Row, columns: list[str]) -> dict[str, str | None]:
+    if row.values is not None:  # the format named them (JSONL)
+        return row.values
+    # A short row lacks columns (None); a long one is an error row before it gets here.
+    values: list[str | None] = [*row.cells, *([None] * (len(columns) - len(row.cells)))]
+    return dict(zip(columns, values, strict=False))
+
+
+def _jsonl(reader: formats.JsonlReader) -> Iterator[Row]:
+    for cells, values in reader.rows():
+        yield Row(reader.number, cells, values=values)
+
+
+def read_input(job: BatchJob, raw: io.RawIOBase) -> Input:
+    """The input's columns and rows, in the format its name says (`formats`); a new format
+    plugs in here, as a reader giving an `Input`."""
+    try:
+        if formats.format_of(job.input, job.output) == formats.JSONL:
+            # Decoded line by line, as CSV: an invalid byte names its line, not a chunk's.
+            lines = DecodedLines(formats.binary_input(raw, job.input), job.encoding)
+            reader = formats.JsonlReader(lines, job.input)  # type: ignore[arg-type]
+            source = Input(reader.header, _jsonl(reader))
+        else:
+            binary = formats.binary_input(raw, job.input)
+            source = read_csv(binary, encoding=job.encoding, delimiter=job.delimiter)
+    except UNREADABLE as exc:
+        raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
+    missing = [c for c in job.columns if c not in source.columns]
+    if missing:
+        raise UsageError(
+            f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(source.columns)}"
+        )
+    return source
+
+
+def check_output(job: BatchJob) -> None:
+    """UsageError when the job would overwrite an earlier one's output or journal: a run
+    without --resume used to truncate a finished output (1,680 scored rows became 169 bytes)."""
+    if job.output == "-" or job.resume or job.overwrite:
+        return
+    for path in (Path(job.output), Path(job.output + ".progress")):
+        if path.exists():
+            raise UsageError(
+                f"{path} exists: pass --resume to continue that job, or --overwrite to start over"
+            )
+
+
+def check_input(job: BatchJob) -> None:
+    """UsageError unless the input file opens and has the job's columns: checked before the
+    model loads (minutes on 7B), not after. Standard input is read once, so not checked here."""
+    if job.input == "-":
+        return
+    try:
+        with open(job.input, "rb") as raw:
+            read_input(job, CountingReader(raw))
+    except FileNotFoundError:
+        raise UsageError(f"{job.input}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{job.input}: is a directory, not a file") from None
+    except PermissionError:
+        raise UsageError(f"{job.input}: cannot read it (permission denied)") from None
 
 
 def finished(job: BatchJob) -> Progress | None:
@@ -254,36 +321,29 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     done = finished(job)
     if done is not None:
         return done
+    check_output(job)
     policy = scorer.policy(job.policy)
     progress_path = Path(job.output + ".progress")
     progress = Progress()
     if job.resume and progress_path.exists():
         progress = Progress.load(progress_path)
         progress.complete = False  # complete before, yet the input grew since
+    elif not to_stdout:
+        progress_path.unlink(missing_ok=True)  # --overwrite: the old journal is void
     # Without a progress file nothing was committed: starting over writes the same file an
     # uninterrupted run writes.
 
     raw: IO[bytes] = sys.stdin.buffer if job.input == "-" else open(job.input, "rb")  # noqa: SIM115
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
     counting = CountingReader(raw)
-    text_in = formats.text_input(counting, job.input, job.encoding)
     jsonl = formats.format_of(job.input, job.output) == formats.JSONL
     try:
-        if jsonl:
-            source = formats.JsonlReader(text_in, job.input)
-            header = source.header
-        else:
-            reader = csv.reader(text_in, delimiter=job.delimiter)
-            header = next(reader)
-    except StopIteration:
-        raise UsageError(f"{job.input}: empty file, no header row") from None
-    except formats.READ_ERRORS as exc:
-        raise UsageError(f"{job.input}: cannot read the header ({exc})") from exc
-    missing = [c for c in job.columns if c not in header]
-    if missing:
-        raise UsageError(
-            f"{job.input}: no column {missing[0]!r}; the columns are: {', '.join(header)}"
-        )
+        source = read_input(job, counting)
+    except BaseException:
+        if raw is not sys.stdin.buffer:
+            raw.close()
+        raise
+    header = source.columns
     conversations = job.messages_column is not None
     columns = output_columns(header, policy, conversations=conversations)
 
@@ -313,13 +373,13 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     if progress.rows == 0 and progress.output_bytes == 0:
         writer.writerow(columns)
         commit()
-    rows = source.rows() if jsonl else _rows(reader, header)
+    rows = source.rows
     try:
         for _ in range(progress.rows):  # already committed by an earlier run
             next(rows)
     except StopIteration:
         pass
-    except formats.READ_ERRORS as exc:
+    except UNREADABLE as exc:
         raise UsageError(f"{job.input}: {exc}") from exc
 
     if reporter is not None:
@@ -346,17 +406,20 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
             reporter.update(progress.rows, counting.count / total if total else None)
 
     try:
-        for cells, row in rows:
-            batch.append((cells, job.items(row)))
+        for row in rows:
+            batch.append((row.cells, row.error or job.items(_named(row, header))))
             if len(batch) >= job.batch_size:
                 flush_batch()
         if batch:
             flush_batch()
-    except formats.READ_ERRORS as exc:
+    except UNREADABLE as exc:
+        if batch:
+            flush_batch()  # the rows before the unreadable line are scored and committed
+        where = job.output if not to_stdout else "the output"
         raise UsageError(
-            f"{job.input}: unreadable input after row {progress.rows + len(batch)} ({exc}); "
-            "fix the file and rerun with --resume"
-        ) from exc
+            f"{job.input}: {exc}; the {progress.rows} rows before it are in {where}: fix the "
+            "file and rerun with --resume"
+        ) from None
     finally:
         if reporter is not None:
             reporter.stop_timer()
@@ -482,14 +545,19 @@ def _run(ns: argparse.Namespace) -> int:
             delimiter=ns.delimiter,
             batch_size=ns.batch_size,
             resume=ns.resume,
+            overwrite=ns.overwrite,
             escape_formulas=ns.escape_formulas,
             **thresholds,
         )
+        if ns.resume and ns.overwrite:
+            raise UsageError("--resume continues a job, --overwrite starts it over: give one")
         earlier = finished(job)
         if earlier is not None:
             print(f"{job.output}: already complete (--resume has nothing to do)", file=sys.stderr)
             progress = earlier
         else:
+            check_input(job)  # all of it before the model loads
+            check_output(job)
             scorer = make_scorer(ns, policy_files)
             reporter = ProgressReporter(sys.stderr, name="batch", interval=ns.progress_interval)
             try:
@@ -555,6 +623,11 @@ def register(sub: Any) -> None:
         "--resume",
         action="store_true",
         help="continue an interrupted job; a finished one only reports its outcome again",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over when OUT (or its journal) exists; without it or --resume, exit 2",
     )
     p.add_argument(
         "--max-failed-rows",

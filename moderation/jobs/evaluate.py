@@ -19,10 +19,11 @@ import json
 import sys
 from typing import Any
 
+from moderation.api.remote import RemoteError
 from moderation.core.decision import ClassifyItem
 from moderation.core.errors import InvalidArgument
 from moderation.core.policy import PolicyError
-from moderation.exit_codes import EXIT_OK, EXIT_USAGE
+from moderation.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from moderation.extras import REPORT_MODULES, install_hint
 from moderation.jobs.calibration import Target, calibrate, calibration_table
 from moderation.jobs.datasets import DatasetError, read_dataset
@@ -92,6 +93,9 @@ def _run(ns: argparse.Namespace) -> int:
     except (DatasetError, InvalidArgument, PolicyError, OSError) as exc:
         print(f"moderation eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RemoteError as exc:  # the servers are out of reach: as `batch` says it
+        print(f"moderation eval: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     report = evaluate(examples, results)
     calibration = None
     if target is not None:

@@ -57,12 +57,17 @@ def format_of(path: str, other: str = "-") -> str:
     return JSONL if _plain(name).lower().endswith(JSONL_SUFFIXES) else CSV
 
 
-def text_input(raw: io.RawIOBase, path: str, encoding: str) -> io.TextIOWrapper:
-    """The input as text: decompressed when the name ends in .gz."""
+def binary_input(raw: io.RawIOBase, path: str) -> IO[bytes]:
+    """The input's bytes: decompressed when the name ends in .gz."""
     binary: Any = io.BufferedReader(raw)
     if is_gzip(path):
         binary = gzip.GzipFile(fileobj=binary, mode="rb")
-    return io.TextIOWrapper(binary, encoding=encoding, newline="")
+    return binary  # type: ignore[no-any-return]
+
+
+def text_input(raw: io.RawIOBase, path: str, encoding: str) -> io.TextIOWrapper:
+    """The input as text: decompressed when the name ends in .gz."""
+    return io.TextIOWrapper(binary_input(raw, path), encoding=encoding, newline="")  # type: ignore[type-var]
 
 
 class GzipMembers(io.TextIOBase):

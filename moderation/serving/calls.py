@@ -35,8 +35,23 @@ class BearerToken:
         self._expected = f"Bearer {token}".encode()
 
     def accepts(self, sent: str | None) -> bool:
-        # Constant time: no timing oracle on the token.
-        return hmac.compare_digest((sent or "").encode(), self._expected)
+        # Constant time: no timing oracle on the token. The whole value must match (a suffix
+        # after the token is refused). aiohttp hands undecodable header bytes over as
+        # surrogates: encoded back as the bytes sent, they are a mismatch, never an error.
+        return hmac.compare_digest((sent or "").encode(errors="surrogateescape"), self._expected)
+
+
+MAX_ERROR_CHARS = 512
+"""The longest status message sent or logged, on either transport: errors quote only prefixes
+of caller values (`moderation.core.errors.quote`), this is the last line of defence (a message
+past ~8 kB would also fail in gRPC's metadata)."""
+
+
+def capped(message: str) -> str:
+    """A status message as it is sent and logged: at most MAX_ERROR_CHARS characters."""
+    if len(message) > MAX_ERROR_CHARS:
+        return message[:MAX_ERROR_CHARS] + "..."
+    return message
 
 
 OVERLOAD = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})

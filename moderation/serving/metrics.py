@@ -186,7 +186,8 @@ class Metrics:
             batch_size=Histogram(
                 "moderation_batch_size",
                 "Items per engine pass (classify: texts per classifier pass; generate: "
-                "sequences per decoding step; stream_check: answers per output check pass)",
+                "sequences per decoding step; stream_check: answers per output check pass; "
+                "answer_check: ModerateStream checks per pass)",
                 ["kind"], buckets=BATCH_BUCKETS, registry=r,
             ),
             tokens=Counter(

@@ -22,6 +22,16 @@ def parse_int(text: str) -> int:
         raise ValueError(f"expected an integer, got {text!r}") from None
 
 
+def parse_batch_size(text: str) -> int | str:
+    """A positive number of sequences, or "auto" (sized from the memory budget on CUDA)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"expected a positive integer or auto, got {text!r}") from None
+
+
 def parse_float(text: str) -> float:
     try:
         value = float(text.strip())

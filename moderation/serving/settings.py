@@ -32,6 +32,7 @@ from moderation.runtime import (
 from moderation.serving.setting_values import (
     DEVICE_RE,
     choice,
+    parse_batch_size,
     parse_bool,
     parse_bytes,
     parse_device,
@@ -219,12 +220,12 @@ class ServeSettings:
         low=0.0,
         high=1.0,
     )
-    max_batch_size: int = _setting(
-        32,
-        parse_int,
-        "most sequences the engine runs in one step",
-        metavar="N",
-        low=1,
+    max_batch_size: int | str = _setting(
+        "auto",
+        parse_batch_size,
+        "most sequences the engine runs in one step (and scores in one pass); auto: as many "
+        "as the memory budget holds on CUDA, at most 256, and 32 on CPU",
+        metavar="N|auto",
     )
     max_context: int = _setting(
         DEFAULT_MAX_CONTEXT,
@@ -312,7 +313,7 @@ class ServeSettings:
         60.0,
         parse_float,
         "seconds between keepalive pings the server sends on an idle connection "
-        "(grpc.keepalive_time_ms)",
+        "(grpc.keepalive_time_ms; HTTP: TCP keep-alive probes)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -329,7 +330,8 @@ class ServeSettings:
     max_connection_idle: float = _setting(
         300.0,
         parse_float,
-        "seconds a connection without calls stays open (grpc.max_connection_idle_ms)",
+        "seconds a connection without calls stays open (grpc.max_connection_idle_ms; HTTP: "
+        "keep-alive idle)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -338,7 +340,8 @@ class ServeSettings:
         1800.0,
         parse_float,
         "seconds before a connection is asked to reconnect, so that long-lived clients reach "
-        "new replicas after a scale-up (grpc.max_connection_age_ms)",
+        "new replicas after a scale-up (grpc.max_connection_age_ms; HTTP: the next answer "
+        "closes it)",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
@@ -362,10 +365,29 @@ class ServeSettings:
         10.0,
         parse_float,
         "seconds a new connection has to finish its handshake (TCP, TLS, HTTP/2 preface) "
-        "(grpc.server_handshake_timeout_ms)",
+        "(grpc.server_handshake_timeout_ms); on the HTTP port, the TLS handshake and each "
+        "request's headers",
         metavar="SECONDS",
         low=0.0,
         low_exclusive=True,
+    )
+    body_read_timeout: float = _setting(
+        30.0,
+        parse_float,
+        "seconds an HTTP request's body may take to arrive once its headers have (408 after); "
+        "a gRPC message's frames are bounded by keepalive and the connection's age",
+        metavar="SECONDS",
+        low=0.0,
+        low_exclusive=True,
+    )
+    max_connections: int = _setting(
+        1000,
+        parse_int,
+        "most open connections per port: gRPC refuses more (grpc."
+        "max_allowed_incoming_connections), HTTP answers 503 and closes; both ports share "
+        "the process's file descriptors",
+        metavar="N",
+        low=1,
     )
     max_new_tokens: int = _setting(
         512,
@@ -383,6 +405,31 @@ class ServeSettings:
         metavar="N",
         low=1,
         high=MAX_STREAM_CHECK_TOKENS,
+    )
+    max_stream_checks: int = _setting(
+        16,
+        parse_int,
+        "most ModerateStream checks open at once (each holds a generation cache slot while "
+        "open); more are refused with RESOURCE_EXHAUSTED",
+        metavar="N",
+        low=1,
+    )
+    stream_max_answer_chars: int = _setting(
+        65536,
+        parse_int,
+        "longest answer a ModerateStream check takes, in characters (INVALID_ARGUMENT past it; "
+        "the model's classification prompt also bounds it in tokens)",
+        metavar="N",
+        low=1,
+    )
+    stream_idle_timeout: float = _setting(
+        30.0,
+        parse_float,
+        "seconds a ModerateStream check may wait for the caller's next message; then it ends "
+        "with DEADLINE_EXCEEDED and frees its cache slot",
+        metavar="SECONDS",
+        low=0.0,
+        low_exclusive=True,
     )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024,
@@ -494,6 +541,7 @@ class ServeSettings:
             ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
         ]
 
     def runtime_settings(self) -> RuntimeSettings:
@@ -638,6 +686,13 @@ def _validate(s: ServeSettings) -> None:
         problem = option.check(getattr(s, name))
         if problem is not None:
             fail(name, problem)
+    # A number or a word: not a bound a declaration can state.
+    if s.max_batch_size != "auto" and (
+        not isinstance(s.max_batch_size, int)
+        or isinstance(s.max_batch_size, bool)
+        or s.max_batch_size < 1
+    ):
+        fail("max_batch_size", f"must be a positive integer or auto, got {s.max_batch_size!r}")
     if s.metrics_port == s.port:
         fail("metrics_port", f"must differ from the gRPC port ({_names('port')} = {s.port})")
     if s.http_port and s.http_port in (s.port, s.metrics_port):

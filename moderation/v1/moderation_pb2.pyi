@@ -212,12 +212,59 @@ class GenerateStreamResponse(_message.Message):
     final: GenerateResponse
     def __init__(self, delta: _Optional[str] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
+class ModerateStreamOpen(_message.Message):
+    __slots__ = ("policy", "threshold", "category_thresholds", "prompt", "messages", "check_tokens")
+    class CategoryThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    threshold: float
+    category_thresholds: _containers.ScalarMap[str, float]
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    check_tokens: int
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., category_thresholds: _Optional[_Mapping[str, float]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., check_tokens: _Optional[int] = ...) -> None: ...
+
+class ModerateStreamRequest(_message.Message):
+    __slots__ = ("open", "delta", "done", "delta_bytes")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    open: ModerateStreamOpen
+    delta: str
+    done: bool
+    delta_bytes: bytes
+    def __init__(self, open: _Optional[_Union[ModerateStreamOpen, _Mapping]] = ..., delta: _Optional[str] = ..., done: _Optional[bool] = ..., delta_bytes: _Optional[bytes] = ...) -> None: ...
+
+class ModerateStreamResponse(_message.Message):
+    __slots__ = ("released_chars", "checked_tokens", "result", "complete")
+    RELEASED_CHARS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    released_chars: int
+    checked_tokens: int
+    result: ClassifyResponse
+    complete: bool
+    def __init__(self, released_chars: _Optional[int] = ..., checked_tokens: _Optional[int] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "decode_graphs", "decode_graph_batch_sizes", "graph_capture_seconds", "default_threshold")
+    __slots__ = ("model", "demo", "dtype", "device", "attention_backend", "sliding_window", "max_context_tokens", "default_policy", "policies", "stream_check_tokens", "max_stream_checks", "stream_max_answer_chars", "decode_graphs", "decode_graph_batch_sizes", "graph_capture_seconds", "cpu_gemm", "cpu_gemm_measure_seconds", "generation_slots", "scoring_slots", "kv_cache_bytes", "default_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -227,9 +274,17 @@ class GetModelInfoResponse(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CHECK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MAX_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
     DECODE_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     DECODE_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     GRAPH_CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_GEMM_FIELD_NUMBER: _ClassVar[int]
+    CPU_GEMM_MEASURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SCORING_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     demo: bool
@@ -240,11 +295,19 @@ class GetModelInfoResponse(_message.Message):
     max_context_tokens: int
     default_policy: str
     policies: _containers.RepeatedCompositeFieldContainer[PolicyInfo]
+    stream_check_tokens: int
+    max_stream_checks: int
+    stream_max_answer_chars: int
     decode_graphs: bool
     decode_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     graph_capture_seconds: float
+    cpu_gemm: str
+    cpu_gemm_measure_seconds: float
+    generation_slots: int
+    scoring_slots: int
+    kv_cache_bytes: int
     default_threshold: float
-    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., decode_graphs: _Optional[bool] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., graph_capture_seconds: _Optional[float] = ..., default_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., demo: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., sliding_window: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., stream_check_tokens: _Optional[int] = ..., max_stream_checks: _Optional[int] = ..., stream_max_answer_chars: _Optional[int] = ..., decode_graphs: _Optional[bool] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., graph_capture_seconds: _Optional[float] = ..., cpu_gemm: _Optional[str] = ..., cpu_gemm_measure_seconds: _Optional[float] = ..., generation_slots: _Optional[int] = ..., scoring_slots: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., default_threshold: _Optional[float] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
     __slots__ = ("name", "description", "acceptable_label", "categories", "threshold", "category_thresholds", "thresholds_source")

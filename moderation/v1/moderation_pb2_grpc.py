@@ -55,6 +55,11 @@ class ModerationServiceStub:
                 request_serializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.ModerateStream = channel.stream_stream(
+                '/moderation.v1.ModerationService/ModerateStream',
+                request_serializer=moderation_dot_v1_dot_moderation__pb2.ModerateStreamRequest.SerializeToString,
+                response_deserializer=moderation_dot_v1_dot_moderation__pb2.ModerateStreamResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/moderation.v1.ModerationService/GetModelInfo',
                 request_serializer=moderation_dot_v1_dot_moderation__pb2.GetModelInfoRequest.SerializeToString,
@@ -116,6 +121,37 @@ class ModerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModerateStream(self, request_iterator, context):
+        """Checks an answer that another LLM is writing, as it is written: output moderation
+        (ROLE_OUTPUT) of a stream this server did not generate.
+
+        The first message carries `open` (policy, thresholds, the user prompt or the conversation
+        the answer replies to, check_tokens N); then the caller sends the answer's text as its LLM
+        produces it, in `delta` pieces of any size (a piece may end inside a word; `delta_bytes`
+        pieces may end inside a character), and `done`
+        once the answer is complete (a message may carry open, a delta and done together). The
+        server tokenizes the text incrementally, holding back a piece's undecided tail, so the
+        tokens checked are those of the whole answer tokenized at once; each check feeds only the
+        new tokens into a cache slot holding the prompt and the answer so far (it costs the new
+        tokens, not the answer so far). It answers after every N tokens and at the end: how much
+        of the text is checked and may be shown (released_chars), with the verdict on the answer
+        so far. A flagged verdict is the last message (the caller must stop showing the answer);
+        otherwise the last message has complete = true and the verdict on the whole answer, which
+        equals Classify of the complete answer with role ROLE_OUTPUT in the same context.
+
+        Limits: MODERATION_MAX_STREAM_CHECKS checks open at once (RESOURCE_EXHAUSTED past it);
+        an answer of at most MODERATION_STREAM_MAX_ANSWER_CHARS characters and at most the tokens
+        a classification prompt holds beside its context (INVALID_ARGUMENT, field "delta"); a
+        caller silent for MODERATION_STREAM_IDLE_TIMEOUT seconds gets DEADLINE_EXCEEDED. A first
+        message without `open`, a second `open`, a delta after `done`, a stream that ends without
+        `done` or an answer with nothing to classify fail with INVALID_ARGUMENT naming the field.
+        A caller that cancels or hangs up frees the check's slot at once.
+        Over HTTP: the WebSocket route /v1/moderate/stream (see the README).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Describes the loaded model and the policies the server knows, with their categories.
         """
@@ -145,6 +181,11 @@ def add_ModerationServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.FromString,
                     response_serializer=moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'ModerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModerateStream,
+                    request_deserializer=moderation_dot_v1_dot_moderation__pb2.ModerateStreamRequest.FromString,
+                    response_serializer=moderation_dot_v1_dot_moderation__pb2.ModerateStreamResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -261,6 +302,33 @@ class ModerationService:
             '/moderation.v1.ModerationService/GenerateStream',
             moderation_dot_v1_dot_moderation__pb2.GenerateStreamRequest.SerializeToString,
             moderation_dot_v1_dot_moderation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moderation.v1.ModerationService/ModerateStream',
+            moderation_dot_v1_dot_moderation__pb2.ModerateStreamRequest.SerializeToString,
+            moderation_dot_v1_dot_moderation__pb2.ModerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

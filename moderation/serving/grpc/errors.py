@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from moderation.core.errors import InvalidArgument
-from moderation.serving.calls import REQUEST_ID_KEY, current_call
+from moderation.serving.calls import REQUEST_ID_KEY, capped, current_call
 from moderation.serving.worker import (
     DeadlineExpiredError,
     GenerationFailedError,
@@ -29,9 +29,6 @@ from moderation.v1 import moderation_pb2 as pb
 
 log = structlog.get_logger("moderation.serving.grpc.servicer")
 
-MAX_ERROR_CHARS = 512
-"""The longest status message sent or logged; domain errors quote only prefixes of values, this
-is the last line of defence (a message past ~8 kB would also fail in gRPC's metadata)."""
 
 RPCS = tuple(pb.DESCRIPTOR.services_by_name["ModerationService"].methods_by_name)
 """The service's RPC names: the servicer methods `mapped_errors` wraps."""
@@ -61,8 +58,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the status of `exc` (raises grpc.aio.AbortError)."""
     code, message, bad_field = status_for(exc)
-    if len(message) > MAX_ERROR_CHARS:
-        message = message[:MAX_ERROR_CHARS] + "..."
+    message = capped(message)  # the one cap of both transports (serving.calls)
     current_call().fields["error"] = message
     if code is grpc.StatusCode.INTERNAL:
         log.error("request failed", exc_info=exc)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
+from moderation.core.errors import InvalidArgument
 from moderation.serving import tracing
 from moderation.serving.calls import (
     OVERLOAD,
@@ -88,6 +89,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # unreachable; makes this an async generator like the handler it replaces
 
+        if handler is not None and handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(deny_stream)  # type: ignore[arg-type]
         if handler is not None and handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream)  # type: ignore[arg-type]
         return grpc.unary_unary_rpc_method_handler(deny)
@@ -103,12 +106,33 @@ class Undecodable:
     error: str
 
 
+DEFER_BYTES = 64 * 1024
+"""Bodies larger than this are parsed by the servicer on a planning thread, after their counts
+are checked on the wire (`moderation.serving.grpc.wire`), not here on the event loop."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A large request body, not parsed yet: `message_type.FromString(data)` once checked."""
+
+    data: bytes
+    message_type: Any
+
+    def parse(self) -> Any:
+        return self.message_type.FromString(self.data)
+
+
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """`deserializer` that returns `Undecodable` instead of raising."""
+    """`deserializer` that returns `Undecodable` instead of raising, and `Deferred` for a large
+    body of a generated message type."""
     if deserializer is None:
         return None
+    message_type = getattr(deserializer, "__self__", None)  # Message.FromString, bound
+    deferrable = message_type is not None and hasattr(message_type, "DESCRIPTOR")
 
     def deserialize(data: bytes) -> Any:
+        if deferrable and len(data) > DEFER_BYTES:
+            return Deferred(data, message_type)
         try:
             return deserializer(data)
         except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises
@@ -199,7 +223,54 @@ class RequestTelemetry(grpc.aio.ServerInterceptor):
                 request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # the service has no client-streaming methods
+        if handler.stream_stream:
+            return self._bidi(handler, method, request_id)
+        return handler  # the service has no client-streaming-only methods
+
+    def _bidi(
+        self, handler: grpc.RpcMethodHandler, method: str, request_id: str
+    ) -> grpc.RpcMethodHandler:
+        """A stream in both directions (ModerateStream): the same record, log line and
+        metrics; each message counted; an undecodable one is INVALID_ARGUMENT naming
+        `message`."""
+        bidi = handler.stream_stream
+        metrics = self.metrics
+
+        async def bidi_call(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            record = self._begin(method, request_id, context, "bidi_stream")
+            received = metrics.msg_received.labels("bidi_stream", SERVICE, method)
+            sent = metrics.msg_sent.labels("bidi_stream", SERVICE, method)
+
+            async def checked() -> AsyncIterator[Any]:
+                first = True
+                async for request in requests:
+                    if not first:  # record_start counted the first
+                        received.inc()
+                    first = False
+                    if isinstance(request, Undecodable):
+                        metrics.undecodable.inc()
+                        detail = f"{UNDECODABLE_MESSAGE} ({request.error}, {request.size} bytes)"
+                        raise InvalidArgument("message", detail)
+                    yield request
+
+            code = grpc.StatusCode.OK
+            try:
+                async for response in bidi(checked(), context):
+                    sent.inc()
+                    yield response
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self._end(record, code)
+
+        return grpc.stream_stream_rpc_method_handler(
+            bidi_call,  # type: ignore[arg-type]
+            request_deserializer=tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
     async def _refuse(
         self, record: CallRecord, request: Undecodable, context: grpc.aio.ServicerContext

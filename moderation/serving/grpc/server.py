@@ -86,7 +86,14 @@ class Server:
         # The HTTP/JSON listener answers with the same servicer, hence the same worker.
         self._serving = False  # what health reports for the whole server (HTTP's /health too)
         self.http = (
-            HttpServer(settings, self.servicer, self.metrics, token, serving=self._is_serving)
+            HttpServer(
+                settings,
+                self.servicer,
+                self.metrics,
+                token,
+                self.state.planning,
+                serving=self._is_serving,
+            )
             if settings.http_port
             else None
         )
@@ -171,14 +178,19 @@ class Server:
             self._watchdog = asyncio.create_task(self._watch(worker))
 
     async def _watch(self, worker: Worker) -> None:
-        """NOT_SERVING while the model makes no progress with work queued (a hung or stopped
-        model process looks alive otherwise); SERVING again when it moves."""
+        """NOT_SERVING while the model shows no sign of life for `model_stall_timeout` (a hung
+        or stopped model process looks alive otherwise); SERVING again when it moves.
+
+        The model is pinged every interval and answers between passes, idle or busy, so the
+        watch does not depend on work being queued: callers whose deadlines expire leave the
+        queue empty, and a stopped model must still be found."""
         timeout = self.settings.model_stall_timeout
         stalled = False
         while True:
+            worker.ping()
             await asyncio.sleep(min(1.0, timeout / 4))
             idle_for = time.monotonic() - worker.last_progress
-            now_stalled = worker.queue_depth > 0 and idle_for > timeout
+            now_stalled = idle_for > timeout
             if now_stalled == stalled or self.state.draining or self._model_dead:
                 continue
             stalled = now_stalled

@@ -27,9 +27,17 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult
 from moderation.serving import tracing
 from moderation.serving.front import Front
+from moderation.serving.grpc import wire
 from moderation.serving.grpc.errors import NotReadyError, mapped_errors
-from moderation.serving.grpc.interceptors import CallRecord, current_call
+from moderation.serving.grpc.interceptors import (
+    UNDECODABLE_MESSAGE,
+    CallRecord,
+    Deferred,
+    current_call,
+)
+from moderation.serving.grpc.moderate_stream import moderate_stream
 from moderation.serving.metrics import Metrics
+from moderation.serving.request_limits import Limits
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     Worker,
@@ -57,6 +65,7 @@ class ServiceState:
     front: Front | None = None
     worker: Worker | None = None
     draining: bool = False
+    open_checks: int = 0  # ModerateStream calls holding a check (MODERATION_MAX_STREAM_CHECKS)
     # Validation and tokenizing run here, not on the event loop: a 4 MB request takes ~1 s.
     planning: ThreadPoolExecutor = field(init=False)
 
@@ -94,6 +103,24 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         if self.state.front is None or self.state.worker is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self.state.front, self.state.worker
+
+    async def _parsed(self, request: Any) -> Any:
+        """The request itself; a large body (`Deferred`) checked and parsed off the loop."""
+        if not isinstance(request, Deferred):
+            return request
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, self._parse, request)
+
+    def _parse(self, request: Deferred) -> Any:
+        descriptor = request.message_type.DESCRIPTOR
+        limits = Limits.of(self.state.settings)
+        wire.check(request.data, descriptor, limits, batch="requests" in descriptor.fields_by_name)
+        try:
+            return request.parse()
+        except Exception as exc:  # protobuf's DecodeError, and whatever else a parser raises
+            self.state.metrics.undecodable.inc()
+            current_call().fields["error_detail"] = type(exc).__name__
+            raise InvalidArgument("request", UNDECODABLE_MESSAGE) from exc
 
     async def _off_loop(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args), the planning of `request`: on the planning threads, so that the event loop
@@ -197,12 +224,46 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             async for event in events:
                 yield event
 
+    # ------------------------------------- ModerateStream's host (moderate_stream.StreamHost)
+
+    @property
+    def settings(self) -> ServeSettings:
+        return self.state.settings
+
+    @property
+    def open_checks(self) -> int:
+        return self.state.open_checks
+
+    @open_checks.setter
+    def open_checks(self, value: int) -> None:
+        self.state.open_checks = value
+
+    def ready(self) -> tuple[Front, Worker]:
+        return self._ready()
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
+        """fn(*args) on the planning threads, or here when its input (`size` bytes) is small
+        enough to handle on the event loop (as `_off_loop` plans small requests)."""
+        if size is not None and size <= INLINE_PLAN_BYTES:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+
+    def check_open(self, request: pb.ModerateStreamOpen) -> None:
+        """The sizes of a ModerateStream's context, before anything reads it."""
+        try:
+            self._check_chars(request.prompt, "prompt", splittable=False)
+            self._check_messages(request.messages, last_splittable=False)
+        except InvalidArgument as exc:
+            raise exc.nested("open") from exc
+
     # ------------------------------------------------------------------- RPCs
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         front, worker = self._ready()
+        request = await self._parsed(request)
         planned = await self._off_loop(request, self._plan, front, request)
         result = (await worker.classify([planned], deadline=_deadline(context)))[0]
         self._record([result], [_classified_text(request)])
@@ -212,6 +273,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
         front, worker = self._ready()
+        request = await self._parsed(request)
         limit = self.state.settings.max_batch_items
         if not request.requests:
             raise InvalidArgument("requests", "must not be empty")
@@ -229,6 +291,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        request = await self._parsed(request)
         events = self._generation(request, context, stream=False)
         async with contextlib.aclosing(events):
             async for event in events:
@@ -240,6 +303,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        request = await self._parsed(request)
         events = self._generation(request, context, stream=True)
         async with contextlib.aclosing(events):
             async for event in events:
@@ -248,6 +312,27 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                     continue
                 self._record_generation(current_call(), event)
                 yield pb.GenerateStreamResponse(final=convert.generate_response(event))
+
+    async def ModerateStream(
+        self,
+        request_iterator: AsyncIterator[pb.ModerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModerateStreamResponse]:
+        call = current_call()
+        stream = moderate_stream(self, request_iterator, _deadline(context))
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                call.fields.update(
+                    checked_tokens=response.checked_tokens,
+                    category=response.result.category,
+                    flagged=response.result.flagged,
+                )
+                if response.complete or response.result.flagged:
+                    self.state.metrics.record_decision(convert.classification(response.result))
+                    self.state.metrics.tokens.labels(kind="prompt").inc(
+                        response.result.prompt_tokens
+                    )
+                yield response
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -268,6 +353,14 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 list(planner.policies.values()), planner.live_thresholds()
             ),
             default_threshold=planner.threshold,
+            cpu_gemm=limits.cpu_gemm,
+            cpu_gemm_measure_seconds=limits.cpu_gemm_measure_seconds,
+            generation_slots=limits.generation_slots,
+            scoring_slots=limits.scoring_slots,
+            kv_cache_bytes=limits.kv_cache_bytes,
+            stream_check_tokens=self.state.settings.stream_check_tokens,
+            max_stream_checks=self.state.settings.max_stream_checks,
+            stream_max_answer_chars=self.state.settings.stream_max_answer_chars,
             decode_graphs=bool(limits.graph_batch_sizes),
             decode_graph_batch_sizes=list(limits.graph_batch_sizes),
             graph_capture_seconds=limits.graph_capture_seconds,

@@ -35,6 +35,7 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import Message
 
+from moderation.core.errors import quote
 from moderation.serving.calls import REQUEST_ID_KEY
 from moderation.serving.http import exchange as http_exchange
 from moderation.serving.http.chat import (
@@ -111,7 +112,7 @@ class ChatCompletions:
                 served = ", ".join(self.names.names(info.model))
                 raise CallError(
                     grpc.StatusCode.NOT_FOUND,
-                    f"The model `{chat.model[:200]}` does not exist: this server generates as "
+                    f"The model {quote(chat.model)} does not exist: this server generates as "
                     f"{served}",
                     "model",
                 )

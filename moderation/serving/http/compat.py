@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,9 +39,10 @@ from google.protobuf.message import Message
 
 from moderation.api import convert
 from moderation.core.chat import chat_messages
-from moderation.core.errors import InvalidArgument
+from moderation.core.errors import InvalidArgument, quote
+from moderation.serving.http.bodies import Limits, too_many
 from moderation.serving.http.names import MISTRAL_POLICY, OPENAI_POLICY, ServedNames, vendor_policy
-from moderation.serving.http.status import CallError
+from moderation.serving.http.status import CallError, caller_field
 from moderation.v1 import moderation_pb2 as pb
 
 Call = Callable[[str, Message], Awaitable[Any]]
@@ -53,12 +55,17 @@ def _bad(field: str, message: str) -> CallError:
     return CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
 
 
+def _check(error: CallError | None) -> None:
+    if error is not None:
+        raise error
+
+
 def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "the request body must be a JSON object")
     for key in body:
         if key not in allowed:
-            raise _bad(key, "unknown field")
+            raise _bad(caller_field(key), "unknown field")
     if "input" not in body:
         raise _bad("input", "is required")
     model = body.get("model")
@@ -82,7 +89,7 @@ def select_policy(
         served = ", ".join(names.names(info.model))
         raise CallError(
             grpc.StatusCode.NOT_FOUND,
-            f"The model `{model[:200] if model else route_policy}` does not exist: use a policy "
+            f"The model {quote(model) if model else route_policy} does not exist: use a policy "
             f"({', '.join(policies)}), the served model ({served}), an OpenAI or Mistral "
             f"moderation model name, or no model (the {route_policy} policy)",
             "model",
@@ -111,25 +118,51 @@ def _renamed(exc: CallError, rename: Callable[[str], str]) -> CallError:
     return CallError(exc.code, message, field, exc.http_status)
 
 
+@dataclass(frozen=True)
+class CompatRequest:
+    """A compatible request, read and checked on a planning thread: its ClassifyBatch items
+    (the policy still to set, from `model`) and how ClassifyBatch's field names read in the
+    request's own terms."""
+
+    model: str | None
+    requests: list[pb.ClassifyRequest]
+    rename: Callable[[str], str]
+
+
+Reader = Callable[[Any, Limits], CompatRequest]
+"""Reads a route's decoded JSON body (off the event loop), within the count limits."""
+Answer = Callable[[Call, CompatRequest, str], Awaitable[dict[str, Any]]]
+"""Answers a read request: (in-process call, request, request id) -> the JSON answer (the
+answer functions below take the served names too, bound when the route is registered)."""
+NamedAnswer = Callable[..., Awaitable[dict[str, Any]]]
+"""An answer function before its `names` (ServedNames) keyword is bound."""
+
+
 async def _classify(
-    call: Call, requests: list[pb.ClassifyRequest], rename: Callable[[str], str]
-) -> list[pb.ClassifyResponse]:
+    call: Call, request: CompatRequest, names: ServedNames, route_policy: str
+) -> tuple[pb.GetModelInfoResponse, pb.PolicyInfo, list[pb.ClassifyResponse]]:
+    info = await call("GetModelInfo", pb.GetModelInfoRequest())
+    policy = select_policy(request.model, info, names, route_policy)
+    for item in request.requests:
+        item.policy = policy.name
     try:
-        response = await call("ClassifyBatch", pb.ClassifyBatchRequest(requests=requests))
+        batch = pb.ClassifyBatchRequest(requests=request.requests)
+        response = await call("ClassifyBatch", batch)
     except CallError as exc:
-        raise _renamed(exc, rename) from exc
-    return list(response.results)
+        raise _renamed(exc, request.rename) from exc
+    return info, policy, list(response.results)
 
 
 _ITEM = re.compile(r"requests\[(\d+)\](?:\.(.*))?$")
 
 
-def _texts(value: Any) -> tuple[list[str], bool]:
+def _texts(value: Any, limits: Limits) -> tuple[list[str], bool]:
     """OpenAI's `input`: the texts, and whether it was a list."""
     if isinstance(value, str):
         return [value], False
     if not isinstance(value, list):
         raise _bad("input", "must be a string or an array of strings")
+    _check(too_many("input", len(value), limits, "max_items"))
     texts = []
     for i, item in enumerate(value):
         if isinstance(item, str):
@@ -146,13 +179,10 @@ def _texts(value: Any) -> tuple[list[str], bool]:
     return texts, True
 
 
-async def openai_moderations(
-    call: Call, body: Any, request_id: str, names: ServedNames
-) -> dict[str, Any]:
+def read_openai(body: Any, limits: Limits) -> CompatRequest:
+    """OpenAI's moderation request (`POST /v1/moderations`), checked."""
     body = _object(body, {"model", "input"})
-    texts, listed = _texts(body["input"])
-    info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = select_policy(body.get("model"), info, names, OPENAI_POLICY)
+    texts, listed = _texts(body["input"], limits)
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -162,8 +192,13 @@ async def openai_moderations(
             return "model"
         return f"input[{match.group(1)}]" if listed else "input"
 
-    requests = [pb.ClassifyRequest(text=t, policy=policy.name) for t in texts]
-    results = await _classify(call, requests, rename)
+    return CompatRequest(body.get("model"), [pb.ClassifyRequest(text=t) for t in texts], rename)
+
+
+async def openai_moderations(
+    call: Call, request: CompatRequest, request_id: str, names: ServedNames
+) -> dict[str, Any]:
+    info, policy, results = await _classify(call, request, names, OPENAI_POLICY)
     answers = []
     for r in results:
         answer = result_fields(r, policy)
@@ -190,11 +225,12 @@ def message_content(value: Any, where: str) -> str:
     raise _bad(where, "must be a string or an array of text chunks")
 
 
-def _conversation(value: Any, where: str) -> list[pb.ChatMessage]:
+def _conversation(value: Any, where: str, limits: Limits) -> list[pb.ChatMessage]:
     """A Mistral conversation read as the core's chat messages (the turn order is checked with
     every other conversation's, by the planner), sent on as ClassifyRequest.messages."""
     if not isinstance(value, list) or not value:
         raise _bad(where, "must be a non-empty array of messages")
+    _check(too_many(where, len(value), limits, "max_messages"))
     try:
         messages = chat_messages(value, where, content=message_content)
     except InvalidArgument as exc:
@@ -202,9 +238,8 @@ def _conversation(value: Any, where: str) -> list[pb.ChatMessage]:
     return convert.chat_messages_pb(messages)
 
 
-async def mistral_chat_moderations(
-    call: Call, body: Any, request_id: str, names: ServedNames
-) -> dict[str, Any]:
+def read_mistral(body: Any, limits: Limits) -> CompatRequest:
+    """Mistral's chat moderation request (`POST /v1/chat/moderations`), checked."""
     # truncate_for_context_length is Mistral's switch for what this server always does: earlier
     # turns that do not fit are dropped, oldest first (ClassifyResponse.context_messages_dropped).
     body = _object(body, {"model", "input", "truncate_for_context_length"})
@@ -213,11 +248,10 @@ async def mistral_chat_moderations(
         raise _bad("input", "must be a conversation (an array of messages) or an array of them")
     listed = isinstance(value[0], list)
     if listed:
-        conversations = [_conversation(c, f"input[{i}]") for i, c in enumerate(value)]
+        _check(too_many("input", len(value), limits, "max_items"))
+        conversations = [_conversation(c, f"input[{i}]", limits) for i, c in enumerate(value)]
     else:
-        conversations = [_conversation(value, "input")]
-    info = await call("GetModelInfo", pb.GetModelInfoRequest())
-    policy = select_policy(body.get("model"), info, names, MISTRAL_POLICY)
+        conversations = [_conversation(value, "input", limits)]
 
     def rename(field: str) -> str:
         match = _ITEM.match(field)
@@ -231,8 +265,14 @@ async def mistral_chat_moderations(
             return base + rest.removeprefix("messages")
         return base
 
-    requests = [pb.ClassifyRequest(messages=m, policy=policy.name) for m in conversations]
-    results = await _classify(call, requests, rename)
+    requests = [pb.ClassifyRequest(messages=m) for m in conversations]
+    return CompatRequest(body.get("model"), requests, rename)
+
+
+async def mistral_chat_moderations(
+    call: Call, request: CompatRequest, request_id: str, names: ServedNames
+) -> dict[str, Any]:
+    info, policy, results = await _classify(call, request, names, MISTRAL_POLICY)
     return {"id": request_id, "model": names.primary(info.model), "policy": policy.name,
             "results": [result_fields(r, policy) for r in results]}  # fmt: skip
 

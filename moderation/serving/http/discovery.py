@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from aiohttp import web, web_response
 
+from moderation.core.errors import quote
 from moderation.serving.http.compat import Call
 from moderation.serving.http.names import (
     MISTRAL_MODERATION_MODELS,
@@ -58,7 +59,7 @@ async def one_model(call: Call, names: ServedNames, model: str) -> dict[str, Any
     for entry in (await models(call, names))["data"]:
         if entry["id"] == model:
             return dict(entry)
-    raise CallError(grpc.StatusCode.NOT_FOUND, f"The model `{model[:200]}` does not exist", "model")
+    raise CallError(grpc.StatusCode.NOT_FOUND, f"The model {quote(model)} does not exist", "model")
 
 
 def health_handler(serving: Callable[[], bool]) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -3,19 +3,24 @@ chat completions (`chat_route`), `GET /v1/models` and `GET /health` (`discovery`
 
 Each request is one task on the server's event loop: the middleware opens its call record
 (request id, route), checks the bearer token, and writes the request's log line and metrics;
-the route parses the JSON, calls the servicer in-process and writes the JSON answer.
+the route reads the body (within `body_read_timeout`), decodes and checks it on the planning
+threads (`bodies`: nesting, value and count limits before anything walks it), calls the
+servicer in-process and writes the JSON answer, all under the call's `grpc-timeout`. The port's
+connections are held to the gRPC port's connection settings (`connections`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar, cast
 
 import grpc
 import structlog
@@ -23,17 +28,27 @@ from aiohttp import web
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from moderation.core.errors import prefix, quote
 from moderation.serving import tracing
 from moderation.serving.calls import (
     REQUEST_ID_KEY,
     BearerToken,
     CallRecord,
     bind_call,
+    capped,
     log_level,
     new_request_id,
 )
-from moderation.serving.http import chat_route, compat, discovery, transcoding
+from moderation.serving.http import (
+    bodies,
+    chat_route,
+    compat,
+    discovery,
+    moderate_stream,
+    transcoding,
+)
 from moderation.serving.http import exchange as http_exchange
+from moderation.serving.http.connections import Connections, GuardedSite
 from moderation.serving.http.context import HttpContext
 from moderation.serving.http.names import ServedNames
 from moderation.serving.http.status import CallError
@@ -55,6 +70,7 @@ _TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OnEvent = Callable[[Any], Awaitable[None]]
+T = TypeVar("T")
 
 
 class HttpMetrics:
@@ -109,12 +125,17 @@ class HttpServer:
         servicer: moderation_pb2_grpc.ModerationServiceServicer,
         metrics: Metrics,
         token: str | None,
+        planning: Executor | None = None,
         serving: Callable[[], bool] = lambda: True,
     ):
         self.settings = settings
         self.servicer = servicer
         self.metrics = metrics
         self.http_metrics = HttpMetrics(metrics.registry)
+        self.connections = Connections(settings, metrics.registry)
+        self.limits = bodies.Limits.of(settings)
+        # The servicer's planning threads: bodies are decoded where requests are tokenized.
+        self.planning = planning or ThreadPoolExecutor(settings.plan_threads, "http-plan")
         self._token = BearerToken(token) if token else None
         self.names = ServedNames(settings.served_model_name)
         self.in_flight = 0  # touched only on the event loop; drain waits on it
@@ -126,15 +147,29 @@ class HttpServer:
         for route in transcoding.routes(SERVICE):
             handler = self._stream(route) if route.server_streaming else self._unary(route)
             self.app.router.add_route(route.verb, route.path, handler)
-        self.app.router.add_post(OPENAI_PATH, self._compat(compat.openai_moderations))
-        self.app.router.add_post(MISTRAL_PATH, self._compat(compat.mistral_chat_moderations))
+        for path, reader, answer in COMPAT_ROUTES:
+            # The answers name the served model: the listener's names, bound here.
+            bound: compat.Answer = functools.partial(answer, names=self.names)
+            self.app.router.add_post(path, self._compat(reader, bound))
         chat = chat_route.ChatCompletions(
-            self.names, self._json, self._deadline, self._call, self._run_stream, self._error
-        )
+            self.names, self._json, self._deadline, self._call_within, self._run_stream,
+            self._error,
+        )  # fmt: skip
         self.app.router.add_post(chat_route.PATH, chat.handle)
         self.app.router.add_get(discovery.MODELS_PATH, self._compat_get(discovery.models))
         self.app.router.add_get(discovery.MODEL_PATH, self._compat_get(discovery.one_model))
         self.app.router.add_get(discovery.HEALTH_PATH, discovery.health_handler(serving))
+        self.app.router.add_get(
+            moderate_stream.PATH,
+            moderate_stream.handler(
+                servicer,
+                max_message_bytes=settings.max_message_bytes,
+                heartbeat=settings.keepalive_time,
+                deadline_of=self._deadline,
+                error_answer=self._error,
+                note=self._note_stream,
+            ),
+        )
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ life
@@ -147,17 +182,19 @@ class HttpServer:
             handler_cancellation=True,
             access_log=None,  # the middleware writes the one line per request
             shutdown_timeout=self.settings.grace_period,
+            keepalive_timeout=self.settings.max_connection_idle,
         )
         await runner.setup()
-        site = web.TCPSite(
+        site = GuardedSite(
             runner,
+            self.connections,
             self.settings.host,
             self.settings.http_port,
-            ssl_context=ssl_context(self.settings),
+            ssl_context(self.settings),
         )
         await site.start()
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self.port = site.bound_port
 
     async def stop(self) -> None:
         """Close the port; requests still running (the drain waited for them) are cancelled."""
@@ -184,9 +221,10 @@ class HttpServer:
         exchange = http_exchange.begin(record)
         self.in_flight += 1
         self.http_metrics.active.inc()
+        self.connections.request_started(request.transport)
         status = 500
+        response: web.StreamResponse | None = None
         try:
-            response: web.StreamResponse
             if not self._authorized(request):
                 message = "missing or invalid bearer token (header `Authorization: Bearer <token>`)"
                 response = self._error(request, CallError(grpc.StatusCode.UNAUTHENTICATED, message))
@@ -196,6 +234,10 @@ class HttpServer:
                 response = await handler(request)
             if not response.prepared:
                 response.headers[REQUEST_ID_KEY] = request_id
+            status = response.status
+            return response
+        except CallError as exc:  # a limit of the listener itself (body size, read timeout)
+            response = self._error(request, exc)
             status = response.status
             return response
         except (asyncio.CancelledError, ConnectionError):  # the client went away
@@ -209,6 +251,8 @@ class HttpServer:
         finally:
             self.in_flight -= 1
             self.http_metrics.active.dec()
+            if self.connections.request_ended(request.transport) and response is not None:
+                response.force_close()  # past max_connection_age: reconnect, maybe elsewhere
             self._end(request, exchange, route, status)
 
     def _end(
@@ -225,7 +269,7 @@ class HttpServer:
             request_id=record.request_id,
             transport="http",
             http_method=request.method,
-            route=route or request.path[:200],
+            route=route or prefix(request.path, 200),
             method=exchange.rpc,
             status=status,
             code=code.name,
@@ -234,6 +278,10 @@ class HttpServer:
         )
 
     def _error(self, request: web.Request, exc: CallError) -> web.Response:
+        # Capped as the gRPC side caps its status messages: the one function for both.
+        exc = CallError(
+            exc.code, capped(exc.message), exc.field and capped(exc.field), exc.http_status
+        )
         http_exchange.note_error(exc)
         record = http_exchange.current().record
         info = request.match_info
@@ -243,24 +291,35 @@ class HttpServer:
         headers = {REQUEST_ID_KEY: record.request_id}
         return web.json_response(body, status=exc.status, headers=headers)
 
+    def _note_stream(self, exc: CallError | None) -> dict[str, str]:
+        """A ModerateStream call, for its log line (with its error once it failed): the
+        headers of its WebSocket upgrade."""
+        exchange = http_exchange.current()
+        exchange.rpc = "ModerateStream"
+        if exc is not None:
+            http_exchange.note_error(exc)
+        return {REQUEST_ID_KEY: exchange.record.request_id}
+
     def _route_error(self, request: web.Request, exc: web.HTTPException) -> web.Response:
         if exc.status == 405:
             error = CallError(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"{request.method} is not allowed on {request.path[:200]}",
+                f"{quote(request.method)} is not allowed on {quote(request.path)}",
                 http_status=405,
             )
         else:
-            error = CallError(grpc.StatusCode.NOT_FOUND, f"no route {request.path[:200]}")
+            error = CallError(grpc.StatusCode.NOT_FOUND, f"no route {quote(request.path)}")
         response = self._error(request, error)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         return response
 
-    async def _json(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> bytes:
+        """The request's body, within the size limit and `body_read_timeout`."""
         limit = self.settings.max_message_bytes
         try:
-            data = await request.read()
+            async with asyncio.timeout(self.settings.body_read_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise CallError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -268,14 +327,31 @@ class HttpServer:
                 "bytes, MODERATION_MAX_MESSAGE_BYTES)",
                 http_status=413,
             ) from exc
-        if not data:
-            return {}
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except TimeoutError:
             raise CallError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not JSON: {exc}"
-            ) from exc
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request body did not arrive within {self.settings.body_read_timeout:g} s "
+                "(MODERATION_BODY_READ_TIMEOUT)",
+                http_status=408,
+            ) from None
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the planning threads: the event loop keeps answering (health first)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.planning, functools.partial(fn, *args))
+
+    def _message(self, data: bytes, route: transcoding.Route) -> Message:
+        """A transcoded route's request from its body (on a planning thread)."""
+        descriptor = route.request_type.DESCRIPTOR
+        value = bodies.decode(data, self.limits, batch="requests" in descriptor.fields_by_name)
+        if route.body != "*":
+            value = {route.body: value}
+        bodies.check_counts(value, descriptor, self.limits)
+        return transcoding.parse(value, route.request_type)
+
+    def _compat_request(self, reader: compat.Reader, data: bytes) -> compat.CompatRequest:
+        """A compatible route's request from its body (on a planning thread)."""
+        return reader(bodies.decode(data, self.limits, batch=True), self.limits)
 
     def _deadline(self, request: web.Request) -> float | None:
         value = request.headers.get(TIMEOUT_HEADER)
@@ -283,53 +359,61 @@ class HttpServer:
 
     # ------------------------------------------------------------- calling
 
-    async def _call(self, rpc: str, message: Message, timeout: float | None) -> Any:
+    async def _call(self, rpc: str, message: Message, deadline: float | None) -> Any:
         """A unary method of the servicer, in this task: its status as a CallError."""
-        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+        context = HttpContext(deadline)
         method = getattr(self.servicer, rpc)
         try:
-            async with asyncio.timeout(timeout):
-                return await method(message, cast(grpc.aio.ServicerContext, context))
+            return await method(message, cast(grpc.aio.ServicerContext, context))
         except grpc.aio.AbortError:
             raise context.error() from None
-        except TimeoutError:
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+
+    async def _call_within(self, rpc: str, message: Message, timeout: float | None) -> Any:
+        """`_call` with its own timeout (chat completions' and discovery's calls)."""
+        async with _within(timeout):
+            return await self._call(rpc, message, _deadline_at(timeout))
+
+    async def _json(self, request: web.Request) -> Any:
+        """The request's JSON body (chat completions'), decoded on the planning threads."""
+        data = await self._body(request)
+        return await self._off_loop(_decode_json, data, self.limits)
 
     async def _request(self, request: web.Request, route: transcoding.Route) -> Message:
         http_exchange.current().rpc = route.rpc
-        if route.body == "":
+        if route.body == "":  # a GET: the query string, bounded by aiohttp's line limit
             return transcoding.parse_query(request.query, route.request_type)
-        data = await self._json(request)
-        if route.body != "*":
-            data = {route.body: data}
-        return transcoding.parse(data, route.request_type)
+        return await self._off_loop(self._message, await self._body(request), route)
 
     def _unary(self, route: transcoding.Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                message = await self._request(request, route)
-                response = await self._call(route.rpc, message, self._deadline(request))
+                timeout = self._deadline(request)
+                deadline = _deadline_at(timeout)
+                async with _within(timeout):  # reading and parsing count against it too
+                    message = await self._request(request, route)
+                    response = await self._call(route.rpc, message, deadline)
             except CallError as exc:
                 return self._error(request, exc)
             return web.json_response(transcoding.to_json(response))
 
         return handle
 
-    def _compat(
-        self, answer: Callable[[compat.Call, Any, str, ServedNames], Awaitable[dict[str, Any]]]
-    ) -> Handler:
+    def _compat(self, reader: compat.Reader, answer: compat.Answer) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             exchange = http_exchange.current()
             exchange.rpc = "ClassifyBatch"
             record = exchange.record
             try:
                 timeout = self._deadline(request)
-                body = await self._json(request)
+                deadline = _deadline_at(timeout)
 
                 async def call(rpc: str, message: Message) -> Any:
-                    return await self._call(rpc, message, timeout)
+                    return await self._call(rpc, message, deadline)
 
-                return web.json_response(await answer(call, body, record.request_id, self.names))
+                async with _within(timeout):
+                    data = await self._body(request)
+                    read = await self._off_loop(self._compat_request, reader, data)
+                    return web.json_response(await answer(call, read, record.request_id))
             except CallError as exc:
                 return self._error(request, exc)
 
@@ -344,7 +428,7 @@ class HttpServer:
                 timeout = self._deadline(request)
 
                 async def call(rpc: str, message: Message) -> Any:
-                    return await self._call(rpc, message, timeout)
+                    return await self._call_within(rpc, message, timeout)
 
                 variables = dict(request.match_info)
                 return web.json_response(await answer(call, self.names, **variables))
@@ -389,10 +473,14 @@ class HttpServer:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                message = await self._request(request, route)
                 timeout = self._deadline(request)
+                deadline = _deadline_at(timeout)
+                async with _within(timeout):
+                    message = await self._request(request, route)
             except CallError as exc:
                 return self._error(request, exc)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())  # what parsing left of it
             response: web.StreamResponse | None = None
 
             async def write(event: Message) -> None:
@@ -417,3 +505,35 @@ class HttpServer:
             return response
 
         return handle
+
+
+COMPAT_ROUTES: tuple[tuple[str, compat.Reader, compat.NamedAnswer], ...] = (
+    (OPENAI_PATH, compat.read_openai, compat.openai_moderations),
+    (MISTRAL_PATH, compat.read_mistral, compat.mistral_chat_moderations),
+)
+"""The compatible routes: path, reader (off the event loop), answer (given the served
+names when registered)."""
+
+
+def _deadline_at(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class _within:
+    """`asyncio.timeout(timeout)` whose expiry is the call's DEADLINE_EXCEEDED."""
+
+    def __init__(self, timeout: float | None):
+        self._timeout = asyncio.timeout(timeout)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+
+
+def _decode_json(data: bytes, limits: bodies.Limits) -> Any:
+    return bodies.decode(data, limits, batch=False)

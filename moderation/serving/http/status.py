@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from moderation.core.errors import prefix
+
 StatusCode = grpc.StatusCode
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -67,6 +69,12 @@ class CallError(Exception):
                 "field": self.field,
             }
         }
+
+
+def caller_field(name: str) -> str:
+    """A field named by the caller (an unknown key) as an error names it: a 1 MB key must not
+    make a 2 MB error."""
+    return prefix(name)
 
 
 def field_of(trailing_metadata: Sequence[tuple[str, Any]]) -> str | None:

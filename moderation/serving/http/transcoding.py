@@ -25,7 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from moderation.serving.http.status import CallError
+from moderation.serving.http.status import CallError, caller_field
 
 Descriptor = Any  # protobuf's Python and upb descriptor classes, which mypy tells apart
 
@@ -101,7 +101,7 @@ def _unknown_field(value: Any, descriptor: Descriptor, path: str) -> CallError |
         return None  # json_format reports the wrong type with the field's path
     for key, item in value.items():
         fd = _field(descriptor, key)
-        where = f"{path}.{key}" if path else key
+        where = f"{path}.{caller_field(key)}" if path else caller_field(key)
         if fd is None:
             return CallError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: unknown field", where)
         where = f"{path}.{fd.name}" if path else fd.name
@@ -166,6 +166,11 @@ def parse(data: Any, message_type: type[Message]) -> Message:
         text = re.sub(r"^(Failed to parse \w+ field: )+", "", text)
         message_text = f"{field}: {text}" if field else text
         raise CallError(grpc.StatusCode.INVALID_ARGUMENT, message_text, field) from exc
+    except (ValueError, TypeError, OverflowError) as exc:  # what json_format does not wrap
+        raise CallError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body is not a {message.DESCRIPTOR.name} ({type(exc).__name__})",
+        ) from exc
     return message
 
 

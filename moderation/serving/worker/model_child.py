@@ -17,7 +17,9 @@ from moderation.runtime import Runtime, checkpoint_dir
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
 from moderation.serving.settings import ServeSettings
+from moderation.serving.worker import CheckVerdict
 from moderation.serving.worker import process_messages as msg
+from moderation.serving.worker.answer_checks import CheckJob
 from moderation.serving.worker.job import Job, Reply
 from moderation.serving.worker.loader import load_from_settings
 from moderation.serving.worker.scheduler import Scheduler
@@ -104,8 +106,8 @@ class _Child:
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
         )
-        self.outbox: list[msg.JobMessage | msg.MetricOps] = []  # sent once per tick
-        self.open: dict[int, Job] = {}  # jobs with answers still to come
+        self.outbox: list[msg.JobMessage | msg.MetricOps | msg.Pong] = []  # sent once per tick
+        self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
         self.timed = settings.tracing  # answers carry their queue and model seconds
         self.stop_at: float | None = None  # set by Stop: finish the work, at the latest then
         self.last_sent = time.monotonic()
@@ -144,7 +146,18 @@ class _Child:
 
     def _timing(self, job_id: int) -> tuple[float, float] | None:
         job = self.open.get(job_id)
-        return None if job is None else answer_timing(job, timed=self.timed)
+        return None if not isinstance(job, Job) else answer_timing(job, timed=self.timed)
+
+    def _verdict(self, job: int, reply: CheckVerdict | BaseException) -> None:
+        """A ModerateStream check's verdict (or error) to the pipe."""
+        if isinstance(reply, BaseException):
+            self.outbox.append(msg.Failed(job, msg.WireError.of(reply)))
+            final = True
+        else:
+            self.outbox.append(msg.Event(job, reply))
+            final = reply.complete or reply.result.flagged
+        if final:
+            self.open.pop(job, None)
 
     def _reply(self, job: int, reply: Reply) -> None:
         message, final = msg.job_message(job, reply, self._timing(job))
@@ -162,10 +175,30 @@ class _Child:
             job = Job.generate(
                 message.prep, reply, stream=message.stream, deadline=message.deadline
             )
+        elif isinstance(message, msg.CheckAnswer):
+            check = CheckJob(
+                partial(self._verdict, message.job),
+                message.deadline,
+                planned=message.planned,
+                every=message.every,
+            )
+            self.open[message.job] = check
+            self.scheduler.open_check(check)
+            return
+        elif isinstance(message, msg.Feed):
+            fed = self.open.get(message.job)
+            if isinstance(fed, CheckJob):
+                self.scheduler.feed(fed, message.tokens, message.end)
+            return
         elif isinstance(message, msg.Cancel):
             old = self.open.pop(message.job, None)
             if old is not None:
                 self.scheduler.cancel(old)  # dropped if queued, stopped at the next tick
+            return
+        elif isinstance(message, msg.Ping):
+            # Answered between passes, so a pass that never ends (or a stopped process)
+            # leaves the ping unanswered: what the server's watchdog looks for.
+            self.outbox.append(msg.Pong())
             return
         else:
             self.stop_at = time.monotonic() + message.timeout

@@ -33,7 +33,13 @@ from moderation.serving import tracing
 from moderation.serving.calls import CallRecord, current_call
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
-from moderation.serving.worker import QueueFullError, WorkerStoppedError, generation_events
+from moderation.serving.worker import (
+    CheckVerdict,
+    QueuedCheck,
+    QueueFullError,
+    WorkerStoppedError,
+    generation_events,
+)
 from moderation.serving.worker import process_messages as msg
 from moderation.serving.worker.model_child import child_main
 
@@ -57,7 +63,25 @@ def replay(metrics: Metrics, ops: Sequence[msg.MetricOp]) -> None:
 class _Pending:
     future: asyncio.Future[list[Classification]] | None = None
     events: asyncio.Queue[str | GenerationResult | BaseException] | None = None
+    verdicts: asyncio.Queue[CheckVerdict | BaseException] | None = None
     call: CallRecord | None = None  # the call's record, for its stage spans (tracing)
+
+
+class _PipeCheckHandle(QueuedCheck):
+    """The caller's side of a ModerateStream check in the model process."""
+
+    def __init__(self, worker: ProcessWorker, job: int):
+        super().__init__()
+        self.worker = worker
+        self.job = job
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        if self.job in self.worker._pending:
+            self.worker._send(msg.Feed(self.job, tokens, end))
+
+    def send_close(self) -> None:
+        if self.worker._pending.pop(self.job, None) is not None:
+            self.worker._send(msg.Cancel(self.job))  # nobody waits: free its slot
 
 
 class ProcessWorker:
@@ -93,6 +117,7 @@ class ProcessWorker:
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_progress = time.monotonic()
+        self._ping_sent: float | None = None  # a Ping not yet answered, when it was sent
 
     async def load(self) -> msg.ModelInfo:
         """Start the model process and wait until its model is loaded."""
@@ -124,13 +149,23 @@ class ProcessWorker:
 
     @property
     def last_progress(self) -> float:
-        """When the model process last sent anything (it sends a heartbeat while it works)."""
+        """When the model process last sent anything: an answer, metrics, its heartbeat while
+        it works, or the Pong of the watchdog's Ping, idle or busy."""
         return self._last_progress
+
+    def ping(self) -> None:
+        """Ask the model process for a Pong (one Ping at a time: a stopped process does not
+        pile them up in the pipe)."""
+        if self._ping_sent is None and self._dead is None and not self._stopping:
+            self._ping_sent = time.monotonic()
+            self._send(msg.Ping())
 
     @property
     def queue_depth(self) -> int:
-        """Requests in the model process, queued or running."""
-        return len(self._pending)
+        """Requests in the model process, queued or running. An open ModerateStream check is
+        not one: it may wait for its caller's text, with nothing for the model to do (the
+        hang watchdog must not take that for a stalled model)."""
+        return sum(1 for p in self._pending.values() if p.verdicts is None)
 
     def _send(self, message: msg.ToModel) -> None:
         """Queue a message for the model process (on the event loop). Never raises: a model
@@ -172,8 +207,6 @@ class ProcessWorker:
             raise QueueFullError(
                 f"the queue is full ({self.max_queue} requests waiting); retry later"
             )
-        if not self._pending:  # idle until now: the wait for progress starts here
-            self._last_progress = time.monotonic()
         return next(self._ids)
 
     async def classify(
@@ -208,6 +241,15 @@ class ProcessWorker:
             if self._pending.pop(job, None) is not None:
                 self._send(msg.Cancel(job))  # nobody waits: stop generating
 
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _PipeCheckHandle:
+        job = self._admit()
+        handle = _PipeCheckHandle(self, job)
+        self._pending[job] = _Pending(verdicts=handle.events)
+        self._send(msg.CheckAnswer(job, planned, every, deadline))
+        return handle
+
     def _on_readable(self) -> None:
         self._last_progress = time.monotonic()
         try:
@@ -218,7 +260,10 @@ class ProcessWorker:
         except (EOFError, OSError):
             self._died()
 
-    def _dispatch(self, message: msg.JobMessage | msg.MetricOps) -> None:
+    def _dispatch(self, message: msg.JobMessage | msg.MetricOps | msg.Pong) -> None:
+        if isinstance(message, msg.Pong):
+            self._ping_sent = None
+            return
         if isinstance(message, msg.MetricOps):
             if self.metrics is not None:
                 replay(self.metrics, message.ops)
@@ -232,9 +277,15 @@ class ProcessWorker:
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(message.results)
         elif isinstance(message, msg.Event):
-            if pending.events is not None:
-                pending.events.put_nowait(message.event)
-                if isinstance(message.event, GenerationResult):
+            event = message.event
+            if isinstance(event, CheckVerdict):
+                if pending.verdicts is not None:
+                    pending.verdicts.put_nowait(event)
+                    if event.complete or event.result.flagged:
+                        self._pending.pop(message.job, None)
+            elif pending.events is not None:
+                pending.events.put_nowait(event)
+                if isinstance(event, GenerationResult):
                     self._pending.pop(message.job, None)
                     tracing.model_stages(pending.call, message.timing)
         else:
@@ -247,6 +298,8 @@ class ProcessWorker:
             pending.future.set_exception(exc)
         if pending.events is not None:
             pending.events.put_nowait(exc)
+        if pending.verdicts is not None:
+            pending.verdicts.put_nowait(exc)
 
     def _died(self) -> None:
         if self._loop is not None:

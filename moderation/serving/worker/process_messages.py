@@ -12,6 +12,7 @@ from moderation.core.errors import InvalidArgument
 from moderation.core.generation import GenerationResult, PreparedGeneration
 from moderation.runtime import ModelDescription
 from moderation.serving.worker import (
+    CheckVerdict,
     DeadlineExpiredError,
     GenerationFailedError,
     QueueFullError,
@@ -38,6 +39,25 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class CheckAnswer:
+    """Open a ModerateStream check."""
+
+    job: int
+    planned: PlannedItem
+    every: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A ModerateStream check's next tokens (`end`: the last)."""
+
+    job: int
+    tokens: list[int]
+    end: bool
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Nobody waits for this job any more."""
 
@@ -51,7 +71,12 @@ class Stop:
     timeout: float
 
 
-ToModel = Classify | Generate | Cancel | Stop
+@dataclass(frozen=True)
+class Ping:
+    """Answer with a Pong between two passes, idle or busy: the server's watchdog expects it."""
+
+
+ToModel = Classify | Generate | CheckAnswer | Feed | Cancel | Stop | Ping
 
 
 @dataclass(frozen=True)
@@ -94,10 +119,10 @@ class Results:
 
 @dataclass(frozen=True)
 class Event:
-    """A generation's text delta, or its result (the last event)."""
+    """A generation's text delta, or its result (the last event); or a check's verdict."""
 
     job: int
-    event: str | GenerationResult
+    event: str | GenerationResult | CheckVerdict
     timing: tuple[float, float] | None = None  # the result's (queued, in the model), tracing
 
 
@@ -164,6 +189,11 @@ class MetricOps:
     ops: list[MetricOp]
 
 
+@dataclass(frozen=True)
+class Pong:
+    """The answer to a Ping: the model process's loop is turning."""
+
+
 JobMessage = Results | Event | Failed
 
 
@@ -171,4 +201,4 @@ JobMessage = Results | Event | Failed
 class Batch:
     """A tick's messages, sent together."""
 
-    messages: list[JobMessage | MetricOps]
+    messages: list[JobMessage | MetricOps | Pong]

@@ -14,7 +14,8 @@ executed here:
    (continuous batching: sequences join and leave between steps);
 4. runs one check pass for every answer whose output moderation is due (every
    `stream_check_tokens` tokens, and its tail once finished): the text a check passes is sent,
-   an answer a check flags stops at once.
+   an answer a check flags stops at once. The checks of answers this server did not generate
+   (ModerateStream, `answer_checks`) ride in the same pass.
 
 The scheduler never waits to fill a batch: under load, requests queue up while a pass runs and
 the next pass takes them all, so batches grow with the load and a lone request runs at once.
@@ -48,6 +49,7 @@ from moderation.serving.worker import (
     QueueFullError,
     WorkerStoppedError,
 )
+from moderation.serving.worker.answer_checks import AnswerChecks, CheckJob, Due
 from moderation.serving.worker.job import Job
 from moderation.serving.worker.tick_plan import (
     Held,
@@ -88,6 +90,7 @@ class Scheduler:
         self.max_items_per_pass = max_items_per_pass
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
+        self._answers = AnswerChecks(runtime.classifier, self._cond)
         self._running: dict[int, Job] = {}  # engine request id -> job
         self._checks: list[_OutputCheck] = []
         # Generations with output moderation waiting for two free slots (the answer's and its
@@ -104,7 +107,12 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for the model: queued jobs and generations waiting for a slot."""
-        return len(self._pending) + self._engine_waiting + len(self._slot_wait)
+        return (
+            len(self._pending)
+            + self._engine_waiting
+            + len(self._slot_wait)
+            + len(self._answers.waiting)
+        )
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -118,13 +126,28 @@ class Scheduler:
             self._cond.notify()
         self._gauge()
 
-    def cancel(self, job: Job) -> None:
+    def open_check(self, job: CheckJob) -> None:
+        """Open a ModerateStream check (its slot is taken at the next tick that has one)."""
+        with self._cond:
+            if self._stopping:
+                raise WorkerStoppedError("the server is shutting down")
+            self._answers.incoming.append(job)
+            self._cond.notify()
+
+    def feed(self, job: CheckJob, tokens: list[int], end: bool) -> None:
+        """A ModerateStream check's next tokens (`end`: the answer is complete)."""
+        with self._cond:
+            self._answers.feed(job, tokens, end)
+            self._cond.notify()
+
+    def cancel(self, job: Job | CheckJob) -> None:
         """Nobody waits for this job any more: drop it if queued, stop it if running."""
         with self._cond:
             job.cancelled = True
             # Not started: dropped, it costs nothing. Running: stopped at the next tick.
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
+            if isinstance(job, Job):
+                with contextlib.suppress(ValueError):
+                    self._pending.remove(job)
             self._cond.notify()
         self._gauge()
 
@@ -144,7 +167,7 @@ class Scheduler:
     # ------------------------------------------------------ the ticking thread
 
     def _busy(self) -> bool:
-        return bool(self._running or self._checks or self._slot_wait)
+        return bool(self._running or self._checks or self._slot_wait or self._answers.busy())
 
     @property
     def has_work(self) -> bool:
@@ -234,9 +257,14 @@ class Scheduler:
         for key in plan.admit:
             if key not in refused:
                 self._admit(waiting[key] if key in waiting else taken[key])
-        if self.engine.has_unfinished() or self._running:
+        with self._cond:
+            opened = self._answers.take_incoming()
+        self._answers.drop_stopped(time.monotonic())
+        self._answers.admit(opened)
+        due = self._answers.due()
+        if self.engine.has_unfinished() or self._running or due:
             try:
-                self._step(set(plan.step_checks))
+                self._step(set(plan.step_checks), due)
                 self._finish_checked()
             except Exception as exc:  # fail the batch, keep the server
                 log.exception("engine step failed")
@@ -244,6 +272,7 @@ class Scheduler:
                     self._stop(engine_id, g)
                     g.fail(exc)
                 self._running.clear()
+                self._answers.fail([job for job, _ in due], exc)
         self._engine_waiting = self.engine.num_waiting
         if self.metrics is not None:
             self.metrics.tokens.labels(kind="computed").inc(
@@ -327,14 +356,21 @@ class Scheduler:
         g.decoder, g.engine_id = decoder, engine_id
         self._running[engine_id] = g
 
-    def _step(self, checks: set[int]) -> None:
+    def _step(self, checks: set[int], answers: Due | None = None) -> None:
         """One engine step, with the checks the plan chose riding in its pass (they cover the
-        tokens generated before it): sends what passed, then the step's tokens."""
+        tokens generated before it), ModerateStream's `answers` too: sends what passed, then
+        the step's tokens."""
         rt = self.runtime
         due = [g for g in self._running.values() if g.key in checks]
-        events, deltas = rt.generator.step([g.decoder for g in due if g.decoder is not None])
+        answers = answers or []
+        events, deltas, verdicts = rt.generator.step_with(
+            [g.decoder for g in due if g.decoder is not None], self._answers.streams(answers)
+        )
+        self._answers.checked(answers, verdicts)
         if self.metrics is not None and due:
             self.metrics.batch_size.labels(kind="stream_check").observe(len(due))
+        if self.metrics is not None and answers:
+            self.metrics.batch_size.labels(kind="answer_check").observe(len(answers))
         for job, delta in zip(due, deltas, strict=True):
             if delta:
                 job.reply(delta)

@@ -21,7 +21,8 @@ from moderation.runtime import Runtime
 from moderation.serving import tracing
 from moderation.serving.calls import current_call
 from moderation.serving.metrics import Metrics
-from moderation.serving.worker import generation_events
+from moderation.serving.worker import QueuedCheck, generation_events
+from moderation.serving.worker.answer_checks import CheckJob
 from moderation.serving.worker.job import Job, Reply
 from moderation.serving.worker.scheduler import Scheduler
 
@@ -53,6 +54,21 @@ def _deliver(calls: list[Call]) -> None:
         fn(*args)
 
 
+class _ThreadCheck(QueuedCheck):
+    """The caller's side of a ModerateStream check in this process's scheduler."""
+
+    def __init__(self, scheduler: Scheduler, outbox: Outbox, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self.scheduler = scheduler
+        self.job = CheckJob(partial(outbox.put, loop, self.events.put_nowait))
+
+    def send_feed(self, tokens: list[int], end: bool) -> None:
+        self.scheduler.feed(self.job, tokens, end)
+
+    def send_close(self) -> None:
+        self.scheduler.cancel(self.job)  # its slot is freed at the next tick
+
+
 def _stages(job: Job) -> None:
     """The call's `queue` and `model` spans (tracing on), from the job's times."""
     if tracing.enabled() and job.started_at is not None:
@@ -75,7 +91,7 @@ class WorkerThread:
             runtime, metrics, max_queue=max_queue, max_items_per_pass=max_items_per_pass
         )
         self._outbox = Outbox()
-        self._last_progress = time.monotonic()
+        self._busy_since: float | None = None  # when the tick running now started
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
@@ -92,16 +108,22 @@ class WorkerThread:
 
     @property
     def last_progress(self) -> float:
-        return self._last_progress
+        """Now while the thread waits for work (idle is alive); else when its tick started:
+        a tick that never ends is the hang the watchdog looks for."""
+        busy = self._busy_since
+        return time.monotonic() if busy is None else busy
+
+    def ping(self) -> None:
+        """Nothing to ask: the thread's state is read directly (`last_progress`)."""
 
     def _run(self) -> None:
         while self.scheduler.wait_for_work():
-            self._last_progress = time.monotonic()
+            self._busy_since = time.monotonic()
             try:
                 self.scheduler.run_once()
             finally:
                 self._outbox.flush()
-                self._last_progress = time.monotonic()
+                self._busy_since = None
 
     async def classify(
         self, planned: Sequence[PlannedItem], *, deadline: float | None = None
@@ -149,3 +171,12 @@ class WorkerThread:
                 yield event
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; otherwise stop generating
+
+    def check_answer(
+        self, planned: PlannedItem, every: int, *, deadline: float | None = None
+    ) -> _ThreadCheck:
+        """Open a ModerateStream check; its verdicts come from the scheduler's ticks."""
+        handle = _ThreadCheck(self.scheduler, self._outbox, asyncio.get_running_loop())
+        handle.job.planned, handle.job.every, handle.job.deadline = planned, every, deadline
+        self.scheduler.open_check(handle.job)
+        return handle

@@ -1,0 +1,147 @@
+"""ModerateStream over HTTP: a WebSocket at /v1/moderate/stream.
+
+Why a WebSocket and not an ndjson request body streamed in beside ndjson streamed out: the
+check is a conversation (the caller sends pieces while verdicts come back), and proxies carry
+that well only as a WebSocket. Most buffer a request body whole before passing it on (nginx's
+`proxy_request_buffering` is on by default, as are many load balancers' and API gateways'),
+so a streamed body would arrive at the end, checks and all; and HTTP/1.1 clients (`requests`,
+browsers' `fetch`) do not read a response while still sending the body. WebSockets are
+message-framed and pass nginx, ingress-nginx, Envoy, HAProxy, cloud load balancers and
+Cloudflare as they are (nginx needs its usual `Upgrade`/`Connection` headers).
+
+Each text message is one ModerateStreamRequest in the proto3 JSON mapping; each answer is
+`{"result": ModerateStreamResponse}`; a failure is `{"error": ...}` (the shape of every other
+route) and the server closes with 1000 after the last verdict, 1013 (try again later) when it
+is loading, draining or full, 1008 after a caller's error, 1011 after its own. The upgrade
+request has every limit of the other routes: the bearer token (401 before any upgrade),
+`grpc-timeout` (the whole call), `x-request-id`, one log line; a message over
+--max-message-bytes closes the socket (1009); large messages are parsed off the event loop;
+the servicer enforces the rest (open checks, answer length, idle time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from moderation.core.errors import InvalidArgument
+from moderation.serving.http import transcoding
+from moderation.serving.http.context import HttpContext
+from moderation.serving.http.status import CallError
+from moderation.v1 import moderation_pb2 as pb
+
+PATH = "/v1/moderate/stream"
+INLINE_PARSE_BYTES = 64 * 1024  # smaller messages parse faster than a hop to a thread
+
+
+async def _parse(data: str) -> pb.ModerateStreamRequest:
+    def parse() -> pb.ModerateStreamRequest:
+        try:
+            return cast(
+                pb.ModerateStreamRequest,
+                transcoding.parse(json.loads(data), pb.ModerateStreamRequest),
+            )
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument("message", f"not JSON: {exc}") from exc
+        except CallError as exc:  # the servicer maps domain errors, not HTTP ones
+            raise InvalidArgument(exc.field or "message", exc.message) from exc
+
+    if len(data) <= INLINE_PARSE_BYTES:
+        return parse()
+    return await asyncio.get_running_loop().run_in_executor(None, parse)
+
+
+async def _requests(ws: web.WebSocketResponse) -> AsyncIterator[pb.ModerateStreamRequest]:
+    """The caller's messages; the stream ends when the socket closes (a caller that hangs
+    up ends its check: it never said `done`)."""
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            yield await _parse(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            raise InvalidArgument("message", "expected JSON text messages, got a binary one")
+        else:  # an error (a message too large closes the socket), or a close
+            return
+
+
+RETRY_LATER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CALLER_ERRORS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+def close_code(code: grpc.StatusCode) -> int:
+    """The WebSocket close code after a failure: try again later (a server loading, draining
+    or full), the caller's error, or the server's."""
+    if code in RETRY_LATER:
+        return int(aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+    if code in CALLER_ERRORS:
+        return int(aiohttp.WSCloseCode.POLICY_VIOLATION)
+    return int(aiohttp.WSCloseCode.INTERNAL_ERROR)
+
+
+def handler(
+    servicer: Any,
+    *,
+    max_message_bytes: int,
+    heartbeat: float,
+    deadline_of: Callable[[web.Request], float | None],
+    error_answer: Callable[[web.Request, CallError], web.Response],
+    note: Callable[[CallError | None], dict[str, str]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The route's handler (the listener's middleware has checked the token already).
+    `note(error)` records the call for its log line and gives the headers to answer with."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            timeout = deadline_of(request)
+        except CallError as exc:
+            return error_answer(request, exc)
+        ws = web.WebSocketResponse(max_msg_size=max_message_bytes, heartbeat=heartbeat)
+        ws.headers.update(note(None))
+        if not ws.can_prepare(request).ok:
+            return error_answer(
+                request,
+                CallError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{PATH} is a WebSocket: send an Upgrade request",
+                ),
+            )
+        await ws.prepare(request)
+        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+        answers = servicer.ModerateStream(_requests(ws), cast(grpc.aio.ServicerContext, context))
+        error: CallError | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async for answer in answers:
+                    await ws.send_str(json.dumps({"result": transcoding.to_json(answer)}))
+        except grpc.aio.AbortError:
+            error = context.error()
+        except TimeoutError:
+            error = CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except ConnectionError:  # the caller went away mid-send
+            pass
+        finally:
+            await answers.aclose()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if error is None:
+                await ws.close(code=aiohttp.WSCloseCode.OK)
+            else:
+                note(error)
+                await ws.send_str(json.dumps(error.body()))
+                await ws.close(code=close_code(error.code), message=error.code.name.encode())
+        return ws
+
+    return handle
