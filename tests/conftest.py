@@ -22,3 +22,13 @@ def demo_runtime(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
     from moderation.runtime import load_runtime
 
     return load_runtime(demo_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def stub(served):  # type: ignore[no-untyped-def]
+    """A gRPC stub on the module's own `served` server (each server test module defines one)."""
+    import grpc
+
+    from moderation.v1 import moderation_pb2_grpc as pb_grpc
+
+    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))

@@ -36,11 +36,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
-
-
 def m(role: str, content: str) -> pb.ChatMessage:
     return pb.ChatMessage(role=role, content=content)
 

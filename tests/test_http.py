@@ -48,11 +48,6 @@ def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
         yield server
 
 
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> Any:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
-
-
 GRPC_AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 

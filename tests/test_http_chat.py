@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 import structlog
@@ -21,7 +20,6 @@ from moderation.serving.http.chat import StopScanner, cut_at_stop, read_request
 from moderation.serving.http.status import CallError
 from moderation.serving.logs import configure_logging
 from moderation.v1 import moderation_pb2 as pb
-from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port
 
 TOKEN = "chat-token"
@@ -39,11 +37,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         served_model_name=(MODEL,),
     ) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> Any:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 from openai.types import ModerationCreateResponse
 
 from moderation.v1 import moderation_pb2 as pb
-from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, demo_server, free_port, http_call
 
 TOKEN = "compat-token"
@@ -35,11 +33,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         max_text_chars=2000,
     ) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> Any:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
 
 
 @pytest.fixture(scope="module")

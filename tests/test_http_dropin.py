@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 from mistralai.client import Mistral
@@ -21,7 +20,6 @@ from moderation.runtime import Runtime
 from moderation.serving.http.names import clean_id, vendor_policy
 from moderation.serving.settings import ServeSettings, SettingsError, settings_from_env
 from moderation.v1 import moderation_pb2 as pb
-from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import (
     InProcessServer,
     demo_loader,
@@ -66,11 +64,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
         served_model_name=SERVED,
     ) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> Any:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
 
 
 def base_url(served: InProcessServer) -> str:

@@ -49,11 +49,6 @@ def served(demo_checkpoint: Path) -> Iterator[InProcessServer]:
 
 
 @pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
-
-
-@pytest.fixture(scope="module")
 def client(served: InProcessServer) -> Iterator[ModerationClient]:
     with ModerationClient(served.address) as c:
         yield c

@@ -43,11 +43,6 @@ def served(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
         yield server
 
 
-@pytest.fixture(scope="module")
-def stub(served: InProcessServer) -> pb_grpc.ModerationServiceStub:
-    return pb_grpc.ModerationServiceStub(grpc.insecure_channel(served.address))
-
-
 def user(text: str) -> list[pb.ChatMessage]:
     return [pb.ChatMessage(role="user", content=text)]
 

@@ -1,15 +1,5 @@
-"""`moderation eval`: how well the classifier does on a labelled set.
-
-Metrics (moderation.jobs.metrics), all from the same predictions:
-- flagged vs unsafe: precision, recall, F1 (unsafe texts are the positives), and the area under
-  the precision-recall curve from P(not acceptable) (average precision);
-- the paper's figure (section 5.2 reports precision 99.4% at recall 95.6%), which counts
-  *acceptable* texts as the positives: of the texts let through, how many were acceptable, and
-  of the acceptable texts, how many were let through;
-- per paper category: precision, recall and F1 of the predicted paper category among texts
-  whose gold label has one;
-- a confusion matrix, gold label by predicted paper category (or acceptable).
-"""
+"""`moderation eval`: how well the classifier does on a labelled set; the metrics and what
+each counts are in moderation.jobs.metrics."""
 
 from __future__ import annotations
 
