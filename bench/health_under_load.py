@@ -6,7 +6,8 @@ of long texts, batches of conversations of many short messages, OpenAI and Mistr
 the count bombs the issue measured (1.3 M empty items, 1 M strings), over HTTP and over gRPC.
 Every body is refused after it is parsed (an unknown policy or model in it, or a limit), so the
 load is the parsing the gate is about, not model work. Starts `moderation serve` on the demo
-model as a subprocess; probes gRPC health (Check) and HTTP (GET /v1/model) every 20 ms, idle
+model as a subprocess; probes gRPC health (Check) and HTTP (GET /v1/model) every 20 ms from a
+process of its own, idle
 first (the baseline, same run), then under load; loopback only, bounded loops.
 
     python bench/health_under_load.py [--callers 64] [--rounds 2]
@@ -17,12 +18,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
+import multiprocessing.queues
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -77,31 +81,48 @@ def grpc_requests() -> dict[str, pb.ClassifyBatchRequest]:
 
 
 class Probe:
-    """Health on both transports every 20 ms, latencies kept per transport."""
+    """Health on both transports every 20 ms from a process of its own (as the kubelet probes
+    from outside the pod), so that the load generator's threads do not delay the probe's own
+    client; latencies kept per transport."""
 
     def __init__(self, grpc_address: str, http_port: int):
-        self.health = health_pb2_grpc.HealthStub(grpc.insecure_channel(grpc_address))
-        self.http_port = http_port
+        context = multiprocessing.get_context("spawn")
+        self._stop, self._ready = context.Event(), context.Event()
+        self._results: multiprocessing.queues.Queue[tuple[dict[str, list[float]], int]] = (
+            context.Queue()
+        )
+        self._process = context.Process(
+            target=probe_loop,
+            args=(grpc_address, http_port, self._stop, self._ready, self._results),
+        )
         self.latency: dict[str, list[float]] = {"grpc": [], "http": []}
         self.failures = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _once(self, transport: str, call: Callable[[], bool]) -> None:
-        start = time.perf_counter()
-        try:
-            ok = call()
-        except Exception:
-            ok = False
-        self.latency[transport].append(time.perf_counter() - start)
-        self.failures += not ok
+    def __enter__(self) -> Probe:
+        self._process.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the probe process did not start")
+        return self
 
-    def _grpc(self) -> bool:
-        answer = self.health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.latency, self.failures = self._results.get(timeout=60)
+        self._process.join(30)
+
+
+def probe_loop(grpc_address: str, http_port: int, stop: Any, ready: Any, results: Any) -> None:
+    """The probe process: gRPC Check and HTTP GET /v1/model in turn every 20 ms until `stop`
+    (`ready` set once its imports and channel are up, so start-up is not counted)."""
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(grpc_address))
+    latency: dict[str, list[float]] = {"grpc": [], "http": []}
+    failures = 0
+
+    def grpc_check() -> bool:
+        answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def _http(self) -> bool:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+    def http_check() -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
         try:
             connection.request("GET", "/v1/model")
             response = connection.getresponse()
@@ -110,19 +131,18 @@ class Probe:
         finally:
             connection.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._once("grpc", self._grpc)
-            self._once("http", self._http)
-            time.sleep(0.02)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    ready.set()
+    while not stop.is_set():
+        for transport, call in (("grpc", grpc_check), ("http", http_check)):
+            start = time.perf_counter()
+            try:
+                ok = call()
+            except Exception:
+                ok = False
+            latency[transport].append(time.perf_counter() - start)
+            failures += not ok
+        time.sleep(0.02)
+    results.put((latency, failures))
 
 
 def percentile(values: list[float], q: float) -> float:

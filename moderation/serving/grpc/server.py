@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from moderation.core.cpus import available_cpus
 from moderation.exit_codes import EXIT_ERROR, EXIT_OK
 from moderation.runtime import Runtime
-from moderation.serving import tracing
+from moderation.serving import interpreter, tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
@@ -173,6 +173,7 @@ class Server:
                 category_thresholds=dict(live.category_thresholds), source=live.source,
             )  # fmt: skip
             self.metrics.record_thresholds(live)
+        log.info("start-up objects frozen", objects=interpreter.tune_front_process())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.model_stall_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch(worker))

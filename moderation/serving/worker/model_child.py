@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 
 from moderation.core.cpus import available_cpus
 from moderation.runtime import Runtime, checkpoint_dir
+from moderation.serving import interpreter
 from moderation.serving.logs import configure_logging
 from moderation.serving.metrics import WORKER_METRICS
 from moderation.serving.settings import ServeSettings
@@ -90,6 +91,8 @@ def child_main(conn: Connection, settings: ServeSettings) -> None:
     except Exception as exc:  # the server reports it and exits
         conn.send(msg.LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
+    # The engine's thread must not stop for full collections over torch's own objects.
+    interpreter.freeze_start_up_objects()
     conn.send(msg.Ready(msg.ModelInfo(folder, runtime.description)))
     _Child(conn, runtime, settings).run()
 
