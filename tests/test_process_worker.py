@@ -417,3 +417,39 @@ def test_the_model_process_own_metrics_on_the_one_port(process_server: InProcess
     assert idle and idle["moderation_kv_cache_tokens_in_use"] == 0  # the cancelled one left
     generated = 'moderation_model_seconds_count{kind="generate"}'
     assert idle.get(generated, 0) == busy.get(generated, 0)  # cancelled: no answer, no time
+
+
+@pytest.mark.parametrize("model_process", [True, False])
+def test_a_batch_wait_gathers_requests_into_one_pass(
+    demo_checkpoint: Path, model_process: bool
+) -> None:
+    """--batch-wait-ms: a pass waits (up to that long) for more requests; without it the second
+    request, sent 100 ms after the first, gets a pass of its own."""
+    passes = 'moderation_batch_size_count{kind="classify"}'
+    texts = 'moderation_batch_size_sum{kind="classify"}'
+    for wait_ms, expected_passes in ((1000.0, 1), (0.0, 2)):
+        loader = None if model_process else demo_loader(demo_checkpoint)
+        server = InProcessServer(
+            settings(
+                demo_checkpoint, batch_wait_ms=wait_ms, model_process=model_process,
+                max_batch_size=4,
+            ),
+            *([loader] if loader else []),
+        )  # fmt: skip
+        try:
+            server.wait_loaded()
+            stub = stub_of(server)
+            before = _scrape(server)
+            first = stub.Classify.future(pb.ClassifyRequest(text=TEXTS[0]), timeout=60)
+            time.sleep(0.1)
+            second = stub.Classify.future(pb.ClassifyRequest(text=TEXTS[1]), timeout=60)
+            assert first.result().category and second.result().category
+            after = _until(
+                lambda server=server, before=before: (
+                    (s := _scrape(server)).get(texts, 0) - before.get(texts, 0) >= 2 and s
+                )
+            )
+            assert after, "the two texts never showed in the batch-size metric"
+            assert after[passes] - before.get(passes, 0) == expected_passes, wait_ms
+        finally:
+            server.stop()

@@ -6,6 +6,7 @@ from moderation.serving.worker.tick_plan import (
     Held,
     Queued,
     TickState,
+    gather_seconds,
     has_slots_for_checks,
     plan_tick,
     take_count,
@@ -87,3 +88,19 @@ def test_an_answer_checked_as_it_grows_needs_two_free_slots() -> None:
     assert has_slots_for_checks(free_slots=2, waiting=0)
     assert not has_slots_for_checks(free_slots=2, waiting=1)
     assert not has_slots_for_checks(free_slots=1, waiting=0)
+
+
+def test_a_pass_waits_to_fill_only_within_the_batch_wait() -> None:
+    def wait(**kw: object) -> float:
+        args: dict[str, object] = dict(now=NOW, since=NOW - 0.002, items=3, full=32, wait=0.005,
+                                       busy=False)  # fmt: skip
+        args.update(kw)
+        return gather_seconds(**args)  # type: ignore[arg-type]
+
+    assert abs(wait() - 0.003) < 1e-9  # 2 ms of 5 gone since the later of arrival and last tick
+    assert wait(since=NOW - 0.005) == 0.0 and wait(since=NOW - 1) == 0.0  # waited long enough
+    assert wait(items=32) == 0.0 and wait(items=40) == 0.0  # the pass is full
+    assert wait(wait=0.0) == 0.0  # off (the default)
+    assert wait(busy=True) == 0.0  # generations run: their next token must not wait
+    assert wait(since=None) == 0.0  # nothing queued
+    assert wait(items=31) > 0

@@ -261,6 +261,16 @@ class ServeSettings:
         "SERVING (which takes longer); --no-compile runs eager. CPU runs eager either way: "
         "the compiled step is slower there",
     )
+    batch_wait_ms: float = _setting(
+        0.0,
+        parse_float,
+        "milliseconds a classifier pass may wait for more requests before it runs, until it "
+        "holds --max-batch-size texts (never while generations run); 0 runs at once. Many "
+        "callers: fuller passes, more decisions per second, up to this much more latency",
+        metavar="MS",
+        low=0.0,
+        high=1000.0,
+    )
     max_queue: int = _setting(
         1024,
         parse_int,

@@ -151,6 +151,7 @@ class Server:
                 self.metrics,
                 max_queue=self.settings.max_queue,
                 max_items_per_pass=self.settings.max_batch_items,
+                batch_wait=self.settings.batch_wait_ms / 1000,
             )
             front = Front.of_runtime(self.runtime)
         worker.start()

@@ -108,6 +108,7 @@ class _Child:
             self.metrics,
             max_queue=1 << 30,  # the server process bounds the queue
             max_items_per_pass=settings.max_batch_items,
+            batch_wait=settings.batch_wait_ms / 1000,
         )
         self.outbox: list[msg.JobMessage | msg.MetricOps | msg.Pong] = []  # sent once per tick
         self.open: dict[int, Job | CheckJob] = {}  # jobs with answers still to come
@@ -119,11 +120,16 @@ class _Child:
         last_metrics = time.monotonic()
         while True:
             try:
-                # Idle: sleep in poll until a message comes (or it is time for metrics).
-                if self.conn.poll(0 if self.scheduler.has_work else METRICS_FLUSH_S):
+                # Idle: sleep in poll until a message comes (or it is time for metrics); with
+                # a batch wait, until more requests come to fill the pass (or it is time).
+                gather = self.scheduler.gather_wait() if self.stop_at is None else 0.0
+                timeout = gather if self.scheduler.has_work else METRICS_FLUSH_S
+                if self.conn.poll(timeout):
                     while self.conn.poll():
                         for message in self.conn.recv().messages:
                             self._handle(message)
+                    if self.stop_at is None and self.scheduler.gather_wait() > 0:
+                        continue  # still filling: poll again for the rest of the wait
             except (EOFError, OSError):  # the server process is gone: nobody to answer
                 return
             if self.scheduler.has_work:

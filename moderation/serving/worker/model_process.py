@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
-import queue
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from moderation.serving.worker import (
 )
 from moderation.serving.worker import process_messages as msg
 from moderation.serving.worker.model_child import child_main
+from moderation.serving.worker.pipe_writer import PipeWriter
 
 log = structlog.get_logger(__name__)
 
@@ -106,13 +105,10 @@ class ProcessWorker:
         self._child_conn = child_conn
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
-        # Messages go out from a thread of their own: a send blocks when the pipe is full (the
-        # model busy with a long pass), and the event loop must keep answering meanwhile.
-        self._outgoing: queue.SimpleQueue[list[msg.ToModel] | None] = queue.SimpleQueue()
-        # The event loop's messages of one loop iteration, handed to the sender together: one
-        # wake-up of its thread (and one GIL hand-off) for all of them, not one per request.
+        # The event loop's messages of one loop iteration go out together, one pickle and one
+        # write (pipe_writer.py says why there is no sender thread).
         self._unsent: list[msg.ToModel] = []
-        self._sender = threading.Thread(target=self._send_loop, name="model-pipe", daemon=True)
+        self._writer: PipeWriter | None = None  # once loaded, on the loop
         self._stopping = False
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,7 +137,7 @@ class ProcessWorker:
             self.metrics.watch_model_process(self._process.pid)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
-        self._sender.start()
+        self._writer = PipeWriter(self._conn.fileno(), self._loop, self._died)
         return message.info
 
     def start(self) -> None:
@@ -176,27 +172,8 @@ class ProcessWorker:
 
     def _hand_over(self) -> None:
         unsent, self._unsent = self._unsent, []
-        self._outgoing.put(unsent)
-
-    def _send_loop(self) -> None:
-        # What queued up while the last send ran goes as one message too: under load that is
-        # one pickle (the policy and the shared prefix once) and one write for many requests,
-        # and the model process finds them all at its next tick.
-        while (batch := self._outgoing.get()) is not None:
-            stopping = False
-            while not stopping:
-                try:
-                    more = self._outgoing.get_nowait()
-                except queue.Empty:
-                    break
-                stopping = more is None
-                batch += more or []
-            try:
-                self._conn.send(msg.Requests(batch))
-            except (OSError, ValueError):  # the model process is gone: the reader reports it
-                return
-            if stopping:
-                return
+        if self._writer is not None:
+            self._writer.write(msg.Requests(unsent))
 
     def _admit(self) -> int:
         if self._dead is not None:
@@ -302,6 +279,10 @@ class ProcessWorker:
             pending.verdicts.put_nowait(exc)
 
     def _died(self) -> None:
+        if self._dead is not None:  # reported already (the writer and the reader both see it)
+            return
+        if self._writer is not None:
+            self._writer.close()
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._conn.fileno())
@@ -319,13 +300,23 @@ class ProcessWorker:
         if self.on_exit is not None:
             self.on_exit()
 
+    def _stop_message(self, stop: msg.Stop) -> None:
+        """Send Stop from the calling thread: through the loop while it runs (its writer owns
+        the pipe's writes), else directly (nothing else writes any more)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._send, stop)
+                return
+        with contextlib.suppress(OSError, ValueError):  # gone: nothing to stop
+            self._conn.send(msg.Requests([stop]))
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish what the model process holds, then end it (called from a thread)."""
         self._stopping = True
         if self._process.is_alive():
-            self._outgoing.put([msg.Stop(timeout or 0.0)])  # from a thread: not via the loop
+            self._stop_message(msg.Stop(timeout or 0.0))
             self._process.join((timeout or 0.0) + 10)
-        self._outgoing.put(None)  # ends the sender
         if self._process.is_alive():
             # It ignores SIGTERM (the server's to handle), so it takes SIGKILL.
             log.warning("model process did not stop in time; killing it")

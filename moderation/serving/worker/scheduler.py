@@ -56,6 +56,7 @@ from moderation.serving.worker.tick_plan import (
     Queued,
     TickPlan,
     TickState,
+    gather_seconds,
     has_slots_for_checks,
     plan_tick,
 )
@@ -82,12 +83,21 @@ class Scheduler:
         *,
         max_queue: int = 1024,
         max_items_per_pass: int = 256,
+        batch_wait: float = 0.0,
     ):
         self.runtime = runtime
         self.engine = runtime.engine
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_items_per_pass = max_items_per_pass
+        self.batch_wait = batch_wait  # seconds a pass may wait to fill (--batch-wait-ms)
+        # A full pass: what the classifier scores at once (larger batches run in groups of it).
+        self._full_pass = (
+            min(max_items_per_pass, int(self.engine.score_batch_size))
+            if batch_wait > 0
+            else max_items_per_pass
+        )
+        self._tick_ended = 0.0  # time.monotonic() when the last tick ended
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._answers = AnswerChecks(runtime.classifier, self._cond)
@@ -158,11 +168,36 @@ class Scheduler:
             self._cond.notify()
 
     def wait_for_work(self) -> bool:
-        """Block until there is work; False once closed and all work is done."""
+        """Block until there is work (and, with `batch_wait`, until the pass is full or its
+        oldest request has waited that long); False once closed and all work is done."""
         with self._cond:
             while not self._pending and not self._busy() and not self._stopping:
                 self._cond.wait()
+            while not self._stopping and (pause := self._gather_wait()) > 0:
+                self._cond.wait(pause)
             return not (self._stopping and not self._pending and not self._busy())
+
+    def gather_wait(self) -> float:
+        """Seconds the next tick should wait for more requests before it runs (0: now)."""
+        if self.batch_wait <= 0:
+            return 0.0
+        with self._cond:
+            return self._gather_wait()
+
+    def _gather_wait(self) -> float:
+        """`gather_wait` with the lock held: tick_plan.gather_seconds on the queue's head."""
+        if self.batch_wait <= 0 or not self._pending:
+            return 0.0
+        head = list(itertools.islice(self._pending, self._full_pass))
+        return gather_seconds(
+            now=time.monotonic(),
+            since=max(head[0].queued_at, self._tick_ended),
+            items=sum(j.items for j in head),
+            full=self._full_pass,
+            wait=self.batch_wait,
+            # A queued generation waits for its first token; running ones for their next.
+            busy=self._busy() or any(j.prep is not None for j in head),
+        )
 
     # ------------------------------------------------------ the ticking thread
 
@@ -189,6 +224,7 @@ class Scheduler:
         self._gauge()
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - start)
+        self._tick_ended = time.monotonic()
 
     def _state(self) -> TickState:
         """What the plan is made from: plain data (called with the lock held)."""

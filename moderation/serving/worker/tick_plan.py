@@ -114,3 +114,22 @@ def has_slots_for_checks(free_slots: int, waiting: int) -> bool:
     slot of their own as long as the answer runs, so it needs its sequence's slot too, or two
     waiting generations could each hold one slot and wait for the other's forever."""
     return free_slots - waiting >= 2
+
+
+def gather_seconds(
+    *, now: float, since: float | None, items: int, full: int, wait: float, busy: bool
+) -> float:
+    """How long the next tick should wait for more requests before its classifier pass (0: run
+    now): until `full` items are queued, at most `wait` seconds after `since` (the later of the
+    oldest queued request's arrival and the end of the last tick). Never while generations run
+    (their next token must not wait) or with nothing queued.
+
+    Why from the last tick's end: with many callers, requests come in waves (each caller sends
+    its next request when its answer is back), and the wave answered by the last pass is on
+    its way back while the other waits in the queue; a pass that starts at once takes half
+    the callers. A pass costs a fixed part plus a part per text, so fuller passes serve more
+    texts per second (`--batch-wait-ms`, docs/benchmarks.md).
+    """
+    if wait <= 0 or busy or since is None or items >= full:
+        return 0.0
+    return max(0.0, since + wait - now)

@@ -86,9 +86,14 @@ class WorkerThread:
         *,
         max_queue: int = 1024,
         max_items_per_pass: int = 256,
+        batch_wait: float = 0.0,
     ):
         self.scheduler = Scheduler(
-            runtime, metrics, max_queue=max_queue, max_items_per_pass=max_items_per_pass
+            runtime,
+            metrics,
+            max_queue=max_queue,
+            max_items_per_pass=max_items_per_pass,
+            batch_wait=batch_wait,
         )
         self._outbox = Outbox()
         self._busy_since: float | None = None  # when the tick running now started
