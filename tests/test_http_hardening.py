@@ -22,6 +22,7 @@ import structlog
 
 from moderation.serving.http import bodies
 from moderation.serving.logs import configure_logging
+from moderation.serving.planning_threads import INLINE_BYTES
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2 as pb
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
@@ -123,8 +124,10 @@ def test_bodies_are_decoded_and_read_on_the_planning_threads(
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(bodies, "decode", recording)
+    # Past the planning rule's size (smaller bodies are decoded on the loop: test_serving_path)
+    padding = " " * INLINE_BYTES
     for path in ROUTES:
-        post(served, path, {"input": "hi", "text": "hi"})
+        post(served, path, json.dumps({"input": "hi", "text": "hi"}).encode() + padding.encode())
     assert len(threads) == len(ROUTES)
     assert all(name.startswith("plan") for name in threads), threads
 
@@ -139,8 +142,9 @@ def test_the_grpc_timeout_covers_parsing(
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(bodies, "decode", slow)
-    for path in ("/v1/classify", "/v1/moderations"):
-        status, err, _ = post(served, path, {"text": "hi"}, {"grpc-timeout": "100m"})
+    body = b'{"text": "hi"}' + b" " * INLINE_BYTES  # decoded on a planning thread
+    for path in ("/v1/classify", "/v1/moderations", "/v1/chat/completions"):
+        status, err, _ = post(served, path, body, {"grpc-timeout": "100m"})
         assert (status, err["status"]) == (504, "DEADLINE_EXCEEDED"), err
 
 

@@ -1,25 +1,27 @@
 """ModerateStream: an answer another LLM writes, checked as it arrives (see the proto).
 
 Two tasks per call: this one waits for the model's verdicts and answers them; a reader takes
-the caller's messages (each within the idle limit), tokenizes each delta on the planning
-threads (`AnswerTokens`: only what the whole text's tokenization decides) and feeds the
-tokens to the worker's check. Whatever ends the call (flagged, complete, an error, the caller
-hanging up, which cancels this task) closes the check, which frees its cache slot.
+the caller's messages (each within the idle limit), tokenizes each delta where the planning
+rule puts it (`serving.planning_threads`; `AnswerTokens`: only what the whole text's
+tokenization decides) and feeds the tokens to the worker's check. Whatever ends the call
+(flagged, complete, an error, the caller hanging up, which cancels this task) closes the
+check, which frees its cache slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from moderation.api import convert
 from moderation.core.answer_text import AnswerTokens
 from moderation.core.errors import InvalidArgument
 from moderation.core.generation import MAX_STREAM_CHECK_TOKENS
 from moderation.serving.front import Front
+from moderation.serving.planning_threads import PlanningThreads
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
     AnswerCheck,
@@ -28,8 +30,6 @@ from moderation.serving.worker import (
     Worker,
 )
 from moderation.v1 import moderation_pb2 as pb
-
-T = TypeVar("T")
 
 
 class StreamHost(Protocol):
@@ -42,9 +42,8 @@ class StreamHost(Protocol):
 
     def ready(self) -> tuple[Front, Worker]: ...
 
-    def off_loop(
-        self, fn: Callable[..., T], *args: Any, size: int | None = None
-    ) -> Awaitable[T]: ...
+    @property
+    def planning(self) -> PlanningThreads: ...
 
     def check_open(self, request: pb.ModerateStreamOpen) -> None: ...
 
@@ -72,8 +71,8 @@ async def moderate_stream(
         )
     item = convert.answer_stream_item(first.open)
     try:
-        planned, room = await host.off_loop(
-            front.planner.plan_answer_stream, item, size=first.ByteSize()
+        planned, room = await host.planning.run(
+            first.ByteSize(), front.planner.plan_answer_stream, item
         )
     except InvalidArgument as exc:
         raise exc.nested("open") from exc
@@ -88,7 +87,7 @@ async def moderate_stream(
     try:
         check = worker.check_answer(planned, every, deadline=deadline)
         # Off the loop: the first stream builds the tokenizer's cut rule (~0.1 s).
-        answer = await host.off_loop(AnswerTokens, front.planner.tokenizer)
+        answer = await host.planning.on_threads(AnswerTokens, front.planner.tokenizer)
         owed = _Owed(every)
         reader = asyncio.create_task(
             _read(host, first, requests, answer, check, room, owed), name="moderate-stream"
@@ -199,11 +198,12 @@ async def _read(
                         f"the answer exceeds {limit} characters "
                         "(MODERATION_STREAM_MAX_ANSWER_CHARS)",
                     )
-                tokens = await host.off_loop(answer.push, text, size=len(text))
+                tokens = await host.planning.run(len(text), answer.push, text)
                 _feed(check, tokens, answer, room)
             if message.done:
                 utf8.whole()
-                tokens = await host.off_loop(answer.finish, size=0)  # a held tail at most
+                # A held tail at most: nothing new of the caller's to size.
+                tokens = await host.planning.run(0, answer.finish)
                 _feed(check, tokens, answer, room, end=True)
                 return  # what the caller sends after `done` is not read
             owed.fed = answer.tokens

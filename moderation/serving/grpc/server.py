@@ -234,7 +234,7 @@ class Server:
         if self.state.worker is not None:
             worker = self.state.worker
             await asyncio.to_thread(worker.stop, max(0.0, deadline - loop.time()))
-        self.state.planning.shutdown(wait=False)
+        self.state.planning.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -9,12 +9,9 @@ operator turned `log_text` on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +34,7 @@ from moderation.serving.grpc.interceptors import (
 )
 from moderation.serving.grpc.moderate_stream import moderate_stream
 from moderation.serving.metrics import Metrics
+from moderation.serving.planning_threads import PlanningThreads
 from moderation.serving.request_limits import Limits
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker import (
@@ -48,10 +46,6 @@ from moderation.v1 import moderation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-
-INLINE_PLAN_BYTES = 2048
-"""Requests up to this size are planned on the event loop: tokenizing a short text takes tens of
-microseconds, less than the hop to a planning thread and back (and its two GIL hand-offs)."""
 LOGGED_TEXT_CHARS = 200
 """With log_text on, how much of each text the request log keeps."""
 
@@ -66,11 +60,12 @@ class ServiceState:
     worker: Worker | None = None
     draining: bool = False
     open_checks: int = 0  # ModerateStream calls holding a check (MODERATION_MAX_STREAM_CHECKS)
-    # Validation and tokenizing run here, not on the event loop: a 4 MB request takes ~1 s.
-    planning: ThreadPoolExecutor = field(init=False)
+    # Validation and tokenizing of large requests run on these threads, not on the event loop
+    # (a 4 MB request takes ~1 s); the HTTP listener decodes its large bodies on them too.
+    planning: PlanningThreads = field(init=False)
 
     def __post_init__(self) -> None:
-        self.planning = ThreadPoolExecutor(self.settings.plan_threads, thread_name_prefix="plan")
+        self.planning = PlanningThreads(self.settings.plan_threads)
 
 
 def _logged(text: str) -> str:
@@ -108,8 +103,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         """The request itself; a large body (`Deferred`) checked and parsed off the loop."""
         if not isinstance(request, Deferred):
             return request
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.state.planning, self._parse, request)
+        return await self.state.planning.run(len(request.data), self._parse, request)
 
     def _parse(self, request: Deferred) -> Any:
         descriptor = request.message_type.DESCRIPTOR
@@ -122,14 +116,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             current_call().fields["error_detail"] = type(exc).__name__
             raise InvalidArgument("request", UNDECODABLE_MESSAGE) from exc
 
-    async def _off_loop(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args), the planning of `request`: on the planning threads, so that the event loop
-        keeps answering (health above all), unless the request is small enough to plan here."""
+    async def _run_planning(self, request: Message, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), the planning of `request`, where the planning rule puts its bytes: the
+        gRPC caller's own, or the request an HTTP body became."""
         with tracing.stage(current_call(), "plan"):  # every use plans (validates, tokenizes)
-            if request.ByteSize() <= INLINE_PLAN_BYTES:
-                return fn(*args)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+            return await self.state.planning.run(request.ByteSize(), fn, *args)
 
     def _check_chars(self, text: str, name: str, *, splittable: bool = True) -> None:
         settings = self.state.settings
@@ -214,7 +205,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         front, worker = self._ready()
         self._check_generation(request)
         options = convert.generate_options(request, self.state.settings.max_new_tokens)
-        prep = await self._off_loop(
+        prep = await self._run_planning(
             request, front.planner.prepare, convert.chat_messages(request.messages), options
         )
         if self.state.settings.log_text:
@@ -241,13 +232,9 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def ready(self) -> tuple[Front, Worker]:
         return self._ready()
 
-    async def off_loop(self, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
-        """fn(*args) on the planning threads, or here when its input (`size` bytes) is small
-        enough to handle on the event loop (as `_off_loop` plans small requests)."""
-        if size is not None and size <= INLINE_PLAN_BYTES:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.state.planning, functools.partial(fn, *args))
+    @property
+    def planning(self) -> PlanningThreads:
+        return self.state.planning
 
     def check_open(self, request: pb.ModerateStreamOpen) -> None:
         """The sizes of a ModerateStream's context, before anything reads it."""
@@ -264,7 +251,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     ) -> pb.ClassifyResponse:
         front, worker = self._ready()
         request = await self._parsed(request)
-        planned = await self._off_loop(request, self._plan, front, request)
+        planned = await self._run_planning(request, self._plan, front, request)
         result = (await worker.classify([planned], deadline=_deadline(context)))[0]
         self._record([result], [_classified_text(request)])
         return convert.classify_response(result)
@@ -283,7 +270,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
                 f"{len(request.requests)} items exceed the limit of {limit} "
                 "(MODERATION_MAX_BATCH_ITEMS)",
             )
-        planned = await self._off_loop(request, self._plan_batch, front, request)
+        planned = await self._run_planning(request, self._plan_batch, front, request)
         results = await worker.classify(planned, deadline=_deadline(context))
         self._record(results, [_classified_text(r) for r in request.requests])
         return pb.ClassifyBatchResponse(results=[convert.classify_response(r) for r in results])

@@ -3,8 +3,10 @@
 `data: {chat.completion.chunk}` per event and `data: [DONE]` at the end).
 
 The request goes the way of every other route: the listener's middleware (token, request id,
-log line, metrics), its body reader (size limit), its `grpc-timeout` deadline, the servicer's
-checks (limits, roles, ranges: the errors name the request's fields), the same worker.
+log line, metrics), its body reader (size limit), its one deadline (`exchange`: the
+`grpc-timeout` covers the whole request; each of its calls, GetModelInfo, the scoring
+Classify calls and the generation, gets what the ones before it left), the servicer's checks
+(limits, roles, ranges: the errors name the request's fields), the same worker.
 
 Moderation (OpenAI's `moderation` parameter, or this server's `moderate_input` /
 `moderate_output`) is reported under `moderation: {"input", "output"}` in OpenAI's shape: the
@@ -18,6 +20,12 @@ then the text as it is released (with `moderate_output`, after each check), then
 `finish_reason` and, beside it, `moderation` (what input and output moderation said); with
 `stream_options.include_usage` a last chunk with `usage` and no choices. An error after the first
 chunk is a `data: {"error": ...}` event (the SDKs raise it) before `data: [DONE]`.
+
+The deadline once a stream has started is what a gRPC deadline is to GenerateStream: it still
+covers the whole call. When it passes, the generation stops (the worker drops it) and the
+stream ends with a DEADLINE_EXCEEDED error event and `data: [DONE]`, after the text already
+sent (the 200 is sent too); scoring the answer after it gets only what is left, and fails the
+same way when nothing is.
 
 Stop sequences are applied here, on the text: the answer ends before the first one
 (`finish_reason` "stop"); generation itself runs to its end, so `usage` counts every token
@@ -57,11 +65,10 @@ EVENT_STREAM = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
 
 ReadJson = Callable[[web.Request], Awaitable[Any]]
-Deadline = Callable[[web.Request], "float | None"]
-CallRpc = Callable[[str, Message, "float | None"], Awaitable[Any]]
-RunStream = Callable[
-    [str, Message, "float | None", Callable[[Any], Awaitable[None]]], Awaitable["CallError | None"]
-]
+# The listener's servicer calls, each within what is left of the request's deadline.
+CallRpc = Callable[[str, Message], Awaitable[Any]]
+OnEvent = Callable[[Any], Awaitable[None]]
+RunStream = Callable[[str, Message, OnEvent], Awaitable["CallError | None"]]
 ErrorAnswer = Callable[[web.Request, CallError], web.Response]
 
 
@@ -81,21 +88,19 @@ def _renamed(exc: CallError, chat: ChatRequest) -> CallError:
 
 
 class ChatCompletions:
-    """The route, with the listener's own pieces: its body reader, deadline, servicer calls and
-    error answers."""
+    """The route, with the listener's own pieces: its body reader, servicer calls (within the
+    request's deadline) and error answers."""
 
     def __init__(
         self,
         names: ServedNames,
         read_json: ReadJson,
-        deadline: Deadline,
         call: CallRpc,
         run_stream: RunStream,
         error: ErrorAnswer,
     ):
         self.names = names
         self.read_json = read_json
-        self.deadline = deadline
         self.call = call
         self.run_stream = run_stream
         self.error = error
@@ -104,10 +109,11 @@ class ChatCompletions:
         exchange = http_exchange.current()
         exchange.rpc = "Generate"
         try:
-            timeout = self.deadline(request)
-            chat = read_request(await self.read_json(request))
+            async with http_exchange.within():  # reading and parsing count against it too
+                chat = read_request(await self.read_json(request))
             exchange.rpc = "GenerateStream" if chat.stream else "Generate"
-            info = await self.call("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+            # Each call below gets what the ones before it left of the deadline (`self.call`).
+            info = await self.call("GetModelInfo", pb.GetModelInfoRequest())
             if not self.names.serves(chat.model, info.model):
                 served = ", ".join(self.names.names(info.model))
                 raise CallError(
@@ -117,11 +123,11 @@ class ChatCompletions:
                     "model",
                 )
             answer = Answer.new(http_exchange.request_id(), self.names.primary(info.model))
-            report = Report(self, chat, info, self.names, timeout)
+            report = Report(self, chat, info, self.names)
             await report.score_input()
             if not chat.stream:
                 try:
-                    response = await self.call("Generate", chat.generation, timeout)
+                    response = await self.call("Generate", chat.generation)
                 except CallError as exc:
                     raise _renamed(exc, chat) from exc
                 text = cut_at_stop(response.text, chat.stop)[0]
@@ -129,7 +135,7 @@ class ChatCompletions:
                 return web.json_response(answer.completion(response, chat.stop, moderation))
         except CallError as exc:
             return self.error(request, exc)
-        return await self._stream(request, chat, answer, report, timeout)
+        return await self._stream(request, chat, answer, report)
 
     async def _stream(
         self,
@@ -137,7 +143,6 @@ class ChatCompletions:
         chat: ChatRequest,
         answer: Answer,
         report: Report,
-        timeout: float | None,
     ) -> web.StreamResponse:
         scanner = StopScanner(chat.stop)
         sent: list[str] = []  # the answer as the caller got it, for a scored output
@@ -165,7 +170,7 @@ class ChatCompletions:
                 final = event.final
 
         stream_request = pb.GenerateStreamRequest.FromString(chat.generation.SerializeToString())
-        error = await self.run_stream("GenerateStream", stream_request, timeout, on_event)
+        error = await self.run_stream("GenerateStream", stream_request, on_event)
         if error is not None:
             error = _renamed(error, chat)
         response = opened
@@ -206,9 +211,8 @@ class Report:
         chat: ChatRequest,
         info: pb.GetModelInfoResponse,
         names: ServedNames,
-        timeout: float | None,
     ):
-        self.call, self.chat, self.timeout = route.call, chat, timeout
+        self.call, self.chat = route.call, chat
         self.policies = {p.name: p for p in info.policies}
         self.model = names.primary(info.model)
         if chat.moderation_model is not None:
@@ -229,7 +233,7 @@ class Report:
 
     async def _classify(self, messages: list[pb.ChatMessage]) -> pb.ClassifyResponse:
         try:
-            result = await self.call("Classify", self._request(messages), self.timeout)
+            result = await self.call("Classify", self._request(messages))
         except CallError as exc:
             raise _renamed(exc, self.chat) from exc
         return cast(pb.ClassifyResponse, result)

@@ -120,7 +120,7 @@ def _renamed(exc: CallError, rename: Callable[[str], str]) -> CallError:
 
 @dataclass(frozen=True)
 class CompatRequest:
-    """A compatible request, read and checked on a planning thread: its ClassifyBatch items
+    """A compatible request, read and checked where its body is decoded: its ClassifyBatch items
     (the policy still to set, from `model`) and how ClassifyBatch's field names read in the
     request's own terms."""
 

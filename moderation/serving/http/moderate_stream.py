@@ -14,17 +14,16 @@ Each text message is one ModerateStreamRequest in the proto3 JSON mapping; each 
 route) and the server closes with 1000 after the last verdict, 1013 (try again later) when it
 is loading, draining or full, 1008 after a caller's error, 1011 after its own. The upgrade
 request has every limit of the other routes: the bearer token (401 before any upgrade),
-`grpc-timeout` (the whole call), `x-request-id`, one log line; a message over
---max-message-bytes closes the socket (1009); large messages are parsed off the event loop;
-the servicer enforces the rest (open checks, answer length, idle time).
+`grpc-timeout` (the whole call: the request's one deadline, `exchange`), `x-request-id`, one
+log line; a message over --max-message-bytes closes the socket (1009); messages are parsed
+where the planning rule puts their bytes (`planning_threads`, as every body); the servicer
+enforces the rest (open checks, answer length, idle time).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -33,38 +32,36 @@ import grpc
 from aiohttp import web
 
 from moderation.core.errors import InvalidArgument
+from moderation.serving.http import exchange as http_exchange
 from moderation.serving.http import transcoding
 from moderation.serving.http.context import HttpContext
 from moderation.serving.http.status import CallError
+from moderation.serving.planning_threads import PlanningThreads
 from moderation.v1 import moderation_pb2 as pb
 
 PATH = "/v1/moderate/stream"
-INLINE_PARSE_BYTES = 64 * 1024  # smaller messages parse faster than a hop to a thread
 
 
-async def _parse(data: str) -> pb.ModerateStreamRequest:
-    def parse() -> pb.ModerateStreamRequest:
-        try:
-            return cast(
-                pb.ModerateStreamRequest,
-                transcoding.parse(json.loads(data), pb.ModerateStreamRequest),
-            )
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument("message", f"not JSON: {exc}") from exc
-        except CallError as exc:  # the servicer maps domain errors, not HTTP ones
-            raise InvalidArgument(exc.field or "message", exc.message) from exc
-
-    if len(data) <= INLINE_PARSE_BYTES:
-        return parse()
-    return await asyncio.get_running_loop().run_in_executor(None, parse)
+def _parse(data: str) -> pb.ModerateStreamRequest:
+    try:
+        return cast(
+            pb.ModerateStreamRequest,
+            transcoding.parse(json.loads(data), pb.ModerateStreamRequest),
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument("message", f"not JSON: {exc}") from exc
+    except CallError as exc:  # the servicer maps domain errors, not HTTP ones
+        raise InvalidArgument(exc.field or "message", exc.message) from exc
 
 
-async def _requests(ws: web.WebSocketResponse) -> AsyncIterator[pb.ModerateStreamRequest]:
+async def _requests(
+    ws: web.WebSocketResponse, planning: PlanningThreads
+) -> AsyncIterator[pb.ModerateStreamRequest]:
     """The caller's messages; the stream ends when the socket closes (a caller that hangs
     up ends its check: it never said `done`)."""
     async for message in ws:
         if message.type == aiohttp.WSMsgType.TEXT:
-            yield await _parse(message.data)
+            yield await planning.run(len(message.data), _parse, message.data)
         elif message.type == aiohttp.WSMsgType.BINARY:
             raise InvalidArgument("message", "expected JSON text messages, got a binary one")
         else:  # an error (a message too large closes the socket), or a close
@@ -97,7 +94,7 @@ def handler(
     *,
     max_message_bytes: int,
     heartbeat: float,
-    deadline_of: Callable[[web.Request], float | None],
+    planning: PlanningThreads,
     error_answer: Callable[[web.Request, CallError], web.Response],
     note: Callable[[CallError | None], dict[str, str]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -106,7 +103,7 @@ def handler(
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            timeout = deadline_of(request)
+            deadline = http_exchange.deadline()
         except CallError as exc:
             return error_answer(request, exc)
         ws = web.WebSocketResponse(max_msg_size=max_message_bytes, heartbeat=heartbeat)
@@ -120,17 +117,19 @@ def handler(
                 ),
             )
         await ws.prepare(request)
-        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
-        answers = servicer.ModerateStream(_requests(ws), cast(grpc.aio.ServicerContext, context))
+        context = HttpContext(deadline)
+        answers = servicer.ModerateStream(
+            _requests(ws, planning), cast(grpc.aio.ServicerContext, context)
+        )
         error: CallError | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with http_exchange.within():
                 async for answer in answers:
                     await ws.send_str(json.dumps({"result": transcoding.to_json(answer)}))
         except grpc.aio.AbortError:
             error = context.error()
-        except TimeoutError:
-            error = CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except CallError as exc:  # the deadline passed
+            error = exc
         except ConnectionError:  # the caller went away mid-send
             pass
         finally:

@@ -3,9 +3,10 @@ chat completions (`chat_route`), `GET /v1/models` and `GET /health` (`discovery`
 
 Each request is one task on the server's event loop: the middleware opens its call record
 (request id, route), checks the bearer token, and writes the request's log line and metrics;
-the route reads the body (within `body_read_timeout`), decodes and checks it on the planning
-threads (`bodies`: nesting, value and count limits before anything walks it), calls the
-servicer in-process and writes the JSON answer, all under the call's `grpc-timeout`. The port's
+the route reads the body (within `body_read_timeout`), decodes and checks it (`bodies`:
+nesting, value and count limits before anything walks it; where `planning_threads` puts its
+bytes), calls the servicer in-process and writes the JSON answer, all within the request's one
+deadline (`exchange`: its `grpc-timeout`; every call made for it gets what is left). The port's
 connections are held to the gRPC port's connection settings (`connections`).
 """
 
@@ -15,12 +16,10 @@ import asyncio
 import functools
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -53,6 +52,7 @@ from moderation.serving.http.context import HttpContext
 from moderation.serving.http.names import ServedNames
 from moderation.serving.http.status import CallError
 from moderation.serving.metrics import LATENCY_BUCKETS, Metrics
+from moderation.serving.planning_threads import PlanningThreads
 from moderation.serving.settings import ServeSettings
 from moderation.v1 import moderation_pb2, moderation_pb2_grpc
 
@@ -65,12 +65,8 @@ MISTRAL_PATH = "/v1/chat/moderations"
 COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH, chat_route.PATH, discovery.MODELS_PATH,
                 "/v1/models/{model}")  # fmt: skip
 NDJSON = "application/x-ndjson"
-TIMEOUT_HEADER = "grpc-timeout"
-_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
-_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OnEvent = Callable[[Any], Awaitable[None]]
-T = TypeVar("T")
 
 
 class HttpMetrics:
@@ -104,18 +100,6 @@ def ssl_context(settings: ServeSettings) -> ssl.SSLContext | None:
     return context
 
 
-def parse_timeout(value: str) -> float:
-    """A `grpc-timeout` header ("5S", "250m"), as grpc-gateway reads it, in seconds."""
-    match = _TIMEOUT.fullmatch(value.strip())
-    if match is None:
-        raise CallError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{TIMEOUT_HEADER} header: expected digits and a unit (H, M, S, m, u, n), e.g. 5S",
-            TIMEOUT_HEADER,
-        )
-    return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
-
-
 class HttpServer:
     """The HTTP listener of one server: same servicer, settings, token and metrics as gRPC."""
 
@@ -125,7 +109,7 @@ class HttpServer:
         servicer: moderation_pb2_grpc.ModerationServiceServicer,
         metrics: Metrics,
         token: str | None,
-        planning: Executor | None = None,
+        planning: PlanningThreads | None = None,
         serving: Callable[[], bool] = lambda: True,
     ):
         self.settings = settings
@@ -135,7 +119,7 @@ class HttpServer:
         self.connections = Connections(settings, metrics.registry)
         self.limits = bodies.Limits.of(settings)
         # The servicer's planning threads: bodies are decoded where requests are tokenized.
-        self.planning = planning or ThreadPoolExecutor(settings.plan_threads, "http-plan")
+        self.planning = planning or PlanningThreads(settings.plan_threads)
         self._token = BearerToken(token) if token else None
         self.names = ServedNames(settings.served_model_name)
         self.in_flight = 0  # touched only on the event loop; drain waits on it
@@ -152,9 +136,8 @@ class HttpServer:
             bound: compat.Answer = functools.partial(answer, names=self.names)
             self.app.router.add_post(path, self._compat(reader, bound))
         chat = chat_route.ChatCompletions(
-            self.names, self._json, self._deadline, self._call_within, self._run_stream,
-            self._error,
-        )  # fmt: skip
+            self.names, self._json, self._call, self._run_stream, self._error
+        )
         self.app.router.add_post(chat_route.PATH, chat.handle)
         self.app.router.add_get(discovery.MODELS_PATH, self._compat_get(discovery.models))
         self.app.router.add_get(discovery.MODEL_PATH, self._compat_get(discovery.one_model))
@@ -165,7 +148,7 @@ class HttpServer:
                 servicer,
                 max_message_bytes=settings.max_message_bytes,
                 heartbeat=settings.keepalive_time,
-                deadline_of=self._deadline,
+                planning=self.planning,
                 error_answer=self._error,
                 note=self._note_stream,
             ),
@@ -218,7 +201,7 @@ class HttpServer:
         record = CallRecord(method=route, request_id=request_id)
         bind_call(record)
         tracing.begin(record, f"HTTP {request.method} {route}")
-        exchange = http_exchange.begin(record)
+        exchange = http_exchange.begin(record, request.headers.get(http_exchange.TIMEOUT_HEADER))
         self.in_flight += 1
         self.http_metrics.active.inc()
         self.connections.request_started(request.transport)
@@ -335,13 +318,8 @@ class HttpServer:
                 http_status=408,
             ) from None
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on the planning threads: the event loop keeps answering (health first)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.planning, functools.partial(fn, *args))
-
     def _message(self, data: bytes, route: transcoding.Route) -> Message:
-        """A transcoded route's request from its body (on a planning thread)."""
+        """A transcoded route's request from its body (on a planning thread when large)."""
         descriptor = route.request_type.DESCRIPTOR
         value = bodies.decode(data, self.limits, batch="requests" in descriptor.fields_by_name)
         if route.body != "*":
@@ -349,49 +327,44 @@ class HttpServer:
         bodies.check_counts(value, descriptor, self.limits)
         return transcoding.parse(value, route.request_type)
 
-    def _compat_request(self, reader: compat.Reader, data: bytes) -> compat.CompatRequest:
-        """A compatible route's request from its body (on a planning thread)."""
+    def _compat_request(self, data: bytes, reader: compat.Reader) -> compat.CompatRequest:
+        """A compatible route's request from its body (on a planning thread when large)."""
         return reader(bodies.decode(data, self.limits, batch=True), self.limits)
-
-    def _deadline(self, request: web.Request) -> float | None:
-        value = request.headers.get(TIMEOUT_HEADER)
-        return None if value is None else parse_timeout(value)
 
     # ------------------------------------------------------------- calling
 
-    async def _call(self, rpc: str, message: Message, deadline: float | None) -> Any:
-        """A unary method of the servicer, in this task: its status as a CallError."""
-        context = HttpContext(deadline)
-        method = getattr(self.servicer, rpc)
-        try:
-            return await method(message, cast(grpc.aio.ServicerContext, context))
-        except grpc.aio.AbortError:
-            raise context.error() from None
+    async def _call(self, rpc: str, message: Message) -> Any:
+        """A unary method of the servicer, in this task, within what is left of the request's
+        deadline (not started once it has passed): its status as a CallError."""
+        async with http_exchange.within() as deadline:
+            context = HttpContext(deadline)
+            method = getattr(self.servicer, rpc)
+            try:
+                return await method(message, cast(grpc.aio.ServicerContext, context))
+            except grpc.aio.AbortError:
+                raise context.error() from None
 
-    async def _call_within(self, rpc: str, message: Message, timeout: float | None) -> Any:
-        """`_call` with its own timeout (chat completions' and discovery's calls)."""
-        async with _within(timeout):
-            return await self._call(rpc, message, _deadline_at(timeout))
+    async def _decoded(self, data: bytes, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(data, *args), decoding a body, where the planning rule puts `data`."""
+        return await self.planning.run(len(data), fn, data, *args)
 
     async def _json(self, request: web.Request) -> Any:
-        """The request's JSON body (chat completions'), decoded on the planning threads."""
+        """The request's JSON body (chat completions'), decoded as every body is."""
         data = await self._body(request)
-        return await self._off_loop(_decode_json, data, self.limits)
+        return await self._decoded(data, _decode_json, self.limits)
 
     async def _request(self, request: web.Request, route: transcoding.Route) -> Message:
         http_exchange.current().rpc = route.rpc
         if route.body == "":  # a GET: the query string, bounded by aiohttp's line limit
             return transcoding.parse_query(request.query, route.request_type)
-        return await self._off_loop(self._message, await self._body(request), route)
+        return cast(Message, await self._decoded(await self._body(request), self._message, route))
 
     def _unary(self, route: transcoding.Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                timeout = self._deadline(request)
-                deadline = _deadline_at(timeout)
-                async with _within(timeout):  # reading and parsing count against it too
+                async with http_exchange.within():  # reading and parsing count against it too
                     message = await self._request(request, route)
-                    response = await self._call(route.rpc, message, deadline)
+                    response = await self._call(route.rpc, message)
             except CallError as exc:
                 return self._error(request, exc)
             return web.json_response(transcoding.to_json(response))
@@ -404,16 +377,10 @@ class HttpServer:
             exchange.rpc = "ClassifyBatch"
             record = exchange.record
             try:
-                timeout = self._deadline(request)
-                deadline = _deadline_at(timeout)
-
-                async def call(rpc: str, message: Message) -> Any:
-                    return await self._call(rpc, message, deadline)
-
-                async with _within(timeout):
+                async with http_exchange.within():
                     data = await self._body(request)
-                    read = await self._off_loop(self._compat_request, reader, data)
-                    return web.json_response(await answer(call, read, record.request_id))
+                    read = await self._decoded(data, self._compat_request, reader)
+                    return web.json_response(await answer(self._call, read, record.request_id))
             except CallError as exc:
                 return self._error(request, exc)
 
@@ -425,30 +392,24 @@ class HttpServer:
         async def handle(request: web.Request) -> web.StreamResponse:
             http_exchange.current().rpc = "GetModelInfo"
             try:
-                timeout = self._deadline(request)
-
-                async def call(rpc: str, message: Message) -> Any:
-                    return await self._call_within(rpc, message, timeout)
-
                 variables = dict(request.match_info)
-                return web.json_response(await answer(call, self.names, **variables))
+                return web.json_response(await answer(self._call, self.names, **variables))
             except CallError as exc:
                 return self._error(request, exc)
 
         return handle
 
-    async def _run_stream(
-        self, rpc: str, message: Message, timeout: float | None, on_event: OnEvent
-    ) -> CallError | None:
+    async def _run_stream(self, rpc: str, message: Message, on_event: OnEvent) -> CallError | None:
         """A server-streaming method of the servicer, each event handed to `on_event`, all
-        within the deadline; the status it ended with, None when OK. Times the deltas as the
-        gRPC stream does."""
-        context = HttpContext(None if timeout is None else time.monotonic() + timeout)
+        within what is left of the request's deadline (as a gRPC deadline covers a stream to
+        its end); the status it ended with, None when OK. Times the deltas as the gRPC stream
+        does."""
+        context = HttpContext(http_exchange.deadline())
         method = getattr(self.servicer, rpc)
         events: AsyncIterator[Any] = method(message, cast(grpc.aio.ServicerContext, context))
         start, last = time.perf_counter(), None
         try:
-            async with asyncio.timeout(timeout):
+            async with http_exchange.within():
                 async for event in events:
                     if event.WhichOneof("event") == "delta":  # as the gRPC stream counts it
                         now = time.perf_counter()
@@ -460,8 +421,8 @@ class HttpServer:
                     await on_event(event)
         except grpc.aio.AbortError:
             return context.error()
-        except TimeoutError:
-            return CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except CallError as exc:  # the deadline passed (or had, before the first event)
+            return exc
         finally:
             await cast(Any, events).aclose()
         return None
@@ -473,14 +434,10 @@ class HttpServer:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                timeout = self._deadline(request)
-                deadline = _deadline_at(timeout)
-                async with _within(timeout):
+                async with http_exchange.within():
                     message = await self._request(request, route)
             except CallError as exc:
                 return self._error(request, exc)
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())  # what parsing left of it
             response: web.StreamResponse | None = None
 
             async def write(event: Message) -> None:
@@ -492,7 +449,7 @@ class HttpServer:
                 line = json.dumps({"result": transcoding.to_json(event)})
                 await response.write(line.encode() + b"\n")
 
-            error = await self._run_stream(route.rpc, message, timeout, write)
+            error = await self._run_stream(route.rpc, message, write)
             if response is None:
                 if error is not None:
                     return self._error(request, error)
@@ -513,26 +470,6 @@ COMPAT_ROUTES: tuple[tuple[str, compat.Reader, compat.NamedAnswer], ...] = (
 )
 """The compatible routes: path, reader (off the event loop), answer (given the served
 names when registered)."""
-
-
-def _deadline_at(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-class _within:
-    """`asyncio.timeout(timeout)` whose expiry is the call's DEADLINE_EXCEEDED."""
-
-    def __init__(self, timeout: float | None):
-        self._timeout = asyncio.timeout(timeout)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-
-    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        try:
-            await self._timeout.__aexit__(kind, exc, tb)
-        except TimeoutError:
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
 
 def _decode_json(data: bytes, limits: bodies.Limits) -> Any:
