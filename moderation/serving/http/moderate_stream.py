@@ -14,9 +14,13 @@ Each text message is one ModerateStreamRequest in the proto3 JSON mapping; each 
 route) and the server closes with 1000 after the last verdict, 1013 (try again later) when it
 is loading, draining or full, 1008 after a caller's error, 1011 after its own. The upgrade
 request has every limit of the other routes: the bearer token (401 before any upgrade),
-`grpc-timeout` (the whole call), `x-request-id`, one log line; a message over
---max-message-bytes closes the socket (1009); large messages are parsed off the event loop;
-the servicer enforces the rest (open checks, answer length, idle time).
+`grpc-timeout` (the whole call), `x-request-id`, one log line. Each message has every limit of
+a request body: over --max-message-bytes closes the socket (1009); nesting, JSON values and
+counts are checked on the bytes before anything walks them (`bodies`), and errors are capped
+as every route's are. Only aiohttp's frame reader (unmasking, UTF-8) and messages up to
+INLINE_PARSE_BYTES run on the event loop; larger ones are parsed on the planning threads. The
+servicer enforces the rest (open checks, answer length, idle time between messages: pings do
+not count as messages).
 """
 
 from __future__ import annotations
@@ -33,38 +37,46 @@ import grpc
 from aiohttp import web
 
 from moderation.core.errors import InvalidArgument
-from moderation.serving.http import transcoding
+from moderation.serving.http import bodies, transcoding
 from moderation.serving.http.context import HttpContext
 from moderation.serving.http.status import CallError
 from moderation.v1 import moderation_pb2 as pb
 
 PATH = "/v1/moderate/stream"
-INLINE_PARSE_BYTES = 64 * 1024  # smaller messages parse faster than a hop to a thread
+INLINE_PARSE_BYTES = 2048
+"""Messages up to this many characters (a delta of a few words) are parsed on the event loop,
+in at most ~1.5 ms whatever their shape; larger ones go to the planning threads (a 64 KiB one of
+256 chat messages takes ~4 ms; before the body limits, one of 2,183 took 51 ms on the loop).
+Measured by bench/websocket_frames.py."""
+
+OffLoop = Callable[..., Awaitable[Any]]
 
 
-async def _parse(data: str) -> pb.ModerateStreamRequest:
-    def parse() -> pb.ModerateStreamRequest:
-        try:
-            return cast(
-                pb.ModerateStreamRequest,
-                transcoding.parse(json.loads(data), pb.ModerateStreamRequest),
-            )
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument("message", f"not JSON: {exc}") from exc
-        except CallError as exc:  # the servicer maps domain errors, not HTTP ones
-            raise InvalidArgument(exc.field or "message", exc.message) from exc
-
-    if len(data) <= INLINE_PARSE_BYTES:
-        return parse()
-    return await asyncio.get_running_loop().run_in_executor(None, parse)
+def parse_message(data: str, limits: bodies.Limits) -> pb.ModerateStreamRequest:
+    """One text message as a request, within the limits every other route's body has (nesting,
+    JSON values and counts checked before anything walks it); InvalidArgument otherwise."""
+    try:
+        if not data:  # an empty HTTP body means {}, an empty message is no JSON at all
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "an empty message, not JSON")
+        value = bodies.decode(data.encode(), limits, batch=False)
+        bodies.check_counts(value, pb.ModerateStreamRequest.DESCRIPTOR, limits)
+        return cast(pb.ModerateStreamRequest, transcoding.parse(value, pb.ModerateStreamRequest))
+    except CallError as exc:  # the servicer maps domain errors, not HTTP ones
+        field = exc.field or "message"
+        raise InvalidArgument(field, exc.message.removeprefix(f"{field}: ")) from None
 
 
-async def _requests(ws: web.WebSocketResponse) -> AsyncIterator[pb.ModerateStreamRequest]:
+async def _requests(
+    ws: web.WebSocketResponse, limits: bodies.Limits, off_loop: OffLoop
+) -> AsyncIterator[pb.ModerateStreamRequest]:
     """The caller's messages; the stream ends when the socket closes (a caller that hangs
     up ends its check: it never said `done`)."""
     async for message in ws:
         if message.type == aiohttp.WSMsgType.TEXT:
-            yield await _parse(message.data)
+            if len(message.data) <= INLINE_PARSE_BYTES:
+                yield parse_message(message.data, limits)
+            else:
+                yield await off_loop(parse_message, message.data, limits)
         elif message.type == aiohttp.WSMsgType.BINARY:
             raise InvalidArgument("message", "expected JSON text messages, got a binary one")
         else:  # an error (a message too large closes the socket), or a close
@@ -95,6 +107,8 @@ def close_code(code: grpc.StatusCode) -> int:
 def handler(
     servicer: Any,
     *,
+    limits: bodies.Limits,
+    off_loop: OffLoop,
     max_message_bytes: int,
     heartbeat: float,
     deadline_of: Callable[[web.Request], float | None],
@@ -102,14 +116,20 @@ def handler(
     note: Callable[[CallError | None], dict[str, str]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The route's handler (the listener's middleware has checked the token already).
-    `note(error)` records the call for its log line and gives the headers to answer with."""
+    `off_loop(fn, *args)` runs on the planning threads; `note(error)` records the call for its
+    log line and gives the headers to answer with."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             timeout = deadline_of(request)
         except CallError as exc:
             return error_answer(request, exc)
-        ws = web.WebSocketResponse(max_msg_size=max_message_bytes, heartbeat=heartbeat)
+        # No permessage-deflate: aiohttp inflates a message on the event loop, so a 4 KB
+        # frame of spaces would cost the loop what 4 MiB of wire does (~15 ms); the answers
+        # are small JSON and the deltas a few words, so compression saves callers little.
+        ws = web.WebSocketResponse(
+            max_msg_size=max_message_bytes, heartbeat=heartbeat, compress=False
+        )
         ws.headers.update(note(None))
         if not ws.can_prepare(request).ok:
             return error_answer(
@@ -121,7 +141,8 @@ def handler(
             )
         await ws.prepare(request)
         context = HttpContext(None if timeout is None else time.monotonic() + timeout)
-        answers = servicer.ModerateStream(_requests(ws), cast(grpc.aio.ServicerContext, context))
+        requests = _requests(ws, limits, off_loop)
+        answers = servicer.ModerateStream(requests, cast(grpc.aio.ServicerContext, context))
         error: CallError | None = None
         try:
             async with asyncio.timeout(timeout):
@@ -139,6 +160,7 @@ def handler(
             if error is None:
                 await ws.close(code=aiohttp.WSCloseCode.OK)
             else:
+                error = error.capped()  # as every other route's errors are
                 note(error)
                 await ws.send_str(json.dumps(error.body()))
                 await ws.close(code=close_code(error.code), message=error.code.name.encode())
