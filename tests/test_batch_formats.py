@@ -8,6 +8,8 @@ import csv
 import gzip
 import io
 import json
+import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from moderation.cli import main
 from moderation.core.decision import ClassifyItem
 from moderation.core.policy import Policy
 from moderation.exit_codes import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE
-from moderation.jobs.batch import BatchJob, Progress, UsageError, run
+from moderation.jobs import batch
+from moderation.jobs.batch import BatchJob, Interrupted, Progress, UsageError, run
 from moderation.jobs.formats import CSV, JSONL, format_of
 from moderation.jobs.scoring import LocalScorer
 
@@ -89,9 +92,9 @@ def test_csv_in_jsonl_out_and_back(tmp_path: Path, scorer: LocalScorer) -> None:
     run(job(source, as_csv), scorer)
     with open(as_csv, newline="", encoding="utf-8") as f:
         back = list(csv.reader(f))
-    assert back[0][:4] == ["id", "text", "n", "tags"]
-    assert back[1][:4] == ["5", "yo", "", '["a"]'] and back[1][5] in ("true", "false")
-    assert back[2][:5] == ["", "b", "", "", "x=1"]  # a key the header lacked, as a long row
+    assert back[0][:6] == ["id", "text", "n", "tags", "x", "category"]  # every key a column
+    assert back[1][:5] == ["5", "yo", "", '["a"]', ""] and back[1][6] in ("true", "false")
+    assert back[2][:5] == ["", "b", "", "", "1"]
 
 
 class _Crash(Exception):
@@ -187,3 +190,155 @@ def test_jsonl_to_stdout(tmp_path: Path, demo_checkpoint: Path, capsys: Any) -> 
     assert code == EXIT_OK
     row = json.loads(io.StringIO(capsys.readouterr().out).readline())
     assert row["text"] == "hi" and isinstance(row["flagged"], bool)
+
+
+# ------------------------------------- JSONL rows whose keys differ, in a CSV output (#19)
+
+
+class _Interrupting(_CrashingScorer):
+    """Scores `calls` chunks, then stops as SIGTERM does (the CLI's `Interrupted`)."""
+
+    def score(self, items: Sequence[ClassifyItem]) -> list[Outcome]:
+        if self.calls == 0:
+            raise Interrupted(signal.SIGTERM)
+        return super().score(items)
+
+
+def cli_scorer(monkeypatch: pytest.MonkeyPatch, scorer: Any) -> None:
+    """The CLI scores with `scorer` (the session's demo runtime) instead of loading a model."""
+    monkeypatch.setattr(batch, "make_scorer", lambda ns, files=(): scorer)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+VARYING = [
+    {"id": 1, "text": "hello there"},
+    {"text": "good morning", "late": {"x": [1, "é"]}, "id": 2},  # a new key, another order
+    {"id": 3, "note": 'a,"quoted"\nline'},  # no text: its row's error, its keys still copied
+    {"late": None, "text": "what a day", "score": 5.5, "flag": False},
+    {},
+    {"note": "=1+1", "text": "bye", "id": "7"},
+]
+
+
+def test_jsonl_keys_the_first_row_lacks_get_columns_of_their_own_in_csv(
+    tmp_path: Path, scorer: LocalScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.csv"
+    write_jsonl(inp, VARYING)
+    cli_scorer(monkeypatch, scorer)
+    args = ["batch", str(inp), "-o", str(out), "--text-column", "text", "--batch-size", "2"]
+    assert main([*args, "--max-failed-rows", "2"]) == EXIT_OK
+    header, *lines = read_csv_rows(out)
+    keys = ["id", "text", "late", "note", "score", "flag"]  # every key, in first-seen order
+    assert header[: len(keys)] == keys and header[len(keys)] == "category"
+    assert len(lines) == len(VARYING)
+    for given, line in zip(VARYING, lines, strict=True):
+        assert len(line) == len(header)  # nothing shifted into the added columns
+        cells = dict(zip(header, line, strict=True))
+        # Every value under its own key: text as is, anything else as its JSON.
+        for key in keys:
+            value = given.get(key)
+            expected = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            assert cells[key] == ("" if value is None else expected), (key, given)
+        if "text" in given:
+            assert cells["error"] == "" and cells["flagged"] in ("true", "false")
+        else:
+            assert cells["error"] == "missing column 'text' in this row"
+    assert json.loads(dict(zip(header, lines[1], strict=True))["late"]) == {"x": [1, "é"]}
+
+
+@pytest.mark.parametrize("name", ["out.csv", "out.csv.gz"])
+def test_an_interrupted_csv_of_varying_jsonl_resumes_to_the_same_bytes(
+    tmp_path: Path,
+    scorer: LocalScorer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    inp = tmp_path / "in.jsonl.gz"
+    rows = [{"n": i, "text": f"comment {i}", f"k{i % 3}": i} for i in range(10)]
+    rows.insert(8, {"text": "a key only this late row has", "late": [1]})  # after the stop
+    write_jsonl(inp, rows)
+    whole, out = tmp_path / ("whole-" + name), tmp_path / name
+    args = ["batch", str(inp), "--text-column", "text", "--batch-size", "3"]
+    cli_scorer(monkeypatch, scorer)
+    assert main([*args, "-o", str(whole)]) == EXIT_OK
+    cli_scorer(monkeypatch, _Interrupting(scorer, 2))
+    assert main([*args, "-o", str(out)]) == 128 + signal.SIGTERM
+    assert "--resume" in capsys.readouterr().err
+    journal = Progress.load(Path(str(out) + ".progress"))
+    assert journal.rows == 6 and journal.columns == ["n", "text", "k0", "k1", "k2", "late"]
+    with open(out, "ab") as f:
+        f.write(b"half a row after the last commit")
+    cli_scorer(monkeypatch, scorer)
+    assert main([*args, "-o", str(out), "--resume"]) == EXIT_OK
+    assert "11 rows: 11 scored, 0 failed" in capsys.readouterr().err
+    assert out.read_bytes() == whole.read_bytes()
+    header, *lines = read_csv_rows(out)
+    assert header[6] == "category" and all(len(line) == len(header) for line in lines)
+    assert lines[8][5] == "[1]"  # the late key's value under its own column
+
+
+def test_a_key_the_input_gains_after_the_job_began_is_its_rows_error(
+    tmp_path: Path,
+    scorer: LocalScorer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A CSV output's header is written once: rows appended to the input with a new key, then
+    resumed, cannot get a column. Each is an error row naming its line and the key, its other
+    keys copied under their columns; no row is dropped, no cell shifted."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.csv"
+    write_jsonl(inp, [{"id": i, "text": f"row {i}"} for i in range(6)])
+    args = ["batch", str(inp), "-o", str(out), "--text-column", "text", "--batch-size", "3"]
+    cli_scorer(monkeypatch, _Interrupting(scorer, 1))
+    assert main(args) == 128 + signal.SIGTERM
+    with open(inp, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": 6, "text": "new", "lang": "en", "x" * 5000: 1}) + "\n")
+        f.write(json.dumps({"text": "old keys only", "id": 7}) + "\n")
+    cli_scorer(monkeypatch, scorer)
+    assert main([*args, "--resume"]) == EXIT_FAILED_ROWS
+    assert "8 rows: 7 scored, 1 failed" in capsys.readouterr().err
+    header, *lines = read_csv_rows(out)
+    assert header[:3] == ["id", "text", "category"] and len(lines) == 8
+    assert all(len(line) == len(header) for line in lines)
+    gained = dict(zip(header, lines[6], strict=True))
+    assert (gained["id"], gained["text"]) == ("6", "new")
+    assert (
+        gained["error"].startswith("line 7: key(s) 'lang', 'xxxx")
+        and "--overwrite" in gained["error"]
+    )
+    assert len(gained["error"]) < 400  # the 5,000-character key is quoted, not copied
+    assert dict(zip(header, lines[7], strict=True))["error"] == ""
+
+
+def test_a_later_jsonl_key_that_the_output_adds_is_refused(
+    tmp_path: Path, scorer: LocalScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file: refused before scoring, as a first row's would be (exit 2). Standard input, which
+    is read once, with a JSONL output: that row's error (its `flagged` would be overwritten)."""
+    rows = [{"text": "hi"}, {"text": "there", "flagged": "by a human"}]
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, rows)
+    cli_scorer(monkeypatch, scorer)
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", str(inp), "-o", str(out), "--text-column", "text"]) == EXIT_USAGE
+    assert not out.exists()
+    stdin = io.TextIOWrapper(io.BytesIO(inp.read_bytes()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    progress = run(job("-", out), scorer)  # type: ignore[arg-type]
+    assert (progress.rows, progress.failed) == (2, 1)
+    scored = jsonl(out)
+    assert scored[0]["error"] is None
+    assert scored[1]["error"].startswith("line 2: key(s) 'flagged' are fields the output adds")

@@ -10,7 +10,8 @@ bounded. `HOSTILE_REPORT=path` writes the figures as JSON (docs/reliability.md q
 The HTTP part (issue #19) replays hostile JSON bodies, raw garbage and hostile headers to every
 route of `HTTP_ROUTES` (one line per route: a route added to the listener joins the replay with
 its line), with health probed on both transports: no 5xx, error bodies under 2 kB, every
-health answer SERVING in under 1 s.
+health answer SERVING in under 1 s. The WebSocket route has a driver of its own, with the same
+seed and size knob (`tests/test_hostile_websocket.py`).
 """
 
 from __future__ import annotations

@@ -325,14 +325,21 @@ def test_the_servicer_caps_its_status_messages() -> None:
 
     from moderation.core.errors import InvalidArgument
     from moderation.serving.grpc.errors import abort_with
+    from moderation.serving.http.status import field_of
 
     sent: list[str] = []
+    fields: list[str | None] = []
 
     class Context:
         async def abort(self, code: Any, details: str, metadata: Any = ()) -> None:
             sent.append(details)
+            fields.append(field_of(metadata))
             raise grpc.aio.AbortError()
 
     with pytest.raises(grpc.aio.AbortError):
         asyncio.run(abort_with(Context(), InvalidArgument("text", "x" * 10_000)))  # type: ignore[arg-type]
     assert 0 < len(sent[0]) <= 515
+    # the field too (in the rich details, which travel as metadata): it can be a caller's key
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(abort_with(Context(), InvalidArgument("k" * 10_000, "unknown field")))  # type: ignore[arg-type]
+    assert 0 < len(fields[1] or "") <= 515 and len(sent[1]) <= 515

@@ -427,6 +427,40 @@ def test_silence_while_a_verdict_is_owed_is_not_idleness() -> None:
     asyncio.run(main())
 
 
+def test_a_read_cancelled_as_the_stream_ends_leaves_no_unretrieved_error() -> None:
+    """A caller that hangs up ends its stream and cancels the call at once (aiohttp's handler
+    cancellation): the read that ended must not be logged as an error "never retrieved"."""
+    import gc
+
+    from moderation.serving.grpc.moderate_stream import _next
+
+    async def main() -> list[dict[str, Any]]:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: errors.append(context)
+        )
+        gate = asyncio.Event()
+
+        async def requests() -> Any:
+            await gate.wait()
+            return
+            yield  # an async generator that ends when the gate opens
+
+        reading = asyncio.create_task(_next(requests(), 10.0))
+        await asyncio.sleep(0.01)
+        gate.set()  # the stream ends: the pending read finishes first...
+        reading.cancel()  # ...and the call is cancelled in the same turn of the loop
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        del reading
+        gc.collect()
+        await asyncio.sleep(0)
+        return errors
+
+    errors = asyncio.run(main())
+    assert not [e for e in errors if "never retrieved" in str(e.get("message"))], errors
+
+
 def test_an_answer_past_the_prompts_room_is_refused(served: InProcessServer) -> None:
     """The answer may take what Classify would take whole beside its context (the `room`
     Planner.plan_answer_stream gives): past it, INVALID_ARGUMENT naming `delta`."""

@@ -85,7 +85,7 @@ def where(monkeypatch: pytest.MonkeyPatch) -> Where:
     recorder.record(bodies, "decode")  # an HTTP body
     recorder.record(Planner, "plan_answer_stream")  # a ModerateStream's opening message
     recorder.record(AnswerTokens, "push")  # its deltas
-    recorder.record(websocket_route, "_parse")  # a WebSocket message
+    recorder.record(websocket_route, "parse_message")  # a WebSocket message
     return recorder
 
 
@@ -143,8 +143,8 @@ def test_moderate_stream_over_a_websocket_parses_and_plans_by_size(
         answers = asyncio.run(websocket(served.settings.http_port, stream_messages(text)))
         assert answers[-1]["result"]["complete"], answers[-1]
         # Three messages parsed: the open and the delta carry the text, `done` is small.
-        assert where.take("_parse", "plan_answer_stream", "push") == {
-            "_parse": [threaded, threaded, False],
+        assert where.take("parse_message", "plan_answer_stream", "push") == {
+            "parse_message": [threaded, threaded, False],
             "plan_answer_stream": [threaded],
             "push": [threaded],
         }, text

@@ -94,6 +94,9 @@ class Progress:
     flagged: dict[str, int] = field(default_factory=dict)
     complete: bool = False  # the whole input is in OUT: --resume has nothing left to do
     input_bytes: int | None = None  # the input's size when it completed
+    # A CSV output of a JSONL input: the input columns its header has (all the keys the input
+    # had when the job began), which the rows appended on --resume must keep.
+    columns: list[str] | None = None
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -242,20 +245,18 @@ def _named(row: Row, columns: list[str]) -> dict[str, str | None]:
     return dict(zip(columns, values, strict=False))
 
 
-def _jsonl(reader: formats.JsonlReader) -> Iterator[Row]:
-    for cells, values in reader.rows():
-        yield Row(reader.number, cells, values=values)
-
-
-def read_input(job: BatchJob, raw: io.RawIOBase) -> Input:
+def read_input(job: BatchJob, raw: io.RawIOBase, columns: list[str] | None = None) -> Input:
     """The input's columns and rows, in the format its name says (`formats`); a new format
-    plugs in here, as a reader giving an `Input`."""
+    plugs in here, as a reader giving an `Input`. A JSONL input's columns are `columns` (a
+    resumed job's) or every key of the file."""
     try:
         if formats.format_of(job.input, job.output) == formats.JSONL:
+            if columns is None and job.input != "-":  # standard input is read once
+                columns = formats.jsonl_columns(job.input, job.encoding)
             # Decoded line by line, as CSV: an invalid byte names its line, not a chunk's.
             lines = DecodedLines(formats.binary_input(raw, job.input), job.encoding)
-            reader = formats.JsonlReader(lines, job.input)  # type: ignore[arg-type]
-            source = Input(reader.header, _jsonl(reader))
+            reader = formats.JsonlReader(lines, job.input, columns)  # type: ignore[arg-type]
+            source = Input(reader.header, formats.jsonl_rows(reader))
         else:
             binary = formats.binary_input(raw, job.input)
             source = read_csv(binary, encoding=job.encoding, delimiter=job.delimiter)
@@ -337,8 +338,12 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     total = None if job.input == "-" else os.fstat(raw.fileno()).st_size
     counting = CountingReader(raw)
     jsonl = formats.format_of(job.input, job.output) == formats.JSONL
+    jsonl_output = formats.format_of(job.output, job.input) == formats.JSONL
+    resumed = bool(progress.rows or progress.output_bytes)
+    # A CSV output's header is written once: a resumed job keeps its columns.
+    committed = progress.columns if jsonl and not jsonl_output and resumed else None
     try:
-        source = read_input(job, counting)
+        source = read_input(job, counting, committed)
     except BaseException:
         if raw is not sys.stdin.buffer:
             raw.close()
@@ -346,17 +351,19 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
     header = source.columns
     conversations = job.messages_column is not None
     columns = output_columns(header, policy, conversations=conversations)
+    if jsonl and not jsonl_output:
+        progress.columns = header
 
     if to_stdout:
         out: IO[str] = sys.stdout
-    elif progress.rows or progress.output_bytes:
+    elif resumed:
         out = formats.open_output(job.output, "r+")
         out.truncate(progress.output_bytes)  # drop rows written after the last commit
         out.seek(progress.output_bytes)
     else:
         out = formats.open_output(job.output, "w")
     writer: Any
-    if formats.format_of(job.output, job.input) == formats.JSONL:
+    if jsonl_output:
         writer = formats.JsonlWriter(out, len(header), columns)
     elif jsonl:
         writer = formats.CsvWriter(out, job.delimiter)
@@ -374,6 +381,9 @@ def run(job: BatchJob, scorer: Scorer, *, reporter: ProgressReporter | None = No
         writer.writerow(columns)
         commit()
     rows = source.rows
+    if jsonl:
+        added = columns[len(header) :]
+        rows = formats.keys_outside_the_columns(rows, header, added, csv_output=not jsonl_output)
     try:
         for _ in range(progress.rows):  # already committed by an earlier run
             next(rows)

@@ -5,10 +5,15 @@ trailing `.gz` compresses either; `-` (stdin, stdout) takes the other side's for
 batch flow (`moderation.jobs.batch`) stays one: it reads `(cells, row)` pairs and writes rows
 through a `writerow` writer, whatever the format:
 
-- JSONL input: one JSON object per line. The header is the first object's keys; a key missing
-  from a later object reads as a missing column (`None`), and keys the first object lacked are
-  carried through (`Extra`) so that every input key reaches the output unchanged, values of any
-  JSON type included (the OpenAI samples file scores as is).
+- JSONL input: one JSON object per line. The columns are every key of every object, in the
+  order they first appear (`jsonl_keys`, a first pass over the file: one more read and JSON
+  decoding of the input, no model work; standard input, which cannot be read twice, takes the
+  first object's keys). A key missing from an object reads as a missing column (`MISSING`:
+  an empty CSV cell, left out of a JSONL object); a key outside the columns (standard input's
+  later keys, or keys an input gained since a resumed job began) is carried as `Extra`, values
+  of any JSON type included (the OpenAI samples file scores as is). Why not the first object's
+  keys: a CSV output's columns are fixed by its header, and a key the first object lacked had
+  no column of its own (its cell went under the scores).
 - JSONL output: the input object, then the added fields typed (`flagged` a boolean, scores
   numbers, `error` null when the row was scored).
 - gzip output keeps the journal's guarantee (a commit's end is a place to truncate and append
@@ -19,7 +24,9 @@ through a `writerow` writer, whatever the format:
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import gzip
 import io
 import json
@@ -27,6 +34,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+
+from moderation.core.errors import prefix
+from moderation.jobs.csv_input import Row
 
 CSV = "csv"
 JSONL = "jsonl"
@@ -131,17 +141,39 @@ MISSING: Any = object()
 """A header key that a JSONL row lacks: left out of its output, like a short CSV row's cells."""
 
 
-class JsonlReader:
-    """Rows of a JSONL input as the batch flow reads CSV rows: a header, then (cells, row)."""
+def jsonl_keys(binary: IO[bytes], encoding: str) -> list[str]:
+    """Every key of a JSONL input's objects, in the order they first appear. Lines that are not
+    JSON objects are passed over (the reading pass stops at the first, naming it; the keys
+    after it are the columns a resumed job needs once the line is fixed)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    keys: dict[str, None] = {}  # insertion-ordered, as a set is not
+    try:
+        for data in binary:
+            try:
+                line = decoder.decode(data)
+                value = json.loads(line) if line.strip() else None
+            except ValueError:  # not UTF-8 (the decoder starts afresh), not JSON
+                decoder.reset()
+                continue
+            if isinstance(value, dict):
+                keys.update(dict.fromkeys(value))
+    except READ_ERRORS:  # a broken gzip stream: the reading pass says where
+        pass
+    return list(keys)
 
-    def __init__(self, text: IO[str], name: str):
+
+class JsonlReader:
+    """Rows of a JSONL input as the batch flow reads CSV rows: a header, then (cells, row).
+    The header is `columns` (see `jsonl_keys`) or, without it, the first object's keys."""
+
+    def __init__(self, text: IO[str], name: str, columns: list[str] | None = None):
         self.name = name
         self.lines = iter(text)
         self.number = 0
         first = self._next_object()
         if first is None:
             raise FormatError(f"{name}: empty file, no JSON object")
-        self.header: list[str] = list(first)
+        self.header: list[str] = list(first) if columns is None else columns
         self.first: dict[str, Any] | None = first
 
     def _next_object(self) -> dict[str, Any] | None:
@@ -165,8 +197,54 @@ class JsonlReader:
             if obj is None:
                 return
             cells = [obj.get(k, MISSING) for k in self.header]
-            cells += [Extra(k, v) for k, v in obj.items() if k not in self.header]
-            yield cells, {k: cell_text(obj.get(k)) for k in self.header}
+            known = self.known
+            cells += [Extra(k, v) for k, v in obj.items() if k not in known]
+            # The row's own keys only (a column it lacks reads as None all the same): a file
+            # of many sparse keys has hundreds of columns.
+            yield cells, {k: cell_text(v) for k, v in obj.items()}
+
+    @functools.cached_property
+    def known(self) -> frozenset[str]:
+        return frozenset(self.header)
+
+
+def jsonl_rows(reader: JsonlReader) -> Iterator[Row]:
+    """The reader's rows as the batch flow reads every format's."""
+    for cells, values in reader.rows():
+        yield Row(reader.number, cells, values=values)
+
+
+def jsonl_columns(path: str, encoding: str) -> list[str]:
+    """Every key of a JSONL input file (`jsonl_keys`: a first pass over it)."""
+    with open(path, "rb", buffering=0) as raw:
+        return jsonl_keys(binary_input(raw, path), encoding)
+
+
+def keys_outside_the_columns(
+    rows: Iterator[Row], columns: list[str], added: list[str], *, csv_output: bool
+) -> Iterator[Row]:
+    """JSONL rows whose keys have no place in the output, made error rows naming them (the
+    row's other keys are copied): in a CSV output, a key outside the header's columns (an
+    input that gained it after a resumed job began); in a JSONL output, a key the output adds
+    (standard input, not scanned first), which the added field would overwrite."""
+    n, reserved = len(columns), frozenset(added)
+    for row in rows:
+        extra = [cell.key for cell in row.cells[n:] if isinstance(cell, Extra)]
+        refused = extra if csv_output else [k for k in extra if k in reserved]
+        if not refused:
+            yield row
+            continue
+        names = ", ".join(repr(prefix(k)) for k in refused[:5])
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        why = (
+            "not columns of the output (the input gained them after this job began: rerun "
+            "with --overwrite to give them columns)"
+            if csv_output
+            else "fields the output adds (rename them in the input)"
+        )
+        kept = row.cells[:n] if csv_output else [c for c in row.cells if c not in refused]
+        error = f"line {row.line}: key(s) {names}{more} are {why}; the other keys are copied"
+        yield Row(row.line, kept, error, row.values)
 
 
 def cell_text(value: Any) -> str | None:
@@ -222,14 +300,12 @@ class JsonlWriter:
 
 def csv_cell(value: Any) -> Any:
     """A JSONL input's value in a CSV output: text as is, absent as empty, any other value as
-    its JSON; a key the header lacked as `key=JSON` after the columns (like a long row's
-    cells)."""
+    its JSON. (A key outside the columns never gets here: its row is an error row that names
+    it, `keys_outside_the_columns`.)"""
     if isinstance(value, str):
         return value
     if value is MISSING or value is None:
         return ""
-    if isinstance(value, Extra):
-        return f"{value.key}={json.dumps(value.value, ensure_ascii=False)}"
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -59,6 +59,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     """End the call with the status of `exc` (raises grpc.aio.AbortError)."""
     code, message, bad_field = status_for(exc)
     message = capped(message)  # the one cap of both transports (serving.calls)
+    bad_field = bad_field and capped(bad_field)  # a field can be a caller's key
     current_call().fields["error"] = message
     if code is grpc.StatusCode.INTERNAL:
         log.error("request failed", exc_info=exc)

@@ -165,6 +165,10 @@ async def _next(
     finally:
         if not pending.done():
             pending.cancel()
+        elif not pending.cancelled():
+            # Cancelled (the caller hung up) just as its stream ended: the read's outcome is
+            # moot, but unretrieved it would be logged as an error at garbage collection.
+            pending.exception()
 
 
 async def _read(

@@ -121,9 +121,14 @@ def check_counts(value: Any, descriptor: Any, limits: Limits, path: str = "") ->
         return
     for key, item in value.items():
         fd = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
-        if fd is None or fd.message_type is None or not isinstance(item, list):
+        if fd is None or fd.message_type is None:
             continue
         where = f"{path}.{fd.name}" if path else fd.name
+        if isinstance(item, Mapping) and not fd.is_repeated:  # ModerateStream's `open`
+            check_counts(item, fd.message_type, limits, where)
+            continue
+        if not isinstance(item, list):
+            continue
         kind = COUNTED.get(fd.name)
         if kind is not None:
             error = too_many(where, len(item), limits, kind)

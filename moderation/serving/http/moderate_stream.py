@@ -15,9 +15,13 @@ route) and the server closes with 1000 after the last verdict, 1013 (try again l
 is loading, draining or full, 1008 after a caller's error, 1011 after its own. The upgrade
 request has every limit of the other routes: the bearer token (401 before any upgrade),
 `grpc-timeout` (the whole call: the request's one deadline, `exchange`), `x-request-id`, one
-log line; a message over --max-message-bytes closes the socket (1009); messages are parsed
-where the planning rule puts their bytes (`planning_threads`, as every body); the servicer
-enforces the rest (open checks, answer length, idle time).
+log line. Each message has every limit of a request body: over --max-message-bytes closes the
+socket (1009); nesting, JSON values and counts are checked on the bytes before anything walks
+them (`bodies`), and errors are capped as every route's are. Only aiohttp's frame reader
+(unmasking, UTF-8) runs on the event loop for every message; a message is parsed where the
+planning rule puts its size (`planning_threads`, as every body: small ones on the loop, larger
+ones on the planning threads). The servicer enforces the rest (open checks, answer length, idle
+time between messages: pings do not count as messages).
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import grpc
 from aiohttp import web
 
 from moderation.core.errors import InvalidArgument
+from moderation.serving.http import bodies, transcoding
 from moderation.serving.http import exchange as http_exchange
-from moderation.serving.http import transcoding
 from moderation.serving.http.context import HttpContext
 from moderation.serving.http.status import CallError
 from moderation.serving.planning_threads import PlanningThreads
@@ -42,26 +46,28 @@ from moderation.v1 import moderation_pb2 as pb
 PATH = "/v1/moderate/stream"
 
 
-def _parse(data: str) -> pb.ModerateStreamRequest:
+def parse_message(data: str, limits: bodies.Limits) -> pb.ModerateStreamRequest:
+    """One text message as a request, within the limits every other route's body has (nesting,
+    JSON values and counts checked before anything walks it); InvalidArgument otherwise."""
     try:
-        return cast(
-            pb.ModerateStreamRequest,
-            transcoding.parse(json.loads(data), pb.ModerateStreamRequest),
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument("message", f"not JSON: {exc}") from exc
+        if not data:  # an empty HTTP body means {}, an empty message is no JSON at all
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "an empty message, not JSON")
+        value = bodies.decode(data.encode(), limits, batch=False)
+        bodies.check_counts(value, pb.ModerateStreamRequest.DESCRIPTOR, limits)
+        return cast(pb.ModerateStreamRequest, transcoding.parse(value, pb.ModerateStreamRequest))
     except CallError as exc:  # the servicer maps domain errors, not HTTP ones
-        raise InvalidArgument(exc.field or "message", exc.message) from exc
+        field = exc.field or "message"
+        raise InvalidArgument(field, exc.message.removeprefix(f"{field}: ")) from None
 
 
 async def _requests(
-    ws: web.WebSocketResponse, planning: PlanningThreads
+    ws: web.WebSocketResponse, limits: bodies.Limits, planning: PlanningThreads
 ) -> AsyncIterator[pb.ModerateStreamRequest]:
     """The caller's messages; the stream ends when the socket closes (a caller that hangs
     up ends its check: it never said `done`)."""
     async for message in ws:
         if message.type == aiohttp.WSMsgType.TEXT:
-            yield await planning.run(len(message.data), _parse, message.data)
+            yield await planning.run(len(message.data), parse_message, message.data, limits)
         elif message.type == aiohttp.WSMsgType.BINARY:
             raise InvalidArgument("message", "expected JSON text messages, got a binary one")
         else:  # an error (a message too large closes the socket), or a close
@@ -92,6 +98,7 @@ def close_code(code: grpc.StatusCode) -> int:
 def handler(
     servicer: Any,
     *,
+    limits: bodies.Limits,
     max_message_bytes: int,
     heartbeat: float,
     planning: PlanningThreads,
@@ -99,14 +106,20 @@ def handler(
     note: Callable[[CallError | None], dict[str, str]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The route's handler (the listener's middleware has checked the token already).
-    `note(error)` records the call for its log line and gives the headers to answer with."""
+    `planning` parses large messages off the loop; `note(error)` records the call for its log
+    line and gives the headers to answer with."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             deadline = http_exchange.deadline()
         except CallError as exc:
             return error_answer(request, exc)
-        ws = web.WebSocketResponse(max_msg_size=max_message_bytes, heartbeat=heartbeat)
+        # No permessage-deflate: aiohttp inflates a message on the event loop, so a 4 KB
+        # frame of spaces would cost the loop what 4 MiB of wire does (~15 ms); the answers
+        # are small JSON and the deltas a few words, so compression saves callers little.
+        ws = web.WebSocketResponse(
+            max_msg_size=max_message_bytes, heartbeat=heartbeat, compress=False
+        )
         ws.headers.update(note(None))
         if not ws.can_prepare(request).ok:
             return error_answer(
@@ -118,9 +131,8 @@ def handler(
             )
         await ws.prepare(request)
         context = HttpContext(deadline)
-        answers = servicer.ModerateStream(
-            _requests(ws, planning), cast(grpc.aio.ServicerContext, context)
-        )
+        requests = _requests(ws, limits, planning)
+        answers = servicer.ModerateStream(requests, cast(grpc.aio.ServicerContext, context))
         error: CallError | None = None
         try:
             async with http_exchange.within():
@@ -138,6 +150,7 @@ def handler(
             if error is None:
                 await ws.close(code=aiohttp.WSCloseCode.OK)
             else:
+                error = error.capped()  # as every other route's errors are
                 note(error)
                 await ws.send_str(json.dumps(error.body()))
                 await ws.close(code=close_code(error.code), message=error.code.name.encode())

@@ -34,7 +34,6 @@ from moderation.serving.calls import (
     BearerToken,
     CallRecord,
     bind_call,
-    capped,
     log_level,
     new_request_id,
 )
@@ -146,6 +145,7 @@ class HttpServer:
             moderate_stream.PATH,
             moderate_stream.handler(
                 servicer,
+                limits=self.limits,
                 max_message_bytes=settings.max_message_bytes,
                 heartbeat=settings.keepalive_time,
                 planning=self.planning,
@@ -261,10 +261,7 @@ class HttpServer:
         )
 
     def _error(self, request: web.Request, exc: CallError) -> web.Response:
-        # Capped as the gRPC side caps its status messages: the one function for both.
-        exc = CallError(
-            exc.code, capped(exc.message), exc.field and capped(exc.field), exc.http_status
-        )
+        exc = exc.capped()  # as the gRPC side caps its status messages: one function for both
         http_exchange.note_error(exc)
         record = http_exchange.current().record
         info = request.match_info

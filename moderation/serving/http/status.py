@@ -16,6 +16,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from moderation.core.errors import prefix
+from moderation.serving.calls import capped
 
 StatusCode = grpc.StatusCode
 
@@ -58,6 +59,12 @@ class CallError(Exception):
     @property
     def status(self) -> int:
         return self.http_status or HTTP_STATUS.get(self.code, 500)
+
+    def capped(self) -> CallError:
+        """The error as it is sent and logged: its message and field within the one cap of
+        both transports (`serving.calls.capped`), whatever produced them."""
+        field = self.field and capped(self.field)
+        return CallError(self.code, capped(self.message), field, self.http_status)
 
     def body(self) -> dict[str, Any]:
         """The listener's error shape (the proto's service comment documents it)."""
