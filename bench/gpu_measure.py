@@ -377,7 +377,8 @@ def decisions(fig: FigureFile, engine: Engine) -> None:
     tok = Tokenizer.from_file(mistral_common_tokenizer_path("v1"))
     planner = Planner(tok, ModelLimits.of(engine), policies=BUILTIN_POLICIES)
     classifier = Classifier(engine, tok, planner, model_id="random 7B")
-    classifier.warm_up()  # the server pre-fills the policies' prefixes at start-up
+    # A server that names the policy (--policy, --warm-policies) pre-fills it at start-up.
+    classifier.warm_up(["mistral-13"])
     words = SENTENCE.split()
     texts = []
     for i in range(SETUP.decision_rounds * engine.score_batch_size):

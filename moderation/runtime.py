@@ -27,7 +27,7 @@ from moderation.core.generation import DEFAULT_STREAM_CHECK_TOKENS
 from moderation.core.guarded import GuardedGenerator
 from moderation.core.limits import DEFAULT_MAX_CONTEXT, ModelLimits
 from moderation.core.limits import DTYPES as DTYPES  # where the server's settings look for it
-from moderation.core.planning import Planner
+from moderation.core.planning import Planner, check_warm_policies
 from moderation.core.policy import Policy, PolicyError, load_policy_file
 from moderation.core.thresholds import check_operating_point, load_operating_points
 
@@ -49,6 +49,8 @@ class RuntimeSettings:
     policy_files: tuple[str, ...] = ()
     thresholds: tuple[str, ...] = ()  # operating points by policy (core.thresholds)
     policy: str = DEFAULT_POLICY
+    # Pre-filled at a server's start-up besides the ones it names (Planner.start_up_policies).
+    warm_policies: tuple[str, ...] = ()
     threshold: float = 0.5
     long_text: str = "reject"
     max_text_tokens: int | None = None
@@ -197,6 +199,7 @@ def check_policies(settings: RuntimeSettings) -> None:
         )
     for point in load_operating_points(settings.thresholds).values():
         check_operating_point(point, policies)
+    check_warm_policies(settings.warm_policies, policies)
 
 
 def load_policies(paths: Sequence[str | Path]) -> dict[str, Policy]:
@@ -226,6 +229,7 @@ def make_planner(
         max_new_tokens_limit=settings.max_new_tokens,
         stream_check_tokens=settings.stream_check_tokens,
         operating_points=load_operating_points(settings.thresholds),
+        warm_policies=settings.warm_policies,
     )
 
 

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from moderation.runtime import Runtime
 from moderation.serving.grpc.server import Server
+from moderation.serving.logs import configure_logging
 from moderation.serving.settings import ServeSettings
 from moderation.serving.worker.loader import load_from_settings
 
@@ -97,6 +99,18 @@ def demo_server(checkpoint: Path, **settings: Any) -> Iterator[InProcessServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def captured_logs(level: str = "info") -> Iterator[list[dict[str, Any]]]:
+    """The structlog events at `level` and above logged in the block (by any thread), whatever
+    level an earlier test's command left configured; structlog's defaults after."""
+    configure_logging(level)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.reset_defaults()
 
 
 def invalid_field(err: grpc.RpcError) -> str:

@@ -4,7 +4,8 @@ Every label of the policy (and the acceptable label) is scored as the model's an
 engine's log-probabilities, never parsed from free text. The probabilities over the labels give
 a score per category, the flagged decision, per-category decisions and the same scores summed
 onto the paper's three categories. The instruction prefix of each (policy, role) is pre-filled
-once and reused by every request.
+once and reused by every request: the server's start-up policies before it serves
+(`warm_up`), any other policy's on its first request.
 """
 
 from __future__ import annotations
@@ -202,14 +203,36 @@ class Classifier:
         return self._continuations[policy.name]
 
     def _prefix(self, tokens: tuple[int, ...]) -> Prefix:
+        # Filled on first use without a lock: like the engine, the classifier runs on one
+        # thread (the scheduler's), so two requests of a new policy, in one batch or in two
+        # ticks, find the first one's prefix here and never pre-fill it twice.
         prefix = self._prefixes.get(tokens)
         if prefix is None:
             prefix = self.engine.prefill_prefix(tokens)
             self._prefixes[tokens] = prefix
         return prefix
 
-    def warm_up(self) -> None:
-        """Pre-fill every policy's prefixes now rather than on the first request."""
-        if self.reuse_prefix:
-            for prefix in self.planner.prefixes():
-                self._prefix(prefix)
+    def warm_up(self, policies: Sequence[str] | None = None) -> list[str]:
+        """Pre-fill the prefixes of `policies` (the planner's start-up policies by default)
+        now rather than on their first request; returns the policies pre-filled."""
+        if not self.reuse_prefix:
+            return []
+        names = self.planner.start_up_policies() if policies is None else list(policies)
+        for prefix in self.planner.prefixes(names):
+            self._prefix(prefix)
+        return names
+
+    @property
+    def cached_prefixes(self) -> frozenset[tuple[int, ...]]:
+        """The prefixes pre-filled so far, by their tokens."""
+        return frozenset(self._prefixes)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Memory the pre-filled prefixes hold (outside the engine's memory plan)."""
+        return sum(p.snapshot.nbytes for p in self._prefixes.values())
+
+    def prefix_bytes(self, tokens: Sequence[int]) -> int:
+        """What pre-filling `tokens` would hold: the rows a cache slot keeps of them."""
+        plan = self.engine.memory
+        return min(len(tokens), plan.tokens_per_slot) * plan.bytes_per_token

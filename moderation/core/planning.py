@@ -8,7 +8,7 @@ process reports. No engine here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from model import Tokenizer
 from model.errors import TokenizerError
@@ -49,6 +49,20 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 
 
+ALL_POLICIES = "all"
+"""`warm_policies` naming this pre-fills every policy's prefixes at start-up."""
+
+
+def check_warm_policies(names: Iterable[str], policies: Mapping[str, Policy]) -> None:
+    """PolicyError unless every name is one of `policies` or ALL_POLICIES."""
+    for name in names:
+        if name != ALL_POLICIES and name not in policies:
+            raise PolicyError(
+                f"unknown policy to pre-fill {name!r}; known: {', '.join(sorted(policies))} "
+                f"(or {ALL_POLICIES})"
+            )
+
+
 LONG_TEXT_HINT = (
     "split them into windows with --long-text split (the server: MODERATION_LONG_TEXT=split)"
 )
@@ -75,15 +89,19 @@ class Planner:
         max_new_tokens_limit: int = 4096,
         stream_check_tokens: int = DEFAULT_STREAM_CHECK_TOKENS,
         operating_points: Mapping[str, OperatingPoint] | None = None,
+        warm_policies: Sequence[str] = (),
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.policies: dict[str, Policy] = {**BUILTIN_POLICIES, **(policies or {})}
+        self.custom_policies = tuple(policies or ())  # the policy files' names
         if default_policy not in self.policies:
             raise PolicyError(
                 f"default policy {default_policy!r} is not one of {sorted(self.policies)}"
             )
         self.default_policy = default_policy
+        check_warm_policies(warm_policies, self.policies)
+        self.warm_policies = tuple(warm_policies)
         check_threshold("threshold", threshold)
         self.threshold = threshold
         if long_text not in LONG_TEXT_MODES:
@@ -424,8 +442,19 @@ class Planner:
             0, self.max_text_tokens - planned.context_tokens
         )
 
-    def prefixes(self) -> Iterator[tuple[int, ...]]:
-        """The shared prefix of every (policy, role): what a classifier pre-fills once."""
-        for policy in self.policies.values():
+    def start_up_policies(self) -> list[str]:
+        """The policies whose prefixes a server pre-fills before serving: the default, the
+        policy files', those with an operating point (thresholds files) and `warm_policies`
+        (every policy with "all"). Any other policy's prefixes are pre-filled on first use: a
+        built-in policy no caller uses holds no memory outside the engine's plan."""
+        if ALL_POLICIES in self.warm_policies:
+            return list(self.policies)
+        named = [self.default_policy, *self.custom_policies, *self.operating_points]
+        return list(dict.fromkeys([*named, *self.warm_policies]))
+
+    def prefixes(self, policies: Iterable[str] | None = None) -> Iterator[tuple[int, ...]]:
+        """The shared prefix of each (policy, role) of `policies` (all by default): what a
+        classifier pre-fills once."""
+        for name in self.policies if policies is None else policies:
             for role in Role:
-                yield build_prefix(policy, role, self.tokenizer)
+                yield build_prefix(self.policies[name], role, self.tokenizer)

@@ -104,6 +104,7 @@ class Metrics:
     prefix_tokens: Counter
     decisions: Counter
     undecodable: Counter
+    stream_limit_reached: Counter
     model_stalled: Gauge
     threshold: Gauge
     queue_wait: Histogram
@@ -211,6 +212,11 @@ class Metrics:
                 "moderation_undecodable_requests",
                 "Request bodies that were not a valid message (answered INVALID_ARGUMENT)",
                 registry=r,
+            ),
+            stream_limit_reached=Counter(
+                "moderation_grpc_connection_stream_limit_reached",
+                "Times a gRPC connection reached --max-concurrent-streams calls in flight (its "
+                "next calls wait in the client or are refused with REFUSED_STREAM)", registry=r,
             ),
             model_stalled=Gauge(
                 "moderation_model_stalled",

@@ -212,6 +212,14 @@ class ServeSettings:
         "policy: the thresholds of requests of that policy that set none",
         metavar="PATHS",
     )
+    warm_policies: tuple[str, ...] = _setting(
+        (),
+        parse_list,
+        "comma-separated policies whose prompt prefixes are pre-filled before SERVING besides "
+        "the default policy and those of the policy and thresholds files (`all`: every "
+        "policy); any other policy's is pre-filled on its first request",
+        metavar="NAMES",
+    )
     threshold: float = _setting(
         0.5,
         parse_float,
@@ -724,6 +732,8 @@ def _validate(s: ServeSettings) -> None:
         fail("policy_files", "must be a tuple of paths")
     if not isinstance(s.thresholds, tuple):
         fail("thresholds", "must be a tuple of paths")
+    if not isinstance(s.warm_policies, tuple):
+        fail("warm_policies", "must be a tuple of policy names")
     if (s.tls_cert is None) != (s.tls_key is None):
         missing = "tls_key" if s.tls_key is None else "tls_cert"
         other = "tls_cert" if missing == "tls_key" else "tls_key"

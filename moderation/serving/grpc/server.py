@@ -32,6 +32,7 @@ from moderation.serving import interpreter, tracing
 from moderation.serving.front import Front
 from moderation.serving.grpc.interceptors import BearerTokenAuth, RequestTelemetry
 from moderation.serving.grpc.servicer import ModerationServicer, ServiceState
+from moderation.serving.grpc.stream_limit import StreamLimitWatch
 from moderation.serving.http.server import HttpServer
 from moderation.serving.metrics import Metrics
 from moderation.serving.settings import ServeSettings
@@ -76,7 +77,13 @@ class Server:
         self.state = ServiceState(settings=settings, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
         self.telemetry = RequestTelemetry(self.metrics)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]  # outermost: sees all
+        # Outermost first: the stream watch counts every call a connection holds (health,
+        # reflection and calls without a valid token hold a stream too); telemetry sees every
+        # ModerationService call.
+        self.stream_watch = StreamLimitWatch(
+            settings.max_concurrent_streams, self.metrics.stream_limit_reached.inc
+        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.stream_watch, self.telemetry]
         token = settings.resolve_auth_token()
         if token:
             interceptors.append(BearerTokenAuth(token))
