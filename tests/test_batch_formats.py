@@ -342,3 +342,19 @@ def test_a_later_jsonl_key_that_the_output_adds_is_refused(
     scored = jsonl(out)
     assert scored[0]["error"] is None
     assert scored[1]["error"].startswith("line 2: key(s) 'flagged' are fields the output adds")
+
+
+def test_a_refused_key_leaves_the_rows_other_values_in_place(
+    tmp_path: Path, scorer: LocalScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standard input, JSONL output: the refused key is dropped, not a value equal to its name
+    (the row's text here), which would shift the row's other cells."""
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"text": "hi", "note": "a"}, {"text": "flagged", "note": "b", "flagged": 1}])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(inp.read_bytes())))
+    out = tmp_path / "out.jsonl"
+    progress = run(job("-", out), scorer)  # type: ignore[arg-type]
+    assert (progress.rows, progress.failed) == (2, 1)
+    refused = jsonl(out)[1]
+    assert (refused["text"], refused["note"]) == ("flagged", "b"), refused
+    assert refused["error"].startswith("line 2: key(s) 'flagged'"), refused

@@ -242,7 +242,11 @@ def keys_outside_the_columns(
             if csv_output
             else "fields the output adds (rename them in the input)"
         )
-        kept = row.cells[:n] if csv_output else [c for c in row.cells if c not in refused]
+        kept = (
+            row.cells[:n]
+            if csv_output
+            else [c for c in row.cells if not (isinstance(c, Extra) and c.key in refused)]
+        )
         error = f"line {row.line}: key(s) {names}{more} are {why}; the other keys are copied"
         yield Row(row.line, kept, error, row.values)
 
