@@ -6,6 +6,7 @@ counts the calls each connection carries and reports when one fills (serving/grp
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,11 @@ from typing import Any
 import grpc
 import pytest
 
-from moderation.serving.grpc.stream_limit import ConnectionStreams, LimitWarning
+from moderation.serving.grpc.stream_limit import (
+    ConnectionStreams,
+    LimitWarning,
+    StreamLimitWatch,
+)
 from moderation.v1 import moderation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, captured_logs, demo_server
 
@@ -139,3 +144,47 @@ def test_the_warning_is_rate_limited_and_says_how_often() -> None:
         ("ipv4:10.0.0.1:1", 1),
         ("ipv4:10.0.0.4:4", 3),
     ]
+
+
+class _Peer:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_every_kind_of_call_is_counted_while_it_runs() -> None:
+    """Unary or streamed, each way: the call counts on its connection while it runs, and the
+    handler keeps its (de)serializers."""
+    watch = StreamLimitWatch(LIMIT, lambda: None)
+    seen: list[int] = []
+
+    async def unary(request: Any, context: Any) -> str:
+        seen.append(watch.streams.calls("ipv4:127.0.0.1:1"))
+        return "answer"
+
+    async def streamed(request: Any, context: Any) -> Any:
+        seen.append(watch.streams.calls("ipv4:127.0.0.1:1"))
+        yield "answer"
+
+    handlers = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler(unary, str, str),
+        "unary_stream": grpc.unary_stream_rpc_method_handler(streamed, str, str),
+        "stream_unary": grpc.stream_unary_rpc_method_handler(unary, str, str),
+        "stream_stream": grpc.stream_stream_rpc_method_handler(streamed, str, str),
+    }
+
+    async def call(kind: str) -> None:
+        async def continuation(details: Any) -> Any:
+            return handlers[kind]
+
+        wrapped = await watch.intercept_service(continuation, None)  # type: ignore[arg-type]
+        assert (wrapped.request_deserializer, wrapped.response_serializer) == (str, str)
+        behaviour = getattr(wrapped, kind)
+        if kind.endswith("stream"):
+            assert [a async for a in behaviour("request", _Peer())] == ["answer"]
+        else:
+            assert await behaviour("request", _Peer()) == "answer"
+
+    for kind in handlers:
+        asyncio.run(call(kind))
+    assert seen == [1, 1, 1, 1]
+    assert watch.streams.calls() == 0  # each closed after its call

@@ -65,7 +65,6 @@ COMPAT_PATHS = (OPENAI_PATH, MISTRAL_PATH, chat_route.PATH, discovery.MODELS_PAT
                 "/v1/models/{model}")  # fmt: skip
 NDJSON = "application/x-ndjson"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OnEvent = Callable[[Any], Awaitable[None]]
 
 
 class HttpMetrics:
@@ -396,7 +395,9 @@ class HttpServer:
 
         return handle
 
-    async def _run_stream(self, rpc: str, message: Message, on_event: OnEvent) -> CallError | None:
+    async def _run_stream(
+        self, rpc: str, message: Message, on_event: chat_route.OnEvent
+    ) -> CallError | None:
         """A server-streaming method of the servicer, each event handed to `on_event`, all
         within what is left of the request's deadline (as a gRPC deadline covers a stream to
         its end); the status it ended with, None when OK. Times the deltas as the gRPC stream

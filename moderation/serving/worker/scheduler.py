@@ -91,12 +91,6 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_items_per_pass = max_items_per_pass
         self.batch_wait = batch_wait  # seconds a pass may wait to fill (--batch-wait-ms)
-        # A full pass: what the classifier scores at once (larger batches run in groups of it).
-        self._full_pass = (
-            min(max_items_per_pass, int(self.engine.score_batch_size))
-            if batch_wait > 0
-            else max_items_per_pass
-        )
         self._tick_ended = 0.0  # time.monotonic() when the last tick ended
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -168,8 +162,8 @@ class Scheduler:
             self._cond.notify()
 
     def wait_for_work(self) -> bool:
-        """Block until there is work (and, with `batch_wait`, until the pass is full or its
-        oldest request has waited that long); False once closed and all work is done."""
+        """Block until there is work (and, with `batch_wait`, until the pass is full or the
+        wait is over: `gather_wait`); False once closed and all work is done."""
         with self._cond:
             while not self._pending and not self._busy() and not self._stopping:
                 self._cond.wait()
@@ -188,12 +182,14 @@ class Scheduler:
         """`gather_wait` with the lock held: tick_plan.gather_seconds on the queue's head."""
         if self.batch_wait <= 0 or not self._pending:
             return 0.0
-        head = list(itertools.islice(self._pending, self._full_pass))
+        # A full pass: what the classifier scores at once (larger batches run in groups of it).
+        full = min(self.max_items_per_pass, int(self.engine.score_batch_size))
+        head = list(itertools.islice(self._pending, full))
         return gather_seconds(
             now=time.monotonic(),
             since=max(head[0].queued_at, self._tick_ended),
             items=sum(j.items for j in head),
-            full=self._full_pass,
+            full=full,
             wait=self.batch_wait,
             # A queued generation waits for its first token; running ones for their next.
             busy=self._busy() or any(j.prep is not None for j in head),
