@@ -7,7 +7,9 @@ batching can raise (target >= 4x), and throughput at 32 callers over the classif
 in-process at batch 32 (measured in the same run, before the server starts and after it
 stops): what the serving path (gRPC, planning, the pipe, waking threads) leaves of the model's
 rate (target >= 90%). It also prints the classifier in-process at batch 32 vs batch 1: what
-batching could give at most on this machine, with no RPCs at all.
+batching could give at most on this machine, with no RPCs at all; and grpcio's own cost per
+call (`bare_grpc.py`, a Classify with nothing behind it), so that the serving path's own cost
+is printed apart from it, beside what the 90% target leaves it on this machine.
 
     python bench/service_bench.py [--model60m] [--requests N] [--rounds N] [--torch-threads N]
                                   [--no-model-process] [--batch-wait-ms MS]
@@ -148,6 +150,30 @@ def in_process_passes(model: Path | None, threads: int) -> tuple[dict[int, float
         torch.set_num_threads(before)
 
 
+def bare_grpc_cost(rounds: int, requests: int) -> tuple[float, float, float]:
+    """(decisions/s, server CPU ms per call, callers' CPU ms per call) of `bare_grpc.py` at 32
+    callers: grpcio's own cost per call here, under the front's (the serving path's own cost is
+    the difference)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("bare_grpc.py")), str(port)]
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=60)
+        rates, server_cpu, client_cpu = [], 0.0, 0.0
+        for _ in range(rounds):
+            used, client = cpu_seconds(server.pid), time.process_time()
+            rates.append(asyncio.run(run(address, 32, requests))[0])
+            client_cpu += time.process_time() - client
+            server_cpu += cpu_seconds(server.pid) - used
+        calls = rounds * (requests + 64)  # and 2 warm-up calls per caller
+        return statistics.median(rates), server_cpu / calls * 1e3, client_cpu / calls * 1e3
+    finally:
+        server.kill()
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model60m", action="store_true", help="the ~60M benchmark weights")
@@ -172,7 +198,14 @@ def main() -> None:
         default=0.0,
         help="the server's --batch-wait-ms (how long a pass may wait to fill)",
     )
+    parser.add_argument(
+        "--levels",
+        default="1,8,32",
+        help="callers per level, comma-separated; 1 and 32 are what the ratios use (64, twice "
+        "a full pass, shows what the passes would be if the callers were not one pass's worth)",
+    )
     ns = parser.parse_args()
+    levels = tuple(sorted({int(n) for n in ns.levels.split(",")} | {1, 32}))
     with tempfile.TemporaryDirectory() as tmp:
         model = bench_checkpoint(Path(tmp)) if ns.model60m else None
         cores = os.cpu_count() or 1
@@ -183,6 +216,9 @@ def main() -> None:
         extra = ["--model", str(model)] if model else []
         proc: subprocess.Popen[str] = start_subprocess_server(
             port, *extra, "--metrics-port", str(metrics_port), "--max-batch-size", "32",
+            # grpcio counts a finished call against this limit until its server side lets go
+            # of it, and refuses new streams past it: room over the callers on one channel.
+            "--max-concurrent-streams", str(max(100, 2 * max(levels))),
             "--log-level", "warning",
             *(["--torch-threads", str(ns.torch_threads)] if ns.torch_threads else []),
             *(["--no-model-process"] if ns.no_model_process else []),
@@ -199,7 +235,6 @@ def main() -> None:
                   f"--batch-wait-ms {ns.batch_wait_ms:g}; {machine()}")  # fmt: skip
             print(f"{'callers':>8} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
                   f"   (median of {ns.rounds} rounds; latencies over all rounds)")  # fmt: skip
-            levels = (1, 8, 32)
             # CPU time per call: what the serving path costs, less sensitive than a rate to
             # what else runs on the machine.
             pids = {"front": proc.pid}
@@ -253,6 +288,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+        bare_rate, bare_server, bare_client = bare_grpc_cost(ns.rounds, ns.requests)
         # The model's own rate again, the server stopped: the machine's speed drifts.
         after, fresh_after = in_process_passes(model, threads)
         model_rate = statistics.mean(32 / s[32] for s in (pass_seconds, after))
@@ -270,13 +306,46 @@ def main() -> None:
         )
         # What caps the rate on a small machine: the CPU every decision costs the callers, the
         # front and the model process together, over the machine's cores.
-        used = sum(cpu[p, 32] for p in (*pids, "client")) / (ns.rounds * (ns.requests + 64))
+        calls = ns.rounds * (ns.requests + 64)
+        used = sum(cpu[p, 32] for p in (*pids, "client")) / calls
         cores = os.cpu_count() or 1
         print(
             f"CPU per decision at 32 callers (callers + front + model): {used * 1e3:.2f} ms; "
             f"{cores} cores fully used would give {cores / used:.0f} decisions/s, "
             f"{cores / used / fresh_rate:.0%} of the in-process rate"
         )
+        front = cpu["front", 32] / calls * 1e3
+        # 32 callers and passes of up to 32: a model never idle starts its next pass while a
+        # caller's answer is on its way back, so each caller rides every other pass at most.
+        closed = statistics.mean(s[32] / (2 * s[16]) for s in (pass_seconds, after))
+        print(
+            f"32 callers, the model never idle: each caller rides every other pass at most, "
+            f"passes average <= 16 texts, so at most about pass(32) / (2 x pass(16)) = "
+            f"{closed:.0%} of the in-process batch-32 rate (in-process timings), whatever the "
+            f"serving path costs; fuller passes need the model to wait for callers on their way "
+            f"back"
+        )
+        print(
+            f"bare gRPC servicer at 32 callers (grpcio alone, bench/bare_grpc.py): "
+            f"{bare_rate:.0f} calls/s, server {bare_server:.2f} ms and callers "
+            f"{bare_client:.2f} ms CPU per call; the serving path's own cost: front "
+            f"{front:.2f} - {bare_server:.2f} = {front - bare_server:.2f} ms per call"
+        )
+        if "model" in pids:
+            # What the target leaves the serving path on this machine: the callers, grpcio and
+            # the model process share its cores, so at 90% of the in-process rate a decision
+            # may cost them all together at most cores / (0.9 x that rate) of CPU.
+            allowed = cores / (0.9 * fresh_rate) * 1e3
+            fixed = cpu["client", 32] / calls * 1e3 + bare_server
+            as_ran = allowed - fixed - cpu["model", 32] / calls * 1e3
+            full = allowed - fixed - 1e3 / fresh_rate
+            print(
+                f"90% of the in-process rate with {cores} cores fully used allows {allowed:.2f} "
+                f"ms of CPU per decision: the serving path's own cost may then be at most "
+                f"{as_ran:.2f} ms per call with the model process's passes as they ran "
+                f"({statistics.mean(batches[32]):.1f} texts), {full:.2f} ms were every pass "
+                f"full (the model at its in-process cost); it is {front - bare_server:.2f} ms"
+            )
 
 
 if __name__ == "__main__":

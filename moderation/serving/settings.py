@@ -375,7 +375,9 @@ class ServeSettings:
         100,
         parse_int,
         "most calls at once on one connection; more wait in the client "
-        "(grpc.max_concurrent_streams)",
+        "(grpc.max_concurrent_streams). Keep it well above a client's calls at once on one "
+        "channel: grpcio counts a finished call until its server side lets go of it, and "
+        "refuses streams past the limit (UNAVAILABLE, REFUSED_STREAM) under load",
         metavar="N",
         low=1,
     )
