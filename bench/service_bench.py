@@ -12,7 +12,7 @@ call (`bare_grpc.py`, a Classify with nothing behind it), so that the serving pa
 is printed apart from it, beside what the 90% target leaves it on this machine.
 
     python bench/service_bench.py [--model60m] [--requests N] [--rounds N] [--torch-threads N]
-                                  [--no-model-process] [--batch-wait-ms MS]
+                                  [--no-model-process] [--batch-wait-ms MS] [--levels 1,8,32,64]
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ TEXTS = [
 ]
 
 
+def calls_sent(requests: int, callers: int) -> int:
+    """Calls one `run` sends: `requests`, after two warm-up calls per caller (their CPU is in
+    the process's count too)."""
+    return requests + 2 * callers
+
+
 async def run(address: str, callers: int, requests: int) -> tuple[float, list[float]]:
     """(decisions/s, latencies) for `callers` concurrent clients sending `requests` in all."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -60,7 +66,7 @@ async def run(address: str, callers: int, requests: int) -> tuple[float, list[fl
                 await stub.Classify(request, timeout=120)
                 latencies.append(time.perf_counter() - start)
 
-        warm_up = list(range(2 * callers))
+        warm_up = list(range(calls_sent(0, callers)))
         await asyncio.gather(*(caller(warm_up) for _ in range(callers)))
         latencies.clear()
         numbers = list(range(requests))
@@ -167,7 +173,7 @@ def bare_grpc_cost(rounds: int, requests: int) -> tuple[float, float, float]:
             rates.append(asyncio.run(run(address, 32, requests))[0])
             client_cpu += time.process_time() - client
             server_cpu += cpu_seconds(server.pid) - used
-        calls = rounds * (requests + 64)  # and 2 warm-up calls per caller
+        calls = rounds * calls_sent(requests, 32)
         return statistics.median(rates), server_cpu / calls * 1e3, client_cpu / calls * 1e3
     finally:
         server.kill()
@@ -280,7 +286,7 @@ def main() -> None:
                   "(the most batching can give here, without any RPC)")  # fmt: skip
             for p in (*pids, "client"):
                 per_call = ", ".join(  # each run sends 2 warm-up calls per caller too
-                    f"{c} callers {cpu[p, c] / (ns.rounds * (ns.requests + 2 * c)) * 1e3:.2f}"
+                    f"{c} callers {cpu[p, c] / (ns.rounds * calls_sent(ns.requests, c)) * 1e3:.2f}"
                     for c in levels
                 )
                 print(f"{p} process CPU ms per call: {per_call}")
@@ -306,15 +312,20 @@ def main() -> None:
         )
         # What caps the rate on a small machine: the CPU every decision costs the callers, the
         # front and the model process together, over the machine's cores.
-        calls = ns.rounds * (ns.requests + 64)
-        used = sum(cpu[p, 32] for p in (*pids, "client")) / calls
+        calls = ns.rounds * calls_sent(ns.requests, 32)
+
+        def at_32(process: str) -> float:
+            """CPU ms per call of `process` at 32 callers."""
+            return cpu[process, 32] / calls * 1e3
+
+        used = sum(at_32(p) for p in (*pids, "client")) / 1e3
         cores = os.cpu_count() or 1
         print(
             f"CPU per decision at 32 callers (callers + front + model): {used * 1e3:.2f} ms; "
             f"{cores} cores fully used would give {cores / used:.0f} decisions/s, "
             f"{cores / used / fresh_rate:.0%} of the in-process rate"
         )
-        front = cpu["front", 32] / calls * 1e3
+        own = at_32("front") - bare_server  # the serving path's own CPU per call
         # 32 callers and passes of up to 32: a model never idle starts its next pass while a
         # caller's answer is on its way back, so each caller rides every other pass at most.
         closed = statistics.mean(s[32] / (2 * s[16]) for s in (pass_seconds, after))
@@ -329,22 +340,22 @@ def main() -> None:
             f"bare gRPC servicer at 32 callers (grpcio alone, bench/bare_grpc.py): "
             f"{bare_rate:.0f} calls/s, server {bare_server:.2f} ms and callers "
             f"{bare_client:.2f} ms CPU per call; the serving path's own cost: front "
-            f"{front:.2f} - {bare_server:.2f} = {front - bare_server:.2f} ms per call"
+            f"{at_32('front'):.2f} - {bare_server:.2f} = {own:.2f} ms per call"
         )
         if "model" in pids:
             # What the target leaves the serving path on this machine: the callers, grpcio and
             # the model process share its cores, so at 90% of the in-process rate a decision
             # may cost them all together at most cores / (0.9 x that rate) of CPU.
             allowed = cores / (0.9 * fresh_rate) * 1e3
-            fixed = cpu["client", 32] / calls * 1e3 + bare_server
-            as_ran = allowed - fixed - cpu["model", 32] / calls * 1e3
+            fixed = at_32("client") + bare_server
+            as_ran = allowed - fixed - at_32("model")
             full = allowed - fixed - 1e3 / fresh_rate
             print(
                 f"90% of the in-process rate with {cores} cores fully used allows {allowed:.2f} "
                 f"ms of CPU per decision: the serving path's own cost may then be at most "
                 f"{as_ran:.2f} ms per call with the model process's passes as they ran "
                 f"({statistics.mean(batches[32]):.1f} texts), {full:.2f} ms were every pass "
-                f"full (the model at its in-process cost); it is {front - bare_server:.2f} ms"
+                f"full (the model at its in-process cost); it is {own:.2f} ms"
             )
 
 
